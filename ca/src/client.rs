@@ -1,0 +1,415 @@
+//! `CaClient`: how a workload gets and renews its SVID. The private key is
+//! generated here, in memory, and never leaves the process.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bulwark_proto::ca::v1::SignRequest;
+use bulwark_proto::ca::v1::certificate_service_client::CertificateServiceClient;
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tonic::Code;
+
+use crate::identity::SpiffeId;
+use crate::server::{RETRY_AFTER_MS, ca_identity};
+use crate::tls::{ExpectedServer, SpiffeServerVerifier, TrustBundle};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the CA at {addr}: {message}")]
+    Connect { addr: String, message: String },
+    #[error("CA refused the request ({code:?}): {message}")]
+    Refused { code: Code, message: String },
+    #[error("CA is busy and the retry deadline passed: {0}")]
+    Exhausted(String),
+    #[error("CA returned an unusable response: {0}")]
+    BadResponse(String),
+    #[error("key or CSR generation failed: {0}")]
+    Local(String),
+}
+
+impl ClientError {
+    /// Whether trying again later can help.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Connect { .. } | ClientError::Exhausted(_) => true,
+            ClientError::Refused { code, .. } => matches!(
+                code,
+                Code::Unavailable
+                    | Code::ResourceExhausted
+                    | Code::DeadlineExceeded
+                    | Code::Internal
+                    | Code::Unknown
+                    | Code::FailedPrecondition
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// A workload's X.509 SVID with its in-memory key.
+#[derive(Clone)]
+pub struct Svid {
+    pub identity: SpiffeId,
+    key: Arc<KeyPair>,
+    /// Leaf first, then intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub chain_pem: String,
+    pub bundle_pem: String,
+    pub bundle: TrustBundle,
+    pub serial: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl std::fmt::Debug for Svid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Svid")
+            .field("identity", &self.identity.to_string())
+            .field("serial", &self.serial)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Svid {
+    /// The private key, PKCS#8 PEM (for `bulwark cert request`).
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
+    pub fn key_der(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.serialize_der()))
+    }
+
+    /// rustls' form of the certificate and key, for client and server configs.
+    pub fn certified_key(&self) -> Result<Arc<CertifiedKey>, rustls::Error> {
+        let signer = crate::tls::provider()
+            .key_provider
+            .load_private_key(self.key_der())?;
+        Ok(Arc::new(CertifiedKey::new(self.chain.clone(), signer)))
+    }
+
+    /// Seconds of validity left at `now` (Unix seconds).
+    pub fn remaining(&self, now: i64) -> i64 {
+        self.not_after - now
+    }
+}
+
+/// How the client proves who it is.
+pub enum Credential<'a> {
+    /// A bootstrap token from `bulwark ca token`.
+    Token(&'a str),
+    /// The current SVID, presented as a TLS client certificate; optionally
+    /// with the token as a fallback should the SVID have expired.
+    Svid(&'a Svid, Option<&'a str>),
+}
+
+/// Makes a fresh key pair and a CSR carrying `identity` as its one URI SAN.
+pub fn new_csr(identity: &SpiffeId) -> Result<(KeyPair, String), ClientError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| ClientError::Local(e.to_string()))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(
+        identity
+            .to_string()
+            .try_into()
+            .map_err(|e: rcgen::Error| ClientError::Local(e.to_string()))?,
+    )];
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| ClientError::Local(e.to_string()))?;
+    Ok((key, csr))
+}
+
+/// Client of the CA's `CertificateService`.
+#[derive(Clone)]
+pub struct CaClient {
+    addr: String,
+    bundle: Arc<ArcSwap<TrustBundle>>,
+    /// Give up retrying busy/unreachable CAs after this long.
+    pub retry_deadline: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl CaClient {
+    /// `addr` is `host:port`; `bundle` holds the roots the CA's certificate
+    /// must chain to (kept up to date with each response).
+    pub fn new(addr: impl Into<String>, bundle: TrustBundle) -> Self {
+        Self {
+            addr: addr.into(),
+            bundle: Arc::new(ArcSwap::from_pointee(bundle)),
+            retry_deadline: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Trusts `bundle` for the CA's certificate from now on.
+    pub fn set_bundle(&self, bundle: TrustBundle) {
+        self.bundle.store(Arc::new(bundle));
+    }
+
+    async fn connect(
+        &self,
+        identity: &SpiffeId,
+        client_cert: Option<Arc<CertifiedKey>>,
+    ) -> Result<CertificateServiceClient<tonic::transport::Channel>, ClientError> {
+        let verifier = SpiffeServerVerifier::new(
+            self.bundle.clone(),
+            ExpectedServer::AnyOf(vec![ca_identity(identity.trust_domain())]),
+        );
+        let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::Local(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier));
+        let mut cfg = match client_cert {
+            Some(ck) => builder.with_client_cert_resolver(Arc::new(
+                rustls::client::AlwaysResolvesClientRawPublicKeys::new(ck),
+            )),
+            None => builder.with_no_client_auth(),
+        };
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let cfg = Arc::new(cfg);
+        let addr = self.addr.clone();
+        let host = addr
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
+            .unwrap_or_else(|| addr.clone());
+        let server_name = ServerName::try_from(host)
+            .unwrap_or_else(|_| ServerName::try_from("bulwark-ca").expect("static name"));
+        let connector = tower::service_fn(move |_uri: http::Uri| {
+            let cfg = cfg.clone();
+            let addr = addr.clone();
+            let server_name = server_name.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                tcp.set_nodelay(true)?;
+                let tls = tokio_rustls::TlsConnector::from(cfg)
+                    .connect(server_name, tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        });
+        let channel = tonic::transport::Endpoint::from_static("http://bulwark-ca")
+            .connect_timeout(self.connect_timeout)
+            .timeout(Duration::from_secs(15))
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| ClientError::Connect {
+                addr: self.addr.clone(),
+                message: error_chain(&e),
+            })?;
+        Ok(CertificateServiceClient::new(channel)
+            .max_decoding_message_size(crate::server::MAX_MESSAGE))
+    }
+
+    /// One Sign call, no retries.
+    pub async fn sign_once(
+        &self,
+        identity: &SpiffeId,
+        csr_pem: &str,
+        cred: &Credential<'_>,
+        ttl: Option<Duration>,
+    ) -> Result<bulwark_proto::ca::v1::SignResponse, (ClientError, Option<Duration>)> {
+        let (cert, token) = match cred {
+            Credential::Token(t) => (None, Some(*t)),
+            Credential::Svid(s, t) => (
+                Some(
+                    s.certified_key()
+                        .map_err(|e| (ClientError::Local(e.to_string()), None))?,
+                ),
+                *t,
+            ),
+        };
+        let mut client = self.connect(identity, cert).await.map_err(|e| (e, None))?;
+        let mut req = tonic::Request::new(SignRequest {
+            csr_pem: csr_pem.to_string(),
+            requested_ttl_seconds: ttl.map(|t| t.as_secs()).unwrap_or(0),
+        });
+        if let Some(t) = token {
+            let v = format!("Bearer {}", t.trim())
+                .parse()
+                .map_err(|_| (ClientError::Local("token is not valid ASCII".into()), None))?;
+            req.metadata_mut().insert("authorization", v);
+        }
+        client.sign(req).await.map(|r| r.into_inner()).map_err(|s| {
+            let hint = s
+                .metadata()
+                .get(RETRY_AFTER_MS)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Duration::from_millis);
+            let err = if s.code() == Code::Unavailable {
+                ClientError::Connect {
+                    addr: self.addr.clone(),
+                    message: s.message().to_string(),
+                }
+            } else {
+                ClientError::Refused {
+                    code: s.code(),
+                    message: s.message().to_string(),
+                }
+            };
+            (err, hint)
+        })
+    }
+
+    /// Gets an SVID for `identity`: new key, CSR, Sign. Retries a busy or
+    /// unreachable CA (honouring its retry-after hint, with jitter) until
+    /// `retry_deadline`; permanent refusals return at once.
+    pub async fn issue(
+        &self,
+        identity: &SpiffeId,
+        cred: Credential<'_>,
+        ttl: Option<Duration>,
+    ) -> Result<Svid, ClientError> {
+        let (key, csr) = new_csr(identity)?;
+        let deadline = tokio::time::Instant::now() + self.retry_deadline;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let resp = loop {
+            match self.sign_once(identity, &csr, &cred, ttl).await {
+                Ok(r) => break r,
+                Err((e, hint)) if e.is_transient() => {
+                    let wait = match hint {
+                        Some(h) => jitter(h, 0.5),
+                        None => backoff.next_delay(),
+                    };
+                    if tokio::time::Instant::now() + wait > deadline {
+                        return Err(match e {
+                            ClientError::Refused { message, .. } => ClientError::Exhausted(message),
+                            other => other,
+                        });
+                    }
+                    tracing::debug!(error = %e, wait_ms = wait.as_millis() as u64, "CA busy or unreachable; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        };
+        let svid = svid_from_response(identity, key, resp)?;
+        self.set_bundle(svid.bundle.clone());
+        Ok(svid)
+    }
+}
+
+fn svid_from_response(
+    identity: &SpiffeId,
+    key: KeyPair,
+    resp: bulwark_proto::ca::v1::SignResponse,
+) -> Result<Svid, ClientError> {
+    let bad = |m: String| ClientError::BadResponse(m);
+    let chain = CertificateDer::pem_slice_iter(resp.cert_chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("certificate chain: {e}")))?;
+    let leaf = chain.first().ok_or_else(|| bad("empty certificate chain".into()))?;
+    let got = crate::tls::spiffe_id_of(leaf).map_err(|e| bad(e.to_string()))?;
+    if &got != identity {
+        return Err(bad(format!("CA issued {got}, asked for {identity}")));
+    }
+    let bundle = TrustBundle::from_pem(&resp.trust_bundle_pem).map_err(|e| bad(e.to_string()))?;
+    // The issued chain must verify against the bundle that came with it,
+    // or the workload would be unable to prove itself to anyone.
+    bundle
+        .verify(
+            leaf,
+            &chain[1..],
+            rustls_pki_types::UnixTime::now(),
+            crate::tls::Usage::Client,
+        )
+        .map_err(|e| bad(format!("issued certificate does not verify: {e}")))?;
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(leaf).map_err(|e| bad(e.to_string()))?;
+    if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        return Err(bad("issued certificate is not for our key".into()));
+    }
+    Ok(Svid {
+        identity: identity.clone(),
+        key: Arc::new(key),
+        chain,
+        chain_pem: resp.cert_chain_pem,
+        bundle_pem: resp.trust_bundle_pem,
+        bundle,
+        serial: resp.serial,
+        not_before: resp.not_before,
+        not_after: resp.not_after,
+    })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// `d` stretched by a random factor in `[1, 1 + spread]`.
+pub fn jitter(d: Duration, spread: f64) -> Duration {
+    let r: [u8; 4] = crate::random_bytes();
+    let f = f64::from(u32::from_le_bytes(r)) / f64::from(u32::MAX);
+    d.mul_f64(1.0 + spread * f)
+}
+
+/// Capped exponential backoff with full jitter.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            max,
+            attempt: 0,
+        }
+    }
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+    pub fn next_delay(&mut self) -> Duration {
+        let exp = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        // Between half and all of the capped delay: spreads a fleet out
+        // without ever retrying immediately.
+        let half = exp / 2;
+        half + jitter(half, 1.0).saturating_sub(half)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let d0 = b.next_delay();
+        assert!(d0 >= Duration::from_millis(50) && d0 <= Duration::from_millis(100));
+        for _ in 0..20 {
+            let d = b.next_delay();
+            assert!(d <= Duration::from_secs(2));
+        }
+        let d = b.next_delay();
+        assert!(d >= Duration::from_secs(1));
+    }
+}

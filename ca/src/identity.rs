@@ -1,0 +1,166 @@
+//! SPIFFE identities: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Why a string is not a SPIFFE ID Bulwark accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("SPIFFE ID must start with spiffe://, got {0:?}")]
+    Scheme(String),
+    #[error("invalid trust domain {0:?}: use lowercase letters, digits, '.', '-' and '_'")]
+    TrustDomain(String),
+    #[error("SPIFFE ID path must be /ns/<namespace>/sa/<service-account>, got {0:?}")]
+    Path(String),
+    #[error("SPIFFE ID is longer than 2048 bytes")]
+    TooLong,
+}
+
+/// A workload identity in the form Bulwark issues. Immutable once parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpiffeId {
+    trust_domain: String,
+    namespace: String,
+    service_account: String,
+}
+
+fn valid_trust_domain(td: &str) -> bool {
+    !td.is_empty()
+        && td.len() <= 255
+        && td
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+}
+
+/// Path segments follow Kubernetes naming (DNS-1123 label-ish), which is also
+/// within the SPIFFE path character set.
+fn valid_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s != "."
+        && s != ".."
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+}
+
+impl SpiffeId {
+    pub fn new(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, IdentityError> {
+        if !valid_trust_domain(trust_domain) {
+            return Err(IdentityError::TrustDomain(trust_domain.to_string()));
+        }
+        if !valid_segment(namespace) || !valid_segment(service_account) {
+            return Err(IdentityError::Path(format!(
+                "/ns/{namespace}/sa/{service_account}"
+            )));
+        }
+        Ok(Self {
+            trust_domain: trust_domain.to_string(),
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+        })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    pub fn service_account(&self) -> &str {
+        &self.service_account
+    }
+}
+
+impl FromStr for SpiffeId {
+    type Err = IdentityError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() > 2048 {
+            return Err(IdentityError::TooLong);
+        }
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| IdentityError::Scheme(s.to_string()))?;
+        let (td, path) = rest
+            .split_once('/')
+            .ok_or_else(|| IdentityError::Path(String::new()))?;
+        if !valid_trust_domain(td) {
+            return Err(IdentityError::TrustDomain(td.to_string()));
+        }
+        let parts: Vec<&str> = path.split('/').collect();
+        match parts.as_slice() {
+            ["ns", ns, "sa", sa] => SpiffeId::new(td, ns, sa),
+            _ => Err(IdentityError::Path(format!("/{path}"))),
+        }
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+impl serde::Serialize for SpiffeId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SpiffeId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Checks a bare trust domain name (as given to `ca init --trust-domain`).
+pub fn validate_trust_domain(td: &str) -> Result<(), IdentityError> {
+    if valid_trust_domain(td) {
+        Ok(())
+    } else {
+        Err(IdentityError::TrustDomain(td.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints_round_trip() {
+        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
+        assert_eq!(id.trust_domain(), "cluster.local");
+        assert_eq!(id.namespace(), "default");
+        assert_eq!(id.service_account(), "web");
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/web");
+    }
+
+    #[test]
+    fn rejects_malformed_ids() {
+        for bad in [
+            "http://cluster.local/ns/a/sa/b",
+            "spiffe://cluster.local",
+            "spiffe://cluster.local/",
+            "spiffe://Cluster.local/ns/a/sa/b",
+            "spiffe://cluster.local/ns/a/sa/b/extra",
+            "spiffe://cluster.local/ns/a/sa/",
+            "spiffe://cluster.local/ns/../sa/b",
+            "spiffe://cluster.local/ns/a/xx/b",
+            "spiffe:///ns/a/sa/b",
+            "spiffe://cluster.local/ns/a%2f/sa/b",
+            "spiffe://user@cluster.local/ns/a/sa/b",
+            "spiffe://cluster.local:8080/ns/a/sa/b",
+        ] {
+            assert!(bad.parse::<SpiffeId>().is_err(), "{bad} should be rejected");
+        }
+    }
+}

@@ -1,0 +1,562 @@
+//! The `CertificateService` gRPC server: TLS on the CA port, token or mTLS
+//! authentication, admission control, signing, the issuance record.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use bulwark_proto::ca::v1::certificate_service_server::{
+    CertificateService, CertificateServiceServer,
+};
+use bulwark_proto::ca::v1::{SignRequest, SignResponse};
+use rcgen::{
+    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+};
+use rustls::server::ResolvesServerCert;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tonic::{Code, Request, Response, Status};
+
+use crate::admission::TokenBucket;
+use crate::authority::{Authority, SignError, check_csr};
+use crate::identity::SpiffeId;
+use crate::metrics::{AuthLabel, CaMetrics, ReasonLabel};
+use crate::record::{IssuanceLog, Record};
+use crate::store::{self, StoreError};
+use crate::tls::{DeferredClientVerifier, TrustBundle, Usage};
+
+/// Largest gRPC message the CA decodes.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Metadata key carrying the admission-control hint on `RESOURCE_EXHAUSTED`.
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+
+/// The identity in the CA's own serving certificate.
+pub fn ca_identity(trust_domain: &str) -> SpiffeId {
+    SpiffeId::new(trust_domain, "bulwark-system", "bulwark-ca").expect("valid CA identity")
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub dir: PathBuf,
+    pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    /// Signatures per second admitted (token bucket rate) and burst.
+    pub sign_rate: f64,
+    pub sign_burst: u32,
+    /// Extra DNS names for the CA's serving certificate.
+    pub dns_names: Vec<String>,
+    /// How often the directory is checked for a rotation or pruning.
+    pub reload_interval: Duration,
+}
+
+impl ServeOptions {
+    pub fn new(dir: PathBuf, listen: SocketAddr) -> Self {
+        Self {
+            dir,
+            listen,
+            metrics_listen: None,
+            sign_rate: 200.0,
+            sign_burst: 400,
+            dns_names: Vec::new(),
+            reload_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(SocketAddr, std::io::Error),
+    #[error("cannot open the issuance record: {0}")]
+    Record(std::io::Error),
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// What the server holds; swapped whole when the directory changes.
+struct Loaded {
+    authority: Authority,
+    bundle: TrustBundle,
+    serving: Arc<CertifiedKey>,
+    serving_renew_at: SystemTime,
+    stamp: Vec<Option<SystemTime>>,
+}
+
+struct State {
+    dir: PathBuf,
+    dns_names: Vec<String>,
+    loaded: ArcSwap<Loaded>,
+    log: IssuanceLog,
+    bucket: TokenBucket,
+    metrics: Arc<CaMetrics>,
+}
+
+fn dir_stamp(dir: &Path) -> Vec<Option<SystemTime>> {
+    [store::SETTINGS_FILE, store::INTERMEDIATE_CERT, store::BUNDLE]
+        .iter()
+        .map(|f| std::fs::metadata(dir.join(f)).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+fn load(dir: &Path, dns_names: &[String]) -> Result<Loaded, ServeError> {
+    let stamp = dir_stamp(dir);
+    let material = store::load(dir)?;
+    let bundle = TrustBundle::from_pem(&material.bundle_pem).map_err(|e| StoreError::Invalid {
+        path: dir.join(store::BUNDLE),
+        what: e.to_string(),
+    })?;
+    let authority = Authority::from_material(material)?;
+    let (serving, renew_at) = serving_cert(&authority, dns_names)?;
+    Ok(Loaded {
+        authority,
+        bundle,
+        serving,
+        serving_renew_at: renew_at,
+        stamp,
+    })
+}
+
+/// Issues the CA's own TLS certificate, in memory, from its intermediate.
+fn serving_cert(
+    authority: &Authority,
+    dns_names: &[String],
+) -> Result<(Arc<CertifiedKey>, SystemTime), ServeError> {
+    let tls = |e: String| ServeError::Tls(e);
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| tls(e.to_string()))?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    let id = ca_identity(authority.trust_domain());
+    let mut names = vec![
+        "localhost".to_string(),
+        "bulwark-ca".to_string(),
+        "bulwark-ca.bulwark-system.svc".to_string(),
+        format!("bulwark-ca.bulwark-system.svc.{}", authority.trust_domain()),
+    ];
+    names.extend(dns_names.iter().cloned());
+    p.subject_alt_names = vec![SanType::URI(
+        id.to_string().try_into().map_err(|e: rcgen::Error| tls(e.to_string()))?,
+    )];
+    for n in names {
+        p.subject_alt_names.push(SanType::DnsName(
+            n.try_into().map_err(|e: rcgen::Error| tls(e.to_string()))?,
+        ));
+    }
+    p.subject_alt_names
+        .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    p.serial_number = Some(crate::random_serial());
+    p.use_authority_key_identifier_extension = true;
+    let now = OffsetDateTime::now_utc();
+    p.not_before = now - crate::authority::BACKDATE;
+    p.not_after = (now + Duration::from_secs(24 * 3600)).min(authority.issuer_not_after());
+    let lifetime = (p.not_after - now).whole_seconds().max(0) as u64;
+    let cert = p
+        .signed_by(&key, authority.issuer())
+        .map_err(|e| tls(e.to_string()))?;
+    let mut chain = vec![cert.der().clone()];
+    chain.extend(
+        rustls_pki_types::pem::PemObject::pem_slice_iter(authority.chain_pem().as_bytes())
+            .filter_map(Result::ok)
+            .map(|c: CertificateDer<'static>| c),
+    );
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let signer = crate::tls::provider()
+        .key_provider
+        .load_private_key(key_der)
+        .map_err(|e| tls(e.to_string()))?;
+    Ok((
+        Arc::new(CertifiedKey::new(chain, signer)),
+        SystemTime::now() + Duration::from_secs(lifetime / 2),
+    ))
+}
+
+#[derive(Debug)]
+struct ServingCert(Arc<State>);
+
+impl ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.loaded.load().serving.clone())
+    }
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State").field("dir", &self.dir).finish()
+    }
+}
+
+/// A refused request, with what goes to the caller, the record and metrics.
+struct Refusal {
+    code: Code,
+    message: String,
+    reason: &'static str,
+    identity: Option<String>,
+    retry_after: Option<Duration>,
+}
+
+impl Refusal {
+    fn new(code: Code, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            reason,
+            identity: None,
+            retry_after: None,
+        }
+    }
+}
+
+fn code_name(c: Code) -> &'static str {
+    match c {
+        Code::Unauthenticated => "UNAUTHENTICATED",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        _ => "INTERNAL",
+    }
+}
+
+struct Service(Arc<State>);
+
+#[tonic::async_trait]
+impl CertificateService for Service {
+    async fn sign(&self, req: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
+        let state = self.0.clone();
+        let peer = req.remote_addr();
+        let peer_certs = req.peer_certs();
+        let bearer = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).to_string());
+        let body = req.into_inner();
+        // Verification and signing are CPU-bound: keep them off the I/O threads.
+        tokio::task::spawn_blocking(move || state.handle(peer, peer_certs, bearer, body))
+            .await
+            .map_err(|_| Status::internal("signing task failed"))?
+    }
+}
+
+enum Auth {
+    Token { id: SpiffeId, jti: String },
+    Mtls(SpiffeId),
+}
+
+impl State {
+    fn handle(
+        &self,
+        peer: Option<SocketAddr>,
+        peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+        bearer: Option<String>,
+        body: SignRequest,
+    ) -> Result<Response<SignResponse>, Status> {
+        let mut rec = Record {
+            auth: "none",
+            peer: peer.map(|p| p.to_string()),
+            ..Default::default()
+        };
+        let result = self.decide(&peer_certs, bearer.as_deref(), body, &mut rec);
+        match result {
+            Ok(resp) => {
+                self.metrics.issued.get_or_create(&AuthLabel { auth: rec.auth }).inc();
+                rec.outcome = "issued";
+                tracing::info!(identity = ?rec.identity, serial = ?rec.serial, auth = rec.auth, "issued SVID");
+                self.log.append(rec);
+                Ok(Response::new(resp))
+            }
+            Err(r) => {
+                self.metrics
+                    .sign_errors
+                    .get_or_create(&ReasonLabel { reason: r.reason })
+                    .inc();
+                tracing::warn!(peer = ?peer, reason = r.reason, message = %r.message, "signing refused");
+                rec.outcome = "refused";
+                rec.code = Some(code_name(r.code));
+                rec.reason = Some(r.message.clone());
+                if rec.identity.is_none() {
+                    rec.identity = r.identity;
+                }
+                let mut status = Status::new(r.code, r.message);
+                if let Some(wait) = r.retry_after {
+                    let ms = wait.as_millis().max(1).to_string();
+                    status
+                        .metadata_mut()
+                        .insert(RETRY_AFTER_MS, ms.parse().expect("ascii digits"));
+                }
+                self.log.append(rec);
+                Err(status)
+            }
+        }
+    }
+
+    fn decide(
+        &self,
+        peer_certs: &Option<Arc<Vec<CertificateDer<'static>>>>,
+        bearer: Option<&str>,
+        body: SignRequest,
+        rec: &mut Record,
+    ) -> Result<SignResponse, Refusal> {
+        if let Err(wait) = self.bucket.try_acquire() {
+            let ms = wait.as_millis().max(1) as u64;
+            let mut r = Refusal::new(
+                Code::ResourceExhausted,
+                "rate_limited",
+                format!("CA is at its signing rate limit; retry after {ms}ms"),
+            );
+            r.retry_after = Some(wait);
+            return Err(r);
+        }
+        let loaded = self.loaded.load();
+        let auth = self.authenticate(&loaded, peer_certs, bearer, rec)?;
+        let authenticated = match &auth {
+            Auth::Token { id, jti } => {
+                rec.auth = "token";
+                rec.token_id = Some(jti.clone());
+                id.clone()
+            }
+            Auth::Mtls(id) => {
+                rec.auth = "mtls";
+                id.clone()
+            }
+        };
+        rec.identity = Some(authenticated.to_string());
+        if authenticated.trust_domain() != loaded.authority.trust_domain() {
+            return Err(Refusal::new(
+                Code::PermissionDenied,
+                "foreign_trust_domain",
+                format!(
+                    "credential is for trust domain {:?}; this CA serves {:?}",
+                    authenticated.trust_domain(),
+                    loaded.authority.trust_domain()
+                ),
+            ));
+        }
+        let csr = check_csr(&body.csr_pem)
+            .map_err(|e| Refusal::new(Code::InvalidArgument, "invalid_csr", e.to_string()))?;
+        let ttl = (body.requested_ttl_seconds > 0)
+            .then(|| Duration::from_secs(body.requested_ttl_seconds));
+        let issued = loaded
+            .authority
+            .sign(csr, &authenticated, ttl, OffsetDateTime::now_utc())
+            .map_err(|e| {
+                let (code, reason) = match &e {
+                    SignError::Csr(_) | SignError::TtlTooShort(_) => {
+                        (Code::InvalidArgument, "invalid_csr")
+                    }
+                    SignError::IdentityMismatch { .. } => {
+                        (Code::PermissionDenied, "identity_mismatch")
+                    }
+                    SignError::ForeignTrustDomain(..) => {
+                        (Code::PermissionDenied, "foreign_trust_domain")
+                    }
+                    SignError::IssuerExpired(_) | SignError::IssuerNotYetValid(_) => {
+                        (Code::FailedPrecondition, "issuer_invalid")
+                    }
+                    SignError::Internal(_) => (Code::Internal, "internal"),
+                };
+                Refusal::new(code, reason, e.to_string())
+            })?;
+        rec.serial = Some(issued.serial.clone());
+        rec.not_after = issued
+            .not_after
+            .format(&time::format_description::well_known::Rfc3339)
+            .ok();
+        Ok(SignResponse {
+            cert_chain_pem: issued.chain_pem,
+            trust_bundle_pem: issued.bundle_pem,
+            not_before: issued.not_before.unix_timestamp(),
+            not_after: issued.not_after.unix_timestamp(),
+            serial: issued.serial,
+        })
+    }
+
+    fn authenticate(
+        &self,
+        loaded: &Loaded,
+        peer_certs: &Option<Arc<Vec<CertificateDer<'static>>>>,
+        bearer: Option<&str>,
+        rec: &mut Record,
+    ) -> Result<Auth, Refusal> {
+        let mut cert_error = None;
+        if let Some(certs) = peer_certs.as_ref().filter(|c| !c.is_empty()) {
+            match loaded
+                .bundle
+                .verify(&certs[0], &certs[1..], UnixTime::now(), Usage::Client)
+            {
+                Ok(id) => return Ok(Auth::Mtls(id)),
+                Err(e) => {
+                    rec.identity = crate::tls::spiffe_id_of(&certs[0]).ok().map(|i| i.to_string());
+                    cert_error = Some(e);
+                }
+            }
+        }
+        match (bearer, cert_error) {
+            // A workload whose SVID expired (say, the CA was down too long)
+            // falls back to its bootstrap token.
+            (Some(token), _) => {
+                let now = OffsetDateTime::now_utc().unix_timestamp();
+                let claims = loaded
+                    .authority
+                    .token_key()
+                    .verify(token, now, 30)
+                    .map_err(|e| Refusal::new(Code::Unauthenticated, "bad_token", e.to_string()))?;
+                let id = claims
+                    .identity()
+                    .map_err(|e| Refusal::new(Code::Unauthenticated, "bad_token", e.to_string()))?;
+                Ok(Auth::Token { id, jti: claims.jti })
+            }
+            (None, Some(e)) => Err(Refusal::new(
+                Code::Unauthenticated,
+                "bad_client_cert",
+                format!("client certificate refused: {e}"),
+            )),
+            (None, None) => Err(Refusal::new(
+                Code::Unauthenticated,
+                "no_credentials",
+                "no credentials: send a bootstrap token (authorization: Bearer) or renew over mTLS with a valid SVID",
+            )),
+        }
+    }
+
+    /// Picks up a rotation or pruning done by `bulwark ca` on the directory,
+    /// and renews the serving certificate at half its life.
+    fn refresh(&self) {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        if let Err(e) = store::prune_bundle(&self.dir, now) {
+            tracing::warn!(error = %e, "cannot prune the trust bundle");
+        }
+        let current = self.loaded.load();
+        let changed = dir_stamp(&self.dir) != current.stamp;
+        if !changed && SystemTime::now() < current.serving_renew_at {
+            return;
+        }
+        match load(&self.dir, &self.dns_names) {
+            Ok(l) => {
+                self.metrics
+                    .issuer_expiry
+                    .set(l.authority.issuer_not_after().unix_timestamp());
+                if changed {
+                    tracing::info!(roots = l.bundle.roots().len(), "CA material reloaded");
+                }
+                self.loaded.store(Arc::new(l));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot reload the CA directory; keeping the current material"),
+        }
+    }
+}
+
+/// Runs the CA until `shutdown` resolves.
+pub async fn serve(
+    opts: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let provider = crate::tls::provider();
+    let loaded = load(&opts.dir, &opts.dns_names)?;
+    let metrics = Arc::new(CaMetrics::default());
+    metrics
+        .issuer_expiry
+        .set(loaded.authority.issuer_not_after().unix_timestamp());
+    let log = IssuanceLog::open(&opts.dir.join(store::ISSUED_LOG)).map_err(ServeError::Record)?;
+    let state = Arc::new(State {
+        dir: opts.dir.clone(),
+        dns_names: opts.dns_names.clone(),
+        loaded: ArcSwap::from_pointee(loaded),
+        log,
+        bucket: TokenBucket::new(opts.sign_rate, opts.sign_burst),
+        metrics: metrics.clone(),
+    });
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServeError::Tls(e.to_string()))?
+        .with_client_cert_verifier(Arc::new(DeferredClientVerifier))
+        .with_cert_resolver(Arc::new(ServingCert(state.clone())));
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+
+    let listener = TcpListener::bind(opts.listen)
+        .await
+        .map_err(|e| ServeError::Listen(opts.listen, e))?;
+    let local = listener.local_addr().map_err(|e| ServeError::Listen(opts.listen, e))?;
+    let _metrics_task = match opts.metrics_listen {
+        Some(a) => Some(
+            crate::metrics::serve_metrics(a, metrics.clone())
+                .await
+                .map_err(|e| ServeError::Listen(a, e))?,
+        ),
+        None => None,
+    };
+    tracing::info!(addr = %local, dir = %opts.dir.display(), "CA listening");
+
+    let refresher = {
+        let state = state.clone();
+        let every = opts.reload_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let s = state.clone();
+                let _ = tokio::task::spawn_blocking(move || s.refresh()).await;
+            }
+        })
+    };
+
+    let (tx, rx) = tokio::sync::mpsc::channel(128);
+    let accept_metrics = metrics.clone();
+    let acceptor_task = tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            let m = accept_metrics.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
+                    }
+                    Ok(Err(e)) => {
+                        m.tls_handshake_failures.inc();
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        m.tls_handshake_failures.inc();
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                    }
+                }
+            });
+        }
+    });
+
+    let svc = CertificateServiceServer::new(Service(state))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let result = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(30))
+        .concurrency_limit_per_connection(32)
+        .add_service(svc)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown)
+        .await;
+    acceptor_task.abort();
+    refresher.abort();
+    result.map_err(ServeError::from)
+}

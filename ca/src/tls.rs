@@ -1,0 +1,391 @@
+//! SPIFFE-aware certificate verification for rustls.
+//!
+//! SVIDs carry their identity in one URI SAN and no DNS names, so the usual
+//! hostname check does not apply. These verifiers check the chain to the
+//! trust bundle with webpki (signatures, validity, EKU) and then compare the
+//! SPIFFE ID against what the caller expects. Handshake signatures are checked
+//! with the aws-lc-rs provider's algorithms.
+
+use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+
+use crate::identity::SpiffeId;
+
+/// ALPN protocol spoken between Bulwark sidecars for opaque TCP tunnels.
+pub const ALPN_MESH_TCP: &[u8] = b"bulwark/tcp1";
+
+/// The process-wide crypto provider (aws-lc-rs). Installing it is idempotent.
+pub fn provider() -> Arc<CryptoProvider> {
+    if let Some(p) = CryptoProvider::get_default() {
+        return p.clone();
+    }
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    CryptoProvider::get_default()
+        .expect("crypto provider installed")
+        .clone()
+}
+
+/// Why a peer certificate was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("certificate chain does not verify against the trust bundle: {0}")]
+    Chain(String),
+    #[error("certificate has expired")]
+    Expired,
+    #[error("certificate is not yet valid")]
+    NotYetValid,
+    #[error("certificate is not signed by a trusted root (unknown issuer)")]
+    UnknownIssuer,
+    #[error("certificate carries no valid SPIFFE ID: {0}")]
+    NoSpiffeId(String),
+    #[error("peer identity {actual} is not the expected {expected}")]
+    WrongIdentity { expected: String, actual: String },
+}
+
+impl From<VerifyError> for rustls::Error {
+    fn from(e: VerifyError) -> Self {
+        let ce = match e {
+            VerifyError::Expired => CertificateError::Expired,
+            VerifyError::NotYetValid => CertificateError::NotValidYet,
+            VerifyError::UnknownIssuer => CertificateError::UnknownIssuer,
+            VerifyError::WrongIdentity { .. } | VerifyError::NoSpiffeId(_) => {
+                CertificateError::ApplicationVerificationFailure
+            }
+            VerifyError::Chain(_) => CertificateError::BadSignature,
+        };
+        rustls::Error::InvalidCertificate(ce)
+    }
+}
+
+/// The trust bundle: every root the mesh trusts now. Swapped whole on rotation.
+#[derive(Clone, Default)]
+pub struct TrustBundle {
+    anchors: Vec<TrustAnchor<'static>>,
+    ders: Vec<CertificateDer<'static>>,
+}
+
+impl fmt::Debug for TrustBundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TrustBundle({} roots)", self.ders.len())
+    }
+}
+
+impl TrustBundle {
+    pub fn from_pem(pem: &str) -> Result<Self, VerifyError> {
+        use rustls_pki_types::pem::PemObject;
+        let ders = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| VerifyError::Chain(format!("bad PEM in trust bundle: {e}")))?;
+        Self::from_ders(ders)
+    }
+
+    pub fn from_ders(ders: Vec<CertificateDer<'static>>) -> Result<Self, VerifyError> {
+        if ders.is_empty() {
+            return Err(VerifyError::Chain("trust bundle is empty".into()));
+        }
+        let anchors = ders
+            .iter()
+            .map(|d| {
+                webpki::anchor_from_trusted_cert(d)
+                    .map(|a| a.to_owned())
+                    .map_err(|e| VerifyError::Chain(format!("bad root in trust bundle: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { anchors, ders })
+    }
+
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.ders
+    }
+
+    /// Verifies `chain` (leaf first) for the given usage at `now` and returns
+    /// the leaf's SPIFFE ID.
+    pub fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: Usage,
+    ) -> Result<SpiffeId, VerifyError> {
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| VerifyError::Chain(e.to_string()))?;
+        let algs = provider().signature_verification_algorithms.all;
+        let eku = match usage {
+            Usage::Server => webpki::KeyUsage::server_auth(),
+            Usage::Client => webpki::KeyUsage::client_auth(),
+        };
+        cert.verify_for_usage(algs, &self.anchors, intermediates, now, eku, None, None)
+            .map_err(|e| match e {
+                webpki::Error::CertExpired { .. } => VerifyError::Expired,
+                webpki::Error::CertNotValidYet { .. } => VerifyError::NotYetValid,
+                webpki::Error::UnknownIssuer => VerifyError::UnknownIssuer,
+                other => VerifyError::Chain(other.to_string()),
+            })?;
+        spiffe_id_of(end_entity)
+    }
+}
+
+/// Which extended key usage a chain must allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    Server,
+    Client,
+}
+
+/// Extracts the one SPIFFE ID from a certificate's URI SANs.
+pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, VerifyError> {
+    use x509_parser::extensions::GeneralName;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| VerifyError::NoSpiffeId(format!("unparseable certificate: {e}")))?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| VerifyError::NoSpiffeId(e.to_string()))?
+        .ok_or_else(|| VerifyError::NoSpiffeId("no subjectAltName".into()))?;
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [one] => one
+            .parse()
+            .map_err(|e: crate::identity::IdentityError| VerifyError::NoSpiffeId(e.to_string())),
+        [] => Err(VerifyError::NoSpiffeId("no URI SAN".into())),
+        _ => Err(VerifyError::NoSpiffeId("more than one URI SAN".into())),
+    }
+}
+
+fn tls_schemes() -> Vec<SignatureScheme> {
+    provider()
+        .signature_verification_algorithms
+        .supported_schemes()
+}
+
+/// Which server identities a client accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExpectedServer {
+    /// Exactly these SPIFFE IDs (the endpoint's identity from config).
+    AnyOf(Vec<SpiffeId>),
+    /// Any identity in the trust domain (used towards the CA before the
+    /// workload knows the control plane's identity).
+    TrustDomain(String),
+}
+
+/// Client-side verifier: chain to the live trust bundle, then the SPIFFE ID.
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    bundle: Arc<ArcSwap<TrustBundle>>,
+    expected: ExpectedServer,
+}
+
+impl SpiffeServerVerifier {
+    pub fn new(bundle: Arc<ArcSwap<TrustBundle>>, expected: ExpectedServer) -> Self {
+        Self { bundle, expected }
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let id = self
+            .bundle
+            .load()
+            .verify(end_entity, intermediates, now, Usage::Server)?;
+        let ok = match &self.expected {
+            ExpectedServer::AnyOf(ids) => ids.contains(&id),
+            ExpectedServer::TrustDomain(td) => id.trust_domain() == td,
+        };
+        if !ok {
+            let expected = match &self.expected {
+                ExpectedServer::AnyOf(ids) => ids
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" or "),
+                ExpectedServer::TrustDomain(td) => format!("an identity in {td}"),
+            };
+            tracing::warn!(actual = %id, %expected, "peer presented an unexpected SPIFFE ID");
+            return Err(VerifyError::WrongIdentity {
+                expected,
+                actual: id.to_string(),
+            }
+            .into());
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        tls_schemes()
+    }
+}
+
+/// Server-side verifier for mesh peers: the client must present a chain to
+/// the live trust bundle with a SPIFFE ID. Authorization of that ID happens
+/// after the handshake, where the policy is known.
+#[derive(Debug)]
+pub struct SpiffeClientVerifier {
+    bundle: Arc<ArcSwap<TrustBundle>>,
+    mandatory: bool,
+}
+
+impl SpiffeClientVerifier {
+    /// `mandatory = false` lets clients without a certificate finish the
+    /// handshake (the caller then decides, e.g. bootstrap-token auth).
+    pub fn new(bundle: Arc<ArcSwap<TrustBundle>>, mandatory: bool) -> Self {
+        Self { bundle, mandatory }
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.bundle
+            .load()
+            .verify(end_entity, intermediates, now, Usage::Client)
+            .inspect_err(|e| tracing::debug!(error = %e, "client certificate refused"))?;
+        Ok(ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        tls_schemes()
+    }
+}
+
+/// Accepts any client certificate whose handshake signature is valid, and
+/// defers chain verification to the application. The CA uses this so that an
+/// expired or foreign renewal certificate gets a precise gRPC error and an
+/// entry in the issuance record instead of an opaque TLS alert.
+#[derive(Debug, Default)]
+pub struct DeferredClientVerifier;
+
+impl ClientCertVerifier for DeferredClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        tls_schemes()
+    }
+}

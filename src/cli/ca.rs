@@ -1,0 +1,195 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bulwark_ca::store::{self, RootSource, Settings};
+use bulwark_ca::{SpiffeId, server};
+use clap::Subcommand;
+
+use super::parse_duration;
+
+#[derive(Subcommand)]
+pub enum CaCommand {
+    /// Create a root CA and an online intermediate in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Plug-in CA: an organisation's root certificate and key (PEM).
+        #[arg(long, num_args = 2, value_names = ["CERT", "KEY"], conflicts_with = "import_intermediate")]
+        import_root: Option<Vec<PathBuf>>,
+        /// Plug-in CA: an intermediate (chain) and key signed by an organisation's root; needs --root.
+        #[arg(long, num_args = 2, value_names = ["CHAIN", "KEY"], requires = "root")]
+        import_intermediate: Option<Vec<PathBuf>>,
+        /// The organisation's root certificate, with --import-intermediate.
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Default leaf lifetime.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        default_ttl: Duration,
+        /// Longest leaf lifetime the CA grants.
+        #[arg(long, default_value = "7d", value_parser = parse_duration)]
+        max_ttl: Duration,
+        /// Lifetime of the intermediate.
+        #[arg(long, default_value = "365d", value_parser = parse_duration)]
+        intermediate_ttl: Duration,
+    },
+    /// Run the CA service.
+    Serve {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "0.0.0.0:15012")]
+        listen: SocketAddr,
+        /// Where to serve Prometheus metrics (off when absent).
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
+        /// Signatures per second admitted before RESOURCE_EXHAUSTED.
+        #[arg(long, default_value_t = 200.0)]
+        sign_rate: f64,
+        /// Burst of signatures admitted at once.
+        #[arg(long, default_value_t = 400)]
+        sign_burst: u32,
+        /// Extra DNS names for the CA's own serving certificate.
+        #[arg(long = "dns-name")]
+        dns_names: Vec<String>,
+    },
+    /// Print a bootstrap token for one workload identity.
+    Token {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        identity: String,
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// Start a root rotation (new root + intermediate; old root kept in the bundle until its leaves expire).
+    RotateRoot {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, num_args = 2, value_names = ["CERT", "KEY"], conflicts_with = "import_intermediate")]
+        import_root: Option<Vec<PathBuf>>,
+        #[arg(long, num_args = 2, value_names = ["CHAIN", "KEY"], requires = "root")]
+        import_intermediate: Option<Vec<PathBuf>>,
+        #[arg(long)]
+        root: Option<PathBuf>,
+    },
+    /// Remove retired roots whose certificates can no longer be valid from the bundle.
+    PruneBundle {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+fn read(p: &PathBuf) -> anyhow::Result<String> {
+    std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+}
+
+fn source(
+    import_root: Option<Vec<PathBuf>>,
+    import_intermediate: Option<Vec<PathBuf>>,
+    root: Option<PathBuf>,
+) -> anyhow::Result<RootSource> {
+    Ok(match (import_root, import_intermediate) {
+        (Some(r), None) => RootSource::ImportRoot {
+            cert_pem: read(&r[0])?,
+            key_pem: read(&r[1])?,
+        },
+        (None, Some(i)) => RootSource::ImportIntermediate {
+            chain_pem: read(&i[0])?,
+            key_pem: read(&i[1])?,
+            root_pem: read(root.as_ref().context("--import-intermediate needs --root")?)?,
+        },
+        (None, None) => RootSource::Generate,
+        (Some(_), Some(_)) => bail!("use either --import-root or --import-intermediate"),
+    })
+}
+
+pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
+    match cmd {
+        CaCommand::Init {
+            dir,
+            trust_domain,
+            import_root,
+            import_intermediate,
+            root,
+            default_ttl,
+            max_ttl,
+            intermediate_ttl,
+        } => {
+            let mut settings = Settings::new(&trust_domain);
+            settings.default_ttl_secs = default_ttl.as_secs();
+            settings.max_ttl_secs = max_ttl.as_secs();
+            settings.intermediate_ttl_secs = intermediate_ttl.as_secs();
+            store::init(&dir, &settings, source(import_root, import_intermediate, root)?)?;
+            println!(
+                "created CA for trust domain {trust_domain} in {}; trust bundle: {}",
+                dir.display(),
+                dir.join(store::BUNDLE).display()
+            );
+            Ok(())
+        }
+        CaCommand::Serve {
+            dir,
+            listen,
+            metrics_listen,
+            sign_rate,
+            sign_burst,
+            dns_names,
+        } => {
+            if !(sign_rate > 0.0) {
+                bail!("--sign-rate must be positive");
+            }
+            let mut opts = server::ServeOptions::new(dir, listen);
+            opts.metrics_listen = metrics_listen;
+            opts.sign_rate = sign_rate;
+            opts.sign_burst = sign_burst;
+            opts.dns_names = dns_names;
+            super::runtime()?.block_on(server::serve(opts, super::shutdown_signal()))?;
+            Ok(())
+        }
+        CaCommand::Token { dir, identity, ttl } => {
+            let id: SpiffeId = identity
+                .parse()
+                .with_context(|| format!("--identity {identity:?}"))?;
+            let material = store::load(&dir)?;
+            if id.trust_domain() != material.settings.trust_domain {
+                bail!(
+                    "--identity is in trust domain {:?}, but this CA serves {:?}",
+                    id.trust_domain(),
+                    material.settings.trust_domain
+                );
+            }
+            let key = bulwark_ca::token::TokenKey::from_bytes(&material.token_secret);
+            let now = time_now();
+            println!("{}", key.mint(&id, now, ttl.as_secs() as i64));
+            Ok(())
+        }
+        CaCommand::RotateRoot {
+            dir,
+            import_root,
+            import_intermediate,
+            root,
+        } => {
+            let r = store::rotate_root(&dir, source(import_root, import_intermediate, root)?)?;
+            println!(
+                "rotated: new root and intermediate active; bundle holds {} roots; the old root leaves the bundle after {} (Unix time)",
+                r.roots_in_bundle, r.old_root_drop_after
+            );
+            Ok(())
+        }
+        CaCommand::PruneBundle { dir } => {
+            let n = store::prune_bundle(&dir, time_now())?;
+            println!("removed {n} retired root(s) from the bundle");
+            Ok(())
+        }
+    }
+}
+
+fn time_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

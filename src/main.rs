@@ -1,0 +1,7 @@
+//! The `bulwark` command: parses arguments and calls into the crates.
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use rcgen::{
-    CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    CertificateParams, CertificateSigningRequestParams, DistinguishedName, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
@@ -29,7 +29,9 @@ pub enum CsrError {
     Malformed,
     #[error("CSR signature does not verify")]
     BadSignature,
-    #[error("CSR asks for an unsupported extension (only subjectAltName, keyUsage, extendedKeyUsage, basicConstraints are accepted)")]
+    #[error(
+        "CSR asks for an unsupported extension (only subjectAltName, keyUsage, extendedKeyUsage, basicConstraints are accepted)"
+    )]
     UnsupportedExtension,
     #[error("CSR key type is not allowed: {0} (use ECDSA P-256, ECDSA P-384 or Ed25519)")]
     KeyType(String),
@@ -91,7 +93,9 @@ pub fn check_csr(pem: &str) -> Result<CheckedCsr, CsrError> {
     let csr = CertificateSigningRequestParams::from_der(&der).map_err(|e| match e {
         rcgen::Error::InvalidCertificationRequestSignature => CsrError::BadSignature,
         rcgen::Error::UnsupportedExtension => CsrError::UnsupportedExtension,
-        rcgen::Error::UnsupportedSignatureAlgorithm => CsrError::KeyType("signature algorithm".into()),
+        rcgen::Error::UnsupportedSignatureAlgorithm => {
+            CsrError::KeyType("signature algorithm".into())
+        }
         _ => CsrError::Malformed,
     })?;
     if matches!(csr.params.is_ca, IsCa::Ca(_)) {
@@ -230,7 +234,9 @@ impl Authority {
             return Err(SignError::IssuerExpired(self.issuer_not_after.to_string()));
         }
         if now < self.issuer_not_before {
-            return Err(SignError::IssuerNotYetValid(self.issuer_not_before.to_string()));
+            return Err(SignError::IssuerNotYetValid(
+                self.issuer_not_before.to_string(),
+            ));
         }
         let ttl = match requested_ttl {
             Some(t) if t < Duration::from_secs(60) => {

@@ -77,6 +77,38 @@ impl std::fmt::Debug for Svid {
 }
 
 impl Svid {
+    /// Assembles an SVID from PEM parts (e.g. files written by
+    /// `bulwark cert request`). The chain's leaf must carry `identity` and
+    /// belong to the key; the chain is not verified here.
+    pub fn from_pem_parts(
+        key_pem: &str,
+        chain_pem: &str,
+        bundle_pem: &str,
+    ) -> Result<Self, ClientError> {
+        let bad = |m: String| ClientError::BadResponse(m);
+        let key = KeyPair::from_pem(key_pem).map_err(|e| bad(format!("key: {e}")))?;
+        let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(format!("certificate chain: {e}")))?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| bad("empty certificate chain".into()))?;
+        let identity = crate::tls::spiffe_id_of(leaf).map_err(|e| bad(e.to_string()))?;
+        let (nb, na) = crate::authority::validity(leaf).map_err(bad)?;
+        let bundle = TrustBundle::from_pem(bundle_pem).map_err(|e| bad(e.to_string()))?;
+        Ok(Self {
+            identity,
+            key: Arc::new(key),
+            chain,
+            chain_pem: chain_pem.to_string(),
+            bundle_pem: bundle_pem.to_string(),
+            bundle,
+            serial: String::new(),
+            not_before: nb.unix_timestamp(),
+            not_after: na.unix_timestamp(),
+        })
+    }
+
     /// The private key, PKCS#8 PEM (for `bulwark cert request`).
     pub fn key_pem(&self) -> String {
         self.key.serialize_pem()
@@ -115,12 +147,10 @@ pub fn new_csr(identity: &SpiffeId) -> Result<(KeyPair, String), ClientError> {
         .map_err(|e| ClientError::Local(e.to_string()))?;
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names = vec![SanType::URI(
-        identity
-            .to_string()
-            .try_into()
-            .map_err(|e: rcgen::Error| ClientError::Local(e.to_string()))?,
-    )];
+    params.subject_alt_names =
+        vec![SanType::URI(identity.to_string().try_into().map_err(
+            |e: rcgen::Error| ClientError::Local(e.to_string()),
+        )?)];
     let csr = params
         .serialize_request(&key)
         .and_then(|c| c.pem())
@@ -136,6 +166,9 @@ pub struct CaClient {
     /// Give up retrying busy/unreachable CAs after this long.
     pub retry_deadline: Duration,
     pub connect_timeout: Duration,
+    /// The identity the CA's certificate must carry; by default the CA
+    /// identity of the requested identity's trust domain.
+    pub ca_identity: Option<SpiffeId>,
 }
 
 impl CaClient {
@@ -147,6 +180,7 @@ impl CaClient {
             bundle: Arc::new(ArcSwap::from_pointee(bundle)),
             retry_deadline: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),
+            ca_identity: None,
         }
     }
 
@@ -166,7 +200,11 @@ impl CaClient {
     ) -> Result<CertificateServiceClient<tonic::transport::Channel>, ClientError> {
         let verifier = SpiffeServerVerifier::new(
             self.bundle.clone(),
-            ExpectedServer::AnyOf(vec![ca_identity(identity.trust_domain())]),
+            ExpectedServer::AnyOf(vec![
+                self.ca_identity
+                    .clone()
+                    .unwrap_or_else(|| ca_identity(identity.trust_domain())),
+            ]),
         );
         let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
             .with_safe_default_protocol_versions()
@@ -174,9 +212,9 @@ impl CaClient {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier));
         let mut cfg = match client_cert {
-            Some(ck) => builder.with_client_cert_resolver(Arc::new(
-                rustls::client::AlwaysResolvesClientRawPublicKeys::new(ck),
-            )),
+            Some(ck) => {
+                builder.with_client_cert_resolver(Arc::new(crate::tls::CurrentCert::new(ck)))
+            }
             None => builder.with_no_client_auth(),
         };
         cfg.alpn_protocols = vec![b"h2".to_vec()];
@@ -312,7 +350,9 @@ fn svid_from_response(
     let chain = CertificateDer::pem_slice_iter(resp.cert_chain_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| bad(format!("certificate chain: {e}")))?;
-    let leaf = chain.first().ok_or_else(|| bad("empty certificate chain".into()))?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| bad("empty certificate chain".into()))?;
     let got = crate::tls::spiffe_id_of(leaf).map_err(|e| bad(e.to_string()))?;
     if &got != identity {
         return Err(bad(format!("CA issued {got}, asked for {identity}")));
@@ -328,8 +368,7 @@ fn svid_from_response(
             crate::tls::Usage::Client,
         )
         .map_err(|e| bad(format!("issued certificate does not verify: {e}")))?;
-    let (_, parsed) =
-        x509_parser::parse_x509_certificate(leaf).map_err(|e| bad(e.to_string()))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf).map_err(|e| bad(e.to_string()))?;
     if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
         return Err(bad("issued certificate is not for our key".into()));
     }

@@ -39,8 +39,7 @@ fn valid_segment(s: &str) -> bool {
         && s.len() <= 253
         && s != "."
         && s != ".."
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
 }
 

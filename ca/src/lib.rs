@@ -5,10 +5,10 @@
 pub mod admission;
 pub mod authority;
 pub mod client;
-pub mod metrics;
-pub mod server;
 pub mod identity;
+pub mod metrics;
 pub mod record;
+pub mod server;
 pub mod store;
 pub mod tls;
 pub mod token;

@@ -80,27 +80,32 @@ pub async fn serve_metrics(
             };
             let m = metrics.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let m = m.clone();
-                    async move {
-                        let (status, body) = if req.uri().path() == "/metrics" {
-                            let mut out = String::new();
-                            match prometheus_client::encoding::text::encode(&mut out, &m.registry) {
-                                Ok(()) => (200, out),
-                                Err(_) => (500, "encoding failed\n".to_string()),
-                            }
-                        } else {
-                            (404, "not found\n".to_string())
-                        };
-                        hyper::Response::builder()
-                            .status(status)
-                            .header(
-                                "content-type",
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )
-                            .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
-                    }
-                });
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let m = m.clone();
+                        async move {
+                            let (status, body) = if req.uri().path() == "/metrics" {
+                                let mut out = String::new();
+                                match prometheus_client::encoding::text::encode(
+                                    &mut out,
+                                    &m.registry,
+                                ) {
+                                    Ok(()) => (200, out),
+                                    Err(_) => (500, "encoding failed\n".to_string()),
+                                }
+                            } else {
+                                (404, "not found\n".to_string())
+                            };
+                            hyper::Response::builder()
+                                .status(status)
+                                .header(
+                                    "content-type",
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                )
+                                .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+                        }
+                    },
+                );
                 let io = hyper_util::rt::TokioIo::new(stream);
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(io, svc)

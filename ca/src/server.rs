@@ -12,8 +12,8 @@ use bulwark_proto::ca::v1::certificate_service_server::{
 };
 use bulwark_proto::ca::v1::{SignRequest, SignResponse};
 use rcgen::{
-    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, SanType,
 };
 use rustls::server::ResolvesServerCert;
 use rustls::sign::CertifiedKey;
@@ -101,10 +101,18 @@ struct State {
 }
 
 fn dir_stamp(dir: &Path) -> Vec<Option<SystemTime>> {
-    [store::SETTINGS_FILE, store::INTERMEDIATE_CERT, store::BUNDLE]
-        .iter()
-        .map(|f| std::fs::metadata(dir.join(f)).and_then(|m| m.modified()).ok())
-        .collect()
+    [
+        store::SETTINGS_FILE,
+        store::INTERMEDIATE_CERT,
+        store::BUNDLE,
+    ]
+    .iter()
+    .map(|f| {
+        std::fs::metadata(dir.join(f))
+            .and_then(|m| m.modified())
+            .ok()
+    })
+    .collect()
 }
 
 fn load(dir: &Path, dns_names: &[String]) -> Result<Loaded, ServeError> {
@@ -143,7 +151,9 @@ fn serving_cert(
     ];
     names.extend(dns_names.iter().cloned());
     p.subject_alt_names = vec![SanType::URI(
-        id.to_string().try_into().map_err(|e: rcgen::Error| tls(e.to_string()))?,
+        id.to_string()
+            .try_into()
+            .map_err(|e: rcgen::Error| tls(e.to_string()))?,
     )];
     for n in names {
         p.subject_alt_names.push(SanType::DnsName(
@@ -270,7 +280,10 @@ impl State {
         let result = self.decide(&peer_certs, bearer.as_deref(), body, &mut rec);
         match result {
             Ok(resp) => {
-                self.metrics.issued.get_or_create(&AuthLabel { auth: rec.auth }).inc();
+                self.metrics
+                    .issued
+                    .get_or_create(&AuthLabel { auth: rec.auth })
+                    .inc();
                 rec.outcome = "issued";
                 tracing::info!(identity = ?rec.identity, serial = ?rec.serial, auth = rec.auth, "issued SVID");
                 self.log.append(rec);
@@ -397,7 +410,9 @@ impl State {
             {
                 Ok(id) => return Ok(Auth::Mtls(id)),
                 Err(e) => {
-                    rec.identity = crate::tls::spiffe_id_of(&certs[0]).ok().map(|i| i.to_string());
+                    rec.identity = crate::tls::spiffe_id_of(&certs[0])
+                        .ok()
+                        .map(|i| i.to_string());
                     cert_error = Some(e);
                 }
             }
@@ -415,7 +430,10 @@ impl State {
                 let id = claims
                     .identity()
                     .map_err(|e| Refusal::new(Code::Unauthenticated, "bad_token", e.to_string()))?;
-                Ok(Auth::Token { id, jti: claims.jti })
+                Ok(Auth::Token {
+                    id,
+                    jti: claims.jti,
+                })
             }
             (None, Some(e)) => Err(Refusal::new(
                 Code::Unauthenticated,
@@ -434,6 +452,9 @@ impl State {
     /// and renews the serving certificate at half its life.
     fn refresh(&self) {
         let now = OffsetDateTime::now_utc().unix_timestamp();
+        if let Err(e) = store::activate_pending(&self.dir, now) {
+            tracing::error!(error = %e, "cannot activate the pending root rotation");
+        }
         if let Err(e) = store::prune_bundle(&self.dir, now) {
             tracing::warn!(error = %e, "cannot prune the trust bundle");
         }
@@ -452,7 +473,9 @@ impl State {
                 }
                 self.loaded.store(Arc::new(l));
             }
-            Err(e) => tracing::error!(error = %e, "cannot reload the CA directory; keeping the current material"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reload the CA directory; keeping the current material")
+            }
         }
     }
 }
@@ -488,7 +511,9 @@ pub async fn serve(
     let listener = TcpListener::bind(opts.listen)
         .await
         .map_err(|e| ServeError::Listen(opts.listen, e))?;
-    let local = listener.local_addr().map_err(|e| ServeError::Listen(opts.listen, e))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| ServeError::Listen(opts.listen, e))?;
     let _metrics_task = match opts.metrics_listen {
         Some(a) => Some(
             crate::metrics::serve_metrics(a, metrics.clone())

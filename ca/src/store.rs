@@ -36,6 +36,8 @@ pub const INTERMEDIATE_KEY: &str = "intermediate.key";
 pub const BUNDLE: &str = "bundle.pem";
 pub const TOKEN_KEY: &str = "token.key";
 pub const ISSUED_LOG: &str = "issued.jsonl";
+/// Prefix of the files of a rotation that is not active yet.
+pub const PENDING_PREFIX: &str = "pending-";
 
 /// Extra time an old root stays in the bundle after the last leaf it could
 /// have signed expires: covers clock skew between nodes and replicas that
@@ -89,6 +91,10 @@ pub struct Settings {
     pub intermediate_ttl_secs: u64,
     #[serde(default)]
     pub retiring_roots: Vec<RetiringRoot>,
+    /// A rotation whose new root is already in the bundle but which does not
+    /// sign yet (Unix seconds when it starts signing).
+    #[serde(default)]
+    pub pending_activate_at: Option<i64>,
 }
 
 impl Settings {
@@ -99,11 +105,13 @@ impl Settings {
             max_ttl_secs: 7 * 24 * 3600,
             intermediate_ttl_secs: 365 * 24 * 3600,
             retiring_roots: Vec::new(),
+            pending_activate_at: None,
         }
     }
 
     fn check(&self) -> Result<(), StoreError> {
-        validate_trust_domain(&self.trust_domain).map_err(|e| StoreError::Settings(e.to_string()))?;
+        validate_trust_domain(&self.trust_domain)
+            .map_err(|e| StoreError::Settings(e.to_string()))?;
         if self.default_ttl_secs == 0 || self.max_ttl_secs == 0 {
             return Err(StoreError::Settings("TTLs must be positive".into()));
         }
@@ -224,7 +232,12 @@ fn generate_material(settings: &Settings, source: RootSource) -> Result<Generate
     let now = OffsetDateTime::now_utc();
     // Backdated a little so freshly made roots verify on nodes whose clocks lag.
     let nb = now - Duration::from_secs(3600);
-    let stamp = now.unix_timestamp();
+    // Unique names: two CAs must never look alike to a path builder.
+    let stamp = format!(
+        "{}-{}",
+        now.unix_timestamp(),
+        crate::token::hex(&crate::random_bytes::<4>())
+    );
     let inter_life = Duration::from_secs(settings.intermediate_ttl_secs);
     let make_intermediate = |root: &Issuer<'_, KeyPair>| -> Result<(String, String), StoreError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
@@ -264,12 +277,11 @@ fn generate_material(settings: &Settings, source: RootSource) -> Result<Generate
                 path: "--import-root key".into(),
                 what: format!("not a PEM private key: {e}"),
             })?;
-            let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| {
-                StoreError::Invalid {
+            let issuer =
+                Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| StoreError::Invalid {
                     path: "--import-root certificate".into(),
                     what: format!("not a usable CA certificate: {e}"),
-                }
-            })?;
+                })?;
             let root_der = first_cert(&cert_pem, "--import-root certificate")?;
             check_is_ca(&root_der, "--import-root certificate")?;
             let (chain_pem, ik) = make_intermediate(&issuer)?;
@@ -349,22 +361,28 @@ pub fn init(dir: &Path, settings: &Settings, source: RootSource) -> Result<(), S
     let mut token_secret = [0u8; 32];
     crate::fill_random(&mut token_secret);
     write_file(dir, TOKEN_KEY, &token_secret, 0o600)?;
-    write_material(dir, &g)?;
+    write_material(dir, &g, "")?;
     write_file(dir, BUNDLE, g.root_cert_pem.as_bytes(), 0o644)?;
     save_settings(dir, settings)?;
     Ok(())
 }
 
-fn write_material(dir: &Path, g: &Generated) -> Result<(), StoreError> {
+fn write_material(dir: &Path, g: &Generated, prefix: &str) -> Result<(), StoreError> {
+    let name = |n: &str| format!("{prefix}{n}");
     match &g.root_key_pem {
-        Some(k) => write_file(dir, ROOT_KEY, k.as_bytes(), 0o600)?,
+        Some(k) => write_file(dir, &name(ROOT_KEY), k.as_bytes(), 0o600)?,
         None => {
-            let _ = fs::remove_file(dir.join(ROOT_KEY));
+            let _ = fs::remove_file(dir.join(name(ROOT_KEY)));
         }
     }
-    write_file(dir, INTERMEDIATE_KEY, g.intermediate_key_pem.as_bytes(), 0o600)?;
-    write_file(dir, ROOT_CERT, g.root_cert_pem.as_bytes(), 0o644)?;
-    write_file(dir, INTERMEDIATE_CERT, g.chain_pem.as_bytes(), 0o644)?;
+    write_file(
+        dir,
+        &name(INTERMEDIATE_KEY),
+        g.intermediate_key_pem.as_bytes(),
+        0o600,
+    )?;
+    write_file(dir, &name(ROOT_CERT), g.root_cert_pem.as_bytes(), 0o644)?;
+    write_file(dir, &name(INTERMEDIATE_CERT), g.chain_pem.as_bytes(), 0o644)?;
     Ok(())
 }
 
@@ -396,15 +414,49 @@ pub fn load_settings(dir: &Path) -> Result<Settings, StoreError> {
 /// Summary of a root rotation.
 #[derive(Debug, Clone)]
 pub struct Rotation {
-    /// Unix seconds when the old root leaves the bundle.
-    pub old_root_drop_after: i64,
+    /// Unix seconds when the new root starts signing.
+    pub activate_at: i64,
     pub roots_in_bundle: usize,
 }
 
-/// Starts a root rotation: a new root and intermediate become the signers,
+/// Starts a root rotation in two phases, so that trust is distributed
+/// before it is needed: now, the new root joins the bundle (workloads pick
+/// it up with their next renewal or config push) while the old intermediate
+/// keeps signing; at `activate_at`, the new intermediate starts signing and
 /// the old root stays in the bundle until everything it signed has expired.
-pub fn rotate_root(dir: &Path, source: RootSource) -> Result<Rotation, StoreError> {
+pub fn rotate_root(
+    dir: &Path,
+    source: RootSource,
+    activate_at: i64,
+) -> Result<Rotation, StoreError> {
     let mut settings = load_settings(dir)?;
+    if let Some(at) = settings.pending_activate_at {
+        return Err(StoreError::Settings(format!(
+            "a rotation is already pending (activates at {at}, Unix time); wait for it"
+        )));
+    }
+    let g = generate_material(&settings, source)?;
+    write_material(dir, &g, PENDING_PREFIX)?;
+    settings.pending_activate_at = Some(activate_at);
+    save_settings(dir, &settings)?;
+    let n = write_bundle(dir, &settings)?;
+    if activate_at <= now_unix() {
+        activate_pending(dir, now_unix())?;
+    }
+    Ok(Rotation {
+        activate_at,
+        roots_in_bundle: n,
+    })
+}
+
+/// Makes a pending rotation's root and intermediate the signers once its
+/// time has come. Returns whether it did.
+pub fn activate_pending(dir: &Path, now: i64) -> Result<bool, StoreError> {
+    let mut settings = load_settings(dir)?;
+    match settings.pending_activate_at {
+        Some(at) if at <= now => {}
+        _ => return Ok(false),
+    }
     let old_root = read(dir, ROOT_CERT)?;
     let old_chain = read(dir, INTERMEDIATE_CERT)?;
     let old_inter_expiry = first_cert(&old_chain, INTERMEDIATE_CERT)
@@ -415,34 +467,47 @@ pub fn rotate_root(dir: &Path, source: RootSource) -> Result<Rotation, StoreErro
                 .map(|(_, c)| c.validity().not_after.timestamp())
         })
         .unwrap_or(i64::MAX);
-    let g = generate_material(&settings, source)?;
-    let now = now_unix();
     // The old intermediate signs nothing after this instant, and no leaf it
     // signed outlives max_ttl (nor the intermediate itself).
     let drop_after = (now + settings.max_ttl_secs as i64).min(old_inter_expiry)
         + ROOT_RETIRE_SLACK.as_secs() as i64;
+    // Key first: a reader never sees a new certificate with an old key
+    // for longer than the two renames (and `load` checks they match).
+    for f in [INTERMEDIATE_KEY, INTERMEDIATE_CERT, ROOT_CERT] {
+        let from = dir.join(format!("{PENDING_PREFIX}{f}"));
+        fs::rename(&from, dir.join(f)).map_err(io_err(&from))?;
+    }
+    let pending_root_key = dir.join(format!("{PENDING_PREFIX}{ROOT_KEY}"));
+    if pending_root_key.exists() {
+        fs::rename(&pending_root_key, dir.join(ROOT_KEY)).map_err(io_err(&pending_root_key))?;
+    } else {
+        let _ = fs::remove_file(dir.join(ROOT_KEY));
+    }
     settings.retiring_roots.push(RetiringRoot {
         cert_pem: old_root,
         drop_after,
     });
-    write_material(dir, &g)?;
+    settings.pending_activate_at = None;
     save_settings(dir, &settings)?;
-    let n = write_bundle(dir, &settings, &g.root_cert_pem)?;
-    Ok(Rotation {
-        old_root_drop_after: drop_after,
-        roots_in_bundle: n,
-    })
+    write_bundle(dir, &settings)?;
+    tracing::info!(old_root_drop_after = drop_after, "root rotation activated");
+    Ok(true)
 }
 
-fn write_bundle(dir: &Path, settings: &Settings, current_root: &str) -> Result<usize, StoreError> {
-    let mut pem = current_root.trim_end().to_string();
-    pem.push('\n');
-    for r in &settings.retiring_roots {
-        pem.push_str(r.cert_pem.trim_end());
+/// Writes `bundle.pem`: the current root, a pending one, and retiring ones.
+fn write_bundle(dir: &Path, settings: &Settings) -> Result<usize, StoreError> {
+    let mut roots = vec![read(dir, ROOT_CERT)?];
+    if settings.pending_activate_at.is_some() {
+        roots.push(read(dir, &format!("{PENDING_PREFIX}{ROOT_CERT}"))?);
+    }
+    roots.extend(settings.retiring_roots.iter().map(|r| r.cert_pem.clone()));
+    let mut pem = String::new();
+    for r in &roots {
+        pem.push_str(r.trim_end());
         pem.push('\n');
     }
     write_file(dir, BUNDLE, pem.as_bytes(), 0o644)?;
-    Ok(1 + settings.retiring_roots.len())
+    Ok(roots.len())
 }
 
 /// Drops retired roots whose `drop_after` is before `now` from the bundle.
@@ -453,9 +518,8 @@ pub fn prune_bundle(dir: &Path, now: i64) -> Result<usize, StoreError> {
     settings.retiring_roots.retain(|r| r.drop_after >= now);
     let dropped = before - settings.retiring_roots.len();
     if dropped > 0 {
-        let root = read(dir, ROOT_CERT)?;
-        write_bundle(dir, &settings, &root)?;
         save_settings(dir, &settings)?;
+        write_bundle(dir, &settings)?;
         tracing::info!(dropped, "retired roots removed from the trust bundle");
     }
     Ok(dropped)

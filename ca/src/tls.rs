@@ -389,3 +389,42 @@ impl ClientCertVerifier for DeferredClientVerifier {
         tls_schemes()
     }
 }
+
+/// The workload's current certificate, swapped whole on rotation. New
+/// handshakes pick up the new one; established connections keep theirs.
+#[derive(Debug, Clone, Default)]
+pub struct CurrentCert(Arc<ArcSwap<Option<Arc<rustls::sign::CertifiedKey>>>>);
+
+impl CurrentCert {
+    pub fn new(ck: Arc<rustls::sign::CertifiedKey>) -> Self {
+        Self(Arc::new(ArcSwap::from_pointee(Some(ck))))
+    }
+    pub fn set(&self, ck: Arc<rustls::sign::CertifiedKey>) {
+        self.0.store(Arc::new(Some(ck)));
+    }
+    pub fn get(&self) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.0.load().as_ref().clone()
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CurrentCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.get()
+    }
+    fn has_certs(&self) -> bool {
+        self.0.load().is_some()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CurrentCert {
+    fn resolve(
+        &self,
+        _client_hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.get()
+    }
+}

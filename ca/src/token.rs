@@ -95,8 +95,8 @@ impl TokenKey {
         let raw = B64
             .decode(payload)
             .map_err(|_| TokenError::Malformed("claims are not base64url"))?;
-        let claims: TokenClaims =
-            serde_json::from_slice(&raw).map_err(|_| TokenError::Malformed("claims are not JSON"))?;
+        let claims: TokenClaims = serde_json::from_slice(&raw)
+            .map_err(|_| TokenError::Malformed("claims are not JSON"))?;
         if now > claims.exp + skew_secs {
             return Err(TokenError::Expired(claims.exp));
         }
@@ -155,8 +155,14 @@ mod tests {
         let key = TokenKey::from_bytes(b"k1");
         let t = key.mint(&id(), 1000, 60);
         assert_eq!(key.verify(&t, 1061, 0), Err(TokenError::Expired(1060)));
-        assert!(matches!(key.verify("garbage", 0, 0), Err(TokenError::Malformed(_))));
-        assert!(matches!(key.verify("bwt1.a.b", 0, 0), Err(TokenError::Malformed(_))));
+        assert!(matches!(
+            key.verify("garbage", 0, 0),
+            Err(TokenError::Malformed(_))
+        ));
+        assert!(matches!(
+            key.verify("bwt1.a.b", 0, 0),
+            Err(TokenError::Malformed(_))
+        ));
         assert!(matches!(
             key.verify(&"x".repeat(5000), 0, 0),
             Err(TokenError::Malformed(_))

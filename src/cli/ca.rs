@@ -74,6 +74,11 @@ pub enum CaCommand {
         import_intermediate: Option<Vec<PathBuf>>,
         #[arg(long)]
         root: Option<PathBuf>,
+        /// How long the new root is distributed before it starts signing
+        /// (default: the default leaf TTL, so every workload has renewed and
+        /// trusts it by then). `0s` switches at once.
+        #[arg(long, value_parser = parse_duration)]
+        activate_after: Option<Duration>,
     },
     /// Remove retired roots whose certificates can no longer be valid from the bundle.
     PruneBundle {
@@ -99,7 +104,10 @@ fn source(
         (None, Some(i)) => RootSource::ImportIntermediate {
             chain_pem: read(&i[0])?,
             key_pem: read(&i[1])?,
-            root_pem: read(root.as_ref().context("--import-intermediate needs --root")?)?,
+            root_pem: read(
+                root.as_ref()
+                    .context("--import-intermediate needs --root")?,
+            )?,
         },
         (None, None) => RootSource::Generate,
         (Some(_), Some(_)) => bail!("use either --import-root or --import-intermediate"),
@@ -122,7 +130,11 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             settings.default_ttl_secs = default_ttl.as_secs();
             settings.max_ttl_secs = max_ttl.as_secs();
             settings.intermediate_ttl_secs = intermediate_ttl.as_secs();
-            store::init(&dir, &settings, source(import_root, import_intermediate, root)?)?;
+            store::init(
+                &dir,
+                &settings,
+                source(import_root, import_intermediate, root)?,
+            )?;
             println!(
                 "created CA for trust domain {trust_domain} in {}; trust bundle: {}",
                 dir.display(),
@@ -138,7 +150,7 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             sign_burst,
             dns_names,
         } => {
-            if !(sign_rate > 0.0) {
+            if sign_rate.is_nan() || sign_rate <= 0.0 {
                 bail!("--sign-rate must be positive");
             }
             let mut opts = server::ServeOptions::new(dir, listen);
@@ -171,11 +183,20 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             import_root,
             import_intermediate,
             root,
+            activate_after,
         } => {
-            let r = store::rotate_root(&dir, source(import_root, import_intermediate, root)?)?;
+            let settings = store::load_settings(&dir)?;
+            let after = activate_after
+                .unwrap_or(Duration::from_secs(settings.default_ttl_secs))
+                .as_secs() as i64;
+            let r = store::rotate_root(
+                &dir,
+                source(import_root, import_intermediate, root)?,
+                time_now() + after,
+            )?;
             println!(
-                "rotated: new root and intermediate active; bundle holds {} roots; the old root leaves the bundle after {} (Unix time)",
-                r.roots_in_bundle, r.old_root_drop_after
+                "rotation started: bundle holds {} roots; the new root signs from {} (Unix time); the old root leaves the bundle once its leaves have expired",
+                r.roots_in_bundle, r.activate_at
             );
             Ok(())
         }

@@ -50,8 +50,8 @@ pub fn run(cmd: CertCommand) -> anyhow::Result<()> {
     let token = std::fs::read_to_string(&token_file)
         .with_context(|| format!("cannot read --token-file {}", token_file.display()))?;
     let client = CaClient::new(ca, bundle);
-    let svid = super::runtime()?
-        .block_on(client.issue(&id, Credential::Token(token.trim()), ttl))?;
+    let svid =
+        super::runtime()?.block_on(client.issue(&id, Credential::Token(token.trim()), ttl))?;
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     write(&out.join("key.pem"), svid.key_pem().as_bytes(), 0o600)?;
     write(&out.join("cert.pem"), svid.chain_pem.as_bytes(), 0o644)?;

@@ -1,0 +1,216 @@
+//! Shared helpers for end-to-end tests: start the real `bulwark` binary,
+//! wait on conditions with deadlines, clean up on drop.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_bulwark");
+
+/// A child process killed (and reaped) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    /// Sends SIGTERM and waits up to `grace` for exit.
+    pub fn terminate(&mut self, grace: Duration) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts `bulwark ARGS`, stdout+stderr to `dir/<name>.log`.
+pub fn spawn(dir: &Path, name: &str, args: &[&str]) -> Proc {
+    let log = dir.join(format!("{name}.log"));
+    let f = std::fs::File::create(&log).unwrap();
+    let child = Command::new(BIN)
+        .args(args)
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+    Proc {
+        child,
+        name: name.to_string(),
+        log,
+    }
+}
+
+/// Runs `bulwark ARGS` to completion.
+pub fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+/// Runs `bulwark ARGS`, panicking with its output if it fails; returns stdout.
+pub fn run_ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "bulwark {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A loopback port free right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `cond` until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut cond: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_listening(addr: SocketAddr, proc: &mut Proc) {
+    wait_for(
+        &format!("{} to listen on {addr}", proc.name),
+        Duration::from_secs(20),
+        || {
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                panic!("{} exited early ({status}): {}", proc.name, proc.log_text());
+            }
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+        },
+    );
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("bulwark-test-")
+        .tempdir()
+        .unwrap()
+}
+
+/// A running CA on loopback.
+pub struct Ca {
+    pub dir: PathBuf,
+    pub addr: SocketAddr,
+    pub metrics: SocketAddr,
+    pub proc: Proc,
+}
+
+impl Ca {
+    /// `ca init` with `init_args`, then `ca serve` with `serve_args`.
+    pub fn start(work: &Path, init_args: &[&str], serve_args: &[&str]) -> Ca {
+        let dir = work.join("ca");
+        let d = dir.to_str().unwrap();
+        let mut args = vec!["ca", "init", "--dir", d];
+        args.extend_from_slice(init_args);
+        run_ok(&args);
+        Self::serve(work, &dir, serve_args)
+    }
+
+    pub fn serve(work: &Path, dir: &Path, serve_args: &[&str]) -> Ca {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let (a, m) = (addr.to_string(), metrics.to_string());
+        let mut args = vec![
+            "ca",
+            "serve",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            &a,
+            "--metrics-listen",
+            &m,
+        ];
+        args.extend_from_slice(serve_args);
+        let mut proc = spawn(work, "ca", &args);
+        wait_listening(addr, &mut proc);
+        Ca {
+            dir: dir.to_path_buf(),
+            addr,
+            metrics,
+            proc,
+        }
+    }
+
+    pub fn token(&self, identity: &str) -> String {
+        run_ok(&[
+            "ca",
+            "token",
+            "--dir",
+            self.dir.to_str().unwrap(),
+            "--identity",
+            identity,
+        ])
+        .trim()
+        .to_string()
+    }
+
+    pub fn bundle_pem(&self) -> String {
+        std::fs::read_to_string(self.dir.join("bundle.pem")).unwrap()
+    }
+
+    /// The issuance record, parsed.
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.join("issued.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    pub fn metrics_text(&self) -> String {
+        http_get(self.metrics, "/metrics")
+    }
+}
+
+/// A minimal HTTP/1.0 GET, for metrics endpoints.
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}

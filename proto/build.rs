@@ -1,6 +1,9 @@
 //! Compiles the `.proto` files with protox (pure Rust), so no system `protoc` is needed.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/bulwark/ca/v1/ca.proto"];
+    let files = [
+        "proto/bulwark/ca/v1/ca.proto",
+        "proto/bulwark/config/v1/config.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -2,6 +2,7 @@
 
 mod ca;
 mod cert;
+mod xds;
 
 use std::process::ExitCode;
 
@@ -34,6 +35,9 @@ enum Command {
     /// Certificates for workloads outside the mesh.
     #[command(subcommand)]
     Cert(cert::CertCommand),
+    /// Control plane: validate and serve mesh configuration.
+    #[command(subcommand)]
+    Xds(xds::XdsCommand),
 }
 
 pub fn main() -> ExitCode {
@@ -42,6 +46,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Ca(c) => ca::run(c),
         Command::Cert(c) => cert::run(c),
+        Command::Xds(c) => xds::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

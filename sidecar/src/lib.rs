@@ -1,1 +1,213 @@
-//! placeholder
+//! The Bulwark sidecar proxy: transparent interception, mutual TLS between
+//! sidecars with SPIFFE identities, certificate rotation, L4 authorization,
+//! metrics and health.
+//!
+//! The sidecar knows configuration only as `bulwark.config.v1` resources,
+//! handed to it through [`ConfigHandle::apply`] (by the xDS client or, in
+//! local-file mode, by the CLI).
+
+pub mod admin;
+pub mod config;
+pub mod identity;
+pub mod inbound;
+pub mod intercept;
+pub mod outbound;
+pub mod relay;
+pub mod telemetry;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulwark_proto::config::Resources;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::config::{ConfigError, LiveConfig};
+use crate::identity::{CertManager, IdentityOptions};
+use crate::telemetry::Metrics;
+
+/// Socket mark on the proxy's own upstream sockets (0x539 = 1337).
+pub const DEFAULT_PROXY_MARK: u32 = 0x539;
+
+#[derive(Debug, Clone)]
+pub struct SidecarOptions {
+    pub identity: IdentityOptions,
+    pub outbound_listen: SocketAddr,
+    pub inbound_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub proxy_mark: u32,
+    /// Concurrent proxied connections per listener; beyond it new
+    /// connections are reset at once.
+    pub max_connections: usize,
+    pub connect_timeout: Duration,
+    /// On shutdown, how long in-flight connections may finish.
+    pub drain_grace: Duration,
+}
+
+impl SidecarOptions {
+    pub fn new(identity: IdentityOptions) -> Self {
+        Self {
+            identity,
+            outbound_listen: "0.0.0.0:15001".parse().expect("static"),
+            inbound_listen: "0.0.0.0:15006".parse().expect("static"),
+            admin_listen: "127.0.0.1:15000".parse().expect("static"),
+            metrics_listen: "0.0.0.0:15020".parse().expect("static"),
+            proxy_mark: DEFAULT_PROXY_MARK,
+            max_connections: 16 * 1024,
+            connect_timeout: Duration::from_secs(5),
+            drain_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error("cannot listen on {0}: {1}")]
+    Listen(SocketAddr, std::io::Error),
+}
+
+/// Everything a connection handler needs.
+pub struct Proxy {
+    pub identity: Arc<CertManager>,
+    pub config: Arc<LiveConfig>,
+    pub metrics: Arc<Metrics>,
+    pub client_configs: tls::ClientConfigs,
+    pub server_config: Arc<rustls::ServerConfig>,
+    pub mark: u32,
+    pub connect_timeout: Duration,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+}
+
+/// Closes a connection with a TCP RST: a fast, unambiguous refusal.
+pub fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+/// Applies configuration to a running sidecar.
+#[derive(Clone)]
+pub struct ConfigHandle {
+    config: Arc<LiveConfig>,
+    identity: Arc<CertManager>,
+    metrics: Arc<Metrics>,
+}
+
+impl ConfigHandle {
+    /// Validates and applies a whole resource set; on error the previous
+    /// config keeps serving.
+    pub fn apply(&self, version: &str, resources: Resources) -> Result<(), ConfigError> {
+        let result = self.config.apply(self.identity.identity(), version, resources);
+        let label = telemetry::ResultLabel {
+            result: if result.is_ok() { "applied" } else { "rejected" },
+        };
+        self.metrics.config_applied.get_or_create(&label).inc();
+        if let Err(e) = &result {
+            tracing::warn!(version, error = %e, "config rejected; keeping the last good config");
+        }
+        result.map(|_| ())
+    }
+}
+
+pub struct Sidecar {
+    opts: SidecarOptions,
+    proxy: Arc<Proxy>,
+}
+
+impl Sidecar {
+    pub fn new(opts: SidecarOptions) -> Self {
+        bulwark_ca::tls::provider();
+        let metrics = Arc::new(Metrics::default());
+        let identity = CertManager::new(opts.identity.clone(), metrics.clone());
+        let proxy = Arc::new(Proxy {
+            client_configs: tls::ClientConfigs::new(identity.clone()),
+            server_config: tls::server_config(&identity),
+            identity,
+            config: Arc::new(LiveConfig::default()),
+            metrics,
+            mark: opts.proxy_mark,
+            connect_timeout: opts.connect_timeout,
+            outbound_port: opts.outbound_listen.port(),
+            inbound_port: opts.inbound_listen.port(),
+        });
+        Self { opts, proxy }
+    }
+
+    pub fn config_handle(&self) -> ConfigHandle {
+        ConfigHandle {
+            config: self.proxy.config.clone(),
+            identity: self.proxy.identity.clone(),
+            metrics: self.proxy.metrics.clone(),
+        }
+    }
+
+    /// Runs until `shutdown` resolves, then drains: stops accepting and
+    /// lets in-flight connections finish within the grace period.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), SidecarError> {
+        let bind = |a: SocketAddr| async move { TcpListener::bind(a).await.map_err(|e| SidecarError::Listen(a, e)) };
+        let outbound = bind(self.opts.outbound_listen).await?;
+        let inbound = bind(self.opts.inbound_listen).await?;
+        let admin = admin::serve(self.opts.admin_listen, self.proxy.clone(), admin::Port::Admin)
+            .await
+            .map_err(|e| SidecarError::Listen(self.opts.admin_listen, e))?;
+        let metrics = admin::serve(self.opts.metrics_listen, self.proxy.clone(), admin::Port::Metrics)
+            .await
+            .map_err(|e| SidecarError::Listen(self.opts.metrics_listen, e))?;
+        let cert_task = tokio::spawn(self.proxy.identity.clone().run());
+        tracing::info!(identity = %self.proxy.identity.identity(), outbound = %self.opts.outbound_listen,
+            inbound = %self.opts.inbound_listen, "sidecar listening");
+
+        let limit = self.opts.max_connections;
+        let out_sem = Arc::new(Semaphore::new(limit));
+        let in_sem = Arc::new(Semaphore::new(limit));
+        let out_task = tokio::spawn(accept_loop(outbound, self.proxy.clone(), out_sem.clone(), "outbound"));
+        let in_task = tokio::spawn(accept_loop(inbound, self.proxy.clone(), in_sem.clone(), "inbound"));
+        shutdown.await;
+
+        out_task.abort();
+        in_task.abort();
+        let limit = limit as u32;
+        let drained = tokio::time::timeout(self.opts.drain_grace, async {
+            let _a = out_sem.acquire_many(limit).await;
+            let _b = in_sem.acquire_many(limit).await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(grace_ms = self.opts.drain_grace.as_millis() as u64, "drain grace period over; closing remaining connections");
+        }
+        cert_task.abort();
+        admin.abort();
+        metrics.abort();
+        Ok(())
+    }
+}
+
+async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, slots: Arc<Semaphore>, direction: &'static str) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE/ENFILE: back off rather than spin.
+                tracing::warn!(error = %e, direction, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            proxy.metrics.refused(direction, "overload");
+            reset(stream);
+            continue;
+        };
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            match direction {
+                "outbound" => outbound::handle(proxy, stream, peer).await,
+                _ => inbound::handle(proxy, stream, peer).await,
+            }
+            drop(permit);
+        });
+    }
+}

@@ -1,0 +1,145 @@
+//! HTTP endpoints: `/metrics` and health on the metrics port, and the admin
+//! port (loopback) with `/config_dump` and `/certs`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use tokio::net::TcpListener;
+
+use crate::Proxy;
+
+type Body = Full<Bytes>;
+
+fn reply(status: u16, content_type: &str, body: String) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+/// Which set of endpoints a listener serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// `/metrics`, `/healthz/ready`, `/healthz/live`.
+    Metrics,
+    /// `/config_dump`, `/certs`, and the metrics port's endpoints.
+    Admin,
+}
+
+fn route(proxy: &Proxy, port: Port, req: &Request<Incoming>) -> Response<Body> {
+    match req.uri().path() {
+        "/metrics" => reply(
+            200,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            proxy.metrics.encode(),
+        ),
+        "/healthz/live" => reply(200, "text/plain", "live\n".into()),
+        "/healthz/ready" => {
+            let cert = proxy.identity.ready();
+            let config = proxy.config.load().is_some();
+            if cert && config {
+                reply(200, "text/plain", "ready\n".into())
+            } else {
+                reply(
+                    503,
+                    "text/plain",
+                    format!("not ready: svid={} config={}\n", if cert { "ok" } else { "missing" }, if config { "ok" } else { "missing" }),
+                )
+            }
+        }
+        "/config_dump" if port == Port::Admin => reply(200, "application/json", config_dump(proxy)),
+        "/certs" if port == Port::Admin => reply(200, "application/json", certs(proxy)),
+        _ => reply(404, "text/plain", "not found\n".into()),
+    }
+}
+
+fn source_json(s: &Option<bulwark_proto::config::v1::Source>) -> serde_json::Value {
+    match s {
+        Some(s) => serde_json::json!({"file": s.file, "line": s.line, "kind": s.kind, "name": s.name, "namespace": s.namespace}),
+        None => serde_json::Value::Null,
+    }
+}
+
+fn config_dump(proxy: &Proxy) -> String {
+    let Some(snap) = proxy.config.load() else {
+        return serde_json::json!({"applied": false}).to_string();
+    };
+    let r = &snap.resources;
+    let mut items = Vec::new();
+    let mut push = |kind: &str, ns: &str, name: &str, src: &Option<bulwark_proto::config::v1::Source>| {
+        items.push(serde_json::json!({"kind": kind, "namespace": ns, "name": name, "source": source_json(src)}));
+    };
+    if let Some(m) = &r.mesh {
+        push("MeshConfig", "", "mesh", &m.source);
+    }
+    for s in &r.services {
+        push("Service", &s.namespace, &s.name, &s.source);
+    }
+    for s in &r.service_entries {
+        push("ServiceEntry", &s.namespace, &s.name, &s.source);
+    }
+    for s in &r.routes {
+        push("Route", &s.namespace, &s.name, &s.source);
+    }
+    for s in &r.traffic_policies {
+        push("TrafficPolicy", &s.namespace, &s.name, &s.source);
+    }
+    for s in &r.authorization_policies {
+        push("AuthorizationPolicy", &s.namespace, &s.name, &s.source);
+    }
+    for s in &r.endpoints {
+        push("ServiceEndpoints", "", &s.service, &s.source);
+    }
+    serde_json::json!({
+        "applied": true,
+        "version": snap.version,
+        "mtls_mode": format!("{:?}", snap.mtls_mode),
+        "outbound_policy": format!("{:?}", snap.outbound_policy),
+        "endpoints": snap.endpoint_count(),
+        "resources": items,
+    })
+    .to_string()
+}
+
+fn certs(proxy: &Proxy) -> String {
+    match proxy.identity.svid() {
+        Some(s) => serde_json::json!({
+            "identity": s.identity.to_string(),
+            "serial": s.serial,
+            "not_before": s.not_before,
+            "not_after": s.not_after,
+            "trust_bundle_roots": s.bundle.roots().len(),
+        })
+        .to_string(),
+        None => serde_json::json!({"identity": proxy.identity.identity().to_string(), "svid": null}).to_string(),
+    }
+}
+
+/// Serves `port`'s endpoints on `addr` until the task is aborted.
+pub async fn serve(addr: SocketAddr, proxy: Arc<Proxy>, port: Port) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).await?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            let proxy = proxy.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let resp = route(&proxy, port, &req);
+                    async move { Ok::<_, Infallible>(resp) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .max_buf_size(64 * 1024)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    }))
+}

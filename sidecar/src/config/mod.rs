@@ -1,0 +1,34 @@
+//! The live configuration: an immutable snapshot built from
+//! `bulwark.config.v1` resources, swapped whole with `arc-swap`.
+
+mod snapshot;
+
+pub use snapshot::{ConfigError, Decision, IdentityPattern, Snapshot, Upstream};
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use bulwark_ca::SpiffeId;
+use bulwark_proto::config::Resources;
+
+/// Holds the applied snapshot. Readers `load()` it once per connection or
+/// request; writers replace it whole.
+#[derive(Default)]
+pub struct LiveConfig {
+    current: ArcSwapOption<Snapshot>,
+}
+
+impl LiveConfig {
+    pub fn load(&self) -> Option<Arc<Snapshot>> {
+        self.current.load_full()
+    }
+
+    /// Validates and applies `resources` as version `version`. On error the
+    /// previous snapshot stays in place.
+    pub fn apply(&self, me: &SpiffeId, version: &str, resources: Resources) -> Result<Arc<Snapshot>, ConfigError> {
+        let snap = Arc::new(Snapshot::build(me, version, resources)?);
+        self.current.store(Some(snap.clone()));
+        tracing::info!(version, "config applied");
+        Ok(snap)
+    }
+}

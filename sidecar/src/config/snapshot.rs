@@ -1,0 +1,465 @@
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bulwark_ca::SpiffeId;
+use bulwark_proto::config::Resources;
+use bulwark_proto::config::v1::{self, Location, MtlsMode, OutboundPolicy};
+
+/// A resource the sidecar cannot apply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{resource}: {message}")]
+pub struct ConfigError {
+    /// `Kind namespace/name`.
+    pub resource: String,
+    pub message: String,
+}
+
+fn err(kind: &str, ns: &str, name: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        resource: format!("{kind} {ns}/{name}"),
+        message: message.into(),
+    }
+}
+
+/// Where an outbound connection goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    /// `namespace/name` of the service.
+    pub service: String,
+    /// Present: a mesh workload, reached over mTLS and verified to be this.
+    pub identity: Option<SpiffeId>,
+}
+
+/// What to do with an outbound connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Mesh(Upstream),
+    /// Known external destination, or unknown under ALLOW_ANY.
+    Passthrough,
+    /// Unknown under REGISTRY_ONLY.
+    Refuse,
+}
+
+/// A source-identity pattern from an authorization rule: literal parts
+/// separated by `*` wildcards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityPattern(Vec<String>);
+
+impl IdentityPattern {
+    pub fn parse(p: &str) -> Result<Self, String> {
+        if p.is_empty() {
+            return Err("empty identity pattern".into());
+        }
+        if !p.contains('*') {
+            p.parse::<SpiffeId>().map_err(|e| e.to_string())?;
+        } else if !p.starts_with("spiffe://") && p != "*" {
+            return Err(format!("pattern {p:?} must start with spiffe:// or be *"));
+        }
+        Ok(Self(p.split('*').map(String::from).collect()))
+    }
+
+    pub fn matches(&self, id: &str) -> bool {
+        let parts = &self.0;
+        if parts.len() == 1 {
+            return parts[0] == id;
+        }
+        let (first, last) = (&parts[0], &parts[parts.len() - 1]);
+        if !id.starts_with(first.as_str()) || !id.ends_with(last.as_str()) || id.len() < first.len() + last.len() {
+            return false;
+        }
+        let mut rest = &id[first.len()..id.len() - last.len()];
+        for mid in &parts[1..parts.len() - 1] {
+            match rest.find(mid.as_str()) {
+                Some(i) => rest = &rest[i + mid.len()..],
+                None => return false,
+            }
+        }
+        true
+    }
+}
+
+#[derive(Debug, Clone)]
+struct L4Rule {
+    from: Vec<IdentityPattern>,
+    /// Rules with HTTP conditions cannot match a raw TCP connection.
+    http_only: bool,
+}
+
+/// The sidecar's view of the mesh, immutable once built.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub version: String,
+    pub mtls_mode: MtlsMode,
+    pub outbound_policy: OutboundPolicy,
+    /// Mesh workloads and known external endpoints by address.
+    endpoints: HashMap<SocketAddr, Upstream>,
+    /// Virtual service addresses → the service's endpoints.
+    vips: HashMap<SocketAddr, Vec<Upstream>>,
+    /// External addresses (ServiceEntry MESH_EXTERNAL) allowed under REGISTRY_ONLY.
+    external_ips: Vec<IpAddr>,
+    /// Inbound port → services of this workload on that port.
+    local_ports: HashMap<u16, Vec<String>>,
+    /// Service → authorization rules (present = default deny).
+    authz: HashMap<String, Vec<L4Rule>>,
+    rr: AtomicUsize,
+    pub resources: Resources,
+}
+
+fn key(ns: &str, name: &str) -> String {
+    format!("{}/{}", if ns.is_empty() { "default" } else { ns }, name)
+}
+
+fn parse_ip(kind: &str, ns: &str, name: &str, a: &str) -> Result<IpAddr, ConfigError> {
+    a.parse()
+        .map_err(|_| err(kind, ns, name, format!("address {a:?} is not an IP address")))
+}
+
+fn port16(kind: &str, ns: &str, name: &str, p: u32) -> Result<u16, ConfigError> {
+    u16::try_from(p)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| err(kind, ns, name, format!("port {p} is out of range")))
+}
+
+fn target_ports(kind: &str, ns: &str, name: &str, ports: &[v1::ServicePort]) -> Result<Vec<(u16, u16)>, ConfigError> {
+    ports
+        .iter()
+        .map(|p| {
+            let port = port16(kind, ns, name, p.port)?;
+            let target = if p.target_port == 0 { port } else { port16(kind, ns, name, p.target_port)? };
+            Ok((port, target))
+        })
+        .collect()
+}
+
+impl Snapshot {
+    /// Builds and validates a snapshot for the workload `me`.
+    pub fn build(me: &SpiffeId, version: &str, resources: Resources) -> Result<Self, ConfigError> {
+        let (mtls_mode, outbound_policy) = match &resources.mesh {
+            Some(m) => {
+                let mode = MtlsMode::try_from(m.mtls_mode)
+                    .map_err(|_| err("MeshConfig", "", "mesh", format!("unknown mTLS mode {}", m.mtls_mode)))?;
+                let policy = OutboundPolicy::try_from(m.outbound_policy).map_err(|_| {
+                    err("MeshConfig", "", "mesh", format!("unknown outbound policy {}", m.outbound_policy))
+                })?;
+                if !m.trust_domain.is_empty() && m.trust_domain != me.trust_domain() {
+                    return Err(err(
+                        "MeshConfig",
+                        "",
+                        "mesh",
+                        format!("trust domain {:?} is not this workload's ({})", m.trust_domain, me.trust_domain()),
+                    ));
+                }
+                (mode, policy)
+            }
+            None => (MtlsMode::Strict, OutboundPolicy::AllowAny),
+        };
+
+        let mut endpoints = HashMap::new();
+        let mut vips: HashMap<SocketAddr, Vec<Upstream>> = HashMap::new();
+        let mut external_ips = Vec::new();
+        let mut local_ports: HashMap<u16, Vec<String>> = HashMap::new();
+        let me_str = me.to_string();
+
+        // Ports per service, to expand endpoints without explicit ports.
+        let mut service_ports: HashMap<String, Vec<(u16, u16)>> = HashMap::new();
+        for s in &resources.services {
+            let ports = target_ports("Service", &s.namespace, &s.name, &s.ports)?;
+            for id in &s.identities {
+                id.parse::<SpiffeId>()
+                    .map_err(|e| err("Service", &s.namespace, &s.name, format!("identity {id:?}: {e}")))?;
+            }
+            if s.identities.iter().any(|i| i == &me_str) {
+                for (_, target) in &ports {
+                    local_ports.entry(*target).or_default().push(key(&s.namespace, &s.name));
+                }
+            }
+            service_ports.insert(key(&s.namespace, &s.name), ports);
+        }
+
+        let mut add_endpoint = |kind: &str,
+                                ns: &str,
+                                name: &str,
+                                service: &str,
+                                ep: &v1::Endpoint,
+                                default_ports: &[(u16, u16)],
+                                internal: bool|
+         -> Result<Vec<Upstream>, ConfigError> {
+            let ip = parse_ip(kind, ns, name, &ep.address)?;
+            let identity = if ep.identity.is_empty() {
+                None
+            } else {
+                Some(ep.identity.parse::<SpiffeId>().map_err(|e| {
+                    err(kind, ns, name, format!("endpoint {} identity {:?}: {e}", ep.address, ep.identity))
+                })?)
+            };
+            if internal && identity.is_none() && mtls_mode == MtlsMode::Strict {
+                tracing::debug!(address = %ip, service, "mesh endpoint without identity; traffic to it is plain TCP");
+            }
+            let ports: Vec<u16> = if ep.ports.is_empty() {
+                default_ports.iter().map(|(_, t)| *t).collect()
+            } else {
+                ep.ports
+                    .iter()
+                    .map(|p| port16(kind, ns, name, *p))
+                    .collect::<Result<_, _>>()?
+            };
+            let mut ups = Vec::new();
+            for p in ports {
+                let up = Upstream {
+                    addr: SocketAddr::new(ip, p),
+                    service: service.to_string(),
+                    identity: identity.clone(),
+                };
+                endpoints.insert(up.addr, up.clone());
+                ups.push(up);
+            }
+            Ok(ups)
+        };
+
+        let mut by_service: HashMap<String, Vec<Upstream>> = HashMap::new();
+        for se in &resources.endpoints {
+            let ports = service_ports.get(&se.service).cloned().unwrap_or_default();
+            let (ns, name) = se.service.split_once('/').unwrap_or(("default", &se.service));
+            for ep in &se.endpoints {
+                let ups = add_endpoint("ServiceEndpoints", ns, name, &se.service, ep, &ports, true)?;
+                by_service.entry(se.service.clone()).or_default().extend(ups);
+            }
+        }
+        for e in &resources.service_entries {
+            let k = key(&e.namespace, &e.name);
+            let ports = target_ports("ServiceEntry", &e.namespace, &e.name, &e.ports)?;
+            let internal = e.location == Location::MeshInternal as i32;
+            for ep in &e.endpoints {
+                let ups = add_endpoint("ServiceEntry", &e.namespace, &e.name, &k, ep, &ports, internal)?;
+                if !internal {
+                    external_ips.push(ups.first().map(|u| u.addr.ip()).unwrap_or(parse_ip(
+                        "ServiceEntry",
+                        &e.namespace,
+                        &e.name,
+                        &ep.address,
+                    )?));
+                }
+                by_service.entry(k.clone()).or_default().extend(ups);
+            }
+            for a in &e.addresses {
+                let ip = parse_ip("ServiceEntry", &e.namespace, &e.name, a)?;
+                if !internal {
+                    external_ips.push(ip);
+                }
+            }
+            service_ports.entry(k).or_insert(ports);
+        }
+        for s in &resources.services {
+            let k = key(&s.namespace, &s.name);
+            for a in &s.addresses {
+                let ip = parse_ip("Service", &s.namespace, &s.name, a)?;
+                for (port, target) in service_ports.get(&k).into_iter().flatten() {
+                    let ups: Vec<Upstream> = by_service
+                        .get(&k)
+                        .into_iter()
+                        .flatten()
+                        .filter(|u| u.addr.port() == *target)
+                        .cloned()
+                        .collect();
+                    vips.insert(SocketAddr::new(ip, *port), ups);
+                }
+            }
+        }
+
+        let mut authz: HashMap<String, Vec<L4Rule>> = HashMap::new();
+        for p in &resources.authorization_policies {
+            let service = if p.service.contains('/') { p.service.clone() } else { key(&p.namespace, &p.service) };
+            let rules = authz.entry(service).or_default();
+            for r in &p.rules {
+                let from = r
+                    .from
+                    .iter()
+                    .map(|f| IdentityPattern::parse(f))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| err("AuthorizationPolicy", &p.namespace, &p.name, e))?;
+                rules.push(L4Rule {
+                    from,
+                    http_only: !r.paths.is_empty() || !r.methods.is_empty(),
+                });
+            }
+        }
+
+        Ok(Self {
+            version: version.to_string(),
+            mtls_mode,
+            outbound_policy,
+            endpoints,
+            vips,
+            external_ips,
+            local_ports,
+            authz,
+            rr: AtomicUsize::new(0),
+            resources,
+        })
+    }
+
+    /// Decides where an intercepted outbound connection to `dst` goes.
+    pub fn outbound(&self, dst: SocketAddr) -> Decision {
+        if let Some(up) = self.endpoints.get(&dst) {
+            return match up.identity {
+                Some(_) => Decision::Mesh(up.clone()),
+                None => Decision::Passthrough,
+            };
+        }
+        if let Some(ups) = self.vips.get(&dst).filter(|u| !u.is_empty()) {
+            let i = self.rr.fetch_add(1, Ordering::Relaxed) % ups.len();
+            let up = ups[i].clone();
+            return match up.identity {
+                Some(_) => Decision::Mesh(up),
+                None => Decision::Passthrough,
+            };
+        }
+        if self.external_ips.contains(&dst.ip()) || self.outbound_policy == OutboundPolicy::AllowAny {
+            Decision::Passthrough
+        } else {
+            Decision::Refuse
+        }
+    }
+
+    /// Whether a connection to local `port` from `source` (None when
+    /// unauthenticated) is allowed at L4. Returns the deciding service on deny.
+    pub fn authorize_l4(&self, port: u16, source: Option<&SpiffeId>) -> Result<(), String> {
+        let Some(services) = self.local_ports.get(&port) else {
+            return Ok(());
+        };
+        for svc in services {
+            let Some(rules) = self.authz.get(svc) else {
+                continue;
+            };
+            let allowed = rules.iter().any(|r| {
+                !r.http_only
+                    && (r.from.is_empty()
+                        || source.is_some_and(|s| {
+                            let s = s.to_string();
+                            r.from.iter().any(|p| p.matches(&s))
+                        }))
+            });
+            if !allowed {
+                return Err(svc.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of mesh endpoints known (for /config_dump and tests).
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> SpiffeId {
+        "spiffe://cluster.local/ns/default/sa/api".parse().unwrap()
+    }
+
+    fn res() -> Resources {
+        Resources {
+            mesh: Some(v1::MeshConfig {
+                trust_domain: "cluster.local".into(),
+                mtls_mode: MtlsMode::Strict as i32,
+                outbound_policy: OutboundPolicy::RegistryOnly as i32,
+                source: None,
+            }),
+            services: vec![v1::Service {
+                name: "api".into(),
+                namespace: "default".into(),
+                ports: vec![v1::ServicePort { port: 80, target_port: 8080, ..Default::default() }],
+                identities: vec![me().to_string()],
+                addresses: vec!["198.18.100.1".into()],
+                ..Default::default()
+            }],
+            service_entries: vec![
+                v1::ServiceEntry {
+                    name: "api-pods".into(),
+                    namespace: "default".into(),
+                    location: Location::MeshInternal as i32,
+                    ports: vec![v1::ServicePort { port: 8080, ..Default::default() }],
+                    endpoints: vec![v1::Endpoint {
+                        address: "198.18.0.3".into(),
+                        identity: me().to_string(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+                v1::ServiceEntry {
+                    name: "ext".into(),
+                    namespace: "default".into(),
+                    addresses: vec!["198.51.100.7".into()],
+                    ..Default::default()
+                },
+            ],
+            authorization_policies: vec![v1::AuthorizationPolicy {
+                name: "allow-web".into(),
+                namespace: "default".into(),
+                service: "api".into(),
+                rules: vec![v1::AuthorizationRule {
+                    from: vec!["spiffe://cluster.local/ns/default/sa/web".into(), "spiffe://cluster.local/ns/ops/sa/*".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn mesh_endpoint_is_reached_over_mtls_with_its_identity() {
+        let s = Snapshot::build(&me(), "1", res()).unwrap();
+        match s.outbound("198.18.0.3:8080".parse().unwrap()) {
+            Decision::Mesh(u) => assert_eq!(u.identity, Some(me())),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn registry_only_refuses_unknown_and_passes_known_external() {
+        let s = Snapshot::build(&me(), "1", res()).unwrap();
+        assert_eq!(s.outbound("203.0.113.9:443".parse().unwrap()), Decision::Refuse);
+        assert_eq!(s.outbound("198.51.100.7:443".parse().unwrap()), Decision::Passthrough);
+    }
+
+    #[test]
+    fn inbound_allow_list_matches_exact_ids_and_patterns_and_denies_others() {
+        let s = Snapshot::build(&me(), "1", res()).unwrap();
+        let id = |s: &str| s.parse::<SpiffeId>().unwrap();
+        assert!(s.authorize_l4(8080, Some(&id("spiffe://cluster.local/ns/default/sa/web"))).is_ok());
+        assert!(s.authorize_l4(8080, Some(&id("spiffe://cluster.local/ns/ops/sa/debug"))).is_ok());
+        assert_eq!(s.authorize_l4(8080, Some(&id("spiffe://cluster.local/ns/default/sa/db"))), Err("default/api".into()));
+        assert!(s.authorize_l4(8080, None).is_err());
+        // Ports no service of ours declares are not governed by these policies.
+        assert!(s.authorize_l4(9999, None).is_ok());
+    }
+
+    #[test]
+    fn invalid_resources_are_rejected_with_their_name() {
+        let mut r = res();
+        r.service_entries[0].endpoints[0].address = "not-an-ip".into();
+        let e = Snapshot::build(&me(), "2", r).unwrap_err();
+        assert_eq!(e.resource, "ServiceEntry default/api-pods");
+        let mut r = res();
+        r.authorization_policies[0].rules[0].from = vec!["web".into()];
+        assert!(Snapshot::build(&me(), "2", r).is_err());
+        let mut r = res();
+        r.mesh.as_mut().unwrap().trust_domain = "other.org".into();
+        assert!(Snapshot::build(&me(), "2", r).is_err());
+    }
+
+    #[test]
+    fn identity_patterns() {
+        let p = IdentityPattern::parse("spiffe://td/ns/*/sa/web").unwrap();
+        assert!(p.matches("spiffe://td/ns/a/sa/web"));
+        assert!(!p.matches("spiffe://td/ns/a/sa/api"));
+        assert!(IdentityPattern::parse("*").unwrap().matches("spiffe://x/ns/a/sa/b"));
+    }
+}

@@ -1,0 +1,61 @@
+//! rustls configurations for mesh hops: TLS 1.3 only, our ALPN, SPIFFE
+//! verification against the live trust bundle, the live certificate.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bulwark_ca::SpiffeId;
+use bulwark_ca::tls::{ALPN_MESH_TCP, ExpectedServer, SpiffeClientVerifier, SpiffeServerVerifier, provider};
+
+use crate::identity::CertManager;
+
+/// Client configs per expected peer identity. Cached: they hold the live
+/// certificate and bundle by reference, so rotation needs no rebuild.
+pub struct ClientConfigs {
+    identity: Arc<CertManager>,
+    cache: Mutex<HashMap<SpiffeId, Arc<rustls::ClientConfig>>>,
+}
+
+impl ClientConfigs {
+    pub fn new(identity: Arc<CertManager>) -> Self {
+        Self {
+            identity,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn for_peer(&self, peer: &SpiffeId) -> Arc<rustls::ClientConfig> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.get(peer) {
+            return c.clone();
+        }
+        let verifier = SpiffeServerVerifier::new(self.identity.bundle(), ExpectedServer::AnyOf(vec![peer.clone()]));
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3 is supported")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_cert_resolver(Arc::new(self.identity.cert()));
+        cfg.alpn_protocols = vec![ALPN_MESH_TCP.to_vec()];
+        let cfg = Arc::new(cfg);
+        // Bounded: one entry per peer identity in the mesh.
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(peer.clone(), cfg.clone());
+        cfg
+    }
+}
+
+/// The inbound server config: a client certificate chaining to the bundle
+/// is mandatory; authorization of its SPIFFE ID happens after the handshake.
+pub fn server_config(identity: &CertManager) -> Arc<rustls::ServerConfig> {
+    let verifier = SpiffeClientVerifier::new(identity.bundle(), true);
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3 is supported")
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(Arc::new(identity.cert()));
+    cfg.alpn_protocols = vec![ALPN_MESH_TCP.to_vec()];
+    Arc::new(cfg)
+}

@@ -15,7 +15,9 @@ const MARKER: &str = "bulwark-secret-marker-7f3a";
 
 #[test]
 fn unmodified_client_reaches_pod_b_over_mtls_and_b_sees_a_identity() {
-    let Some(mut mesh) = Mesh::start(&[]) else { return };
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
     let _web = mesh.add_pod("web");
     let api = mesh.add_pod("api");
     mesh.write_config(&basic_config(&[(&api, "api")], &["web"]));
@@ -27,13 +29,35 @@ fn unmodified_client_reaches_pod_b_over_mtls_and_b_sees_a_identity() {
     // Capture everything between the pods on the bridge.
     let pcap = mesh.net.dir.join("bridge.pcap");
     let sw = mesh.net.switch.clone();
-    let dump = mesh.net.spawn(&sw, "tcpdump", "tcpdump", &["-i", "br0", "-U", "-n", "-s", "0", "-w", pcap.to_str().unwrap(), "tcp port 8080"]);
-    wait_for("tcpdump to capture", Duration::from_secs(10), || mesh.net.log_of(dump).contains("listening on").then_some(()));
+    let dump = mesh.net.spawn(
+        &sw,
+        "tcpdump",
+        "tcpdump",
+        &[
+            "-i",
+            "br0",
+            "-U",
+            "-n",
+            "-s",
+            "0",
+            "-w",
+            pcap.to_str().unwrap(),
+            "tcp port 8080",
+        ],
+    );
+    wait_for("tcpdump to capture", Duration::from_secs(10), || {
+        mesh.net.log_of(dump).contains("listening on").then_some(())
+    });
 
     let url = format!("http://{}:8080/{MARKER}", api.ip);
     let out = mesh.curl("web", &url);
     let body = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "curl failed: {}\n{}", String::from_utf8_lossy(&out.stderr), mesh.sidecar_log("web"));
+    assert!(
+        out.status.success(),
+        "curl failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        mesh.sidecar_log("web")
+    );
     assert!(body.starts_with(&format!("api GET /{MARKER}")), "{body}");
     // The app saw the connection come from its own sidecar over loopback.
     assert!(body.contains("from 127.0.0.1:"), "{body}");
@@ -42,22 +66,56 @@ fn unmodified_client_reaches_pod_b_over_mtls_and_b_sees_a_identity() {
     let captured = std::fs::read(&pcap).unwrap();
     assert!(captured.len() > 200, "capture is empty");
     let contains = |needle: &[u8]| captured.windows(needle.len()).any(|w| w == needle);
-    assert!(!contains(MARKER.as_bytes()), "request bytes crossed the bridge in clear");
+    assert!(
+        !contains(MARKER.as_bytes()),
+        "request bytes crossed the bridge in clear"
+    );
     assert!(!contains(b"HTTP/1.1"), "HTTP crossed the bridge in clear");
-    assert!(contains(&[0x17, 0x03, 0x03]), "no TLS application-data records on the wire");
+    assert!(
+        contains(&[0x17, 0x03, 0x03]),
+        "no TLS application-data records on the wire"
+    );
 
     // B's sidecar authenticated A's SPIFFE ID.
     let m = mesh.metrics("api");
-    let inbound = metric_sum(&m, "bulwark_tcp_connections_total", &["direction=\"inbound\"", &format!("src_identity=\"{}\"", spiffe("web"))]);
+    let inbound = metric_sum(
+        &m,
+        "bulwark_tcp_connections_total",
+        &[
+            "direction=\"inbound\"",
+            &format!("src_identity=\"{}\"", spiffe("web")),
+        ],
+    );
     assert!(inbound >= 1.0, "{m}");
     let m = mesh.metrics("web");
-    assert!(metric_sum(&m, "bulwark_tcp_connections_total", &["direction=\"outbound\"", &format!("dst_identity=\"{}\"", spiffe("api"))]) >= 1.0, "{m}");
-    assert!(mesh.sidecar_log("api").contains(&spiffe("web")), "access log names the caller");
+    assert!(
+        metric_sum(
+            &m,
+            "bulwark_tcp_connections_total",
+            &[
+                "direction=\"outbound\"",
+                &format!("dst_identity=\"{}\"", spiffe("api"))
+            ]
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        mesh.sidecar_log("api").contains(&spiffe("web")),
+        "access log names the caller"
+    );
 }
 
 fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let o = Command::new("openssl").current_dir(dir).args(args).output().unwrap();
-    assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// `openssl s_client` from `pod` to `addr` with a client certificate.
@@ -72,7 +130,9 @@ fn s_client(mesh: &Mesh, pod: &str, addr: &str, cert: &str, key: &str) -> String
 
 #[test]
 fn non_mesh_foreign_expired_wrong_identity_and_unauthorized_peers_are_refused_and_counted() {
-    let Some(mut mesh) = Mesh::start(&[]) else { return };
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
     let _web = mesh.add_pod("web");
     let api = mesh.add_pod("api");
     let db = mesh.add_pod("db");
@@ -87,27 +147,71 @@ fn non_mesh_foreign_expired_wrong_identity_and_unauthorized_peers_are_refused_an
         mesh.wait_ready(pod);
     }
     let api_url = format!("http://{}:8080/", api.ip);
-    assert!(mesh.curl("web", &api_url).status.success(), "baseline: web reaches api");
+    assert!(
+        mesh.curl("web", &api_url).status.success(),
+        "baseline: web reaches api"
+    );
 
     // 1. A client without a sidecar, in STRICT mode.
     let out = mesh.curl("outsider", &api_url);
     assert!(!out.status.success(), "plaintext client must be refused");
     // 2. A certificate from another CA (self-made, same SPIFFE ID).
     let d = mesh.net.dir.clone();
-    openssl(&d, &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "self.key", "-out", "self.pem",
-        "-days", "1", "-subj", "/O=evil", "-addext", &format!("subjectAltName=URI:{}", spiffe("web"))]);
+    openssl(
+        &d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "self.key",
+            "-out",
+            "self.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/O=evil",
+            "-addext",
+            &format!("subjectAltName=URI:{}", spiffe("web")),
+        ],
+    );
     let addr = format!("{}:8080", api.ip);
-    let s = s_client(&mesh, "outsider", &addr, d.join("self.pem").to_str().unwrap(), d.join("self.key").to_str().unwrap());
-    assert!(!s.contains("api GET /"), "foreign certificate got through: {s}");
+    let s = s_client(
+        &mesh,
+        "outsider",
+        &addr,
+        d.join("self.pem").to_str().unwrap(),
+        d.join("self.key").to_str().unwrap(),
+    );
+    assert!(
+        !s.contains("api GET /"),
+        "foreign certificate got through: {s}"
+    );
     // 3. An expired certificate from the real CA, for an allowed identity.
     let expired = expired_svid(&mesh, &spiffe("web"));
     std::fs::write(d.join("exp.pem"), &expired.0).unwrap();
     std::fs::write(d.join("exp.key"), &expired.1).unwrap();
-    let s = s_client(&mesh, "outsider", &addr, d.join("exp.pem").to_str().unwrap(), d.join("exp.key").to_str().unwrap());
-    assert!(!s.contains("api GET /"), "expired certificate got through: {s}");
+    let s = s_client(
+        &mesh,
+        "outsider",
+        &addr,
+        d.join("exp.pem").to_str().unwrap(),
+        d.join("exp.key").to_str().unwrap(),
+    );
+    assert!(
+        !s.contains("api GET /"),
+        "expired certificate got through: {s}"
+    );
     // 4. A peer whose SPIFFE ID is not the expected one.
     let out = mesh.curl("web", &format!("http://{}:8080/", db.ip));
-    assert!(!out.status.success(), "web must not talk to a pod presenting the wrong identity");
+    assert!(
+        !out.status.success(),
+        "web must not talk to a pod presenting the wrong identity"
+    );
     // 5. A source identity not on the inbound allow-list.
     let out = mesh.curl("db", &api_url);
     assert!(!out.status.success(), "db is not allowed to call api");
@@ -116,16 +220,72 @@ fn non_mesh_foreign_expired_wrong_identity_and_unauthorized_peers_are_refused_an
     assert!(!out.status.success());
 
     let m = mesh.metrics("api");
-    assert!(metric_sum(&m, "bulwark_tcp_refused_total", &["direction=\"inbound\"", "reason=\"plaintext\""]) >= 1.0, "{m}");
-    assert!(metric_sum(&m, "bulwark_tcp_refused_total", &["direction=\"inbound\"", "reason=\"tls_handshake\""]) >= 2.0, "{m}");
-    assert!(metric_sum(&m, "bulwark_tls_handshakes_total", &["direction=\"inbound\"", "result=\"error\""]) >= 2.0, "{m}");
-    assert!(metric_sum(&m, "bulwark_authz_denials_total", &[&format!("src_identity=\"{}\"", spiffe("db"))]) >= 1.0, "{m}");
-    let inbound_from_web = metric_sum(&m, "bulwark_tcp_connections_total", &["direction=\"inbound\"", &format!("src_identity=\"{}\"", spiffe("web"))]);
-    assert_eq!(inbound_from_web, 1.0, "only the baseline request got through: {m}");
+    assert!(
+        metric_sum(
+            &m,
+            "bulwark_tcp_refused_total",
+            &["direction=\"inbound\"", "reason=\"plaintext\""]
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric_sum(
+            &m,
+            "bulwark_tcp_refused_total",
+            &["direction=\"inbound\"", "reason=\"tls_handshake\""]
+        ) >= 2.0,
+        "{m}"
+    );
+    assert!(
+        metric_sum(
+            &m,
+            "bulwark_tls_handshakes_total",
+            &["direction=\"inbound\"", "result=\"error\""]
+        ) >= 2.0,
+        "{m}"
+    );
+    assert!(
+        metric_sum(
+            &m,
+            "bulwark_authz_denials_total",
+            &[&format!("src_identity=\"{}\"", spiffe("db"))]
+        ) >= 1.0,
+        "{m}"
+    );
+    let inbound_from_web = metric_sum(
+        &m,
+        "bulwark_tcp_connections_total",
+        &[
+            "direction=\"inbound\"",
+            &format!("src_identity=\"{}\"", spiffe("web")),
+        ],
+    );
+    assert_eq!(
+        inbound_from_web, 1.0,
+        "only the baseline request got through: {m}"
+    );
     let m = mesh.metrics("web");
-    assert!(metric_sum(&m, "bulwark_tls_handshakes_total", &["direction=\"outbound\"", "result=\"error\""]) >= 1.0, "{m}");
-    assert!(metric_sum(&m, "bulwark_tcp_refused_total", &["direction=\"outbound\"", "reason=\"registry_only\""]) >= 1.0, "{m}");
-    assert!(mesh.sidecar_log("web").contains("is not the expected"), "{}", mesh.sidecar_log("web"));
+    assert!(
+        metric_sum(
+            &m,
+            "bulwark_tls_handshakes_total",
+            &["direction=\"outbound\"", "result=\"error\""]
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric_sum(
+            &m,
+            "bulwark_tcp_refused_total",
+            &["direction=\"outbound\"", "reason=\"registry_only\""]
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        mesh.sidecar_log("web").contains("is not the expected"),
+        "{}",
+        mesh.sidecar_log("web")
+    );
 }
 
 /// A leaf for `identity` signed by the mesh CA's intermediate, already expired.
@@ -135,7 +295,12 @@ fn expired_svid(mesh: &Mesh, identity: &str) -> (String, String) {
     let auth = authority::Authority::from_material(store::load(&mesh.ca_dir).unwrap()).unwrap();
     let (key, csr) = new_csr(&id).unwrap();
     let issued = auth
-        .sign(authority::check_csr(&csr).unwrap(), &id, Some(Duration::from_secs(60)), time::OffsetDateTime::now_utc() - Duration::from_secs(1800))
+        .sign(
+            authority::check_csr(&csr).unwrap(),
+            &id,
+            Some(Duration::from_secs(60)),
+            time::OffsetDateTime::now_utc() - Duration::from_secs(1800),
+        )
         .unwrap();
     (issued.chain_pem, key.serialize_pem())
 }
@@ -145,33 +310,67 @@ fn nat_rules(mesh: &Mesh, ns: &str) -> String {
     // Drop comments and packet counters: they change on their own.
     out.lines()
         .filter(|l| !l.starts_with('#'))
-        .map(|l| if l.starts_with(':') { l.split(' ').take(2).collect::<Vec<_>>().join(" ") } else { l.to_string() })
+        .map(|l| {
+            if l.starts_with(':') {
+                l.split(' ').take(2).collect::<Vec<_>>().join(" ")
+            } else {
+                l.to_string()
+            }
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
 
 #[test]
 fn init_is_idempotent_and_remove_restores_the_rules_exactly() {
-    let Some(mut mesh) = Mesh::start(&[]) else { return };
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
     let pod = mesh.add_pod("p");
     // Someone else's rule that must survive.
-    mesh.net.exec_ok(&pod.ns, &["iptables", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "--dport", "53", "-j", "RETURN"]);
+    mesh.net.exec_ok(
+        &pod.ns,
+        &[
+            "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "--dport", "53", "-j", "RETURN",
+        ],
+    );
     let before = nat_rules(&mesh, &pod.ns);
-    let dry = mesh.net.exec_ok(&pod.ns, &[common::BIN, "init", "--dry-run"]);
-    assert!(dry.contains("REDIRECT --to-ports 15001") && dry.contains("REDIRECT --to-ports 15006"), "{dry}");
-    assert_eq!(nat_rules(&mesh, &pod.ns), before, "--dry-run changes nothing");
+    let dry = mesh
+        .net
+        .exec_ok(&pod.ns, &[common::BIN, "init", "--dry-run"]);
+    assert!(
+        dry.contains("REDIRECT --to-ports 15001") && dry.contains("REDIRECT --to-ports 15006"),
+        "{dry}"
+    );
+    assert_eq!(
+        nat_rules(&mesh, &pod.ns),
+        before,
+        "--dry-run changes nothing"
+    );
 
     mesh.net.exec_ok(&pod.ns, &[common::BIN, "init"]);
     let once = nat_rules(&mesh, &pod.ns);
-    assert!(once.contains("-A BULWARK_OUTPUT -m mark --mark 0x539 -j RETURN"), "{once}");
-    assert!(once.contains("-A OUTPUT -p tcp -j BULWARK_OUTPUT"), "{once}");
+    assert!(
+        once.contains("-A BULWARK_OUTPUT -m mark --mark 0x539 -j RETURN"),
+        "{once}"
+    );
+    assert!(
+        once.contains("-A OUTPUT -p tcp -j BULWARK_OUTPUT"),
+        "{once}"
+    );
     mesh.net.exec_ok(&pod.ns, &[common::BIN, "init"]);
     assert_eq!(nat_rules(&mesh, &pod.ns), once, "init twice = init once");
 
-    mesh.net.exec_ok(&pod.ns, &[common::BIN, "init", "--remove"]);
+    mesh.net
+        .exec_ok(&pod.ns, &[common::BIN, "init", "--remove"]);
     assert_eq!(nat_rules(&mesh, &pod.ns), before);
-    mesh.net.exec_ok(&pod.ns, &[common::BIN, "init", "--remove"]);
-    assert_eq!(nat_rules(&mesh, &pod.ns), before, "remove twice is harmless");
+    mesh.net
+        .exec_ok(&pod.ns, &[common::BIN, "init", "--remove"]);
+    assert_eq!(
+        nat_rules(&mesh, &pod.ns),
+        before,
+        "remove twice is harmless"
+    );
 }
 
 /// 3 minutes of new connections from A to B every 50 ms, with 60-second
@@ -179,7 +378,9 @@ fn init_is_idempotent_and_remove_restores_the_rules_exactly() {
 /// middle: zero failures, at least four renewals, renewal resumes.
 #[test]
 fn rotation_under_continuous_traffic_with_a_ca_outage_drops_nothing() {
-    let Some(mut mesh) = Mesh::start(&["--max-ttl", "1m", "--default-ttl", "1m"]) else { return };
+    let Some(mut mesh) = Mesh::start(&["--max-ttl", "1m", "--default-ttl", "1m"]) else {
+        return;
+    };
     let _web = mesh.add_pod("web");
     let api = mesh.add_pod("api");
     mesh.write_config(&basic_config(&[(&api, "api")], &["web"]));
@@ -206,9 +407,19 @@ fn rotation_under_continuous_traffic_with_a_ca_outage_drops_nothing() {
         (ok, failed)
     });
 
-    let renewals = |mesh: &Mesh| metric_sum(&mesh.metrics("web"), "bulwark_cert_renewals_total", &["result=\"ok\""]);
+    let renewals = |mesh: &Mesh| {
+        metric_sum(
+            &mesh.metrics("web"),
+            "bulwark_cert_renewals_total",
+            &["result=\"ok\""],
+        )
+    };
     // Let a couple of renewals happen, then stop the CA for 30 s.
-    wait_for("two renewals before the outage", Duration::from_secs(80), || (renewals(&mesh) >= 3.0).then_some(()));
+    wait_for(
+        "two renewals before the outage",
+        Duration::from_secs(80),
+        || (renewals(&mesh) >= 3.0).then_some(()),
+    );
     let ca = mesh.ca_proc;
     mesh.net.proc_mut(ca).kill();
     let down_at = Instant::now();
@@ -216,20 +427,123 @@ fn rotation_under_continuous_traffic_with_a_ca_outage_drops_nothing() {
     while down_at.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(500)); // the outage itself
     }
-    assert_eq!(renewals(&mesh), before_outage, "no renewal can succeed while the CA is down");
+    assert_eq!(
+        renewals(&mesh),
+        before_outage,
+        "no renewal can succeed while the CA is down"
+    );
     let sw = mesh.net.switch.clone();
     let dir = mesh.ca_dir.to_str().unwrap().to_string();
-    mesh.ca_proc = mesh.net.spawn_bulwark(&sw, "ca2", &["ca", "serve", "--dir", &dir, "--listen", "198.18.0.1:15012"]);
+    mesh.ca_proc = mesh.net.spawn_bulwark(
+        &sw,
+        "ca2",
+        &["ca", "serve", "--dir", &dir, "--listen", "198.18.0.1:15012"],
+    );
     mesh.wait_ca();
-    wait_for("renewal to resume after the CA returns", Duration::from_secs(40), || (renewals(&mesh) > before_outage).then_some(()));
+    wait_for(
+        "renewal to resume after the CA returns",
+        Duration::from_secs(40),
+        || (renewals(&mesh) > before_outage).then_some(()),
+    );
 
     let (ok, failed) = traffic.join().unwrap();
-    assert!(failed.is_empty(), "{} failed of {}: first {:?}", failed.len(), ok as usize + failed.len(), &failed[..failed.len().min(3)]);
+    assert!(
+        failed.is_empty(),
+        "{} failed of {}: first {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(3)]
+    );
     assert!(ok > 1000, "only {ok} requests");
     for pod in ["web", "api"] {
-        let n = metric_sum(&mesh.metrics(pod), "bulwark_cert_renewals_total", &["result=\"ok\""]);
+        let n = metric_sum(
+            &mesh.metrics(pod),
+            "bulwark_cert_renewals_total",
+            &["result=\"ok\""],
+        );
         // The first issuance plus at least four renewals.
         assert!(n >= 5.0, "{pod}: {n} issuances in 3 minutes");
     }
     println!("requests ok: {ok}, web issuances: {}", renewals(&mesh));
+}
+
+/// Benchmark, not a timed test: one A→B hop through both sidecars against
+/// A→B direct, measured in the same namespaces in one run with wrk.
+/// `cargo test --release --test mesh_l4 -- --ignored --nocapture l4_hop`
+#[test]
+#[ignore]
+fn l4_hop_throughput_and_latency_vs_direct() {
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    let _web = mesh.add_pod("web");
+    let api = mesh.add_pod("api");
+    mesh.write_config(&basic_config(&[(&api, "api")], &["web"]));
+    // Port 9090 bypasses interception on both sides: the direct path.
+    let init = [
+        "--exclude-outbound-ports",
+        "15010,15012,9090",
+        "--exclude-inbound-ports",
+        "15000,15020,15021,9090",
+    ];
+    mesh.start_sidecar_with("web", "web", &init, &[]);
+    mesh.start_sidecar_with("api", "api", &init, &[]);
+    let ns = mesh.pod("api").pod.ns.clone();
+    mesh.net.spawn_bulwark(
+        &ns,
+        "api-direct",
+        &["demo-app", "--listen", "0.0.0.0:9090", "--name", "api"],
+    );
+    mesh.wait_ready("web");
+    mesh.wait_ready("api");
+    let web_ns = mesh.pod("web").pod.ns.clone();
+    let mut results = Vec::new();
+    for round in 0..3 {
+        for (label, port) in [("direct", 9090), ("sidecars", 8080)] {
+            let out = mesh.net.exec_ok(
+                &web_ns,
+                &[
+                    "wrk",
+                    "-t",
+                    "1",
+                    "-c",
+                    "16",
+                    "-d",
+                    "8s",
+                    "--latency",
+                    &format!("http://{}:{port}/", api.ip),
+                ],
+            );
+            let rps: f64 = out
+                .lines()
+                .find(|l| l.starts_with("Requests/sec:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+                .unwrap_or(0.0);
+            let p50 = out
+                .lines()
+                .find(|l| l.trim_start().starts_with("50%"))
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
+                .unwrap_or_default();
+            let p99 = out
+                .lines()
+                .find(|l| l.trim_start().starts_with("99%"))
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
+                .unwrap_or_default();
+            println!("round {round} {label:8} rps={rps:9.0} p50={p50:>8} p99={p99:>8}");
+            results.push((label, rps));
+        }
+    }
+    let med = |label: &str| {
+        let mut v: Vec<f64> = results
+            .iter()
+            .filter(|r| r.0 == label)
+            .map(|r| r.1)
+            .collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    println!(
+        "median throughput ratio sidecars/direct = {:.2}",
+        med("sidecars") / med("direct")
+    );
 }

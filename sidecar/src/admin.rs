@@ -48,7 +48,11 @@ fn route(proxy: &Proxy, port: Port, req: &Request<Incoming>) -> Response<Body> {
                 reply(
                     503,
                     "text/plain",
-                    format!("not ready: svid={} config={}\n", if cert { "ok" } else { "missing" }, if config { "ok" } else { "missing" }),
+                    format!(
+                        "not ready: svid={} config={}\n",
+                        if cert { "ok" } else { "missing" },
+                        if config { "ok" } else { "missing" }
+                    ),
                 )
             }
         }
@@ -60,7 +64,9 @@ fn route(proxy: &Proxy, port: Port, req: &Request<Incoming>) -> Response<Body> {
 
 fn source_json(s: &Option<bulwark_proto::config::v1::Source>) -> serde_json::Value {
     match s {
-        Some(s) => serde_json::json!({"file": s.file, "line": s.line, "kind": s.kind, "name": s.name, "namespace": s.namespace}),
+        Some(s) => {
+            serde_json::json!({"file": s.file, "line": s.line, "kind": s.kind, "name": s.name, "namespace": s.namespace})
+        }
         None => serde_json::Value::Null,
     }
 }
@@ -71,7 +77,10 @@ fn config_dump(proxy: &Proxy) -> String {
     };
     let r = &snap.resources;
     let mut items = Vec::new();
-    let mut push = |kind: &str, ns: &str, name: &str, src: &Option<bulwark_proto::config::v1::Source>| {
+    let mut push = |kind: &str,
+                    ns: &str,
+                    name: &str,
+                    src: &Option<bulwark_proto::config::v1::Source>| {
         items.push(serde_json::json!({"kind": kind, "namespace": ns, "name": name, "source": source_json(src)}));
     };
     if let Some(m) = &r.mesh {
@@ -116,12 +125,19 @@ fn certs(proxy: &Proxy) -> String {
             "trust_bundle_roots": s.bundle.roots().len(),
         })
         .to_string(),
-        None => serde_json::json!({"identity": proxy.identity.identity().to_string(), "svid": null}).to_string(),
+        None => {
+            serde_json::json!({"identity": proxy.identity.identity().to_string(), "svid": null})
+                .to_string()
+        }
     }
 }
 
 /// Serves `port`'s endpoints on `addr` until the task is aborted.
-pub async fn serve(addr: SocketAddr, proxy: Arc<Proxy>, port: Port) -> std::io::Result<tokio::task::JoinHandle<()>> {
+pub async fn serve(
+    addr: SocketAddr,
+    proxy: Arc<Proxy>,
+    port: Port,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(addr).await?;
     Ok(tokio::spawn(async move {
         loop {

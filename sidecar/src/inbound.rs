@@ -67,7 +67,10 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             m.tls_handshakes
-                .get_or_create(&HandshakeLabels { direction: "inbound", result: "error" })
+                .get_or_create(&HandshakeLabels {
+                    direction: "inbound",
+                    result: "error",
+                })
                 .inc();
             m.refused("inbound", "tls_handshake");
             tracing::info!(%peer, error = %e, "inbound mTLS handshake failed");
@@ -75,14 +78,20 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
         }
         Err(_) => {
             m.tls_handshakes
-                .get_or_create(&HandshakeLabels { direction: "inbound", result: "timeout" })
+                .get_or_create(&HandshakeLabels {
+                    direction: "inbound",
+                    result: "timeout",
+                })
                 .inc();
             m.refused("inbound", "tls_handshake");
             return;
         }
     };
     m.tls_handshakes
-        .get_or_create(&HandshakeLabels { direction: "inbound", result: "ok" })
+        .get_or_create(&HandshakeLabels {
+            direction: "inbound",
+            result: "ok",
+        })
         .inc();
     let src_id = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
         Some(leaf) => match bulwark_ca::tls::spiffe_id_of(leaf) {

@@ -100,9 +100,15 @@ impl ConfigHandle {
     /// Validates and applies a whole resource set; on error the previous
     /// config keeps serving.
     pub fn apply(&self, version: &str, resources: Resources) -> Result<(), ConfigError> {
-        let result = self.config.apply(self.identity.identity(), version, resources);
+        let result = self
+            .config
+            .apply(self.identity.identity(), version, resources);
         let label = telemetry::ResultLabel {
-            result: if result.is_ok() { "applied" } else { "rejected" },
+            result: if result.is_ok() {
+                "applied"
+            } else {
+                "rejected"
+            },
         };
         self.metrics.config_applied.get_or_create(&label).inc();
         if let Err(e) = &result {
@@ -146,16 +152,31 @@ impl Sidecar {
 
     /// Runs until `shutdown` resolves, then drains: stops accepting and
     /// lets in-flight connections finish within the grace period.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), SidecarError> {
-        let bind = |a: SocketAddr| async move { TcpListener::bind(a).await.map_err(|e| SidecarError::Listen(a, e)) };
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), SidecarError> {
+        let bind = |a: SocketAddr| async move {
+            TcpListener::bind(a)
+                .await
+                .map_err(|e| SidecarError::Listen(a, e))
+        };
         let outbound = bind(self.opts.outbound_listen).await?;
         let inbound = bind(self.opts.inbound_listen).await?;
-        let admin = admin::serve(self.opts.admin_listen, self.proxy.clone(), admin::Port::Admin)
-            .await
-            .map_err(|e| SidecarError::Listen(self.opts.admin_listen, e))?;
-        let metrics = admin::serve(self.opts.metrics_listen, self.proxy.clone(), admin::Port::Metrics)
-            .await
-            .map_err(|e| SidecarError::Listen(self.opts.metrics_listen, e))?;
+        let admin = admin::serve(
+            self.opts.admin_listen,
+            self.proxy.clone(),
+            admin::Port::Admin,
+        )
+        .await
+        .map_err(|e| SidecarError::Listen(self.opts.admin_listen, e))?;
+        let metrics = admin::serve(
+            self.opts.metrics_listen,
+            self.proxy.clone(),
+            admin::Port::Metrics,
+        )
+        .await
+        .map_err(|e| SidecarError::Listen(self.opts.metrics_listen, e))?;
         let cert_task = tokio::spawn(self.proxy.identity.clone().run());
         tracing::info!(identity = %self.proxy.identity.identity(), outbound = %self.opts.outbound_listen,
             inbound = %self.opts.inbound_listen, "sidecar listening");
@@ -163,8 +184,18 @@ impl Sidecar {
         let limit = self.opts.max_connections;
         let out_sem = Arc::new(Semaphore::new(limit));
         let in_sem = Arc::new(Semaphore::new(limit));
-        let out_task = tokio::spawn(accept_loop(outbound, self.proxy.clone(), out_sem.clone(), "outbound"));
-        let in_task = tokio::spawn(accept_loop(inbound, self.proxy.clone(), in_sem.clone(), "inbound"));
+        let out_task = tokio::spawn(accept_loop(
+            outbound,
+            self.proxy.clone(),
+            out_sem.clone(),
+            "outbound",
+        ));
+        let in_task = tokio::spawn(accept_loop(
+            inbound,
+            self.proxy.clone(),
+            in_sem.clone(),
+            "inbound",
+        ));
         shutdown.await;
 
         out_task.abort();
@@ -176,7 +207,10 @@ impl Sidecar {
         })
         .await;
         if drained.is_err() {
-            tracing::warn!(grace_ms = self.opts.drain_grace.as_millis() as u64, "drain grace period over; closing remaining connections");
+            tracing::warn!(
+                grace_ms = self.opts.drain_grace.as_millis() as u64,
+                "drain grace period over; closing remaining connections"
+            );
         }
         cert_task.abort();
         admin.abort();
@@ -185,7 +219,12 @@ impl Sidecar {
     }
 }
 
-async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, slots: Arc<Semaphore>, direction: &'static str) {
+async fn accept_loop(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    slots: Arc<Semaphore>,
+    direction: &'static str,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,

@@ -36,7 +36,12 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
     match snap.outbound(dst) {
         Decision::Mesh(up) => {
             let peer_id = up.identity.clone().expect("mesh upstream has an identity");
-            let tcp = match tokio::time::timeout(proxy.connect_timeout, connect_marked(up.addr, proxy.mark)).await {
+            let tcp = match tokio::time::timeout(
+                proxy.connect_timeout,
+                connect_marked(up.addr, proxy.mark),
+            )
+            .await
+            {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::info!(dst = %up.addr, error = %e, "upstream connect failed");
@@ -48,7 +53,8 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
                     return reset(down);
                 }
             };
-            let connector = tokio_rustls::TlsConnector::from(proxy.client_configs.for_peer(&peer_id));
+            let connector =
+                tokio_rustls::TlsConnector::from(proxy.client_configs.for_peer(&peer_id));
             let tls = match tokio::time::timeout(
                 proxy.connect_timeout,
                 connector.connect(ServerName::IpAddress(up.addr.ip().into()), tcp),
@@ -58,20 +64,29 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
                     m.tls_handshakes
-                        .get_or_create(&HandshakeLabels { direction: "outbound", result: "error" })
+                        .get_or_create(&HandshakeLabels {
+                            direction: "outbound",
+                            result: "error",
+                        })
                         .inc();
                     tracing::warn!(dst = %up.addr, expected = %peer_id, error = %e, "mTLS handshake with upstream failed");
                     return reset(down);
                 }
                 Err(_) => {
                     m.tls_handshakes
-                        .get_or_create(&HandshakeLabels { direction: "outbound", result: "timeout" })
+                        .get_or_create(&HandshakeLabels {
+                            direction: "outbound",
+                            result: "timeout",
+                        })
                         .inc();
                     return reset(down);
                 }
             };
             m.tls_handshakes
-                .get_or_create(&HandshakeLabels { direction: "outbound", result: "ok" })
+                .get_or_create(&HandshakeLabels {
+                    direction: "outbound",
+                    result: "ok",
+                })
                 .inc();
             let me = proxy.identity.identity().to_string();
             m.tcp_connections
@@ -87,13 +102,16 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
                 mtls = true, duration_ms = started.elapsed().as_millis() as u64, "connection closed");
         }
         Decision::Passthrough => {
-            let up = match tokio::time::timeout(proxy.connect_timeout, connect_marked(dst, proxy.mark)).await {
-                Ok(Ok(s)) => s,
-                _ => {
-                    m.refused("outbound", "connect_failed");
-                    return reset(down);
-                }
-            };
+            let up =
+                match tokio::time::timeout(proxy.connect_timeout, connect_marked(dst, proxy.mark))
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    _ => {
+                        m.refused("outbound", "connect_failed");
+                        return reset(down);
+                    }
+                };
             m.tcp_connections
                 .get_or_create(&ConnLabels {
                     direction: "outbound",

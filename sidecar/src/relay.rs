@@ -12,10 +12,19 @@ where
 {
     match tokio::io::copy_bidirectional(&mut down, &mut up).await {
         Ok((sent, received)) => {
-            metrics.tcp_bytes.get_or_create(&BytesLabels { direction, flow: "sent" }).inc_by(sent);
             metrics
                 .tcp_bytes
-                .get_or_create(&BytesLabels { direction, flow: "received" })
+                .get_or_create(&BytesLabels {
+                    direction,
+                    flow: "sent",
+                })
+                .inc_by(sent);
+            metrics
+                .tcp_bytes
+                .get_or_create(&BytesLabels {
+                    direction,
+                    flow: "received",
+                })
                 .inc_by(received);
         }
         Err(e) => tracing::debug!(error = %e, direction, "relay ended with an error"),

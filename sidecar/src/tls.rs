@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bulwark_ca::SpiffeId;
-use bulwark_ca::tls::{ALPN_MESH_TCP, ExpectedServer, SpiffeClientVerifier, SpiffeServerVerifier, provider};
+use bulwark_ca::tls::{
+    ALPN_MESH_TCP, ExpectedServer, SpiffeClientVerifier, SpiffeServerVerifier, provider,
+};
 
 use crate::identity::CertManager;
 
@@ -29,7 +31,10 @@ impl ClientConfigs {
         if let Some(c) = cache.get(peer) {
             return c.clone();
         }
-        let verifier = SpiffeServerVerifier::new(self.identity.bundle(), ExpectedServer::AnyOf(vec![peer.clone()]));
+        let verifier = SpiffeServerVerifier::new(
+            self.identity.bundle(),
+            ExpectedServer::AnyOf(vec![peer.clone()]),
+        );
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("TLS 1.3 is supported")

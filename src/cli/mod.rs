@@ -2,6 +2,9 @@
 
 mod ca;
 mod cert;
+mod demo;
+mod init;
+mod sidecar;
 mod xds;
 
 use std::process::ExitCode;
@@ -38,6 +41,13 @@ enum Command {
     /// Control plane: validate and serve mesh configuration.
     #[command(subcommand)]
     Xds(xds::XdsCommand),
+    /// Run the sidecar proxy.
+    Sidecar(Box<sidecar::SidecarArgs>),
+    /// Install (or remove) the interception rules in this network namespace.
+    Init(init::InitArgs),
+    /// A small HTTP server for demos and tests.
+    #[command(hide = true)]
+    DemoApp(demo::DemoArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -47,6 +57,9 @@ pub fn main() -> ExitCode {
         Command::Ca(c) => ca::run(c),
         Command::Cert(c) => cert::run(c),
         Command::Xds(c) => xds::run(c),
+        Command::Sidecar(a) => sidecar::run(*a),
+        Command::Init(a) => init::run(a),
+        Command::DemoApp(a) => demo::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -104,4 +117,15 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     n.checked_mul(mult)
         .map(std::time::Duration::from_secs)
         .ok_or_else(|| format!("duration {s:?} is too large"))
+}
+
+/// Like [`parse_duration`], also accepting milliseconds (`250ms`).
+pub fn parse_duration_ms(s: &str) -> Result<std::time::Duration, String> {
+    match s.trim().strip_suffix("ms") {
+        Some(n) => n
+            .parse::<u64>()
+            .map(std::time::Duration::from_millis)
+            .map_err(|_| format!("invalid duration {s:?}")),
+        None => parse_duration(s),
+    }
 }

@@ -45,7 +45,16 @@ impl Mesh {
         let ca_proc = net.spawn_bulwark(
             &sw,
             "ca",
-            &["ca", "serve", "--dir", ca_dir.to_str().unwrap(), "--listen", "198.18.0.1:15012", "--metrics-listen", "198.18.0.1:15014"],
+            &[
+                "ca",
+                "serve",
+                "--dir",
+                ca_dir.to_str().unwrap(),
+                "--listen",
+                "198.18.0.1:15012",
+                "--metrics-listen",
+                "198.18.0.1:15014",
+            ],
         );
         let config = net.dir.join("mesh.yaml");
         let mesh = Mesh {
@@ -65,7 +74,9 @@ impl Mesh {
         let sw = self.net.switch.clone();
         wait_for("the CA to listen", Duration::from_secs(20), || {
             self.net
-                .in_ns(&sw, move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+                .in_ns(&sw, move || {
+                    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                })
                 .then_some(())
         });
     }
@@ -78,8 +89,20 @@ impl Mesh {
     }
 
     pub fn token(&self, identity: &str) -> PathBuf {
-        let t = run_ok(&["ca", "token", "--dir", self.ca_dir.to_str().unwrap(), "--identity", identity, "--ttl", "2h"]);
-        let f = self.net.dir.join(format!("{}.token", identity.rsplit('/').next().unwrap()));
+        let t = run_ok(&[
+            "ca",
+            "token",
+            "--dir",
+            self.ca_dir.to_str().unwrap(),
+            "--identity",
+            identity,
+            "--ttl",
+            "2h",
+        ]);
+        let f = self
+            .net
+            .dir
+            .join(format!("{}.token", identity.rsplit('/').next().unwrap()));
         std::fs::write(&f, t.trim()).unwrap();
         f
     }
@@ -103,9 +126,26 @@ impl Mesh {
     /// :8080 and a sidecar with identity `sa` (call [`Mesh::wait_ready`]).
     /// The config file must exist.
     pub fn start_sidecar(&mut self, name: &str, sa: &str, sidecar_args: &[&str]) {
+        self.start_sidecar_with(name, sa, &[], sidecar_args)
+    }
+
+    /// [`Mesh::start_sidecar`] with extra `bulwark init` arguments.
+    pub fn start_sidecar_with(
+        &mut self,
+        name: &str,
+        sa: &str,
+        init_args: &[&str],
+        sidecar_args: &[&str],
+    ) {
         let pod = self.pods[name].pod.clone();
-        self.net.exec_ok(&pod.ns, &[BIN, "init"]);
-        let app = self.net.spawn_bulwark(&pod.ns, &format!("{name}-app"), &["demo-app", "--listen", "0.0.0.0:8080", "--name", name]);
+        let mut init = vec![BIN, "init"];
+        init.extend_from_slice(init_args);
+        self.net.exec_ok(&pod.ns, &init);
+        let app = self.net.spawn_bulwark(
+            &pod.ns,
+            &format!("{name}-app"),
+            &["demo-app", "--listen", "0.0.0.0:8080", "--name", name],
+        );
         let identity = spiffe(sa);
         let token = self.token(&identity);
         let bundle = self.ca_dir.join("bundle.pem");
@@ -124,7 +164,9 @@ impl Mesh {
             self.config.to_str().unwrap(),
         ];
         args.extend_from_slice(sidecar_args);
-        let sidecar = self.net.spawn_bulwark(&pod.ns, &format!("{name}-sidecar"), &args);
+        let sidecar = self
+            .net
+            .spawn_bulwark(&pod.ns, &format!("{name}-sidecar"), &args);
         let p = self.pods.get_mut(name).unwrap();
         p.identity = identity;
         p.sidecar = Some(sidecar);
@@ -140,19 +182,27 @@ impl Mesh {
         let i = self.pods[name].sidecar.unwrap();
         let addr: SocketAddr = format!("{}:15020", p.ip).parse().unwrap();
         let net = &mut self.net;
-        wait_for(&format!("{name}'s sidecar to be ready"), Duration::from_secs(30), || {
-            if let Ok(Some(st)) = net.proc_mut(i).child.try_wait() {
-                panic!("{name}'s sidecar exited ({st}): {}", net.log_of(i));
-            }
-            net.http_get(&p.ns, addr, "/healthz/ready").filter(|r| r.contains(" 200 ")).map(|_| ())
-        });
+        wait_for(
+            &format!("{name}'s sidecar to be ready"),
+            Duration::from_secs(30),
+            || {
+                if let Ok(Some(st)) = net.proc_mut(i).child.try_wait() {
+                    panic!("{name}'s sidecar exited ({st}): {}", net.log_of(i));
+                }
+                net.http_get(&p.ns, addr, "/healthz/ready")
+                    .filter(|r| r.contains(" 200 "))
+                    .map(|_| ())
+            },
+        );
     }
 
     /// The sidecar's /metrics text.
     pub fn metrics(&self, name: &str) -> String {
         let p = &self.pods[name].pod;
         let addr: SocketAddr = format!("{}:15020", p.ip).parse().unwrap();
-        self.net.http_get(&p.ns, addr, "/metrics").unwrap_or_default()
+        self.net
+            .http_get(&p.ns, addr, "/metrics")
+            .unwrap_or_default()
     }
 
     /// `curl` run inside pod `from` (an unmodified client).
@@ -170,7 +220,10 @@ impl Mesh {
 /// and contains every one of `labels`.
 pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
-        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' ')))
+        .filter(|l| {
+            l.starts_with(name)
+                && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+        })
         .filter(|l| labels.iter().all(|lab| l.contains(lab)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
@@ -183,7 +236,10 @@ pub fn basic_config(endpoints: &[(&Pod, &str)], allow_to_api: &[&str]) -> String
         .iter()
         .map(|(p, sa)| format!("    - address: {}\n      identity: {}\n", p.ip, spiffe(sa)))
         .collect();
-    let allow: Vec<String> = allow_to_api.iter().map(|sa| format!("        - {}\n", spiffe(sa))).collect();
+    let allow: Vec<String> = allow_to_api
+        .iter()
+        .map(|sa| format!("        - {}\n", spiffe(sa)))
+        .collect();
     format!(
         r#"apiVersion: bulwark.dev/v1
 kind: MeshConfig

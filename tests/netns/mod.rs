@@ -42,7 +42,9 @@ pub fn available() -> bool {
         eprintln!("skipped: {why} (BULWARK_SKIP_NETNS=1)");
         return false;
     }
-    panic!("{why}; run as root (e.g. `sudo -E cargo test`) or set BULWARK_SKIP_NETNS=1 to skip them");
+    panic!(
+        "{why}; run as root (e.g. `sudo -E cargo test`) or set BULWARK_SKIP_NETNS=1 to skip them"
+    );
 }
 
 fn sh(cmd: &str, args: &[&str]) -> Output {
@@ -54,7 +56,11 @@ fn sh(cmd: &str, args: &[&str]) -> Output {
 
 fn must(cmd: &str, args: &[&str]) {
     let o = sh(cmd, args);
-    assert!(o.status.success(), "{cmd} {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// Removes namespaces left by test processes that no longer exist.
@@ -65,7 +71,11 @@ fn remove_stale() {
         let Some(rest) = name.strip_prefix(&format!("{PREFIX}-")) else {
             continue;
         };
-        let pid: u32 = rest.split('-').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let pid: u32 = rest
+            .split('-')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         if pid != 0 && !Path::new(&format!("/proc/{pid}")).exists() {
             kill_ns_procs(name);
             let _ = sh("ip", &["netns", "del", name]);
@@ -127,7 +137,10 @@ impl Net {
         };
         net.exec_ok(&net.switch, &["ip", "link", "set", "lo", "up"]);
         net.exec_ok(&net.switch, &["ip", "link", "add", "br0", "type", "bridge"]);
-        net.exec_ok(&net.switch, &["ip", "addr", "add", "198.18.0.1/24", "dev", "br0"]);
+        net.exec_ok(
+            &net.switch,
+            &["ip", "addr", "add", "198.18.0.1/24", "dev", "br0"],
+        );
         net.exec_ok(&net.switch, &["ip", "link", "set", "br0", "up"]);
         Some(net)
     }
@@ -140,13 +153,23 @@ impl Net {
         self.next_host += 1;
         let ip = Ipv4Addr::new(198, 18, 0, host);
         // Short, unique, transient names in the host namespace.
-        let tag = format!("{:x}{:x}", std::process::id() % 0xfffff, NEXT.fetch_add(1, Ordering::Relaxed));
+        let tag = format!(
+            "{:x}{:x}",
+            std::process::id() % 0xfffff,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         let (a, b) = (format!("va{tag}"), format!("vb{tag}"));
-        must("ip", &["link", "add", &a, "type", "veth", "peer", "name", &b]);
+        must(
+            "ip",
+            &["link", "add", &a, "type", "veth", "peer", "name", &b],
+        );
         must("ip", &["link", "set", &a, "netns", &ns]);
         must("ip", &["link", "set", &b, "netns", &self.switch]);
         self.exec_ok(&ns, &["ip", "link", "set", &a, "name", "eth0"]);
-        self.exec_ok(&ns, &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        self.exec_ok(
+            &ns,
+            &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+        );
         self.exec_ok(&ns, &["ip", "link", "set", "eth0", "up"]);
         self.exec_ok(&ns, &["ip", "link", "set", "lo", "up"]);
         self.exec_ok(&ns, &["ip", "route", "add", "default", "via", "198.18.0.1"]);
@@ -232,11 +255,15 @@ impl Net {
 
     /// Polls `addr/path` in `ns` until it answers 200, or panics.
     pub fn wait_http_ok(&self, ns: &str, addr: SocketAddr, path: &str, timeout: Duration) {
-        crate::common::wait_for(&format!("{addr}{path} in {ns} to answer 200"), timeout, || {
-            self.http_get(ns, addr, path)
-                .filter(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"))
-                .map(|_| ())
-        });
+        crate::common::wait_for(
+            &format!("{addr}{path} in {ns} to answer 200"),
+            timeout,
+            || {
+                self.http_get(ns, addr, path)
+                    .filter(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"))
+                    .map(|_| ())
+            },
+        );
     }
 }
 

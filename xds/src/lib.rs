@@ -1,1 +1,72 @@
-//! placeholder
+//! The Bulwark control plane's configuration: the YAML documents users write
+//! ([`model`]), reading them ([`load`]), the checks applied before anything
+//! is served ([`validate`]), and their compilation into the
+//! `bulwark.config.v1` resources sidecars apply ([`compile`]).
+//!
+//! Most callers need only [`load_and_compile`]:
+//!
+//! ```no_run
+//! # use std::path::Path;
+//! match bulwark_xds::load_and_compile(Path::new("deploy/examples")) {
+//!     Ok(resources) => println!("{} services", resources.services.len()),
+//!     Err(errors) => eprintln!("{errors}"), // one `file:line: message` per line
+//! }
+//! ```
+
+pub mod compile;
+pub mod duration;
+pub mod load;
+pub mod model;
+pub mod validate;
+
+use std::path::Path;
+
+use bulwark_proto::config::Resources;
+
+pub use compile::compile;
+pub use load::{ConfigError, ConfigErrors, Loaded, load_path};
+pub use validate::validate;
+
+/// Reads `path` (a file, or a directory of `*.yaml`/`*.yml`), validates it
+/// and compiles it. Every resource carries its [`Source`](bulwark_proto::config::v1::Source)
+/// (file, line, kind, name, namespace). On failure returns every problem
+/// found, parse errors and validation errors together, sorted by file and
+/// line.
+pub fn load_and_compile(path: &Path) -> Result<Resources, ConfigErrors> {
+    finish(load::load_lenient(path))
+}
+
+/// As [`load_and_compile`], for YAML already in memory; `file` is the name
+/// errors and sources carry.
+pub fn compile_str(file: &Path, yaml: &str) -> Result<Resources, ConfigErrors> {
+    finish(load::load_str_lenient(file, yaml))
+}
+
+fn finish(loading: load::Loading) -> Result<Resources, ConfigErrors> {
+    let mut errors = loading.errors;
+    // Validate what did parse too, so one run reports everything.
+    errors.extend(validate::check(&loading.documents, &loading.unparsed));
+    if errors.is_empty() {
+        Ok(compile(&loading.documents))
+    } else {
+        Err(ConfigErrors::sorted(errors))
+    }
+}
+
+/// How many documents of each kind `resources` were compiled from (derived
+/// endpoint lists are not documents), in [`model::Kind::ALL`] order.
+pub fn document_counts(resources: &Resources) -> Vec<(model::Kind, usize)> {
+    use model::Kind;
+    let counts = [
+        (Kind::MeshConfig, usize::from(resources.mesh.is_some())),
+        (Kind::Service, resources.services.len()),
+        (Kind::ServiceEntry, resources.service_entries.len()),
+        (Kind::Route, resources.routes.len()),
+        (Kind::TrafficPolicy, resources.traffic_policies.len()),
+        (
+            Kind::AuthorizationPolicy,
+            resources.authorization_policies.len(),
+        ),
+    ];
+    counts.into_iter().filter(|(_, n)| *n > 0).collect()
+}

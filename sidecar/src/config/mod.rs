@@ -25,7 +25,12 @@ impl LiveConfig {
 
     /// Validates and applies `resources` as version `version`. On error the
     /// previous snapshot stays in place.
-    pub fn apply(&self, me: &SpiffeId, version: &str, resources: Resources) -> Result<Arc<Snapshot>, ConfigError> {
+    pub fn apply(
+        &self,
+        me: &SpiffeId,
+        version: &str,
+        resources: Resources,
+    ) -> Result<Arc<Snapshot>, ConfigError> {
         let snap = Arc::new(Snapshot::build(me, version, resources)?);
         self.current.store(Some(snap.clone()));
         tracing::info!(version, "config applied");

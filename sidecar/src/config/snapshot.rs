@@ -66,7 +66,10 @@ impl IdentityPattern {
             return parts[0] == id;
         }
         let (first, last) = (&parts[0], &parts[parts.len() - 1]);
-        if !id.starts_with(first.as_str()) || !id.ends_with(last.as_str()) || id.len() < first.len() + last.len() {
+        if !id.starts_with(first.as_str())
+            || !id.ends_with(last.as_str())
+            || id.len() < first.len() + last.len()
+        {
             return false;
         }
         let mut rest = &id[first.len()..id.len() - last.len()];
@@ -112,8 +115,14 @@ fn key(ns: &str, name: &str) -> String {
 }
 
 fn parse_ip(kind: &str, ns: &str, name: &str, a: &str) -> Result<IpAddr, ConfigError> {
-    a.parse()
-        .map_err(|_| err(kind, ns, name, format!("address {a:?} is not an IP address")))
+    a.parse().map_err(|_| {
+        err(
+            kind,
+            ns,
+            name,
+            format!("address {a:?} is not an IP address"),
+        )
+    })
 }
 
 fn port16(kind: &str, ns: &str, name: &str, p: u32) -> Result<u16, ConfigError> {
@@ -123,12 +132,21 @@ fn port16(kind: &str, ns: &str, name: &str, p: u32) -> Result<u16, ConfigError> 
         .ok_or_else(|| err(kind, ns, name, format!("port {p} is out of range")))
 }
 
-fn target_ports(kind: &str, ns: &str, name: &str, ports: &[v1::ServicePort]) -> Result<Vec<(u16, u16)>, ConfigError> {
+fn target_ports(
+    kind: &str,
+    ns: &str,
+    name: &str,
+    ports: &[v1::ServicePort],
+) -> Result<Vec<(u16, u16)>, ConfigError> {
     ports
         .iter()
         .map(|p| {
             let port = port16(kind, ns, name, p.port)?;
-            let target = if p.target_port == 0 { port } else { port16(kind, ns, name, p.target_port)? };
+            let target = if p.target_port == 0 {
+                port
+            } else {
+                port16(kind, ns, name, p.target_port)?
+            };
             Ok((port, target))
         })
         .collect()
@@ -139,17 +157,32 @@ impl Snapshot {
     pub fn build(me: &SpiffeId, version: &str, resources: Resources) -> Result<Self, ConfigError> {
         let (mtls_mode, outbound_policy) = match &resources.mesh {
             Some(m) => {
-                let mode = MtlsMode::try_from(m.mtls_mode)
-                    .map_err(|_| err("MeshConfig", "", "mesh", format!("unknown mTLS mode {}", m.mtls_mode)))?;
+                let mode = MtlsMode::try_from(m.mtls_mode).map_err(|_| {
+                    err(
+                        "MeshConfig",
+                        "",
+                        "mesh",
+                        format!("unknown mTLS mode {}", m.mtls_mode),
+                    )
+                })?;
                 let policy = OutboundPolicy::try_from(m.outbound_policy).map_err(|_| {
-                    err("MeshConfig", "", "mesh", format!("unknown outbound policy {}", m.outbound_policy))
+                    err(
+                        "MeshConfig",
+                        "",
+                        "mesh",
+                        format!("unknown outbound policy {}", m.outbound_policy),
+                    )
                 })?;
                 if !m.trust_domain.is_empty() && m.trust_domain != me.trust_domain() {
                     return Err(err(
                         "MeshConfig",
                         "",
                         "mesh",
-                        format!("trust domain {:?} is not this workload's ({})", m.trust_domain, me.trust_domain()),
+                        format!(
+                            "trust domain {:?} is not this workload's ({})",
+                            m.trust_domain,
+                            me.trust_domain()
+                        ),
                     ));
                 }
                 (mode, policy)
@@ -168,12 +201,21 @@ impl Snapshot {
         for s in &resources.services {
             let ports = target_ports("Service", &s.namespace, &s.name, &s.ports)?;
             for id in &s.identities {
-                id.parse::<SpiffeId>()
-                    .map_err(|e| err("Service", &s.namespace, &s.name, format!("identity {id:?}: {e}")))?;
+                id.parse::<SpiffeId>().map_err(|e| {
+                    err(
+                        "Service",
+                        &s.namespace,
+                        &s.name,
+                        format!("identity {id:?}: {e}"),
+                    )
+                })?;
             }
             if s.identities.iter().any(|i| i == &me_str) {
                 for (_, target) in &ports {
-                    local_ports.entry(*target).or_default().push(key(&s.namespace, &s.name));
+                    local_ports
+                        .entry(*target)
+                        .or_default()
+                        .push(key(&s.namespace, &s.name));
                 }
             }
             service_ports.insert(key(&s.namespace, &s.name), ports);
@@ -192,7 +234,12 @@ impl Snapshot {
                 None
             } else {
                 Some(ep.identity.parse::<SpiffeId>().map_err(|e| {
-                    err(kind, ns, name, format!("endpoint {} identity {:?}: {e}", ep.address, ep.identity))
+                    err(
+                        kind,
+                        ns,
+                        name,
+                        format!("endpoint {} identity {:?}: {e}", ep.address, ep.identity),
+                    )
                 })?)
             };
             if internal && identity.is_none() && mtls_mode == MtlsMode::Strict {
@@ -222,10 +269,17 @@ impl Snapshot {
         let mut by_service: HashMap<String, Vec<Upstream>> = HashMap::new();
         for se in &resources.endpoints {
             let ports = service_ports.get(&se.service).cloned().unwrap_or_default();
-            let (ns, name) = se.service.split_once('/').unwrap_or(("default", &se.service));
+            let (ns, name) = se
+                .service
+                .split_once('/')
+                .unwrap_or(("default", &se.service));
             for ep in &se.endpoints {
-                let ups = add_endpoint("ServiceEndpoints", ns, name, &se.service, ep, &ports, true)?;
-                by_service.entry(se.service.clone()).or_default().extend(ups);
+                let ups =
+                    add_endpoint("ServiceEndpoints", ns, name, &se.service, ep, &ports, true)?;
+                by_service
+                    .entry(se.service.clone())
+                    .or_default()
+                    .extend(ups);
             }
         }
         for e in &resources.service_entries {
@@ -233,7 +287,15 @@ impl Snapshot {
             let ports = target_ports("ServiceEntry", &e.namespace, &e.name, &e.ports)?;
             let internal = e.location == Location::MeshInternal as i32;
             for ep in &e.endpoints {
-                let ups = add_endpoint("ServiceEntry", &e.namespace, &e.name, &k, ep, &ports, internal)?;
+                let ups = add_endpoint(
+                    "ServiceEntry",
+                    &e.namespace,
+                    &e.name,
+                    &k,
+                    ep,
+                    &ports,
+                    internal,
+                )?;
                 if !internal {
                     external_ips.push(ups.first().map(|u| u.addr.ip()).unwrap_or(parse_ip(
                         "ServiceEntry",
@@ -271,7 +333,11 @@ impl Snapshot {
 
         let mut authz: HashMap<String, Vec<L4Rule>> = HashMap::new();
         for p in &resources.authorization_policies {
-            let service = if p.service.contains('/') { p.service.clone() } else { key(&p.namespace, &p.service) };
+            let service = if p.service.contains('/') {
+                p.service.clone()
+            } else {
+                key(&p.namespace, &p.service)
+            };
             let rules = authz.entry(service).or_default();
             for r in &p.rules {
                 let from = r
@@ -317,7 +383,8 @@ impl Snapshot {
                 None => Decision::Passthrough,
             };
         }
-        if self.external_ips.contains(&dst.ip()) || self.outbound_policy == OutboundPolicy::AllowAny {
+        if self.external_ips.contains(&dst.ip()) || self.outbound_policy == OutboundPolicy::AllowAny
+        {
             Decision::Passthrough
         } else {
             Decision::Refuse
@@ -374,7 +441,11 @@ mod tests {
             services: vec![v1::Service {
                 name: "api".into(),
                 namespace: "default".into(),
-                ports: vec![v1::ServicePort { port: 80, target_port: 8080, ..Default::default() }],
+                ports: vec![v1::ServicePort {
+                    port: 80,
+                    target_port: 8080,
+                    ..Default::default()
+                }],
                 identities: vec![me().to_string()],
                 addresses: vec!["198.18.100.1".into()],
                 ..Default::default()
@@ -384,7 +455,10 @@ mod tests {
                     name: "api-pods".into(),
                     namespace: "default".into(),
                     location: Location::MeshInternal as i32,
-                    ports: vec![v1::ServicePort { port: 8080, ..Default::default() }],
+                    ports: vec![v1::ServicePort {
+                        port: 8080,
+                        ..Default::default()
+                    }],
                     endpoints: vec![v1::Endpoint {
                         address: "198.18.0.3".into(),
                         identity: me().to_string(),
@@ -404,7 +478,10 @@ mod tests {
                 namespace: "default".into(),
                 service: "api".into(),
                 rules: vec![v1::AuthorizationRule {
-                    from: vec!["spiffe://cluster.local/ns/default/sa/web".into(), "spiffe://cluster.local/ns/ops/sa/*".into()],
+                    from: vec![
+                        "spiffe://cluster.local/ns/default/sa/web".into(),
+                        "spiffe://cluster.local/ns/ops/sa/*".into(),
+                    ],
                     ..Default::default()
                 }],
                 ..Default::default()
@@ -425,17 +502,32 @@ mod tests {
     #[test]
     fn registry_only_refuses_unknown_and_passes_known_external() {
         let s = Snapshot::build(&me(), "1", res()).unwrap();
-        assert_eq!(s.outbound("203.0.113.9:443".parse().unwrap()), Decision::Refuse);
-        assert_eq!(s.outbound("198.51.100.7:443".parse().unwrap()), Decision::Passthrough);
+        assert_eq!(
+            s.outbound("203.0.113.9:443".parse().unwrap()),
+            Decision::Refuse
+        );
+        assert_eq!(
+            s.outbound("198.51.100.7:443".parse().unwrap()),
+            Decision::Passthrough
+        );
     }
 
     #[test]
     fn inbound_allow_list_matches_exact_ids_and_patterns_and_denies_others() {
         let s = Snapshot::build(&me(), "1", res()).unwrap();
         let id = |s: &str| s.parse::<SpiffeId>().unwrap();
-        assert!(s.authorize_l4(8080, Some(&id("spiffe://cluster.local/ns/default/sa/web"))).is_ok());
-        assert!(s.authorize_l4(8080, Some(&id("spiffe://cluster.local/ns/ops/sa/debug"))).is_ok());
-        assert_eq!(s.authorize_l4(8080, Some(&id("spiffe://cluster.local/ns/default/sa/db"))), Err("default/api".into()));
+        assert!(
+            s.authorize_l4(8080, Some(&id("spiffe://cluster.local/ns/default/sa/web")))
+                .is_ok()
+        );
+        assert!(
+            s.authorize_l4(8080, Some(&id("spiffe://cluster.local/ns/ops/sa/debug")))
+                .is_ok()
+        );
+        assert_eq!(
+            s.authorize_l4(8080, Some(&id("spiffe://cluster.local/ns/default/sa/db"))),
+            Err("default/api".into())
+        );
         assert!(s.authorize_l4(8080, None).is_err());
         // Ports no service of ours declares are not governed by these policies.
         assert!(s.authorize_l4(9999, None).is_ok());
@@ -460,6 +552,10 @@ mod tests {
         let p = IdentityPattern::parse("spiffe://td/ns/*/sa/web").unwrap();
         assert!(p.matches("spiffe://td/ns/a/sa/web"));
         assert!(!p.matches("spiffe://td/ns/a/sa/api"));
-        assert!(IdentityPattern::parse("*").unwrap().matches("spiffe://x/ns/a/sa/b"));
+        assert!(
+            IdentityPattern::parse("*")
+                .unwrap()
+                .matches("spiffe://x/ns/a/sa/b")
+        );
     }
 }

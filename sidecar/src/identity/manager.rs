@@ -90,10 +90,14 @@ impl CertManager {
     async fn fetch(&self) -> Result<Svid, bulwark_ca::client::ClientError> {
         let current = self.svid();
         let cred = match current.as_deref() {
-            Some(s) if s.not_after > now_unix() => Credential::Svid(s, Some(self.opts.token.as_str())),
+            Some(s) if s.not_after > now_unix() => {
+                Credential::Svid(s, Some(self.opts.token.as_str()))
+            }
             _ => Credential::Token(self.opts.token.as_str()),
         };
-        self.client.issue(&self.opts.identity, cred, self.opts.ttl).await
+        self.client
+            .issue(&self.opts.identity, cred, self.opts.ttl)
+            .await
     }
 
     /// Gets the first SVID, then renews forever. Run as a task.
@@ -106,28 +110,42 @@ impl CertManager {
                     if let Err(e) = self.install(svid) {
                         tracing::error!(error = %e, "issued SVID is unusable");
                     } else {
-                        self.metrics.renewals.get_or_create(&crate::telemetry::ResultLabel { result: "ok" }).inc();
+                        self.metrics
+                            .renewals
+                            .get_or_create(&crate::telemetry::ResultLabel { result: "ok" })
+                            .inc();
                         backoff.reset();
                         // Renew after a jittered fraction of the remaining
                         // life (computed from now: notBefore is backdated).
                         let f = self.opts.renew_fraction.clamp(0.1, 0.9);
                         let wait = jitter(Duration::from_secs_f64(remaining * f), 0.2)
                             .min(Duration::from_secs_f64(remaining * 0.9));
-                        tracing::debug!(renew_in_ms = wait.as_millis() as u64, "next renewal scheduled");
+                        tracing::debug!(
+                            renew_in_ms = wait.as_millis() as u64,
+                            "next renewal scheduled"
+                        );
                         tokio::time::sleep(wait).await;
                         continue;
                     }
                 }
                 Err(e) => {
-                    self.metrics.renewals.get_or_create(&crate::telemetry::ResultLabel { result: "error" }).inc();
+                    self.metrics
+                        .renewals
+                        .get_or_create(&crate::telemetry::ResultLabel { result: "error" })
+                        .inc();
                     let remaining = self.svid().map(|s| s.not_after - now_unix()).unwrap_or(0);
                     tracing::warn!(error = %e, remaining_secs = remaining, "cannot get an SVID from the CA; will retry");
                 }
             }
             // Retry quickly enough to beat expiry: never wait more than a
             // tenth of what is left.
-            let remaining = self.svid().map(|s| (s.not_after - now_unix()).max(1)).unwrap_or(10) as f64;
-            let wait = backoff.next_delay().min(Duration::from_secs_f64((remaining / 10.0).max(0.2)));
+            let remaining = self
+                .svid()
+                .map(|s| (s.not_after - now_unix()).max(1))
+                .unwrap_or(10) as f64;
+            let wait = backoff
+                .next_delay()
+                .min(Duration::from_secs_f64((remaining / 10.0).max(0.2)));
             tokio::time::sleep(wait).await;
         }
     }

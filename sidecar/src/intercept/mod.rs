@@ -17,7 +17,10 @@ pub fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
         sock.original_dst_v6()?
     };
     addr.as_socket().ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, "original destination is not an IP address")
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "original destination is not an IP address",
+        )
     })
 }
 

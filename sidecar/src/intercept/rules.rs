@@ -64,35 +64,94 @@ pub fn chain_rules(o: &RuleOptions) -> Vec<Rule> {
     let mut rules = Vec::new();
     let out = OUTPUT_CHAIN;
     let mark = format!("0x{:x}", o.proxy_mark);
-    rules.push(r(&["-t", "nat", "-A", out, "-m", "mark", "--mark", &mark, "-j", "RETURN"]));
+    rules.push(r(&[
+        "-t", "nat", "-A", out, "-m", "mark", "--mark", &mark, "-j", "RETURN",
+    ]));
     if let Some(uid) = o.proxy_uid {
         let uid = uid.to_string();
-        rules.push(r(&["-t", "nat", "-A", out, "-m", "owner", "--uid-owner", &uid, "-j", "RETURN"]));
+        rules.push(r(&[
+            "-t",
+            "nat",
+            "-A",
+            out,
+            "-m",
+            "owner",
+            "--uid-owner",
+            &uid,
+            "-j",
+            "RETURN",
+        ]));
     }
     // Loopback: the app talking to itself, and the inbound sidecar handing
     // connections to the app.
     rules.push(r(&["-t", "nat", "-A", out, "-o", "lo", "-j", "RETURN"]));
-    rules.push(r(&["-t", "nat", "-A", out, "-d", "127.0.0.0/8", "-j", "RETURN"]));
+    rules.push(r(&[
+        "-t",
+        "nat",
+        "-A",
+        out,
+        "-d",
+        "127.0.0.0/8",
+        "-j",
+        "RETURN",
+    ]));
     for p in &o.exclude_outbound_ports {
         let p = p.to_string();
-        rules.push(r(&["-t", "nat", "-A", out, "-p", "tcp", "--dport", &p, "-j", "RETURN"]));
+        rules.push(r(&[
+            "-t", "nat", "-A", out, "-p", "tcp", "--dport", &p, "-j", "RETURN",
+        ]));
     }
     let op = o.outbound_port.to_string();
-    rules.push(r(&["-t", "nat", "-A", out, "-p", "tcp", "-j", "REDIRECT", "--to-ports", &op]));
+    rules.push(r(&[
+        "-t",
+        "nat",
+        "-A",
+        out,
+        "-p",
+        "tcp",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &op,
+    ]));
 
     let inb = INBOUND_CHAIN;
     let ip = o.inbound_port.to_string();
     for p in &o.exclude_inbound_ports {
         let p = p.to_string();
-        rules.push(r(&["-t", "nat", "-A", inb, "-p", "tcp", "--dport", &p, "-j", "RETURN"]));
+        rules.push(r(&[
+            "-t", "nat", "-A", inb, "-p", "tcp", "--dport", &p, "-j", "RETURN",
+        ]));
     }
     if o.inbound_ports.is_empty() {
-        rules.push(r(&["-t", "nat", "-A", inb, "-p", "tcp", "-j", "REDIRECT", "--to-ports", &ip]));
+        rules.push(r(&[
+            "-t",
+            "nat",
+            "-A",
+            inb,
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &ip,
+        ]));
     } else {
         for p in &o.inbound_ports {
             let p = p.to_string();
             rules.push(r(&[
-                "-t", "nat", "-A", inb, "-p", "tcp", "--dport", &p, "-j", "REDIRECT", "--to-ports", &ip,
+                "-t",
+                "nat",
+                "-A",
+                inb,
+                "-p",
+                "tcp",
+                "--dport",
+                &p,
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                &ip,
             ]));
         }
     }
@@ -118,7 +177,11 @@ pub fn plan(o: &RuleOptions) -> Vec<String> {
     }
     for j in jumps() {
         let (table, rest) = j.split_at(2);
-        out.push(format!("iptables {} -A {}", table.join(" "), rest.join(" ")));
+        out.push(format!(
+            "iptables {} -A {}",
+            table.join(" "),
+            rest.join(" ")
+        ));
     }
     out
 }
@@ -175,9 +238,19 @@ pub fn install(o: &RuleOptions) -> Result<(), RulesError> {
     }
     for j in jumps() {
         let (table, rest) = j.split_at(2);
-        let check: Vec<String> = table.iter().cloned().chain(["-C".to_string()]).chain(rest.iter().cloned()).collect();
+        let check: Vec<String> = table
+            .iter()
+            .cloned()
+            .chain(["-C".to_string()])
+            .chain(rest.iter().cloned())
+            .collect();
         if !succeeds(&check)? {
-            let add: Vec<String> = table.iter().cloned().chain(["-A".to_string()]).chain(rest.iter().cloned()).collect();
+            let add: Vec<String> = table
+                .iter()
+                .cloned()
+                .chain(["-A".to_string()])
+                .chain(rest.iter().cloned())
+                .collect();
             must(&add)?;
         }
     }
@@ -189,8 +262,18 @@ pub fn remove() -> Result<(), RulesError> {
     must(&s(&["-t", "nat", "-S", "OUTPUT"]))?;
     for j in jumps() {
         let (table, rest) = j.split_at(2);
-        let check: Vec<String> = table.iter().cloned().chain(["-C".to_string()]).chain(rest.iter().cloned()).collect();
-        let del: Vec<String> = table.iter().cloned().chain(["-D".to_string()]).chain(rest.iter().cloned()).collect();
+        let check: Vec<String> = table
+            .iter()
+            .cloned()
+            .chain(["-C".to_string()])
+            .chain(rest.iter().cloned())
+            .collect();
+        let del: Vec<String> = table
+            .iter()
+            .cloned()
+            .chain(["-D".to_string()])
+            .chain(rest.iter().cloned())
+            .collect();
         while succeeds(&check)? {
             must(&del)?;
         }
@@ -215,12 +298,27 @@ mod tests {
             ..Default::default()
         };
         let p = plan(&o).join("\n");
-        let idx = |needle: &str| p.find(needle).unwrap_or_else(|| panic!("{needle} missing in\n{p}"));
+        let idx = |needle: &str| {
+            p.find(needle)
+                .unwrap_or_else(|| panic!("{needle} missing in\n{p}"))
+        };
         let redirect = idx("-j REDIRECT --to-ports 15001");
-        for must_precede in ["--mark 0x539 -j RETURN", "--uid-owner 1337", "-o lo -j RETURN", "--dport 15012 -j RETURN", "--dport 15010 -j RETURN"] {
-            assert!(idx(must_precede) < redirect, "{must_precede} must come before the redirect");
+        for must_precede in [
+            "--mark 0x539 -j RETURN",
+            "--uid-owner 1337",
+            "-o lo -j RETURN",
+            "--dport 15012 -j RETURN",
+            "--dport 15010 -j RETURN",
+        ] {
+            assert!(
+                idx(must_precede) < redirect,
+                "{must_precede} must come before the redirect"
+            );
         }
-        assert!(idx("BULWARK_INBOUND -p tcp --dport 15020 -j RETURN") < idx("-j REDIRECT --to-ports 15006"));
+        assert!(
+            idx("BULWARK_INBOUND -p tcp --dport 15020 -j RETURN")
+                < idx("-j REDIRECT --to-ports 15006")
+        );
         assert!(p.contains("-A OUTPUT -p tcp -j BULWARK_OUTPUT"));
         assert!(p.contains("-A PREROUTING -p tcp -j BULWARK_INBOUND"));
     }

@@ -71,29 +71,51 @@ impl Default for Metrics {
             config_applied: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("bulwark_tcp_connections", "Proxied TCP connections", m.tcp_connections.clone());
+        registry.register(
+            "bulwark_tcp_connections",
+            "Proxied TCP connections",
+            m.tcp_connections.clone(),
+        );
         registry.register("bulwark_tcp_bytes", "Bytes proxied", m.tcp_bytes.clone());
         registry.register(
             "bulwark_tcp_refused",
             "Connections refused by the sidecar, by reason",
             m.tcp_refused.clone(),
         );
-        registry.register("bulwark_tls_handshakes", "TLS handshakes with mesh peers", m.tls_handshakes.clone());
-        registry.register("bulwark_authz_denials", "Connections or requests denied by authorization policy", m.authz_denials.clone());
+        registry.register(
+            "bulwark_tls_handshakes",
+            "TLS handshakes with mesh peers",
+            m.tls_handshakes.clone(),
+        );
+        registry.register(
+            "bulwark_authz_denials",
+            "Connections or requests denied by authorization policy",
+            m.authz_denials.clone(),
+        );
         registry.register(
             "bulwark_cert_expiry_timestamp_seconds",
             "notAfter of the workload's current SVID, Unix seconds",
             m.cert_expiry.clone(),
         );
-        registry.register("bulwark_cert_renewals", "SVID issuance attempts, by result", m.renewals.clone());
-        registry.register("bulwark_config_updates", "Config updates, by result", m.config_applied.clone());
+        registry.register(
+            "bulwark_cert_renewals",
+            "SVID issuance attempts, by result",
+            m.renewals.clone(),
+        );
+        registry.register(
+            "bulwark_config_updates",
+            "Config updates, by result",
+            m.config_applied.clone(),
+        );
         Self { registry, ..m }
     }
 }
 
 impl Metrics {
     pub fn refused(&self, direction: &'static str, reason: &'static str) {
-        self.tcp_refused.get_or_create(&RefusedLabels { direction, reason }).inc();
+        self.tcp_refused
+            .get_or_create(&RefusedLabels { direction, reason })
+            .inc();
     }
 
     pub fn encode(&self) -> String {

@@ -1,0 +1,173 @@
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use bulwark_ca::SpiffeId;
+use bulwark_ca::tls::TrustBundle;
+use bulwark_sidecar::identity::IdentityOptions;
+use bulwark_sidecar::{ConfigHandle, Sidecar, SidecarOptions};
+use clap::Args;
+
+use super::parse_duration;
+
+#[derive(Args)]
+pub struct SidecarArgs {
+    /// This workload's SPIFFE ID.
+    #[arg(long)]
+    identity: String,
+    /// CA address, host:port.
+    #[arg(long)]
+    ca: String,
+    /// Trust bundle (PEM) the CA's certificate chains to.
+    #[arg(long)]
+    ca_cert: PathBuf,
+    /// Bootstrap token file (from `bulwark ca token`).
+    #[arg(long)]
+    token_file: PathBuf,
+    /// Local config file or directory (same YAML kinds as the control plane), reloaded on change.
+    #[arg(long)]
+    config: PathBuf,
+    /// SVID lifetime to request (the CA caps it); default: the CA's.
+    #[arg(long, value_parser = parse_duration)]
+    svid_ttl: Option<Duration>,
+    /// Renew after this fraction of the remaining SVID lifetime (plus up to 20% of it, at random).
+    #[arg(long, default_value_t = 0.5)]
+    renew_fraction: f64,
+    #[arg(long, default_value = "0.0.0.0:15001")]
+    outbound_listen: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15006")]
+    inbound_listen: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_listen: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_listen: SocketAddr,
+    /// SO_MARK on the proxy's own sockets (must match `bulwark init --proxy-mark`).
+    #[arg(long, default_value_t = bulwark_sidecar::DEFAULT_PROXY_MARK, value_parser = parse_u32)]
+    proxy_mark: u32,
+    /// Concurrent connections per listener before new ones are reset.
+    #[arg(long, default_value_t = 16384)]
+    max_connections: usize,
+    /// On SIGTERM, how long in-flight connections may finish.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    drain_grace: Duration,
+}
+
+pub fn parse_u32(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x") {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("{s:?} is not a number (decimal or 0x hex)"))
+}
+
+pub fn run(a: SidecarArgs) -> anyhow::Result<()> {
+    let identity: SpiffeId = a
+        .identity
+        .parse()
+        .with_context(|| format!("--identity {:?}", a.identity))?;
+    let bundle_pem = std::fs::read_to_string(&a.ca_cert)
+        .with_context(|| format!("cannot read --ca-cert {}", a.ca_cert.display()))?;
+    let ca_bundle = TrustBundle::from_pem(&bundle_pem)
+        .with_context(|| format!("--ca-cert {}", a.ca_cert.display()))?;
+    let token = std::fs::read_to_string(&a.token_file)
+        .with_context(|| format!("cannot read --token-file {}", a.token_file.display()))?
+        .trim()
+        .to_string();
+    if !(0.1..=0.9).contains(&a.renew_fraction) {
+        anyhow::bail!("--renew-fraction must be between 0.1 and 0.9");
+    }
+    let mut opts = SidecarOptions::new(IdentityOptions {
+        identity,
+        ca_addr: a.ca,
+        ca_bundle,
+        token,
+        ttl: a.svid_ttl,
+        renew_fraction: a.renew_fraction,
+    });
+    opts.outbound_listen = a.outbound_listen;
+    opts.inbound_listen = a.inbound_listen;
+    opts.admin_listen = a.admin_listen;
+    opts.metrics_listen = a.metrics_listen;
+    opts.proxy_mark = a.proxy_mark;
+    opts.max_connections = a.max_connections;
+    opts.drain_grace = a.drain_grace;
+    let sidecar = Sidecar::new(opts);
+    let handle = sidecar.config_handle();
+    let rt = super::runtime()?;
+    // The first config must be valid: a sidecar that starts on a broken
+    // file would serve nothing.
+    let resources = compile(&a.config)?;
+    handle
+        .apply(&version_of(&a.config), resources)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", a.config.display()))?;
+    rt.block_on(async move {
+        let watcher = tokio::spawn(watch_file(a.config.clone(), handle));
+        let r = sidecar.run(super::shutdown_signal()).await;
+        watcher.abort();
+        r
+    })?;
+    Ok(())
+}
+
+fn compile(path: &Path) -> anyhow::Result<bulwark_proto::config::Resources> {
+    bulwark_xds::load_and_compile(path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let mut newest = None::<(SystemTime, u64)>;
+    let mut visit = |p: &Path| {
+        if let Ok(m) = std::fs::metadata(p) {
+            let s = (m.modified().ok()?, m.len());
+            newest = Some(match newest {
+                Some(n) if n.0 >= s.0 => (n.0, n.1 + s.1),
+                Some(n) => (s.0, n.1 + s.1),
+                None => s,
+            });
+        }
+        Some(())
+    };
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).ok()?.flatten() {
+            visit(&e.path());
+        }
+    } else {
+        visit(path);
+    }
+    newest
+}
+
+fn version_of(path: &Path) -> String {
+    match stamp(path) {
+        Some((t, len)) => format!(
+            "file-{}-{len}",
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0)
+        ),
+        None => "file-0".into(),
+    }
+}
+
+/// Re-applies the local config when it changes; a bad edit is logged and
+/// the last good config keeps serving.
+async fn watch_file(path: PathBuf, handle: ConfigHandle) {
+    let mut last = stamp(&path);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let now = stamp(&path);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match compile(&path) {
+            Ok(r) => {
+                let _ = handle.apply(&version_of(&path), r);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "config file change rejected; keeping the last good config")
+            }
+        }
+    }
+}

@@ -1,0 +1,1086 @@
+//! Every check the control plane applies to config before serving it.
+//!
+//! Checks collect all errors rather than stopping at the first, so one run of
+//! `bulwark xds validate` shows everything to fix. Each error points at the
+//! line of the offending value when it was written in the file, else at the
+//! start of its document.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bulwark_ca::SpiffeId;
+
+use crate::duration;
+use crate::load::{ConfigError, ConfigErrors, Unparsed};
+use crate::model::{
+    API_VERSION, AuthorizationPolicySpec, Backend, DEFAULT_TRUST_DOMAIN, Document, EndpointSpec,
+    HeaderMatch, Kind, Labels, Located, MeshLocation, PortSpec, Protocol, RetrySpec, RouteRule,
+    RouteSpec, ServiceEntrySpec, ServiceSpec, Spec, StringMatch, TrafficPolicySpec,
+};
+
+/// Most retry attempts a route may ask for: more only multiplies load on a
+/// backend that is already failing.
+pub const MAX_RETRY_ATTEMPTS: u32 = 10;
+/// Longest regex pattern accepted, in bytes.
+pub const MAX_REGEX_LEN: usize = 1024;
+/// Bound on a compiled regex's memory, so a pattern like `(a{1000}){1000}`
+/// is rejected here rather than costing memory in every sidecar.
+pub const REGEX_SIZE_LIMIT: usize = 256 * 1024;
+/// `retryOn` conditions the sidecar implements.
+pub const RETRY_ON: [&str; 5] = [
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "retriable-status-codes",
+];
+
+/// Checks documents that parsed; returns every problem found.
+pub fn validate(documents: &[Document]) -> Result<(), ConfigErrors> {
+    let errors = check(documents, &[]);
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors::sorted(errors))
+    }
+}
+
+/// Checks `documents`; `unparsed` are documents that failed to parse but
+/// whose kind and name are known, so references to them are not reported
+/// as dangling on top of their parse error.
+pub(crate) fn check(documents: &[Document], unparsed: &[Unparsed]) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    let registry = Registry::build(documents, unparsed, &mut errors);
+    let mut routed: HashMap<ServiceKey, (PathBuf, u32)> = HashMap::new();
+    let mut policed: HashMap<ServiceKey, (PathBuf, u32)> = HashMap::new();
+    for (i, doc) in documents.iter().enumerate() {
+        // A duplicate is reported once, as such, not again as a second
+        // Route or TrafficPolicy for its service.
+        let duplicate = registry.duplicates.contains(&i);
+        let mut cx = Cx {
+            file: &doc.file,
+            doc_line: doc.line,
+            namespace: doc.namespace(),
+            errors: &mut errors,
+        };
+        check_envelope(&mut cx, doc);
+        match &doc.spec {
+            Spec::MeshConfig(_) => {} // checked while building the registry
+            Spec::Service(s) => check_service(&mut cx, &registry, s),
+            Spec::ServiceEntry(s) => check_service_entry(&mut cx, &registry, s),
+            Spec::Route(r) => {
+                check_route(&mut cx, &registry, r);
+                if !duplicate {
+                    one_per_service(&mut cx, &registry, &mut routed, &r.service, "Route");
+                }
+            }
+            Spec::TrafficPolicy(t) => {
+                check_traffic_policy(&mut cx, &registry, t);
+                if !duplicate {
+                    one_per_service(
+                        &mut cx,
+                        &registry,
+                        &mut policed,
+                        &t.service,
+                        "TrafficPolicy",
+                    );
+                }
+            }
+            Spec::AuthorizationPolicy(a) => check_authorization_policy(&mut cx, &registry, a),
+        }
+    }
+    errors
+}
+
+/// `(namespace, name)` of a Service or ServiceEntry.
+pub(crate) type ServiceKey = (String, String);
+
+/// Resolves a service reference written in `namespace`: `name` or
+/// `namespace/name`. `None` if it has more than one `/`.
+pub(crate) fn resolve(reference: &str, namespace: &str) -> Option<ServiceKey> {
+    match reference.split_once('/') {
+        None => Some((namespace.to_string(), reference.to_string())),
+        Some((ns, name)) if !name.contains('/') => Some((ns.to_string(), name.to_string())),
+        Some(_) => None,
+    }
+}
+
+/// What other documents need to know about a service.
+#[derive(Default)]
+struct ServiceInfo {
+    /// Service ports, `None` when the service did not parse.
+    ports: Option<BTreeSet<u32>>,
+    /// Every port is `tcp`: HTTP routing cannot apply.
+    tcp_only: bool,
+}
+
+/// Mesh-wide facts the per-document checks use.
+struct Registry {
+    /// `None` when the configured trust domain is itself invalid (already
+    /// reported), so identities are not also reported against it.
+    trust_domain: Option<String>,
+    services: HashMap<ServiceKey, ServiceInfo>,
+    /// Indices of documents that repeat an earlier kind/namespace/name.
+    duplicates: HashSet<usize>,
+}
+
+impl Registry {
+    /// Indexes services and reports duplicates and extra MeshConfigs.
+    fn build(documents: &[Document], unparsed: &[Unparsed], errors: &mut Vec<ConfigError>) -> Self {
+        let mut trust_domain = Some(DEFAULT_TRUST_DOMAIN.to_string());
+        let mut mesh_seen: Option<(&Path, u32)> = None;
+        let mut seen: HashMap<(Kind, &str, &str), (&Path, u32)> = HashMap::new();
+        let mut services: HashMap<ServiceKey, ServiceInfo> = HashMap::new();
+        let mut duplicates = HashSet::new();
+        for (i, doc) in documents.iter().enumerate() {
+            let line = line_or(doc.metadata.name.line, doc.line);
+            let key = (doc.kind(), doc.namespace(), doc.name());
+            if let Some((file, first)) = seen.get(&key) {
+                errors.push(ConfigError::new(
+                    &doc.file,
+                    line,
+                    format!(
+                        "duplicate {} {}/{} (first defined at {}:{})",
+                        doc.kind(),
+                        doc.namespace(),
+                        doc.name(),
+                        file.display(),
+                        first
+                    ),
+                ));
+                duplicates.insert(i);
+                continue;
+            }
+            seen.insert(key, (&doc.file, line));
+            match &doc.spec {
+                Spec::MeshConfig(mesh) => {
+                    if let Some((file, first)) = mesh_seen {
+                        errors.push(ConfigError::new(
+                            &doc.file,
+                            doc.line,
+                            format!(
+                                "more than one MeshConfig (the first is at {}:{}); a mesh has one",
+                                file.display(),
+                                first
+                            ),
+                        ));
+                        continue;
+                    }
+                    mesh_seen = Some((&doc.file, doc.line));
+                    if let Err(e) = bulwark_ca::identity::validate_trust_domain(&mesh.trust_domain)
+                    {
+                        errors.push(ConfigError::new(
+                            &doc.file,
+                            line_or(mesh.trust_domain.line, doc.line),
+                            format!("trustDomain: {e}"),
+                        ));
+                        trust_domain = None;
+                    } else {
+                        trust_domain = Some(mesh.trust_domain.value.clone());
+                    }
+                }
+                Spec::Service(s) => add_ports(&mut services, doc, &s.ports),
+                Spec::ServiceEntry(s) => add_ports(&mut services, doc, &s.ports),
+                _ => {}
+            }
+        }
+        for u in unparsed {
+            if matches!(u.kind, Kind::Service | Kind::ServiceEntry) {
+                services
+                    .entry((u.namespace.clone(), u.name.clone()))
+                    .or_default()
+                    .ports = None;
+            }
+        }
+        Registry {
+            trust_domain,
+            services,
+            duplicates,
+        }
+    }
+}
+
+/// A Service and a ServiceEntry of the same name describe one service: its
+/// ports are the union.
+fn add_ports(services: &mut HashMap<ServiceKey, ServiceInfo>, doc: &Document, ports: &[PortSpec]) {
+    let key = (doc.namespace().to_string(), doc.name().to_string());
+    let info = services.entry(key).or_insert_with(|| ServiceInfo {
+        ports: Some(BTreeSet::new()),
+        tcp_only: true,
+    });
+    if let Some(set) = info.ports.as_mut() {
+        set.extend(ports.iter().map(|p| p.port.value));
+    }
+    info.tcp_only &= !ports.is_empty() && ports.iter().all(|p| p.protocol == Protocol::Tcp);
+}
+
+/// Where errors for one document go.
+struct Cx<'a> {
+    file: &'a Path,
+    doc_line: u32,
+    namespace: &'a str,
+    errors: &'a mut Vec<ConfigError>,
+}
+
+impl Cx<'_> {
+    /// Reports at `line`, or at the document when the value had no line.
+    fn err(&mut self, line: u32, message: impl Into<String>) {
+        self.errors.push(ConfigError::new(
+            self.file,
+            line_or(line, self.doc_line),
+            message,
+        ));
+    }
+}
+
+fn line_or(line: u32, fallback: u32) -> u32 {
+    if line == 0 { fallback } else { line }
+}
+
+fn check_envelope(cx: &mut Cx<'_>, doc: &Document) {
+    if doc.api_version.value != API_VERSION {
+        cx.err(
+            doc.api_version.line,
+            format!(
+                "unsupported apiVersion `{}`, expected {API_VERSION}",
+                doc.api_version.value
+            ),
+        );
+    }
+    let m = &doc.metadata;
+    if let Err(e) = dns_label(&m.name) {
+        cx.err(m.name.line, format!("metadata.name: {e}"));
+    }
+    if let Err(e) = dns_label(&m.namespace) {
+        cx.err(m.namespace.line, format!("metadata.namespace: {e}"));
+    }
+    check_labels(cx, "metadata.labels", &m.labels);
+    for key in m.annotations.keys() {
+        if let Err(e) = label_key(key) {
+            cx.err(m.name.line, format!("metadata.annotations: {e}"));
+        }
+    }
+}
+
+fn check_service(cx: &mut Cx<'_>, reg: &Registry, s: &ServiceSpec) {
+    check_ports(cx, &s.ports);
+    let mut seen = BTreeSet::new();
+    for id in &s.identities {
+        check_identity(cx, reg, "identities", id);
+        if !seen.insert(id.value.as_str()) {
+            cx.err(id.line, format!("identity {} is listed twice", id.value));
+        }
+    }
+    check_labels(cx, "selector", &s.selector);
+    for a in &s.addresses {
+        check_ip(cx, "addresses", a);
+    }
+}
+
+fn check_service_entry(cx: &mut Cx<'_>, reg: &Registry, s: &ServiceEntrySpec) {
+    check_ports(cx, &s.ports);
+    for h in &s.hosts {
+        if let Err(e) = hostname(h) {
+            cx.err(h.line, format!("hosts: {e}"));
+        }
+    }
+    for a in &s.addresses {
+        check_ip(cx, "addresses", a);
+    }
+    match s.location {
+        MeshLocation::MeshExternal if s.hosts.is_empty() && s.addresses.is_empty() => cx.err(
+            s.ports.line,
+            "a MESH_EXTERNAL ServiceEntry needs hosts or addresses for clients to dial",
+        ),
+        MeshLocation::MeshInternal if s.endpoints.is_empty() => cx.err(
+            s.ports.line,
+            "a MESH_INTERNAL ServiceEntry lists mesh workloads: add endpoints",
+        ),
+        _ => {}
+    }
+    for ep in &s.endpoints {
+        check_endpoint(cx, reg, ep);
+    }
+}
+
+fn check_endpoint(cx: &mut Cx<'_>, reg: &Registry, ep: &EndpointSpec) {
+    check_ip(cx, "endpoints.address", &ep.address);
+    if let Some(id) = &ep.identity {
+        check_identity(cx, reg, "endpoints.identity", id);
+    }
+    check_labels(cx, "endpoints.labels", &ep.labels);
+    for p in &ep.ports {
+        check_port_number(cx, "endpoints.ports", p);
+    }
+}
+
+fn check_ports(cx: &mut Cx<'_>, ports: &Located<Vec<PortSpec>>) {
+    if ports.is_empty() {
+        cx.err(ports.line, "ports: at least one port is required");
+    }
+    let mut numbers = BTreeSet::new();
+    let mut names = BTreeSet::new();
+    for p in ports.iter() {
+        check_port_number(cx, "port", &p.port);
+        if !numbers.insert(p.port.value) {
+            cx.err(
+                p.port.line,
+                format!("port {} is listed twice", p.port.value),
+            );
+        }
+        if let Some(t) = &p.target_port {
+            check_port_number(cx, "targetPort", t);
+        }
+        if let Some(name) = &p.name {
+            if let Err(e) = dns_label(name) {
+                cx.err(name.line, format!("port name: {e}"));
+            } else if !names.insert(name.value.as_str()) {
+                cx.err(name.line, format!("port name {} is used twice", name.value));
+            }
+        }
+    }
+}
+
+fn check_port_number(cx: &mut Cx<'_>, what: &str, p: &Located<u32>) {
+    if !(1..=65535).contains(&p.value) {
+        cx.err(
+            p.line,
+            format!("{what} {} is out of range 1..=65535", p.value),
+        );
+    }
+}
+
+fn check_ip(cx: &mut Cx<'_>, what: &str, a: &Located<String>) {
+    if a.parse::<IpAddr>().is_err() {
+        cx.err(
+            a.line,
+            format!("{what}: {:?} is not an IPv4 or IPv6 address", a.value),
+        );
+    }
+}
+
+/// A workload identity: a SPIFFE ID in the mesh's trust domain.
+fn check_identity(cx: &mut Cx<'_>, reg: &Registry, what: &str, id: &Located<String>) {
+    match id.parse::<SpiffeId>() {
+        Err(e) => cx.err(id.line, format!("{what}: {e}")),
+        Ok(parsed) => check_trust_domain(cx, reg, what, id, parsed.trust_domain()),
+    }
+}
+
+fn check_trust_domain(cx: &mut Cx<'_>, reg: &Registry, what: &str, id: &Located<String>, td: &str) {
+    if let Some(mesh_td) = &reg.trust_domain
+        && td != mesh_td
+    {
+        cx.err(
+            id.line,
+            format!(
+                "{what}: {} is not in the mesh trust domain {mesh_td}",
+                id.value
+            ),
+        );
+    }
+}
+
+/// A source pattern in an AuthorizationPolicy: a SPIFFE ID where `*` may
+/// stand for any run of characters. The fixed parts must form a SPIFFE ID
+/// when each `*` is filled in with a plain name, which catches typos such
+/// as a missing `/sa/` while allowing `spiffe://cluster.local/ns/shop/sa/*`.
+fn check_source_pattern(cx: &mut Cx<'_>, reg: &Registry, p: &Located<String>) {
+    if p.value == "*" {
+        cx.err(
+            p.line,
+            "from: `*` is not a SPIFFE ID pattern; leave `from` out to allow any identity",
+        );
+        return;
+    }
+    if !p.contains('*') {
+        check_identity(cx, reg, "from", p);
+        return;
+    }
+    let filled = p.replace('*', "x");
+    match filled.parse::<SpiffeId>() {
+        Err(e) => cx.err(
+            p.line,
+            format!(
+                "from: {:?} is not a SPIFFE ID pattern ({e}); `*` may stand for part of the \
+                 trust domain, namespace or service account, e.g. spiffe://cluster.local/ns/shop/sa/*",
+                p.value
+            ),
+        ),
+        Ok(parsed) => {
+            let td_has_star = p
+                .strip_prefix("spiffe://")
+                .and_then(|rest| rest.split('/').next())
+                .is_some_and(|td| td.contains('*'));
+            if !td_has_star {
+                check_trust_domain(cx, reg, "from", p, parsed.trust_domain());
+            }
+        }
+    }
+}
+
+fn check_labels(cx: &mut Cx<'_>, what: &str, labels: &Located<Labels>) {
+    let line = labels.line;
+    for (k, v) in labels.iter() {
+        if let Err(e) = label_key(k) {
+            cx.err(line, format!("{what}: {e}"));
+        }
+        if let Err(e) = label_value(v) {
+            cx.err(line, format!("{what}: {k}: {e}"));
+        }
+    }
+}
+
+/// Names a referenced service, or reports why it cannot.
+fn check_service_ref(
+    cx: &mut Cx<'_>,
+    reg: &Registry,
+    what: &str,
+    r: &Located<String>,
+) -> Option<ServiceKey> {
+    let Some(key) = resolve(&r.value, cx.namespace) else {
+        cx.err(
+            r.line,
+            format!(
+                "{what}: `{}` is not a service reference: use name or namespace/name",
+                r.value
+            ),
+        );
+        return None;
+    };
+    if let Err(e) = dns_label(&key.0).and_then(|_| dns_label(&key.1)) {
+        cx.err(r.line, format!("{what}: `{}`: {e}", r.value));
+        return None;
+    }
+    if reg.services.contains_key(&key) {
+        return Some(key);
+    }
+    let elsewhere: Vec<String> = reg
+        .services
+        .keys()
+        .filter(|(_, name)| *name == key.1)
+        .map(|(ns, name)| format!("{ns}/{name}"))
+        .collect();
+    let hint = match elsewhere.iter().min() {
+        Some(other) => format!(" (did you mean {other}?)"),
+        None => String::new(),
+    };
+    cx.err(
+        r.line,
+        format!(
+            "{what}: unknown service {}/{}: no Service or ServiceEntry has that name{hint}",
+            key.0, key.1
+        ),
+    );
+    None
+}
+
+/// One Route (or TrafficPolicy) per service: two would leave which one
+/// applies to chance.
+fn one_per_service(
+    cx: &mut Cx<'_>,
+    reg: &Registry,
+    claimed: &mut HashMap<ServiceKey, (PathBuf, u32)>,
+    service: &Located<String>,
+    kind: &str,
+) {
+    let Some(key) = resolve(&service.value, cx.namespace) else {
+        return;
+    };
+    if !reg.services.contains_key(&key) {
+        return;
+    }
+    let line = line_or(service.line, cx.doc_line);
+    if let Some((file, first)) = claimed.get(&key) {
+        cx.err(
+            line,
+            format!(
+                "service {}/{} already has a {kind} (at {}:{}); merge them into one",
+                key.0,
+                key.1,
+                file.display(),
+                first
+            ),
+        );
+    } else {
+        claimed.insert(key, (cx.file.to_path_buf(), line));
+    }
+}
+
+fn check_route(cx: &mut Cx<'_>, reg: &Registry, r: &RouteSpec) {
+    if let Some(key) = check_service_ref(cx, reg, "service", &r.service)
+        && reg.services.get(&key).is_some_and(|s| s.tcp_only)
+    {
+        cx.err(
+            r.service.line,
+            format!(
+                "service {}/{} has only tcp ports: a Route applies to HTTP traffic",
+                key.0, key.1
+            ),
+        );
+    }
+    if r.rules.is_empty() {
+        cx.err(r.rules.line, "rules: a Route needs at least one rule");
+    }
+    let mut names = BTreeSet::new();
+    for rule in r.rules.iter() {
+        if let Some(name) = &rule.name {
+            if let Err(e) = dns_label(name) {
+                cx.err(name.line, format!("rule name: {e}"));
+            } else if !names.insert(name.value.as_str()) {
+                cx.err(name.line, format!("rule name {} is used twice", name.value));
+            }
+        }
+        check_rule(cx, reg, rule);
+    }
+}
+
+fn check_rule(cx: &mut Cx<'_>, reg: &Registry, rule: &RouteRule) {
+    for m in &rule.matches {
+        if let Some(path) = &m.path {
+            check_path_match(cx, "matches.path", path);
+        }
+        for method in &m.methods {
+            check_method(cx, method);
+        }
+        for h in &m.headers {
+            check_header_match(cx, h);
+        }
+    }
+    check_backends(cx, reg, rule);
+    for o in &rule.overrides {
+        check_header_match(cx, &o.header);
+        check_backend(cx, reg, &o.backend);
+        if let Some(w) = &o.backend.weight {
+            cx.err(
+                w.line,
+                "overrides.backend.weight has no effect: an override sends all matching requests",
+            );
+        }
+    }
+    let timeout = rule
+        .timeout
+        .as_ref()
+        .and_then(|t| check_duration(cx, "timeout", t));
+    if let Some(retry) = &rule.retry {
+        check_retry(cx, retry, timeout);
+    }
+}
+
+fn check_backends(cx: &mut Cx<'_>, reg: &Registry, rule: &RouteRule) {
+    let mut sum: u64 = 0;
+    let mut all_weighted = true;
+    for b in &rule.backends {
+        check_backend(cx, reg, b);
+        match &b.weight {
+            Some(w) if w.value > 100 => {
+                cx.err(
+                    w.line,
+                    format!("backend weight {} is out of range 0..=100", w.value),
+                );
+                all_weighted = false; // the sum would only repeat this error
+            }
+            Some(w) => sum += u64::from(w.value),
+            None if rule.backends.len() > 1 => {
+                cx.err(
+                    b.service.line,
+                    "backend weight is required when a rule has more than one backend",
+                );
+                all_weighted = false;
+            }
+            None => sum += 100,
+        }
+    }
+    if !rule.backends.is_empty() && all_weighted && sum != 100 {
+        let line = rule.backends[0]
+            .weight
+            .as_ref()
+            .map_or(rule.backends[0].service.line, |w| w.line);
+        cx.err(
+            line,
+            format!("backend weights sum to {sum}, they must sum to 100"),
+        );
+    }
+}
+
+fn check_backend(cx: &mut Cx<'_>, reg: &Registry, b: &Backend) {
+    let key = check_service_ref(cx, reg, "backend service", &b.service);
+    check_labels(cx, "backend subset", &b.subset);
+    if let Some(port) = &b.port {
+        check_port_number(cx, "backend port", port);
+        if let Some(key) = key
+            && let Some(ports) = reg.services.get(&key).and_then(|s| s.ports.as_ref())
+            && (1..=65535).contains(&port.value)
+            && !ports.contains(&port.value)
+        {
+            let list: Vec<String> = ports.iter().map(u32::to_string).collect();
+            cx.err(
+                port.line,
+                format!(
+                    "backend port {} is not a port of service {}/{} (ports: {})",
+                    port.value,
+                    key.0,
+                    key.1,
+                    list.join(", ")
+                ),
+            );
+        }
+    }
+}
+
+fn check_retry(cx: &mut Cx<'_>, r: &Located<RetrySpec>, timeout: Option<Duration>) {
+    if !(1..=MAX_RETRY_ATTEMPTS).contains(&r.attempts.value) {
+        cx.err(
+            r.attempts.line,
+            format!(
+                "retry attempts {} is out of range 1..={MAX_RETRY_ATTEMPTS} (leave retry out for no retries)",
+                r.attempts.value
+            ),
+        );
+    }
+    let per_try = r
+        .per_try_timeout
+        .as_ref()
+        .and_then(|d| check_duration(cx, "retry.perTryTimeout", d));
+    if let (Some(per_try), Some(timeout), Some(d)) = (per_try, timeout, &r.per_try_timeout)
+        && per_try > timeout
+    {
+        cx.err(
+            d.line,
+            format!(
+                "retry.perTryTimeout {} is longer than the rule's timeout",
+                d.value
+            ),
+        );
+    }
+    let base = r
+        .backoff_base
+        .as_ref()
+        .and_then(|d| check_duration(cx, "retry.backoffBase", d));
+    let max = r
+        .backoff_max
+        .as_ref()
+        .and_then(|d| check_duration(cx, "retry.backoffMax", d));
+    let base = base.unwrap_or(crate::compile::DEFAULT_BACKOFF_BASE);
+    let max = max.unwrap_or(crate::compile::DEFAULT_BACKOFF_MAX.max(base));
+    if base > max {
+        let line = r.backoff_base.as_ref().map_or(r.line, |d| d.line);
+        cx.err(line, "retry.backoffBase is longer than retry.backoffMax");
+    }
+    let mut status_codes_enabled = false;
+    for cond in &r.retry_on {
+        if !RETRY_ON.contains(&cond.value.as_str()) {
+            cx.err(
+                cond.line,
+                format!(
+                    "retry.retryOn: unknown condition `{}`, expected one of {}",
+                    cond.value,
+                    RETRY_ON.join(", ")
+                ),
+            );
+        }
+        status_codes_enabled |= cond.value == "retriable-status-codes";
+    }
+    for code in &r.retriable_status_codes {
+        if !(100..=599).contains(&code.value) {
+            cx.err(
+                code.line,
+                format!(
+                    "retry.retriableStatusCodes: {} is not an HTTP status code",
+                    code.value
+                ),
+            );
+        }
+    }
+    if !r.retriable_status_codes.is_empty() && !status_codes_enabled {
+        cx.err(
+            r.retriable_status_codes[0].line,
+            "retry.retriableStatusCodes has no effect unless retryOn includes retriable-status-codes",
+        );
+    }
+    if let Some(ratio) = &r.budget_ratio {
+        check_ratio(cx, "retry.budgetRatio", ratio);
+    }
+}
+
+fn check_traffic_policy(cx: &mut Cx<'_>, reg: &Registry, t: &TrafficPolicySpec) {
+    check_service_ref(cx, reg, "service", &t.service);
+    if let Some(b) = &t.bulkhead {
+        for (what, v) in [
+            ("bulkhead.maxConnections", &b.max_connections),
+            ("bulkhead.maxRequests", &b.max_requests),
+            ("bulkhead.maxPending", &b.max_pending),
+        ] {
+            if let Some(v) = v {
+                at_least_one(cx, what, v);
+            }
+        }
+    }
+    if let Some(cb) = &t.circuit_breaker {
+        if cb.consecutive_failures.is_none() && cb.failure_ratio.is_none() {
+            cx.err(
+                cb.line,
+                "circuitBreaker needs consecutiveFailures or failureRatio to know when to open",
+            );
+        }
+        if let Some(v) = &cb.consecutive_failures {
+            at_least_one(cx, "circuitBreaker.consecutiveFailures", v);
+        }
+        if let Some(r) = &cb.failure_ratio
+            && check_ratio(cx, "circuitBreaker.failureRatio", r)
+            && r.value == 0.0
+        {
+            cx.err(r.line, "circuitBreaker.failureRatio must be above 0");
+        }
+        if let Some(v) = &cb.min_requests {
+            at_least_one(cx, "circuitBreaker.minRequests", v);
+        }
+        if let Some(v) = &cb.half_open_requests {
+            at_least_one(cx, "circuitBreaker.halfOpenRequests", v);
+        }
+        if let Some(d) = &cb.window {
+            check_duration(cx, "circuitBreaker.window", d);
+        }
+        if let Some(d) = &cb.open_duration {
+            check_duration(cx, "circuitBreaker.openDuration", d);
+        }
+    }
+    if let Some(o) = &t.outlier_detection {
+        if let Some(v) = &o.consecutive_5xx {
+            at_least_one(cx, "outlierDetection.consecutive5xx", v);
+        }
+        if let Some(d) = &o.interval {
+            check_duration(cx, "outlierDetection.interval", d);
+        }
+        if let Some(d) = &o.base_ejection_time {
+            check_duration(cx, "outlierDetection.baseEjectionTime", d);
+        }
+        if let Some(p) = &o.max_ejection_percent
+            && p.value > 100
+        {
+            cx.err(
+                p.line,
+                format!(
+                    "outlierDetection.maxEjectionPercent {} is out of range 0..=100",
+                    p.value
+                ),
+            );
+        }
+    }
+    if let Some(d) = &t.connect_timeout {
+        check_duration(cx, "connectTimeout", d);
+    }
+    if let Some(rl) = &t.rate_limit {
+        at_least_one(cx, "rateLimit.requestsPerSecond", &rl.requests_per_second);
+        if let Some(b) = &rl.burst {
+            at_least_one(cx, "rateLimit.burst", b);
+        }
+    }
+    if let Some(hc) = &t.health_check {
+        if !hc.path.starts_with('/') || hc.path.parse::<http::uri::PathAndQuery>().is_err() {
+            cx.err(
+                hc.path.line,
+                format!(
+                    "healthCheck.path {:?} is not an absolute URL path",
+                    hc.path.value
+                ),
+            );
+        }
+        let interval = hc
+            .interval
+            .as_ref()
+            .and_then(|d| check_duration(cx, "healthCheck.interval", d))
+            .unwrap_or(crate::compile::DEFAULT_HEALTH_INTERVAL);
+        let timeout = hc
+            .timeout
+            .as_ref()
+            .and_then(|d| check_duration(cx, "healthCheck.timeout", d))
+            .unwrap_or(crate::compile::DEFAULT_HEALTH_TIMEOUT);
+        if timeout > interval {
+            let line = hc.timeout.as_ref().map_or(hc.line, |d| d.line);
+            cx.err(
+                line,
+                "healthCheck.timeout is longer than healthCheck.interval",
+            );
+        }
+        if let Some(v) = &hc.unhealthy_threshold {
+            at_least_one(cx, "healthCheck.unhealthyThreshold", v);
+        }
+        if let Some(v) = &hc.healthy_threshold {
+            at_least_one(cx, "healthCheck.healthyThreshold", v);
+        }
+    }
+}
+
+fn check_authorization_policy(cx: &mut Cx<'_>, reg: &Registry, a: &AuthorizationPolicySpec) {
+    check_service_ref(cx, reg, "service", &a.service);
+    for rule in &a.rules {
+        for p in &rule.from {
+            check_source_pattern(cx, reg, p);
+        }
+        for p in &rule.paths {
+            check_path_match(cx, "paths", p);
+        }
+        for m in &rule.methods {
+            check_method(cx, m);
+        }
+    }
+}
+
+fn at_least_one(cx: &mut Cx<'_>, what: &str, v: &Located<u32>) {
+    if v.value == 0 {
+        cx.err(v.line, format!("{what} must be at least 1"));
+    }
+}
+
+/// Reports unless `r` is a number in 0..=1; returns whether it is.
+fn check_ratio(cx: &mut Cx<'_>, what: &str, r: &Located<f64>) -> bool {
+    if r.value.is_finite() && (0.0..=1.0).contains(&r.value) {
+        true
+    } else {
+        cx.err(r.line, format!("{what} {} is out of range 0..=1", r.value));
+        false
+    }
+}
+
+/// Parses a duration that must be above zero; reports and returns `None`
+/// if it is not.
+fn check_duration(cx: &mut Cx<'_>, what: &str, d: &Located<String>) -> Option<Duration> {
+    match duration::parse(d) {
+        Ok(v) if v.is_zero() => {
+            cx.err(d.line, format!("{what} must be longer than 0"));
+            None
+        }
+        Ok(v) => Some(v),
+        Err(e) => {
+            cx.err(d.line, format!("{what}: {e}"));
+            None
+        }
+    }
+}
+
+/// HTTP methods are case-sensitive and upper case by convention; a
+/// lower-case `get` would silently never match.
+fn check_method(cx: &mut Cx<'_>, m: &Located<String>) {
+    let ok = !m.is_empty()
+        && m.len() <= 32
+        && m.bytes()
+            .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_');
+    if !ok {
+        let hint = if m.bytes().any(|b| b.is_ascii_lowercase()) {
+            format!(" (did you mean {}?)", m.to_ascii_uppercase())
+        } else {
+            String::new()
+        };
+        cx.err(
+            m.line,
+            format!(
+                "method {:?} is not an upper-case HTTP method{hint}",
+                m.value
+            ),
+        );
+    }
+}
+
+/// A path test: exactly one of exact, prefix, regex; literal paths start
+/// with `/`.
+fn check_path_match(cx: &mut Cx<'_>, what: &str, m: &Located<StringMatch>) {
+    let set = [&m.exact, &m.prefix, &m.regex]
+        .into_iter()
+        .filter(|v| v.is_some())
+        .count();
+    if set != 1 {
+        cx.err(
+            m.line,
+            format!("{what}: give exactly one of exact, prefix, regex"),
+        );
+        return;
+    }
+    for lit in [&m.exact, &m.prefix].into_iter().flatten() {
+        if !lit.starts_with('/') {
+            cx.err(
+                lit.line,
+                format!("{what}: {:?} must start with /", lit.value),
+            );
+        }
+    }
+    if let Some(re) = &m.regex {
+        check_regex(cx, what, re);
+    }
+}
+
+fn check_header_match(cx: &mut Cx<'_>, h: &Located<HeaderMatch>) {
+    if let Err(e) = http::HeaderName::from_bytes(h.name.as_bytes()) {
+        cx.err(h.name.line, format!("header name {:?}: {e}", h.name.value));
+    }
+    let absent = h.absent.as_ref().is_some_and(|a| a.value);
+    let set = [&h.exact, &h.prefix, &h.regex]
+        .into_iter()
+        .filter(|v| v.is_some())
+        .count()
+        + usize::from(absent);
+    if set > 1 {
+        cx.err(
+            h.line,
+            format!(
+                "header {}: give at most one of exact, prefix, regex, absent",
+                h.name.value
+            ),
+        );
+    }
+    for lit in [&h.exact, &h.prefix].into_iter().flatten() {
+        if http::HeaderValue::from_str(lit).is_err() {
+            cx.err(
+                lit.line,
+                format!(
+                    "header {}: {:?} is not a valid header value",
+                    h.name.value, lit.value
+                ),
+            );
+        }
+    }
+    if let Some(re) = &h.regex {
+        check_regex(cx, "header regex", re);
+    }
+}
+
+fn check_regex(cx: &mut Cx<'_>, what: &str, re: &Located<String>) {
+    if re.len() > MAX_REGEX_LEN {
+        cx.err(
+            re.line,
+            format!("{what}: regex is longer than {MAX_REGEX_LEN} bytes"),
+        );
+        return;
+    }
+    if let Err(e) = regex::RegexBuilder::new(re)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .dfa_size_limit(REGEX_SIZE_LIMIT)
+        .build()
+    {
+        // The regex crate's messages span several lines; keep one.
+        let msg = match e {
+            regex::Error::CompiledTooBig(_) => "pattern compiles too big".to_string(),
+            other => other
+                .to_string()
+                .lines()
+                .filter(|l| l.starts_with("error:"))
+                .map(|l| l.trim_start_matches("error:").trim().to_string())
+                .next()
+                .unwrap_or_else(|| "invalid pattern".to_string()),
+        };
+        cx.err(
+            re.line,
+            format!("{what}: invalid regex {:?}: {msg}", re.value),
+        );
+    }
+}
+
+/// A DNS-1123 label: what Kubernetes allows for names and namespaces.
+pub(crate) fn dns_label(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{s:?} is not a DNS-1123 label (1-63 lower-case letters, digits or '-', \
+             starting and ending with a letter or digit)"
+        ))
+    }
+}
+
+/// A host name, optionally with a leading `*.` wildcard.
+fn hostname(s: &str) -> Result<(), String> {
+    let name = s.strip_prefix("*.").unwrap_or(s);
+    if !name.is_empty() && name.len() <= 253 && name.split('.').all(|l| dns_label(l).is_ok()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{s:?} is not a host name (lower-case DNS labels separated by '.', optionally starting with *.)"
+        ))
+    }
+}
+
+/// A Kubernetes label or annotation key: `[prefix/]name`.
+fn label_key(k: &str) -> Result<(), String> {
+    let (prefix, name) = match k.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    let prefix_ok =
+        prefix.is_none_or(|p| p.len() <= 253 && p.split('.').all(|l| dns_label(l).is_ok()));
+    if prefix_ok && !name.is_empty() && label_chars(name) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{k:?} is not a valid key ([prefix/]name: name 1-63 letters, digits, '-', '_' or '.')"
+        ))
+    }
+}
+
+fn label_value(v: &str) -> Result<(), String> {
+    if v.is_empty() || label_chars(v) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{v:?} is not a valid label value (at most 63 letters, digits, '-', '_' or '.', \
+             starting and ending with a letter or digit)"
+        ))
+    }
+}
+
+fn label_chars(s: &str) -> bool {
+    let alnum_end = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && alnum_end(s.chars().next())
+        && alnum_end(s.chars().last())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_references_resolve_in_the_document_namespace() {
+        assert_eq!(resolve("api", "shop"), Some(("shop".into(), "api".into())));
+        assert_eq!(resolve("db/pg", "shop"), Some(("db".into(), "pg".into())));
+        assert_eq!(resolve("a/b/c", "shop"), None);
+    }
+
+    #[test]
+    fn dns_labels_follow_kubernetes_rules() {
+        for good in ["a", "api", "api-v2", "0abc", &"a".repeat(63)] {
+            assert!(dns_label(good).is_ok(), "{good}");
+        }
+        for bad in ["", "-a", "a-", "Api", "a_b", "a.b", &"a".repeat(64)] {
+            assert!(dns_label(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn label_keys_and_values_follow_kubernetes_rules() {
+        assert!(label_key("app").is_ok());
+        assert!(label_key("app.kubernetes.io/name").is_ok());
+        assert!(label_key("bad key").is_err());
+        assert!(label_key("/x").is_err());
+        assert!(label_value("").is_ok());
+        assert!(label_value("v1.2_x").is_ok());
+        assert!(label_value("-v1").is_err());
+    }
+
+    #[test]
+    fn host_names_may_have_a_leading_wildcard() {
+        assert!(hostname("api.example.com").is_ok());
+        assert!(hostname("*.example.com").is_ok());
+        assert!(hostname("a.*.com").is_err());
+        assert!(hostname("").is_err());
+    }
+}

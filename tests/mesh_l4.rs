@@ -35,7 +35,8 @@ fn unmodified_client_reaches_pod_b_over_mtls_and_b_sees_a_identity() {
         "tcpdump",
         &[
             "-i",
-            "br0",
+            "any",
+            "--immediate-mode",
             "-U",
             "-n",
             "-s",
@@ -62,9 +63,20 @@ fn unmodified_client_reaches_pod_b_over_mtls_and_b_sees_a_identity() {
     // The app saw the connection come from its own sidecar over loopback.
     assert!(body.contains("from 127.0.0.1:"), "{body}");
 
+    // Wait until the packets of the exchange are on disk, then stop.
+    wait_for(
+        "the capture to hold the exchange",
+        Duration::from_secs(10),
+        || (std::fs::metadata(&pcap).map(|m| m.len()).unwrap_or(0) > 2000).then_some(()),
+    );
     mesh.net.proc_mut(dump).terminate(Duration::from_secs(5));
     let captured = std::fs::read(&pcap).unwrap();
-    assert!(captured.len() > 200, "capture is empty");
+    assert!(
+        captured.len() > 200,
+        "capture is empty ({} bytes): {}",
+        captured.len(),
+        mesh.net.log_of(dump)
+    );
     let contains = |needle: &[u8]| captured.windows(needle.len()).any(|w| w == needle);
     assert!(
         !contains(MARKER.as_bytes()),
@@ -282,7 +294,7 @@ fn non_mesh_foreign_expired_wrong_identity_and_unauthorized_peers_are_refused_an
         "{m}"
     );
     assert!(
-        mesh.sidecar_log("web").contains("is not the expected"),
+        mesh.sidecar_log("web").contains("unexpected SPIFFE ID"),
         "{}",
         mesh.sidecar_log("web")
     );

@@ -55,10 +55,8 @@ impl From<VerifyError> for rustls::Error {
             VerifyError::Expired => CertificateError::Expired,
             VerifyError::NotYetValid => CertificateError::NotValidYet,
             VerifyError::UnknownIssuer => CertificateError::UnknownIssuer,
-            VerifyError::WrongIdentity { .. } | VerifyError::NoSpiffeId(_) => {
-                CertificateError::ApplicationVerificationFailure
-            }
-            VerifyError::Chain(_) => CertificateError::BadSignature,
+            // Keep our message: "peer identity X is not the expected Y".
+            other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
         };
         rustls::Error::InvalidCertificate(ce)
     }

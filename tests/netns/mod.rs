@@ -23,13 +23,15 @@ const PREFIX: &str = "bwt";
 /// fail with a clear message, unless BULWARK_SKIP_NETNS=1 says to skip.
 pub fn available() -> bool {
     let root = unsafe { libc::geteuid() } == 0;
-    let tools = ["ip", "iptables"].iter().all(|t| {
-        Command::new(t)
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    });
+    let tools = [("ip", "-V"), ("iptables", "--version")]
+        .iter()
+        .all(|(t, v)| {
+            Command::new(t)
+                .arg(v)
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        });
     if root && tools {
         return true;
     }

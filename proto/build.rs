@@ -3,6 +3,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/bulwark/ca/v1/ca.proto",
         "proto/bulwark/config/v1/config.proto",
+        "proto/bulwark/xds/v1/xds.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -210,6 +210,67 @@ impl Authority {
         &self.chain_pem
     }
 
+    /// Issues a server certificate for one of the mesh's own services (the
+    /// CA, the control plane), in memory, with a fresh key: the URI SAN `id`
+    /// plus `localhost`, 127.0.0.1 and `dns_names`. Returns it with the time
+    /// it should be replaced (half its life).
+    pub fn serving_certificate(
+        &self,
+        id: &SpiffeId,
+        dns_names: &[String],
+    ) -> Result<
+        (
+            std::sync::Arc<rustls::sign::CertifiedKey>,
+            std::time::SystemTime,
+        ),
+        String,
+    > {
+        use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        let key =
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.subject_alt_names = vec![SanType::URI(
+            id.to_string()
+                .try_into()
+                .map_err(|e: rcgen::Error| e.to_string())?,
+        )];
+        for n in std::iter::once("localhost").chain(dns_names.iter().map(String::as_str)) {
+            p.subject_alt_names.push(SanType::DnsName(
+                n.to_string()
+                    .try_into()
+                    .map_err(|e: rcgen::Error| e.to_string())?,
+            ));
+        }
+        p.subject_alt_names
+            .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.serial_number = Some(crate::random_serial());
+        p.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        p.not_before = (now - BACKDATE).max(self.issuer_not_before);
+        p.not_after = (now + Duration::from_secs(24 * 3600)).min(self.issuer_not_after);
+        let lifetime = (p.not_after - now).whole_seconds().max(0) as u64;
+        let cert = p.signed_by(&key, &self.issuer).map_err(|e| e.to_string())?;
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(
+            rustls_pki_types::pem::PemObject::pem_slice_iter(self.chain_pem.as_bytes())
+                .filter_map(Result::ok)
+                .map(|c: CertificateDer<'static>| c),
+        );
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signer = crate::tls::provider()
+            .key_provider
+            .load_private_key(key_der)
+            .map_err(|e| e.to_string())?;
+        Ok((
+            std::sync::Arc::new(rustls::sign::CertifiedKey::new(chain, signer)),
+            std::time::SystemTime::now() + Duration::from_secs(lifetime / 2),
+        ))
+    }
+
     /// Signs `csr` for a caller authenticated as `authenticated`.
     pub fn sign(
         &self,

@@ -11,13 +11,9 @@ use bulwark_proto::ca::v1::certificate_service_server::{
     CertificateService, CertificateServiceServer,
 };
 use bulwark_proto::ca::v1::{SignRequest, SignResponse};
-use rcgen::{
-    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-    PKCS_ECDSA_P256_SHA256, SanType,
-};
 use rustls::server::ResolvesServerCert;
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use rustls_pki_types::{CertificateDer, UnixTime};
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tonic::{Code, Request, Response, Status};
@@ -138,57 +134,15 @@ fn serving_cert(
     authority: &Authority,
     dns_names: &[String],
 ) -> Result<(Arc<CertifiedKey>, SystemTime), ServeError> {
-    let tls = |e: String| ServeError::Tls(e);
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| tls(e.to_string()))?;
-    let mut p = CertificateParams::default();
-    p.distinguished_name = DistinguishedName::new();
     let id = ca_identity(authority.trust_domain());
     let mut names = vec![
-        "localhost".to_string(),
         "bulwark-ca".to_string(),
         "bulwark-ca.bulwark-system.svc".to_string(),
-        format!("bulwark-ca.bulwark-system.svc.{}", authority.trust_domain()),
     ];
     names.extend(dns_names.iter().cloned());
-    p.subject_alt_names = vec![SanType::URI(
-        id.to_string()
-            .try_into()
-            .map_err(|e: rcgen::Error| tls(e.to_string()))?,
-    )];
-    for n in names {
-        p.subject_alt_names.push(SanType::DnsName(
-            n.try_into().map_err(|e: rcgen::Error| tls(e.to_string()))?,
-        ));
-    }
-    p.subject_alt_names
-        .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
-    p.is_ca = IsCa::ExplicitNoCa;
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    p.serial_number = Some(crate::random_serial());
-    p.use_authority_key_identifier_extension = true;
-    let now = OffsetDateTime::now_utc();
-    p.not_before = now - crate::authority::BACKDATE;
-    p.not_after = (now + Duration::from_secs(24 * 3600)).min(authority.issuer_not_after());
-    let lifetime = (p.not_after - now).whole_seconds().max(0) as u64;
-    let cert = p
-        .signed_by(&key, authority.issuer())
-        .map_err(|e| tls(e.to_string()))?;
-    let mut chain = vec![cert.der().clone()];
-    chain.extend(
-        rustls_pki_types::pem::PemObject::pem_slice_iter(authority.chain_pem().as_bytes())
-            .filter_map(Result::ok)
-            .map(|c: CertificateDer<'static>| c),
-    );
-    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    let signer = crate::tls::provider()
-        .key_provider
-        .load_private_key(key_der)
-        .map_err(|e| tls(e.to_string()))?;
-    Ok((
-        Arc::new(CertifiedKey::new(chain, signer)),
-        SystemTime::now() + Duration::from_secs(lifetime / 2),
-    ))
+    authority
+        .serving_certificate(&id, &names)
+        .map_err(ServeError::Tls)
 }
 
 #[derive(Debug)]

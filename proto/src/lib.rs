@@ -24,5 +24,38 @@ pub mod config {
         pub routes: Vec<v1::Route>,
         pub traffic_policies: Vec<v1::TrafficPolicy>,
         pub authorization_policies: Vec<v1::AuthorizationPolicy>,
+        pub trust_bundle: Option<v1::TrustBundle>,
+    }
+
+    /// Type URLs of the resources on the discovery stream.
+    pub mod type_url {
+        pub const MESH_CONFIG: &str = "type.googleapis.com/bulwark.config.v1.MeshConfig";
+        pub const SERVICE: &str = "type.googleapis.com/bulwark.config.v1.Service";
+        pub const SERVICE_ENDPOINTS: &str =
+            "type.googleapis.com/bulwark.config.v1.ServiceEndpoints";
+        pub const SERVICE_ENTRY: &str = "type.googleapis.com/bulwark.config.v1.ServiceEntry";
+        pub const ROUTE: &str = "type.googleapis.com/bulwark.config.v1.Route";
+        pub const TRAFFIC_POLICY: &str = "type.googleapis.com/bulwark.config.v1.TrafficPolicy";
+        pub const AUTHORIZATION_POLICY: &str =
+            "type.googleapis.com/bulwark.config.v1.AuthorizationPolicy";
+        pub const TRUST_BUNDLE: &str = "type.googleapis.com/bulwark.config.v1.TrustBundle";
+        /// Every type, in the order a sidecar subscribes (and a server pushes).
+        pub const ALL: [&str; 8] = [
+            TRUST_BUNDLE,
+            MESH_CONFIG,
+            SERVICE,
+            SERVICE_ENTRY,
+            SERVICE_ENDPOINTS,
+            AUTHORIZATION_POLICY,
+            TRAFFIC_POLICY,
+            ROUTE,
+        ];
+    }
+}
+
+/// `bulwark.xds.v1`: the discovery stream.
+pub mod xds {
+    pub mod v1 {
+        tonic::include_proto!("bulwark.xds.v1");
     }
 }

@@ -262,19 +262,7 @@ spec:
       protocol: tcp
   identities:
     - {api}
----
-apiVersion: bulwark.dev/v1
-kind: ServiceEntry
-metadata:
-  name: mesh-pods
-  namespace: default
-spec:
-  location: MESH_INTERNAL
-  ports:
-    - port: 8080
-      protocol: tcp
-  endpoints:
-{eps}---
+{entry}---
 apiVersion: bulwark.dev/v1
 kind: AuthorizationPolicy
 metadata:
@@ -286,7 +274,14 @@ spec:
     - from:
 {allow}"#,
         api = spiffe("api"),
-        eps = eps.concat(),
+        entry = if eps.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "---\napiVersion: bulwark.dev/v1\nkind: ServiceEntry\nmetadata:\n  name: mesh-pods\n  namespace: default\nspec:\n  location: MESH_INTERNAL\n  ports:\n    - port: 8080\n      protocol: tcp\n  endpoints:\n{}",
+                eps.concat()
+            )
+        },
         allow = allow.concat(),
     )
 }

@@ -101,12 +101,16 @@ fn config_dump(proxy: &Proxy) -> String {
     for s in &r.authorization_policies {
         push("AuthorizationPolicy", &s.namespace, &s.name, &s.source);
     }
+    if let Some(b) = &r.trust_bundle {
+        push("TrustBundle", "", "bundle", &b.source);
+    }
     for s in &r.endpoints {
         push("ServiceEndpoints", "", &s.service, &s.source);
     }
     serde_json::json!({
         "applied": true,
         "version": snap.version,
+        "stale": snap.stale,
         "mtls_mode": format!("{:?}", snap.mtls_mode),
         "outbound_policy": format!("{:?}", snap.outbound_policy),
         "endpoints": snap.endpoint_count(),

@@ -100,9 +100,21 @@ impl ConfigHandle {
     /// Validates and applies a whole resource set; on error the previous
     /// config keeps serving.
     pub fn apply(&self, version: &str, resources: Resources) -> Result<(), ConfigError> {
+        self.apply_with(version, resources, false)
+    }
+
+    /// Like [`ConfigHandle::apply`]; `stale` marks a config restored from
+    /// disk while the control plane is unreachable.
+    pub fn apply_with(
+        &self,
+        version: &str,
+        resources: Resources,
+        stale: bool,
+    ) -> Result<(), ConfigError> {
+        let bundle = resources.trust_bundle.clone();
         let result = self
             .config
-            .apply(self.identity.identity(), version, resources);
+            .apply(self.identity.identity(), version, resources, stale);
         let label = telemetry::ResultLabel {
             result: if result.is_ok() {
                 "applied"
@@ -111,10 +123,35 @@ impl ConfigHandle {
             },
         };
         self.metrics.config_applied.get_or_create(&label).inc();
-        if let Err(e) = &result {
-            tracing::warn!(version, error = %e, "config rejected; keeping the last good config");
+        match &result {
+            Ok(_) => {
+                self.metrics.config_stale.set(i64::from(stale));
+                self.metrics.set_applied_version(version);
+                // Validated by the snapshot build.
+                if let Some(b) = bundle
+                    && let Ok(tb) = bulwark_ca::tls::TrustBundle::from_pem(&b.roots_pem.concat())
+                {
+                    self.identity.set_bundle(tb);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(version, error = %e, "config rejected; keeping the last good config")
+            }
         }
         result.map(|_| ())
+    }
+
+    pub fn identity(&self) -> &Arc<CertManager> {
+        &self.identity
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The currently applied config, if any.
+    pub fn current(&self) -> Option<Arc<config::Snapshot>> {
+        self.config.load()
     }
 }
 

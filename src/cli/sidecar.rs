@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use bulwark_ca::SpiffeId;
 use bulwark_ca::tls::TrustBundle;
+use bulwark_sidecar::config::xds_client::{self, XdsOptions};
 use bulwark_sidecar::identity::IdentityOptions;
 use bulwark_sidecar::{ConfigHandle, Sidecar, SidecarOptions};
 use clap::Args;
@@ -26,8 +27,25 @@ pub struct SidecarArgs {
     #[arg(long)]
     token_file: PathBuf,
     /// Local config file or directory (same YAML kinds as the control plane), reloaded on change.
+    #[arg(long, required_unless_present = "xds", conflicts_with = "xds")]
+    config: Option<PathBuf>,
+    /// Control-plane replicas (host:port, comma-separated), tried in turn.
+    #[arg(long, value_delimiter = ',')]
+    xds: Vec<String>,
+    /// This pod's IP, announced to the control plane (default: the address
+    /// used to reach the first control-plane replica).
     #[arg(long)]
-    config: PathBuf,
+    pod_ip: Option<std::net::IpAddr>,
+    /// Ports the workload serves, announced to the control plane (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    ports: Vec<u16>,
+    /// Workload labels, announced to the control plane (k=v,k2=v2).
+    #[arg(long, value_delimiter = ',', value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Keep the last applied config here, to serve it after a restart while
+    /// the control plane is unreachable.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// SVID lifetime to request (the CA caps it); default: the CA's.
     #[arg(long, value_parser = parse_duration)]
     svid_ttl: Option<Duration>,
@@ -51,6 +69,26 @@ pub struct SidecarArgs {
     /// On SIGTERM, how long in-flight connections may finish.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     drain_grace: Duration,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("label {s:?} must be key=value"))
+}
+
+/// The local address the kernel would use towards `target`.
+fn local_ip_towards(target: &str) -> anyhow::Result<std::net::IpAddr> {
+    use std::net::ToSocketAddrs;
+    let addr = target
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {target}"))?
+        .next()
+        .with_context(|| format!("cannot resolve {target}"))?;
+    let bind = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let sock = std::net::UdpSocket::bind(bind)?;
+    sock.connect(addr)?;
+    Ok(sock.local_addr()?.ip())
 }
 
 pub fn parse_u32(s: &str) -> Result<u32, String> {
@@ -92,22 +130,57 @@ pub fn run(a: SidecarArgs) -> anyhow::Result<()> {
     opts.proxy_mark = a.proxy_mark;
     opts.max_connections = a.max_connections;
     opts.drain_grace = a.drain_grace;
+    let namespace = opts.identity.identity.namespace().to_string();
+    let id = opts.identity.identity.to_string();
     let sidecar = Sidecar::new(opts);
     let handle = sidecar.config_handle();
     let rt = super::runtime()?;
-    // The first config must be valid: a sidecar that starts on a broken
-    // file would serve nothing.
-    let resources = compile(&a.config)?;
-    handle
-        .apply(&version_of(&a.config), resources)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", a.config.display()))?;
+    let source = match a.config {
+        Some(path) => {
+            // The first config must be valid: a sidecar that starts on a
+            // broken file would serve nothing.
+            let resources = compile(&path)?;
+            handle
+                .apply(&version_of(&path), resources)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            ConfigSource::File(path)
+        }
+        None => {
+            let address = match a.pod_ip {
+                Some(ip) => ip,
+                None => local_ip_towards(&a.xds[0])?,
+            };
+            let suffix: [u8; 4] = bulwark_ca::random_bytes();
+            let node = bulwark_proto::xds::v1::Node {
+                id: format!("{}-{}", address, suffix.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+                identity: id,
+                address: address.to_string(),
+                ports: a.ports.iter().map(|p| u32::from(*p)).collect(),
+                labels: a.labels.into_iter().collect(),
+                namespace,
+            };
+            ConfigSource::Xds(XdsOptions {
+                addrs: a.xds,
+                node,
+                state_dir: a.state_dir,
+            })
+        }
+    };
     rt.block_on(async move {
-        let watcher = tokio::spawn(watch_file(a.config.clone(), handle));
+        let feeder = match source {
+            ConfigSource::File(path) => tokio::spawn(watch_file(path, handle)),
+            ConfigSource::Xds(o) => tokio::spawn(xds_client::run(o, handle)),
+        };
         let r = sidecar.run(super::shutdown_signal()).await;
-        watcher.abort();
+        feeder.abort();
         r
     })?;
     Ok(())
+}
+
+enum ConfigSource {
+    File(PathBuf),
+    Xds(XdsOptions),
 }
 
 fn compile(path: &Path) -> anyhow::Result<bulwark_proto::config::Resources> {

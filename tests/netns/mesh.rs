@@ -137,6 +137,17 @@ impl Mesh {
         init_args: &[&str],
         sidecar_args: &[&str],
     ) {
+        self.start_sidecar_inner(name, sa, init_args, sidecar_args, true)
+    }
+
+    fn start_sidecar_inner(
+        &mut self,
+        name: &str,
+        sa: &str,
+        init_args: &[&str],
+        sidecar_args: &[&str],
+        local_config: bool,
+    ) {
         let pod = self.pods[name].pod.clone();
         let mut init = vec![BIN, "init"];
         init.extend_from_slice(init_args);
@@ -160,9 +171,10 @@ impl Mesh {
             bundle.to_str().unwrap(),
             "--token-file",
             token.to_str().unwrap(),
-            "--config",
-            self.config.to_str().unwrap(),
         ];
+        if local_config {
+            args.extend_from_slice(&["--config", self.config.to_str().unwrap()]);
+        }
         args.extend_from_slice(sidecar_args);
         let sidecar = self
             .net
@@ -171,6 +183,63 @@ impl Mesh {
         p.identity = identity;
         p.sidecar = Some(sidecar);
         p.app = Some(app);
+    }
+
+    /// Starts a control-plane replica in the switch namespace on
+    /// 198.18.0.1:`port` (admin on `port + 1`), serving `self.config_dir()`.
+    pub fn start_control_plane(&mut self, name: &str, port: u16) -> usize {
+        let dir = self.config_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        let sw = self.net.switch.clone();
+        let listen = format!("198.18.0.1:{port}");
+        let admin = format!("198.18.0.1:{}", port + 1);
+        let i = self.net.spawn_bulwark(
+            &sw,
+            name,
+            &["xds", "serve", "--config", dir.to_str().unwrap(), "--ca-dir", self.ca_dir.to_str().unwrap(),
+              "--listen", &listen, "--admin-listen", &admin, "--endpoint-grace", "3s"],
+        );
+        let addr: SocketAddr = listen.parse().unwrap();
+        let net = &mut self.net;
+        wait_for(&format!("control plane {name} to listen"), Duration::from_secs(20), || {
+            if let Ok(Some(st)) = net.proc_mut(i).child.try_wait() {
+                panic!("{name} exited ({st}): {}", net.log_of(i));
+            }
+            net.in_ns(&sw, move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+                .then_some(())
+        });
+        i
+    }
+
+    /// The directory the control plane watches.
+    pub fn config_dir(&self) -> PathBuf {
+        self.net.dir.join("config")
+    }
+
+    /// Writes one file of the control plane's config directory atomically.
+    pub fn write_cp_file(&self, name: &str, yaml: &str) {
+        let dir = self.config_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
+    }
+
+    /// A meshed pod whose sidecar takes its config from control planes at
+    /// `xds` (comma-separated host:port).
+    pub fn start_sidecar_xds(&mut self, name: &str, sa: &str, xds: &str, labels: &str, extra: &[&str]) {
+        let mut args = vec!["--xds", xds, "--ports", "8080"];
+        if !labels.is_empty() {
+            args.extend_from_slice(&["--labels", labels]);
+        }
+        args.extend_from_slice(extra);
+        self.start_sidecar_inner(name, sa, &[], &args, false);
+    }
+
+    /// `bulwark xds status` against the replica whose admin port is `admin`.
+    pub fn xds_status(&self, admin: &str) -> String {
+        let o = self.net.exec(&self.net.switch, &[BIN, "xds", "status", "--xds", admin]);
+        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
     }
 
     pub fn pod(&self, name: &str) -> &MeshPod {
@@ -213,6 +282,34 @@ impl Mesh {
 
     pub fn sidecar_log(&self, name: &str) -> String {
         self.net.log_of(self.pods[name].sidecar.unwrap())
+    }
+
+    /// The config version a sidecar has applied (from its metrics).
+    pub fn applied_version(&self, name: &str) -> Option<String> {
+        let m = self.metrics(name);
+        let line = m.lines().find(|l| l.starts_with("bulwark_config_applied_version{"))?;
+        Some(line.split("version=\"").nth(1)?.split('"').next()?.to_string())
+    }
+
+    /// The sidecar's /config_dump (asked from inside its pod: admin is loopback-only).
+    pub fn config_dump(&self, name: &str) -> serde_json::Value {
+        let ns = &self.pods[name].pod.ns;
+        let out = self.net.exec_ok(ns, &["curl", "-s", "http://127.0.0.1:15000/config_dump"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("config_dump of {name}: {e}: {out}"))
+    }
+
+    /// Restarts pod `name`'s sidecar with the same arguments.
+    pub fn restart_sidecar(&mut self, name: &str) {
+        let i = self.pods[name].sidecar.unwrap();
+        let args: Vec<String> = {
+            let p = self.net.proc_mut(i);
+            p.terminate(Duration::from_secs(10));
+            std::fs::read_to_string(self.net.dir.join(format!("{name}-sidecar.args"))).unwrap().lines().map(String::from).collect()
+        };
+        let ns = self.pods[name].pod.ns.clone();
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let j = self.net.spawn_bulwark(&ns, &format!("{name}-sidecar-2"), &argv);
+        self.pods.get_mut(name).unwrap().sidecar = Some(j);
     }
 }
 

@@ -233,6 +233,11 @@ impl Net {
         &mut self.procs[i]
     }
 
+    /// Index of the most recent process started as `name`.
+    pub fn proc_index(&self, name: &str) -> Option<usize> {
+        self.procs.iter().rposition(|p| p.name == name)
+    }
+
     pub fn log_of(&self, i: usize) -> String {
         self.procs[i].log_text()
     }

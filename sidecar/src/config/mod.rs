@@ -2,6 +2,7 @@
 //! `bulwark.config.v1` resources, swapped whole with `arc-swap`.
 
 mod snapshot;
+pub mod xds_client;
 
 pub use snapshot::{ConfigError, Decision, IdentityPattern, Snapshot, Upstream};
 
@@ -30,10 +31,18 @@ impl LiveConfig {
         me: &SpiffeId,
         version: &str,
         resources: Resources,
+        stale: bool,
     ) -> Result<Arc<Snapshot>, ConfigError> {
-        let snap = Arc::new(Snapshot::build(me, version, resources)?);
+        let mut snap = Snapshot::build(me, version, resources)?;
+        snap.stale = stale;
+        let snap = Arc::new(snap);
         self.current.store(Some(snap.clone()));
-        tracing::info!(version, "config applied");
+        tracing::info!(version, stale, "config applied");
         Ok(snap)
+    }
+
+    /// Validates `resources` without applying them.
+    pub fn check(&self, me: &SpiffeId, resources: &Resources) -> Result<(), ConfigError> {
+        Snapshot::build(me, "check", resources.clone()).map(|_| ())
     }
 }

@@ -94,6 +94,8 @@ struct L4Rule {
 #[derive(Debug)]
 pub struct Snapshot {
     pub version: String,
+    /// Restored from disk at start-up while the control plane is away.
+    pub stale: bool,
     pub mtls_mode: MtlsMode,
     pub outbound_policy: OutboundPolicy,
     /// Mesh workloads and known external endpoints by address.
@@ -353,8 +355,18 @@ impl Snapshot {
             }
         }
 
+        if let Some(b) = &resources.trust_bundle {
+            if b.roots_pem.is_empty() {
+                return Err(err("TrustBundle", "", "bundle", "no roots"));
+            }
+            for pem in &b.roots_pem {
+                bulwark_ca::tls::TrustBundle::from_pem(pem)
+                    .map_err(|e| err("TrustBundle", "", "bundle", e.to_string()))?;
+            }
+        }
         Ok(Self {
             version: version.to_string(),
+            stale: false,
             mtls_mode,
             outbound_policy,
             endpoints,

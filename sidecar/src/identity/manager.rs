@@ -75,6 +75,17 @@ impl CertManager {
         self.svid().is_some_and(|s| s.not_after > now_unix())
     }
 
+    /// Replaces the trust bundle (pushed by the control plane): peers with
+    /// certificates from a new root verify before our own renewal.
+    pub fn set_bundle(&self, bundle: TrustBundle) {
+        let current = self.bundle.load();
+        if current.roots() != bundle.roots() {
+            tracing::info!(roots = bundle.roots().len(), "trust bundle updated");
+            self.client.set_bundle(bundle.clone());
+            self.bundle.store(Arc::new(bundle));
+        }
+    }
+
     fn install(&self, svid: Svid) -> Result<(), rustls::Error> {
         let ck = svid.certified_key()?;
         // Bundle first: a peer with a new-root certificate must verify as

@@ -55,6 +55,15 @@ pub struct Metrics {
     pub cert_expiry: Gauge<i64, AtomicI64>,
     pub renewals: Family<ResultLabel, Counter>,
     pub config_applied: Family<ResultLabel, Counter>,
+    pub config_version: Family<VersionLabel, Gauge<i64, AtomicI64>>,
+    pub config_stale: Gauge<i64, AtomicI64>,
+    pub xds_connected: Gauge<i64, AtomicI64>,
+    pub xds_nacks: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabel {
+    pub version: String,
 }
 
 impl Default for Metrics {
@@ -69,6 +78,10 @@ impl Default for Metrics {
             cert_expiry: Gauge::default(),
             renewals: Family::default(),
             config_applied: Family::default(),
+            config_version: Family::default(),
+            config_stale: Gauge::default(),
+            xds_connected: Gauge::default(),
+            xds_nacks: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -107,6 +120,14 @@ impl Default for Metrics {
             "Config updates, by result",
             m.config_applied.clone(),
         );
+        registry.register(
+            "bulwark_config_applied_version",
+            "The applied config version (value: Unix time it was applied)",
+            m.config_version.clone(),
+        );
+        registry.register("bulwark_config_stale", "1 while serving a config restored from disk", m.config_stale.clone());
+        registry.register("bulwark_xds_connected", "1 while the discovery stream is up", m.xds_connected.clone());
+        registry.register("bulwark_xds_nacks", "Config updates rejected (NACKed)", m.xds_nacks.clone());
         Self { registry, ..m }
     }
 }
@@ -116,6 +137,18 @@ impl Metrics {
         self.tcp_refused
             .get_or_create(&RefusedLabels { direction, reason })
             .inc();
+    }
+
+    /// Exactly one `bulwark_config_applied_version` sample: the current one.
+    pub fn set_applied_version(&self, version: &str) {
+        self.config_version.clear();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        self.config_version
+            .get_or_create(&VersionLabel { version: version.to_string() })
+            .set(now);
     }
 
     pub fn encode(&self) -> String {

@@ -1,0 +1,251 @@
+//! The control plane end to end: real `bulwark xds serve` replicas, real
+//! sidecars in network namespaces taking their config over the discovery
+//! stream, endpoints from the live registry.
+
+mod common;
+mod netns;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::wait_for;
+use netns::mesh::{Mesh, TD, metric_sum, spiffe};
+
+const CP1: &str = "198.18.0.1:15010";
+const CP1_ADMIN: &str = "198.18.0.1:15011";
+const CP2: &str = "198.18.0.1:15110";
+const CP2_ADMIN: &str = "198.18.0.1:15111";
+
+fn mesh_yaml(trust_domain: &str) -> String {
+    format!(
+        "apiVersion: bulwark.dev/v1\nkind: MeshConfig\nmetadata:\n  name: mesh\nspec:\n  trustDomain: {trust_domain}\n  mtls:\n    mode: STRICT\n  outboundPolicy: REGISTRY_ONLY\n"
+    )
+}
+
+/// `api` is served by workloads labelled app=api; endpoints come from the
+/// sidecars that announce themselves.
+const SERVICES: &str = "apiVersion: bulwark.dev/v1
+kind: Service
+metadata:
+  name: api
+  namespace: default
+spec:
+  ports:
+    - port: 8080
+      protocol: tcp
+  selector:
+    app: api
+";
+
+fn authz(callers: &[&str]) -> String {
+    let from: String = callers.iter().map(|c| format!("        - {}\n", spiffe(c))).collect();
+    format!(
+        "apiVersion: bulwark.dev/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: api-callers\n  namespace: default\nspec:\n  service: api\n  rules:\n    - from:\n{from}"
+    )
+}
+
+/// A mesh with web, api and db pods whose sidecars use the control plane(s).
+fn start(xds: &str, replicas: &[(&str, u16)], sidecar_extra: &[&str]) -> Option<Mesh> {
+    let mut mesh = Mesh::start(&[])?;
+    mesh.write_cp_file("mesh.yaml", &mesh_yaml(TD));
+    mesh.write_cp_file("services.yaml", SERVICES);
+    mesh.write_cp_file("authz.yaml", &authz(&["web"]));
+    for (name, port) in replicas {
+        mesh.start_control_plane(name, *port);
+    }
+    for (pod, sa) in [("web", "web"), ("api", "api"), ("db", "db")] {
+        mesh.add_pod(pod);
+        let labels = format!("app={pod}");
+        mesh.start_sidecar_xds(pod, sa, xds, &labels, sidecar_extra);
+    }
+    for pod in ["web", "api", "db"] {
+        mesh.wait_ready(pod);
+    }
+    Some(mesh)
+}
+
+fn api_url(mesh: &Mesh) -> String {
+    format!("http://{}:8080/", mesh.pod("api").pod.ip)
+}
+
+/// Waits until every sidecar reports the same applied version, other than `not`.
+fn converged_version(mesh: &Mesh, not: Option<&str>, timeout: Duration) -> String {
+    wait_for("all sidecars to apply the same new version", timeout, || {
+        let vs: Vec<Option<String>> = ["web", "api", "db"].iter().map(|p| mesh.applied_version(p)).collect();
+        let first = vs[0].clone()?;
+        (vs.iter().all(|v| v.as_deref() == Some(first.as_str())) && Some(first.as_str()) != not).then_some(first)
+    })
+}
+
+#[test]
+fn config_edit_reaches_every_sidecar_within_a_second_and_status_shows_convergence() {
+    let Some(mesh) = start(CP1, &[("cp1", 15010)], &[]) else { return };
+    let url = api_url(&mesh);
+    // Endpoints came from the registry: web reaches api by its pod IP over mTLS.
+    wait_for("web to reach api", Duration::from_secs(10), || mesh.curl("web", &url).status.success().then_some(()));
+    assert!(!mesh.curl("db", &url).status.success(), "db is not allowed yet");
+    let v0 = converged_version(&mesh, None, Duration::from_secs(10));
+
+    let t0 = Instant::now();
+    mesh.write_cp_file("authz.yaml", &authz(&["web", "db"]));
+    let v1 = converged_version(&mesh, Some(&v0), Duration::from_secs(5));
+    let took = t0.elapsed();
+    println!("config write -> applied by all 3 sidecars: {} ms", took.as_millis());
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert!(mesh.curl("db", &url).status.success(), "db allowed after the edit");
+
+    let status = wait_for("status to show convergence", Duration::from_secs(5), || {
+        let s = mesh.xds_status(CP1_ADMIN);
+        s.contains("converged: yes").then_some(s)
+    });
+    assert!(status.contains(&v1), "{status}");
+    for sa in ["web", "api", "db"] {
+        assert!(status.contains(&spiffe(sa)), "{status}");
+    }
+    // /config_dump names the source document of each item.
+    let dump = mesh.config_dump("web");
+    let items = dump["resources"].as_array().unwrap();
+    let policy = items.iter().find(|i| i["kind"] == "AuthorizationPolicy").unwrap();
+    assert!(policy["source"]["file"].as_str().unwrap().ends_with("authz.yaml"), "{policy}");
+    assert!(policy["source"]["line"].as_u64().unwrap() >= 1);
+    assert_eq!(dump["version"], v1);
+}
+
+#[test]
+fn invalid_config_keeps_the_old_snapshot_and_sidecar_side_rejections_are_nacked() {
+    let Some(mesh) = start(CP1, &[("cp1", 15010)], &[]) else { return };
+    let url = api_url(&mesh);
+    let v0 = converged_version(&mesh, None, Duration::from_secs(10));
+
+    // Broken YAML: `validate` names the file and line; the server keeps serving v0.
+    mesh.write_cp_file("bad.yaml", "apiVersion: bulwark.dev/v1\nkind: Service\nmetadata:\n  name: broken\nspec:\n  ports:\n    - port: 99999\n");
+    let out = common::run(&["xds", "validate", mesh.config_dir().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.yaml:7"), "{err}");
+    wait_for("the control plane to reject the edit", Duration::from_secs(5), || {
+        let s = mesh.xds_status(CP1_ADMIN);
+        (s.contains("converged: yes") && mesh_log_contains(&mesh, "cp1", "bad.yaml")).then_some(())
+    });
+    assert_eq!(mesh.applied_version("web").as_deref(), Some(v0.as_str()), "old snapshot still served");
+    std::fs::remove_file(mesh.config_dir().join("bad.yaml")).unwrap();
+
+    // Valid for the control plane, invalid for the sidecars (another trust
+    // domain): NACKed, the sidecars keep serving.
+    mesh.write_cp_file("mesh.yaml", &mesh_yaml("other.example"));
+    let status = wait_for("the NACKs to show in status", Duration::from_secs(10), || {
+        let s = mesh.xds_status(CP1_ADMIN);
+        (s.contains("converged: no") && s.matches("other.example").count() >= 1).then_some(s)
+    });
+    for sa in ["web", "api", "db"] {
+        assert!(status.contains(&spiffe(sa)), "{status}");
+    }
+    assert!(metric_sum(&mesh.metrics("web"), "bulwark_xds_nacks_total", &[]) >= 1.0);
+    assert_eq!(mesh.applied_version("web").as_deref(), Some(v0.as_str()));
+    assert!(mesh.curl("web", &url).status.success(), "last good config still serves");
+    // Fixing it converges again.
+    mesh.write_cp_file("mesh.yaml", &mesh_yaml(TD));
+    wait_for("convergence after the fix", Duration::from_secs(10), || {
+        mesh.xds_status(CP1_ADMIN).contains("converged: yes").then_some(())
+    });
+}
+
+fn mesh_log_contains(mesh: &Mesh, name: &str, needle: &str) -> bool {
+    std::fs::read_to_string(mesh.net.dir.join(format!("{name}.log"))).unwrap_or_default().contains(needle)
+}
+
+#[test]
+fn losing_control_planes_drops_no_request_and_sidecars_fail_over_without_resends() {
+    let xds = format!("{CP1},{CP2}");
+    let Some(mut mesh) = start(&xds, &[("cp1", 15010), ("cp2", 15110)], &[]) else { return };
+    let url = api_url(&mesh);
+    wait_for("web to reach api", Duration::from_secs(10), || mesh.curl("web", &url).status.success().then_some(()));
+    let v0 = converged_version(&mesh, None, Duration::from_secs(10));
+
+    let target: SocketAddr = format!("{}:8080", mesh.pod("api").pod.ip).parse().unwrap();
+    let web_ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let traffic = std::thread::spawn(move || {
+        netns::enter(&web_ns);
+        let (mut ok, mut failed) = (0u32, 0u32);
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            match netns::http_get(target, "/") {
+                Some(r) if r.contains(" 200 OK") => ok += 1,
+                _ => failed += 1,
+            }
+            std::thread::sleep(Duration::from_millis(20)); // pacing
+        }
+        (ok, failed)
+    });
+
+    let sent = |mesh: &Mesh, admin: &str| -> f64 {
+        let sw = mesh.net.switch.clone();
+        let addr: SocketAddr = admin.parse().unwrap();
+        let m = mesh.net.http_get(&sw, addr, "/metrics").unwrap_or_default();
+        metric_sum(&m, "bulwark_xds_resources_sent_total", &[])
+    };
+    let on_cp2_before = sent(&mesh, CP2_ADMIN);
+    // Kill the replica the sidecars are on (the first in their list).
+    mesh.net.proc_mut(mesh_proc(&mesh, "cp1")).kill();
+    wait_for("all sidecars to move to cp2", Duration::from_secs(20), || {
+        let s = mesh.xds_status(CP2_ADMIN);
+        ["web", "api", "db"].iter().all(|sa| s.contains(&spiffe(sa))).then_some(())
+    });
+    wait_for("cp2 to see convergence", Duration::from_secs(10), || {
+        mesh.xds_status(CP2_ADMIN).contains("converged: yes").then_some(())
+    });
+    // Same content hashes on both replicas: nothing had to be resent.
+    assert_eq!(sent(&mesh, CP2_ADMIN), on_cp2_before, "reconnect with initial_resource_versions resent resources");
+    assert_eq!(mesh.applied_version("web").as_deref(), Some(v0.as_str()));
+
+    // Both replicas down: sidecars keep serving the last good config.
+    mesh.net.proc_mut(mesh_proc(&mesh, "cp2")).kill();
+    wait_for("sidecars to notice", Duration::from_secs(20), || {
+        (metric_sum(&mesh.metrics("web"), "bulwark_xds_connected", &[]) == 0.0).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2)); // traffic runs while the control plane is gone
+    // A replica returns: sidecars reconnect and converge.
+    mesh.start_control_plane("cp1b", 15010);
+    wait_for("reconvergence", Duration::from_secs(30), || {
+        let s = mesh.xds_status(CP1_ADMIN);
+        (s.contains("converged: yes") && ["web", "api", "db"].iter().all(|sa| s.contains(&spiffe(sa)))).then_some(())
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = traffic.join().unwrap();
+    println!("requests ok={ok} failed={failed}");
+    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+    assert!(ok > 100);
+}
+
+fn mesh_proc(mesh: &Mesh, name: &str) -> usize {
+    mesh.net.proc_index(name).unwrap_or_else(|| panic!("no process {name}"))
+}
+
+#[test]
+fn a_sidecar_restarted_while_the_control_plane_is_down_serves_its_last_known_good_config() {
+    let Some(mut mesh) = Mesh::start(&[]) else { return };
+    mesh.write_cp_file("mesh.yaml", &mesh_yaml(TD));
+    mesh.write_cp_file("services.yaml", SERVICES);
+    mesh.write_cp_file("authz.yaml", &authz(&["web"]));
+    mesh.start_control_plane("cp1", 15010);
+    for pod in ["web", "api"] {
+        mesh.add_pod(pod);
+        let state = mesh.net.dir.join(format!("{pod}-state"));
+        mesh.start_sidecar_xds(pod, pod, CP1, &format!("app={pod}"), &["--state-dir", state.to_str().unwrap()]);
+        mesh.wait_ready(pod);
+    }
+    let url = api_url(&mesh);
+    wait_for("web to reach api", Duration::from_secs(10), || mesh.curl("web", &url).status.success().then_some(()));
+
+    mesh.net.proc_mut(mesh_proc(&mesh, "cp1")).kill();
+    mesh.restart_sidecar("web");
+    mesh.wait_ready("web");
+    assert!(mesh.curl("web", &url).status.success(), "restarted sidecar serves the persisted config");
+    let dump = mesh.config_dump("web");
+    assert_eq!(dump["stale"], true, "{dump}");
+    assert_eq!(metric_sum(&mesh.metrics("web"), "bulwark_config_stale", &[]), 1.0);
+    // The control plane returns: fresh config, no longer stale.
+    mesh.start_control_plane("cp1b", 15010);
+    wait_for("fresh config", Duration::from_secs(30), || (mesh.config_dump("web")["stale"] == false).then_some(()));
+}

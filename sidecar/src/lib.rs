@@ -8,11 +8,13 @@
 
 pub mod admin;
 pub mod config;
+pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod intercept;
 pub mod outbound;
 pub mod relay;
+pub mod resilience;
 pub mod telemetry;
 pub mod tls;
 

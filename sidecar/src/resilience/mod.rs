@@ -1,0 +1,5 @@
+//! Resilience: circuit breakers and bulkheads (rate limits reuse the CA's
+//! token bucket, `bulwark_ca::admission::TokenBucket`).
+
+pub mod breaker;
+pub mod bulkhead;

@@ -7,6 +7,7 @@
 //! local-file mode, by the CLI).
 
 pub mod admin;
+pub mod balance;
 pub mod config;
 pub mod http;
 pub mod identity;

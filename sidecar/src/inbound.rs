@@ -107,6 +107,11 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
             return;
         }
     };
+    if tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_MESH_H2) {
+        // Pooled HTTP/2 from a peer sidecar: authorized per request.
+        count(&proxy, &src_id.to_string(), "inbound");
+        return crate::http::inbound::serve(proxy.clone(), tls, src_id, dst.port()).await;
+    }
     if let Err(service) = snap.authorize_l4(dst.port(), Some(&src_id)) {
         deny(&proxy, peer, dst, Some(&src_id), &service);
         return;

@@ -83,6 +83,10 @@ pub struct Proxy {
     pub connect_timeout: Duration,
     pub outbound_port: u16,
     pub inbound_port: u16,
+    pub pool: http::pool::MeshPool,
+    pub guards: resilience::state::Guards,
+    pub endpoints: balance::Endpoints,
+    pub local: http::inbound::LocalClients,
 }
 
 /// Closes a connection with a TCP RST: a fast, unambiguous refusal.
@@ -178,6 +182,10 @@ impl Sidecar {
             connect_timeout: opts.connect_timeout,
             outbound_port: opts.outbound_listen.port(),
             inbound_port: opts.inbound_listen.port(),
+            pool: Default::default(),
+            guards: Default::default(),
+            endpoints: Default::default(),
+            local: Default::default(),
         });
         Self { opts, proxy }
     }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
-use crate::config::Decision;
+use crate::config::{Decision, Proto, Snapshot, Target};
 use crate::intercept::{connect_marked, original_dst};
 use crate::telemetry::{ConnLabels, HandshakeLabels};
 use crate::{Proxy, reset};
@@ -33,6 +33,18 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
         return reset(down);
     };
     let _ = down.set_nodelay(true);
+    if let Some(target) = snap.target(dst)
+        && is_mesh(&snap, &target)
+    {
+        let l7 = match target.proto {
+            Proto::Http1 | Proto::Http2 => true,
+            Proto::Tcp => false,
+            Proto::Auto => sniff_http(&down).await,
+        };
+        if l7 {
+            return crate::http::outbound::serve(proxy, down, peer, target).await;
+        }
+    }
     match snap.outbound(dst) {
         Decision::Mesh(up) => {
             let peer_id = up.identity.clone().expect("mesh upstream has an identity");
@@ -128,5 +140,45 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
             m.refused("outbound", "registry_only");
             reset(down)
         }
+    }
+}
+
+/// Whether a target is served by mesh workloads (so HTTP can ride the
+/// pooled mTLS connections).
+fn is_mesh(snap: &Snapshot, t: &Target) -> bool {
+    match &t.pinned {
+        Some(up) => up.identity.is_some(),
+        None => snap
+            .endpoints_of(&t.service, t.port, &[])
+            .iter()
+            .any(|u| u.identity.is_some()),
+    }
+}
+
+/// Protocol detection for `auto` ports: HTTP if the client's first bytes
+/// are an HTTP/1 request line or the HTTP/2 preface. If the client sends
+/// nothing for a moment (a server-speaks-first protocol such as MySQL or
+/// SMTP), it is opaque TCP: never stall waiting for a client that will not
+/// speak.
+async fn sniff_http(s: &TcpStream) -> bool {
+    let mut buf = [0u8; 16];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(300);
+    loop {
+        let n = match tokio::time::timeout_at(deadline, s.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return false,
+        };
+        let b = &buf[..n];
+        if b.starts_with(b"PRI * HTTP/2") {
+            return true;
+        }
+        if let Some(sp) = b.iter().position(|c| *c == b' ') {
+            return sp > 0 && b[..sp].iter().all(|c| c.is_ascii_uppercase());
+        }
+        if n == buf.len() || !b.iter().all(|c| c.is_ascii_uppercase()) {
+            return false;
+        }
+        // Part of a request line so far: wait briefly for the rest.
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
 }

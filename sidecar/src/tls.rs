@@ -15,7 +15,7 @@ use crate::identity::CertManager;
 /// certificate and bundle by reference, so rotation needs no rebuild.
 pub struct ClientConfigs {
     identity: Arc<CertManager>,
-    cache: Mutex<HashMap<SpiffeId, Arc<rustls::ClientConfig>>>,
+    cache: Mutex<HashMap<(SpiffeId, &'static [u8]), Arc<rustls::ClientConfig>>>,
 }
 
 impl ClientConfigs {
@@ -26,9 +26,16 @@ impl ClientConfigs {
         }
     }
 
+    /// For opaque TCP tunnels.
     pub fn for_peer(&self, peer: &SpiffeId) -> Arc<rustls::ClientConfig> {
+        self.for_peer_alpn(peer, ALPN_MESH_TCP)
+    }
+
+    /// For a given ALPN (`ALPN_MESH_TCP` or `ALPN_MESH_H2`).
+    pub fn for_peer_alpn(&self, peer: &SpiffeId, alpn: &'static [u8]) -> Arc<rustls::ClientConfig> {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cache.get(peer) {
+        let key = (peer.clone(), alpn);
+        if let Some(c) = cache.get(&key) {
             return c.clone();
         }
         let verifier = SpiffeServerVerifier::new(
@@ -41,13 +48,13 @@ impl ClientConfigs {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_cert_resolver(Arc::new(self.identity.cert()));
-        cfg.alpn_protocols = vec![ALPN_MESH_TCP.to_vec()];
+        cfg.alpn_protocols = vec![alpn.to_vec()];
         let cfg = Arc::new(cfg);
         // Bounded: one entry per peer identity in the mesh.
         if cache.len() > 10_000 {
             cache.clear();
         }
-        cache.insert(peer.clone(), cfg.clone());
+        cache.insert(key, cfg.clone());
         cfg
     }
 }
@@ -61,6 +68,9 @@ pub fn server_config(identity: &CertManager) -> Arc<rustls::ServerConfig> {
         .expect("TLS 1.3 is supported")
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(identity.cert()));
-    cfg.alpn_protocols = vec![ALPN_MESH_TCP.to_vec()];
+    cfg.alpn_protocols = vec![ALPN_MESH_H2.to_vec(), ALPN_MESH_TCP.to_vec()];
     Arc::new(cfg)
 }
+
+/// ALPN for pooled, multiplexed HTTP/2 between sidecars.
+pub const ALPN_MESH_H2: &[u8] = b"bulwark/h2";

@@ -4,7 +4,7 @@
 mod snapshot;
 pub mod xds_client;
 
-pub use snapshot::{ConfigError, Decision, IdentityPattern, Snapshot, Upstream};
+pub use snapshot::{ConfigError, Decision, IdentityPattern, Proto, Snapshot, Target, Upstream};
 
 use std::sync::Arc;
 

@@ -1,5 +1,6 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bulwark_ca::SpiffeId;
@@ -30,6 +31,41 @@ pub struct Upstream {
     pub service: String,
     /// Present: a mesh workload, reached over mTLS and verified to be this.
     pub identity: Option<SpiffeId>,
+    /// Workload labels (for route subsets).
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// How traffic to a service port is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    /// Sniff: HTTP if the client speaks it first, opaque TCP otherwise.
+    Auto,
+    Http1,
+    Http2,
+    Tcp,
+}
+
+impl Proto {
+    fn from_proto(p: i32) -> Self {
+        match v1::Protocol::try_from(p).unwrap_or(v1::Protocol::Auto) {
+            v1::Protocol::Auto => Proto::Auto,
+            v1::Protocol::Http => Proto::Http1,
+            v1::Protocol::Http2 | v1::Protocol::Grpc => Proto::Http2,
+            v1::Protocol::Tcp => Proto::Tcp,
+        }
+    }
+}
+
+/// An outbound destination resolved to a service port.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `namespace/name`.
+    pub service: String,
+    /// The service port the client dialled.
+    pub port: u16,
+    pub proto: Proto,
+    /// Set when the client dialled one workload directly (no routing).
+    pub pinned: Option<Upstream>,
 }
 
 /// What to do with an outbound connection.
@@ -88,6 +124,8 @@ struct L4Rule {
     from: Vec<IdentityPattern>,
     /// Rules with HTTP conditions cannot match a raw TCP connection.
     http_only: bool,
+    paths: Vec<crate::http::route::StrMatch>,
+    methods: Vec<String>,
 }
 
 /// The sidecar's view of the mesh, immutable once built.
@@ -102,12 +140,24 @@ pub struct Snapshot {
     endpoints: HashMap<SocketAddr, Upstream>,
     /// Virtual service addresses → the service's endpoints.
     vips: HashMap<SocketAddr, Vec<Upstream>>,
+    /// Virtual service addresses → service, even with no endpoints yet.
+    vip_names: HashMap<SocketAddr, String>,
     /// External addresses (ServiceEntry MESH_EXTERNAL) allowed under REGISTRY_ONLY.
     external_ips: Vec<IpAddr>,
     /// Inbound port → services of this workload on that port.
     local_ports: HashMap<u16, Vec<String>>,
     /// Service → authorization rules (present = default deny).
     authz: HashMap<String, Vec<L4Rule>>,
+    /// Service → its endpoints (all ports).
+    by_service: HashMap<String, Vec<Upstream>>,
+    /// (service, port) → protocol and target port.
+    ports: HashMap<(String, u16), (Proto, u16)>,
+    /// Inbound port → protocol the local app speaks.
+    local_protos: HashMap<u16, Proto>,
+    /// Service → compiled routes.
+    routes: HashMap<String, Arc<crate::http::route::RouteTable>>,
+    /// Service → traffic policy.
+    policies: HashMap<String, Arc<v1::TrafficPolicy>>,
     rr: AtomicUsize,
     pub resources: Resources,
 }
@@ -194,6 +244,7 @@ impl Snapshot {
 
         let mut endpoints = HashMap::new();
         let mut vips: HashMap<SocketAddr, Vec<Upstream>> = HashMap::new();
+        let mut vip_names: HashMap<SocketAddr, String> = HashMap::new();
         let mut external_ips = Vec::new();
         let mut local_ports: HashMap<u16, Vec<String>> = HashMap::new();
         let me_str = me.to_string();
@@ -261,6 +312,7 @@ impl Snapshot {
                     addr: SocketAddr::new(ip, p),
                     service: service.to_string(),
                     identity: identity.clone(),
+                    labels: ep.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 };
                 endpoints.insert(up.addr, up.clone());
                 ups.push(up);
@@ -306,7 +358,14 @@ impl Snapshot {
                         &ep.address,
                     )?));
                 }
-                by_service.entry(k.clone()).or_default().extend(ups);
+                let list = by_service.entry(k.clone()).or_default();
+                for u in ups {
+                    // A ServiceEntry named after a Service also reaches us
+                    // as that Service's endpoints: keep one of each.
+                    if !list.iter().any(|x| x.addr == u.addr) {
+                        list.push(u);
+                    }
+                }
             }
             for a in &e.addresses {
                 let ip = parse_ip("ServiceEntry", &e.namespace, &e.name, a)?;
@@ -329,6 +388,7 @@ impl Snapshot {
                         .cloned()
                         .collect();
                     vips.insert(SocketAddr::new(ip, *port), ups);
+                    vip_names.insert(SocketAddr::new(ip, *port), k.clone());
                 }
             }
         }
@@ -348,9 +408,17 @@ impl Snapshot {
                     .map(|f| IdentityPattern::parse(f))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| err("AuthorizationPolicy", &p.namespace, &p.name, e))?;
+                let paths = r
+                    .paths
+                    .iter()
+                    .filter_map(|p| crate::http::route::StrMatch::compile(p).transpose())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| err("AuthorizationPolicy", &p.namespace, &p.name, e))?;
                 rules.push(L4Rule {
                     from,
                     http_only: !r.paths.is_empty() || !r.methods.is_empty(),
+                    paths,
+                    methods: r.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
                 });
             }
         }
@@ -364,13 +432,57 @@ impl Snapshot {
                     .map_err(|e| err("TrustBundle", "", "bundle", e.to_string()))?;
             }
         }
+        let mut routes = HashMap::new();
+        for r in &resources.routes {
+            let table = crate::http::route::RouteTable::compile(r)
+                .map_err(|e| err("Route", &r.namespace, &r.name, e))?;
+            routes.insert(table.service.clone(), Arc::new(table));
+        }
+        let policies = resources
+            .traffic_policies
+            .iter()
+            .map(|p| {
+                let svc = if p.service.contains('/') { p.service.clone() } else { key(&p.namespace, &p.service) };
+                (svc, Arc::new(p.clone()))
+            })
+            .collect();
+        let mut ports = HashMap::new();
+        let mut local_protos = HashMap::new();
+        for s in &resources.services {
+            let k = key(&s.namespace, &s.name);
+            let mine = s.identities.iter().any(|i| i == &me_str);
+            for p in &s.ports {
+                let proto = Proto::from_proto(p.protocol);
+                let port = p.port as u16;
+                let target = if p.target_port == 0 { port } else { p.target_port as u16 };
+                ports.insert((k.clone(), port), (proto, target));
+                ports.insert((k.clone(), target), (proto, target));
+                if mine {
+                    local_protos.insert(target, proto);
+                }
+            }
+        }
+        for e in &resources.service_entries {
+            let k = key(&e.namespace, &e.name);
+            for p in &e.ports {
+                let port = p.port as u16;
+                let target = if p.target_port == 0 { port } else { p.target_port as u16 };
+                ports.entry((k.clone(), port)).or_insert((Proto::from_proto(p.protocol), target));
+            }
+        }
         Ok(Self {
             version: version.to_string(),
             stale: false,
+            by_service,
+            ports,
+            local_protos,
+            routes,
+            policies,
             mtls_mode,
             outbound_policy,
             endpoints,
             vips,
+            vip_names,
             external_ips,
             local_ports,
             authz,
@@ -420,6 +532,79 @@ impl Snapshot {
                             let s = s.to_string();
                             r.from.iter().any(|p| p.matches(&s))
                         }))
+            });
+            if !allowed {
+                return Err(svc.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves an outbound destination to a service port, when known.
+    pub fn target(&self, dst: SocketAddr) -> Option<Target> {
+        if let Some(up) = self.endpoints.get(&dst) {
+            let (proto, _) = self.ports.get(&(up.service.clone(), dst.port())).copied().unwrap_or((Proto::Auto, dst.port()));
+            return Some(Target { service: up.service.clone(), port: dst.port(), proto, pinned: Some(up.clone()) });
+        }
+        let (service, _) = self.vip_service(dst)?;
+        let (proto, _) = self.ports.get(&(service.clone(), dst.port())).copied().unwrap_or((Proto::Auto, dst.port()));
+        Some(Target { service, port: dst.port(), proto, pinned: None })
+    }
+
+    fn vip_service(&self, dst: SocketAddr) -> Option<(String, ())> {
+        let ups = self.vips.get(&dst)?;
+        if let Some(u) = ups.first() {
+            return Some((u.service.clone(), ()));
+        }
+        self.vip_names.get(&dst).map(|s| (s.clone(), ()))
+    }
+
+    /// Endpoints of `service` on its target port for `port`, filtered by `subset` labels.
+    pub fn endpoints_of(&self, service: &str, port: u16, subset: &[(String, String)]) -> Vec<Upstream> {
+        let target = self.ports.get(&(service.to_string(), port)).map(|(_, t)| *t).unwrap_or(port);
+        self.by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter(|u| u.addr.port() == target)
+            .filter(|u| subset.iter().all(|(k, v)| u.labels.get(k) == Some(v)))
+            .cloned()
+            .collect()
+    }
+
+    pub fn route(&self, service: &str) -> Option<&Arc<crate::http::route::RouteTable>> {
+        self.routes.get(service)
+    }
+
+    pub fn policy(&self, service: &str) -> Option<&Arc<v1::TrafficPolicy>> {
+        self.policies.get(service)
+    }
+
+    /// The protocol the local app speaks on `port` (declared by our services).
+    pub fn local_proto(&self, port: u16) -> Proto {
+        self.local_protos.get(&port).copied().unwrap_or(Proto::Auto)
+    }
+
+    /// The local service owning inbound `port`, if any.
+    pub fn local_service(&self, port: u16) -> Option<&str> {
+        self.local_ports.get(&port).and_then(|v| v.first()).map(String::as_str)
+    }
+
+    /// Per-request authorization: like [`Snapshot::authorize_l4`], with
+    /// path and method conditions evaluated.
+    pub fn authorize_http(&self, port: u16, source: Option<&SpiffeId>, method: &str, path: &str) -> Result<(), String> {
+        let Some(services) = self.local_ports.get(&port) else {
+            return Ok(());
+        };
+        let src = source.map(|s| s.to_string());
+        for svc in services {
+            let Some(rules) = self.authz.get(svc) else {
+                continue;
+            };
+            let allowed = rules.iter().any(|r| {
+                (r.from.is_empty() || src.as_deref().is_some_and(|s| r.from.iter().any(|p| p.matches(s))))
+                    && (r.methods.is_empty() || r.methods.iter().any(|m| m == method))
+                    && (r.paths.is_empty() || r.paths.iter().any(|p| p.matches(path)))
             });
             if !allowed {
                 return Err(svc.clone());

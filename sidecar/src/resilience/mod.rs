@@ -2,4 +2,6 @@
 //! token bucket, `bulwark_ca::admission::TokenBucket`).
 
 pub mod breaker;
+pub mod budget;
 pub mod bulkhead;
+pub mod state;

@@ -6,6 +6,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -45,8 +46,38 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub direction: &'static str,
+    pub service: String,
+    pub route: String,
+    pub src_identity: String,
+    pub dst_identity: String,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabel {
+    pub service: String,
+}
+
+type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 100 µs to ~13 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
 pub struct Metrics {
     pub registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: HistogramFamily,
+    pub retries: Family<ServiceLabel, Counter>,
+    pub bulkhead_rejections: Family<ServiceLabel, Counter>,
+    pub ratelimit_rejections: Family<ServiceLabel, Counter>,
+    pub breaker_state: Family<ServiceLabel, Gauge<i64, AtomicI64>>,
+    pub breaker_transitions: Family<ServiceLabel, Counter>,
+    pub outlier_ejections: Family<ServiceLabel, Counter>,
     pub tcp_connections: Family<ConnLabels, Counter>,
     pub tcp_bytes: Family<BytesLabels, Counter>,
     pub tcp_refused: Family<RefusedLabels, Counter>,
@@ -70,6 +101,14 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
         let m = Self {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            retries: Family::default(),
+            bulkhead_rejections: Family::default(),
+            ratelimit_rejections: Family::default(),
+            breaker_state: Family::default(),
+            breaker_transitions: Family::default(),
+            outlier_ejections: Family::default(),
             tcp_connections: Family::default(),
             tcp_bytes: Family::default(),
             tcp_refused: Family::default(),
@@ -84,6 +123,38 @@ impl Default for Metrics {
             xds_nacks: Counter::default(),
             registry: Registry::default(),
         };
+        registry.register("bulwark_requests", "HTTP requests proxied", m.requests.clone());
+        registry.register(
+            "bulwark_request_duration_seconds",
+            "HTTP request duration as seen by the sidecar",
+            m.request_duration.clone(),
+        );
+        registry.register("bulwark_retries", "Retried upstream attempts", m.retries.clone());
+        registry.register(
+            "bulwark_bulkhead_rejections",
+            "Requests rejected because the service's bulkhead was full",
+            m.bulkhead_rejections.clone(),
+        );
+        registry.register(
+            "bulwark_ratelimit_rejections",
+            "Requests rejected by a local rate limit",
+            m.ratelimit_rejections.clone(),
+        );
+        registry.register(
+            "bulwark_breaker_state",
+            "Circuit breaker state: 0 closed, 1 open, 2 half-open",
+            m.breaker_state.clone(),
+        );
+        registry.register(
+            "bulwark_breaker_transitions",
+            "Circuit breaker state changes",
+            m.breaker_transitions.clone(),
+        );
+        registry.register(
+            "bulwark_outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            m.outlier_ejections.clone(),
+        );
         registry.register(
             "bulwark_tcp_connections",
             "Proxied TCP connections",

@@ -1,0 +1,152 @@
+//! Inbound HTTP: requests from peer sidecars over the pooled HTTP/2 mTLS
+//! connection, authorized per request (identity, path, method), rate
+//! limited, and forwarded to the app in the protocol it speaks.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bulwark_ca::SpiffeId;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use super::outbound::MAX_HEADER_BYTES;
+use super::{Body, PEER_IDENTITY_HEADER, reply, strip_hop_headers};
+use crate::Proxy;
+use crate::config::Proto;
+use crate::telemetry::{DenialLabels, RequestLabels, ServiceLabel};
+
+/// Clients towards the local app, one per protocol, pooled.
+pub struct LocalClients {
+    h1: Client<HttpConnector, Body>,
+    h2: Client<HttpConnector, Body>,
+}
+
+impl Default for LocalClients {
+    fn default() -> Self {
+        let mut c = HttpConnector::new();
+        c.set_nodelay(true);
+        c.enforce_http(true);
+        Self {
+            h1: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(std::time::Duration::from_secs(60))
+                .build(c.clone()),
+            h2: Client::builder(TokioExecutor::new()).http2_only(true).build(c),
+        }
+    }
+}
+
+/// Serves one mTLS connection from a peer sidecar as HTTP/2.
+pub async fn serve<S>(proxy: Arc<Proxy>, tls: S, peer: SpiffeId, port: u16)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = Arc::new(peer);
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (proxy, peer) = (proxy.clone(), peer.clone());
+        async move { Ok::<_, Infallible>(handle(proxy, &peer, port, req).await) }
+    });
+    if let Err(e) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_concurrent_streams(1024)
+        .serve_connection(TokioIo::new(tls), svc)
+        .await
+    {
+        tracing::debug!(error = %e, "inbound HTTP/2 connection ended with an error");
+    }
+}
+
+async fn handle(proxy: Arc<Proxy>, peer: &SpiffeId, port: u16, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let me = proxy.identity.identity().to_string();
+    let src = peer.to_string();
+    let Some(snap) = proxy.config.load() else {
+        return reply(503, "no-config");
+    };
+    let service = snap.local_service(port).unwrap_or("").to_string();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let finish = |resp: Response<Body>| {
+        let labels = RequestLabels {
+            direction: "inbound",
+            service: service.clone(),
+            route: String::new(),
+            src_identity: src.clone(),
+            dst_identity: me.clone(),
+            code: resp.status().as_u16(),
+        };
+        proxy.metrics.requests.get_or_create(&labels).inc();
+        proxy.metrics.request_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+        let reason = resp.headers().get(super::REASON_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+        tracing::info!(target: "bulwark::access", direction = "inbound", method = %method, path = %path,
+            service = %service, status = resp.status().as_u16(), src_identity = %src, dst_identity = %me, reason,
+            duration_us = started.elapsed().as_micros() as u64, "request");
+        resp
+    };
+    if let Err(svc) = snap.authorize_http(port, Some(peer), method.as_str(), &path) {
+        proxy
+            .metrics
+            .authz_denials
+            .get_or_create(&DenialLabels { direction: "inbound", src_identity: src.clone() })
+            .inc();
+        tracing::info!(src_identity = %src, service = %svc, %method, %path, "request denied by authorization policy");
+        return finish(reply(403, "rbac-denied"));
+    }
+    if !service.is_empty() {
+        let policy = snap.policy(&service).cloned();
+        let guards = proxy.guards.for_service(&service, policy.as_deref());
+        if let Some(rl) = &guards.rate_limit
+            && let Err(wait) = rl.try_acquire()
+        {
+            proxy.metrics.ratelimit_rejections.get_or_create(&ServiceLabel { service: service.clone() }).inc();
+            let mut r = reply(429, "rate-limited");
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            r.headers_mut().insert(http::header::RETRY_AFTER, secs.into());
+            return finish(r);
+        }
+    }
+    let (mut parts, body) = req.into_parts();
+    strip_hop_headers(&mut parts.headers);
+    // Only the sidecar may say who the caller is.
+    parts.headers.insert(
+        PEER_IDENTITY_HEADER,
+        http::HeaderValue::from_str(&src).expect("SPIFFE IDs are valid header values"),
+    );
+    let authority = parts.uri.authority().map(|a| a.to_string());
+    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    parts.uri = format!("http://127.0.0.1:{port}{pq}").parse().expect("valid local URI");
+    let proto = snap.local_proto(port);
+    let client = match proto {
+        Proto::Http2 => {
+            parts.version = http::Version::HTTP_2;
+            &proxy.local.h2
+        }
+        _ => {
+            parts.version = http::Version::HTTP_11;
+            if let Some(a) = authority
+                && let Ok(v) = http::HeaderValue::from_str(&a)
+            {
+                parts.headers.insert(http::header::HOST, v);
+            }
+            &proxy.local.h1
+        }
+    };
+    let body = body.map_err(|e| -> super::BoxError { Box::new(e) }).boxed();
+    match client.request(Request::from_parts(parts, body)).await {
+        Ok(r) => {
+            let (mut p, b) = r.into_parts();
+            strip_hop_headers(&mut p.headers);
+            p.version = http::Version::HTTP_2;
+            finish(Response::from_parts(p, b.map_err(|e| -> super::BoxError { Box::new(e) }).boxed()))
+        }
+        Err(e) => {
+            tracing::info!(port, error = %e, "local app request failed");
+            let status = if e.is_connect() { 503 } else { 502 };
+            finish(reply(status, if e.is_connect() { "app-unreachable" } else { "app-reset" }))
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! Outbound HTTP: the app's requests, routed per `Route`, balanced over
+//! healthy endpoints, guarded by bulkhead, breaker, retries and timeouts,
+//! and sent over the pooled HTTP/2 mTLS connection to the chosen endpoint.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bulwark_proto::config::v1;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use super::{Body, full, reply, strip_hop_headers};
+use crate::Proxy;
+use crate::balance::{p2c, rand_below, rand_unit};
+use crate::config::{Snapshot, Target, Upstream};
+use crate::resilience::breaker::{Admit, State as BreakerState};
+use crate::telemetry::{RequestLabels, ServiceLabel};
+
+/// Request bodies up to this size are buffered so they can be retried.
+const REPLAY_LIMIT: usize = 64 * 1024;
+/// Largest request or response header block accepted.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Serves one intercepted app connection as HTTP (1.1 or 2).
+pub async fn serve(proxy: Arc<Proxy>, down: TcpStream, client: SocketAddr, target: Target) {
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let proxy = proxy.clone();
+        let target = target.clone();
+        async move { Ok::<_, Infallible>(handle(proxy, target, req).await) }
+    });
+    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    b.http1().max_buf_size(MAX_HEADER_BYTES).timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    b.http2().max_header_list_size(MAX_HEADER_BYTES as u32).max_concurrent_streams(1024);
+    if let Err(e) = b.serve_connection(TokioIo::new(down), svc).await {
+        tracing::debug!(%client, error = %e, "outbound HTTP connection ended with an error");
+    }
+}
+
+/// Where a request goes after routing.
+struct Plan {
+    route: String,
+    service: String,
+    upstreams: Vec<Upstream>,
+    timeout: Option<Duration>,
+    retry: Option<v1::RetryPolicy>,
+}
+
+fn plan(snap: &Snapshot, target: &Target, req: &Request<Incoming>) -> Result<Plan, Response<Body>> {
+    if let Some(up) = &target.pinned
+        && snap.route(&target.service).is_none()
+    {
+        return Ok(Plan {
+            route: "default".into(),
+            service: target.service.clone(),
+            upstreams: vec![up.clone()],
+            timeout: None,
+            retry: None,
+        });
+    }
+    match snap.route(&target.service) {
+        None => Ok(Plan {
+            route: "default".into(),
+            service: target.service.clone(),
+            upstreams: snap.endpoints_of(&target.service, target.port, &[]),
+            timeout: None,
+            retry: None,
+        }),
+        Some(table) => {
+            let rule = table
+                .find(req.method(), req.uri().path(), req.headers())
+                .ok_or_else(|| reply(404, "no-route"))?;
+            let b = rule.pick(req.headers(), rand_unit());
+            let port = if b.port == 0 { target.port } else { b.port };
+            Ok(Plan {
+                route: rule.name.clone(),
+                service: b.service.clone(),
+                upstreams: snap.endpoints_of(&b.service, port, &b.subset),
+                timeout: rule.timeout,
+                retry: rule.retry.clone(),
+            })
+        }
+    }
+}
+
+async fn handle(proxy: Arc<Proxy>, target: Target, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let me = proxy.identity.identity().to_string();
+    let Some(snap) = proxy.config.load() else {
+        return reply(503, "no-config");
+    };
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let plan = match plan(&snap, &target, &req) {
+        Ok(p) => p,
+        Err(resp) => return resp,
+    };
+    let policy = snap.policy(&plan.service).cloned();
+    let guards = proxy.guards.for_service(&plan.service, policy.as_deref());
+    let (resp, upstream, dst_identity, attempts) = if plan.upstreams.is_empty() {
+        (reply(503, "no-healthy-upstream"), None, String::new(), 0)
+    } else {
+        let work = send_with_retries(&proxy, &plan, &guards, policy.as_deref(), req);
+        match plan.timeout {
+            Some(t) => match tokio::time::timeout(t, work).await {
+                Ok(r) => r,
+                Err(_) => (reply(504, "timeout"), None, String::new(), 0),
+            },
+            None => work.await,
+        }
+    };
+    let code = resp.status().as_u16();
+    let labels = RequestLabels {
+        direction: "outbound",
+        service: plan.service.clone(),
+        route: plan.route.clone(),
+        src_identity: me.clone(),
+        dst_identity: dst_identity.clone(),
+        code,
+    };
+    proxy.metrics.requests.get_or_create(&labels).inc();
+    proxy.metrics.request_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    let reason = resp.headers().get(super::REASON_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    tracing::info!(target: "bulwark::access", direction = "outbound", method = %method, path = %path,
+        service = %plan.service, route = %plan.route, status = code, src_identity = %me, dst_identity = %dst_identity,
+        upstream = upstream.map(|u: SocketAddr| u.to_string()).unwrap_or_default(), attempts, reason,
+        duration_us = started.elapsed().as_micros() as u64, "request");
+    resp
+}
+
+/// Whether an outcome may be retried under `retry_on`.
+fn retriable(retry_on: &[String], codes: &[u32], status: Option<u16>, connect_failure: bool) -> bool {
+    let has = |c: &str| retry_on.iter().any(|r| r == c);
+    match status {
+        None if connect_failure => has("connect-failure") || has("reset") || has("5xx") || has("gateway-error"),
+        None => has("reset") || has("5xx"),
+        Some(s) => {
+            (has("5xx") && s >= 500)
+                || (has("gateway-error") && matches!(s, 502..=504))
+                || (has("retriable-status-codes") && codes.contains(&u32::from(s)))
+        }
+    }
+}
+
+type Outcome = (Response<Body>, Option<SocketAddr>, String, u32);
+
+async fn send_with_retries(
+    proxy: &Proxy,
+    plan: &Plan,
+    guards: &crate::resilience::state::ServiceGuards,
+    policy: Option<&v1::TrafficPolicy>,
+    req: Request<Incoming>,
+) -> Outcome {
+    let svc_label = ServiceLabel { service: plan.service.clone() };
+    let _permit = match &guards.bulkhead {
+        Some(b) => match b.acquire().await {
+            Ok(p) => Some(p),
+            Err(_) => {
+                proxy.metrics.bulkhead_rejections.get_or_create(&svc_label).inc();
+                return (reply(503, "bulkhead-full"), None, String::new(), 0);
+            }
+        },
+        None => None,
+    };
+    let (mut parts, body) = req.into_parts();
+    strip_hop_headers(&mut parts.headers);
+    parts.headers.remove(super::PEER_IDENTITY_HEADER);
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(String::from))
+        .unwrap_or_else(|| plan.service.clone());
+    parts.headers.remove(http::header::HOST);
+    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    parts.uri = format!("http://{authority}{pq}").parse().unwrap_or_else(|_| http::Uri::from_static("http://invalid/"));
+    parts.version = http::Version::HTTP_2;
+
+    // Buffer small bodies so they can be sent again.
+    let small = body_size_hint(&parts.headers).is_some_and(|n| n <= REPLAY_LIMIT as u64)
+        || (parts.headers.get(http::header::CONTENT_LENGTH).is_none()
+            && parts.headers.get(http::header::TRANSFER_ENCODING).is_none()
+            && matches!(parts.method, http::Method::GET | http::Method::HEAD | http::Method::DELETE | http::Method::OPTIONS));
+    let (mut stream_body, replay): (Option<Incoming>, Option<Bytes>) = if small {
+        match Limited::new(body, REPLAY_LIMIT).collect().await {
+            Ok(b) => (None, Some(b.to_bytes())),
+            Err(_) => return (reply(413, "request-body-too-large"), None, String::new(), 0),
+        }
+    } else {
+        (Some(body), None)
+    };
+
+    let retry = plan.retry.clone().unwrap_or_else(|| v1::RetryPolicy {
+        // Without a policy: one retry when nothing reached the upstream.
+        attempts: 1,
+        retry_on: vec!["connect-failure".into()],
+        budget_ratio: 0.2,
+        budget_min_per_second: 10,
+        ..Default::default()
+    });
+    let outlier = policy.and_then(|p| p.outlier_detection.clone());
+    let now = Instant::now();
+    guards.budget.record_request(now);
+    let states: Vec<_> = plan.upstreams.iter().map(|u| proxy.endpoints.get(u.addr)).collect();
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let admit = match &guards.breaker {
+            Some(b) => {
+                let a = b.admit(Instant::now());
+                publish_breaker(proxy, &plan.service, b);
+                if a == Admit::No {
+                    return (reply(503, "breaker-open"), None, String::new(), attempt - 1);
+                }
+                a
+            }
+            None => Admit::Yes,
+        };
+        // Prefer endpoints not tried yet for this request.
+        let fresh: Vec<_> = states.iter().filter(|s| !tried.contains(&s.addr)).cloned().collect();
+        let pool = if fresh.is_empty() { &states } else { &fresh };
+        let ep = p2c(pool, Instant::now(), rand_below).expect("non-empty").clone();
+        tried.push(ep.addr);
+        let up = plan.upstreams.iter().find(|u| u.addr == ep.addr).expect("state of a planned upstream");
+        let identity = up.identity.clone().expect("L7 upstreams are mesh workloads");
+        let body = match (&replay, stream_body.take()) {
+            (Some(b), _) => full(b.clone()),
+            (None, Some(b)) => b.map_err(|e| -> super::BoxError { Box::new(e) }).boxed(),
+            (None, None) => unreachable!("a streamed body is sent once: no retry without replay"),
+        };
+        let req = Request::from_parts(parts.clone(), body);
+        let inflight = ep.start();
+        let per_try = (retry.per_try_timeout_ms > 0).then(|| Duration::from_millis(retry.per_try_timeout_ms));
+        let result = async {
+            let mut sender = proxy.pool.get(proxy, up.addr, &identity).await.map_err(|e| (true, e.to_string()))?;
+            match sender.send_request(req).await {
+                Ok(r) => Ok(r),
+                Err(e) => {
+                    proxy.pool.evict(up.addr, &identity).await;
+                    Err((false, e.to_string()))
+                }
+            }
+        };
+        let result = match per_try {
+            Some(t) => tokio::time::timeout(t, result).await.unwrap_or(Err((false, "per-try timeout".into()))),
+            None => result.await,
+        };
+        drop(inflight);
+        let status = result.as_ref().ok().map(|r| r.status().as_u16());
+        let success = status.is_some_and(|s| s < 500);
+        if let Some(b) = &guards.breaker {
+            b.record(&admit, success, Instant::now());
+            publish_breaker(proxy, &plan.service, b);
+        }
+        if let Some(o) = &outlier {
+            let failed_5xx = !success;
+            let base = Duration::from_millis(o.base_ejection_ms.max(1));
+            if ep.record(!failed_5xx, o.consecutive_5xx, base, Instant::now()) {
+                proxy.metrics.outlier_ejections.get_or_create(&ServiceLabel { service: plan.service.clone() }).inc();
+                tracing::info!(endpoint = %ep.addr, service = %plan.service, "endpoint ejected (outlier detection)");
+            }
+        }
+        let connect_failure = matches!(&result, Err((true, _)));
+        let can_retry = !success
+            && attempt <= retry.attempts
+            && replay.is_some()
+            && retriable(&retry.retry_on, &retry.retriable_status_codes, status, connect_failure)
+            && guards.budget.try_retry(retry.budget_ratio, retry.budget_min_per_second, Instant::now());
+        if !can_retry {
+            return match result {
+                Ok(r) => {
+                    let (mut p, b) = r.into_parts();
+                    strip_hop_headers(&mut p.headers);
+                    let b = b.map_err(|e| -> super::BoxError { Box::new(e) }).boxed();
+                    (Response::from_parts(p, b), Some(up.addr), identity.to_string(), attempt)
+                }
+                Err((true, e)) => {
+                    tracing::info!(upstream = %up.addr, error = %e, "upstream connect failed");
+                    (reply(503, "upstream-connect-failure"), Some(up.addr), identity.to_string(), attempt)
+                }
+                Err((false, e)) => {
+                    tracing::info!(upstream = %up.addr, error = %e, "upstream request failed");
+                    (reply(502, "upstream-reset"), Some(up.addr), identity.to_string(), attempt)
+                }
+            };
+        }
+        proxy.metrics.retries.get_or_create(&ServiceLabel { service: plan.service.clone() }).inc();
+        let base = Duration::from_millis(retry.backoff_base_ms.max(1));
+        let max = Duration::from_millis(retry.backoff_max_ms.max(retry.backoff_base_ms).max(1));
+        let backoff = (base * 2u32.saturating_pow(attempt - 1)).min(max);
+        // Full jitter.
+        tokio::time::sleep(backoff.mul_f64(rand_unit())).await;
+    }
+}
+
+fn body_size_hint(h: &http::HeaderMap) -> Option<u64> {
+    h.get(http::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+fn publish_breaker(proxy: &Proxy, service: &str, b: &crate::resilience::breaker::Breaker) {
+    let label = ServiceLabel { service: service.to_string() };
+    let state = b.state();
+    proxy.metrics.breaker_state.get_or_create(&label).set(state as i64);
+    let t = b.transitions();
+    let c = proxy.metrics.breaker_transitions.get_or_create(&label);
+    let seen = c.get();
+    if t > seen {
+        c.inc_by(t - seen);
+    }
+    if state == BreakerState::Open && t > seen {
+        tracing::warn!(service, "circuit breaker opened");
+    }
+}

@@ -58,8 +58,16 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
                         } else {
                             200
                         };
-                        let body =
-                            format!("{name} {} {} from {peer}\n", req.method(), req.uri().path());
+                        let caller = req
+                            .headers()
+                            .get("x-bulwark-peer-identity")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-");
+                        let body = format!(
+                            "{name} {} {} from {peer} caller={caller}\n",
+                            req.method(),
+                            req.uri().path()
+                        );
                         Ok::<_, Infallible>(
                             Response::builder()
                                 .status(status)

@@ -18,6 +18,8 @@ pub fn spiffe(sa: &str) -> String {
 
 pub struct MeshPod {
     pub pod: Pod,
+    /// Extra `demo-app` arguments (latency, error rate).
+    pub app_args: Vec<String>,
     pub identity: String,
     pub sidecar: Option<usize>,
     pub app: Option<usize>,
@@ -114,6 +116,7 @@ impl Mesh {
             name.to_string(),
             MeshPod {
                 pod: pod.clone(),
+                app_args: Vec::new(),
                 identity: String::new(),
                 sidecar: None,
                 app: None,
@@ -152,11 +155,12 @@ impl Mesh {
         let mut init = vec![BIN, "init"];
         init.extend_from_slice(init_args);
         self.net.exec_ok(&pod.ns, &init);
-        let app = self.net.spawn_bulwark(
-            &pod.ns,
-            &format!("{name}-app"),
-            &["demo-app", "--listen", "0.0.0.0:8080", "--name", name],
-        );
+        let mut app_argv = vec!["demo-app", "--listen", "0.0.0.0:8080", "--name", name];
+        let extra = self.pods[name].app_args.clone();
+        app_argv.extend(extra.iter().map(String::as_str));
+        let app = self
+            .net
+            .spawn_bulwark(&pod.ns, &format!("{name}-app"), &app_argv);
         let identity = spiffe(sa);
         let token = self.token(&identity);
         let bundle = self.ca_dir.join("bundle.pem");
@@ -196,18 +200,36 @@ impl Mesh {
         let i = self.net.spawn_bulwark(
             &sw,
             name,
-            &["xds", "serve", "--config", dir.to_str().unwrap(), "--ca-dir", self.ca_dir.to_str().unwrap(),
-              "--listen", &listen, "--admin-listen", &admin, "--endpoint-grace", "3s"],
+            &[
+                "xds",
+                "serve",
+                "--config",
+                dir.to_str().unwrap(),
+                "--ca-dir",
+                self.ca_dir.to_str().unwrap(),
+                "--listen",
+                &listen,
+                "--admin-listen",
+                &admin,
+                "--endpoint-grace",
+                "3s",
+            ],
         );
         let addr: SocketAddr = listen.parse().unwrap();
         let net = &mut self.net;
-        wait_for(&format!("control plane {name} to listen"), Duration::from_secs(20), || {
-            if let Ok(Some(st)) = net.proc_mut(i).child.try_wait() {
-                panic!("{name} exited ({st}): {}", net.log_of(i));
-            }
-            net.in_ns(&sw, move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+        wait_for(
+            &format!("control plane {name} to listen"),
+            Duration::from_secs(20),
+            || {
+                if let Ok(Some(st)) = net.proc_mut(i).child.try_wait() {
+                    panic!("{name} exited ({st}): {}", net.log_of(i));
+                }
+                net.in_ns(&sw, move || {
+                    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                })
                 .then_some(())
-        });
+            },
+        );
         i
     }
 
@@ -227,7 +249,14 @@ impl Mesh {
 
     /// A meshed pod whose sidecar takes its config from control planes at
     /// `xds` (comma-separated host:port).
-    pub fn start_sidecar_xds(&mut self, name: &str, sa: &str, xds: &str, labels: &str, extra: &[&str]) {
+    pub fn start_sidecar_xds(
+        &mut self,
+        name: &str,
+        sa: &str,
+        xds: &str,
+        labels: &str,
+        extra: &[&str],
+    ) {
         let mut args = vec!["--xds", xds, "--ports", "8080"];
         if !labels.is_empty() {
             args.extend_from_slice(&["--labels", labels]);
@@ -238,8 +267,19 @@ impl Mesh {
 
     /// `bulwark xds status` against the replica whose admin port is `admin`.
     pub fn xds_status(&self, admin: &str) -> String {
-        let o = self.net.exec(&self.net.switch, &[BIN, "xds", "status", "--xds", admin]);
-        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+        let o = self
+            .net
+            .exec(&self.net.switch, &[BIN, "xds", "status", "--xds", admin]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    }
+
+    /// Sets extra `demo-app` arguments for pod `name` (before its sidecar starts).
+    pub fn set_app_args(&mut self, name: &str, args: &[&str]) {
+        self.pods.get_mut(name).unwrap().app_args = args.iter().map(|s| s.to_string()).collect();
     }
 
     pub fn pod(&self, name: &str) -> &MeshPod {
@@ -287,14 +327,24 @@ impl Mesh {
     /// The config version a sidecar has applied (from its metrics).
     pub fn applied_version(&self, name: &str) -> Option<String> {
         let m = self.metrics(name);
-        let line = m.lines().find(|l| l.starts_with("bulwark_config_applied_version{"))?;
-        Some(line.split("version=\"").nth(1)?.split('"').next()?.to_string())
+        let line = m
+            .lines()
+            .find(|l| l.starts_with("bulwark_config_applied_version{"))?;
+        Some(
+            line.split("version=\"")
+                .nth(1)?
+                .split('"')
+                .next()?
+                .to_string(),
+        )
     }
 
     /// The sidecar's /config_dump (asked from inside its pod: admin is loopback-only).
     pub fn config_dump(&self, name: &str) -> serde_json::Value {
         let ns = &self.pods[name].pod.ns;
-        let out = self.net.exec_ok(ns, &["curl", "-s", "http://127.0.0.1:15000/config_dump"]);
+        let out = self
+            .net
+            .exec_ok(ns, &["curl", "-s", "http://127.0.0.1:15000/config_dump"]);
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("config_dump of {name}: {e}: {out}"))
     }
 
@@ -304,11 +354,17 @@ impl Mesh {
         let args: Vec<String> = {
             let p = self.net.proc_mut(i);
             p.terminate(Duration::from_secs(10));
-            std::fs::read_to_string(self.net.dir.join(format!("{name}-sidecar.args"))).unwrap().lines().map(String::from).collect()
+            std::fs::read_to_string(self.net.dir.join(format!("{name}-sidecar.args")))
+                .unwrap()
+                .lines()
+                .map(String::from)
+                .collect()
         };
         let ns = self.pods[name].pod.ns.clone();
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let j = self.net.spawn_bulwark(&ns, &format!("{name}-sidecar-2"), &argv);
+        let j = self
+            .net
+            .spawn_bulwark(&ns, &format!("{name}-sidecar-2"), &argv);
         self.pods.get_mut(name).unwrap().sidecar = Some(j);
     }
 }

@@ -13,6 +13,13 @@ use netns::mesh::{Mesh, TD, metric_sum, spiffe};
 
 const VIP: &str = "198.18.100.1";
 
+/// Latency and split measurements: one test at a time on two cores.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// `api` (HTTP, VIP 198.18.100.1:8080) served by `pods` with version labels;
 /// an optional Route and TrafficPolicy; web (and db) may call it.
 fn l7_config(pods: &[(&Pod, &str, &str)], route: &str, policy: &str) -> String {
@@ -223,6 +230,7 @@ fn split(
 
 #[test]
 fn http_rides_pooled_h2_mtls_with_the_callers_identity_and_no_handshake_per_connection() {
+    let _serial = serial();
     let Some((mesh, _)) = start(&canary_route(0), "", &[]) else {
         return;
     };
@@ -287,6 +295,7 @@ fn http_rides_pooled_h2_mtls_with_the_callers_identity_and_no_handshake_per_conn
 
 #[test]
 fn canary_split_follows_weights_live_and_the_header_override_wins() {
+    let _serial = serial();
     let Some((mesh, pods)) = start(&canary_route(10), "", &[]) else {
         return;
     };
@@ -311,6 +320,7 @@ fn canary_split_follows_weights_live_and_the_header_override_wins() {
 
 #[test]
 fn per_route_timeout_authz_and_rate_limit_answer_with_clear_statuses() {
+    let _serial = serial();
     let policy = "---
 apiVersion: bulwark.dev/v1
 kind: TrafficPolicy
@@ -359,4 +369,300 @@ spec:
     }
     assert!(limited >= 3, "{limited} of 12 limited");
     assert!(retry_after, "429 carries Retry-After");
+}
+
+/// A service `name` at `vip` (HTTP :8080) served by `pods` (identity = name).
+fn service_doc(name: &str, vip: &str, pods: &[&Pod], extra: &str) -> String {
+    let eps: String = pods
+        .iter()
+        .map(|p| {
+            format!(
+                "    - address: {}\n      identity: {}\n",
+                p.ip,
+                spiffe(name)
+            )
+        })
+        .collect();
+    format!(
+        "---\napiVersion: bulwark.dev/v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  ports:\n    - port: 8080\n      protocol: http\n  identities:\n    - {id}\n  addresses:\n    - {vip}\n---\napiVersion: bulwark.dev/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  location: MESH_INTERNAL\n  ports:\n    - port: 8080\n      protocol: http\n  endpoints:\n{eps}{extra}",
+        id = spiffe(name)
+    )
+}
+
+const MESH: &str = "apiVersion: bulwark.dev/v1\nkind: MeshConfig\nmetadata:\n  name: mesh\nspec:\n  trustDomain: cluster.local\n  mtls:\n    mode: STRICT\n  outboundPolicy: REGISTRY_ONLY\n";
+
+/// Requests to `vip` from inside `pod`, `n` times on one thread; returns
+/// (status, latency) of each.
+fn hammer(
+    mesh: &Mesh,
+    pod: &str,
+    vip: &str,
+    path: &str,
+    n: usize,
+    pace: Duration,
+) -> Vec<(u16, Duration)> {
+    let ns = format!("/run/netns/{}", mesh.pod(pod).pod.ns);
+    let target: SocketAddr = format!("{vip}:8080").parse().unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    std::thread::spawn(move || {
+        netns::enter(&ns);
+        (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                let (code, _) = raw_http(target, &req);
+                let d = t.elapsed();
+                std::thread::sleep(pace); // pacing the load, not synchronization
+                (code, d)
+            })
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+fn p99(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[(v.len() * 99 / 100).min(v.len() - 1)]
+}
+
+#[test]
+fn bulkhead_rejects_fast_and_isolates_a_slow_service_from_a_fast_one() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.add_pod("web");
+    let slow = mesh.add_pod("slow");
+    let fast = mesh.add_pod("fast");
+    let policy = "---\napiVersion: bulwark.dev/v1\nkind: TrafficPolicy\nmetadata:\n  name: slow\n  namespace: default\nspec:\n  service: slow\n  bulkhead:\n    maxRequests: 4\n    maxPending: 2\n";
+    let authz = "---\napiVersion: bulwark.dev/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: any\n  namespace: default\nspec:\n  service: slow\n  rules:\n    - from:\n        - spiffe://cluster.local/ns/default/sa/*\n";
+    let cfg = format!(
+        "{MESH}{}{}{policy}{authz}",
+        service_doc("slow", "198.18.100.2", &[&slow], ""),
+        service_doc("fast", "198.18.100.3", &[&fast], "")
+    );
+    mesh.write_config(&cfg);
+    mesh.start_sidecar("web", "web", &[]);
+    mesh.set_app_args("slow", &["--latency", "2s"]);
+    mesh.start_sidecar("slow", "slow", &[]);
+    mesh.start_sidecar("fast", "fast", &[]);
+    for p in ["web", "slow", "fast"] {
+        mesh.wait_ready(p);
+    }
+    let warm = hammer(
+        &mesh,
+        "web",
+        "198.18.100.3",
+        "/",
+        50,
+        Duration::from_millis(5),
+    );
+    assert!(warm.iter().all(|(c, _)| *c == 200));
+    let unloaded = p99(hammer(
+        &mesh,
+        "web",
+        "198.18.100.3",
+        "/",
+        200,
+        Duration::from_millis(5),
+    )
+    .into_iter()
+    .map(|r| r.1)
+    .collect());
+
+    // Saturate `slow` from the same pod: 8 clients for 4 slots + 2 queued.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
+        let stop = stop.clone();
+        clients.push(std::thread::spawn(move || {
+            netns::enter(&ns);
+            let target: SocketAddr = "198.18.100.2:8080".parse().unwrap();
+            let mut out = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let (code, body) = raw_http(
+                    target,
+                    "GET / HTTP/1.1\r\nHost: slow\r\nConnection: close\r\n\r\n",
+                );
+                out.push((code, t.elapsed(), body.contains("bulkhead-full")));
+                std::thread::sleep(Duration::from_millis(100)); // pacing
+            }
+            out
+        }));
+    }
+    wait_for("the bulkhead to reject", Duration::from_secs(10), || {
+        (metric_sum(
+            &mesh.metrics("web"),
+            "bulwark_bulkhead_rejections_total",
+            &[],
+        ) >= 4.0)
+            .then_some(())
+    });
+    let loaded = p99(hammer(
+        &mesh,
+        "web",
+        "198.18.100.3",
+        "/",
+        200,
+        Duration::from_millis(5),
+    )
+    .into_iter()
+    .map(|r| r.1)
+    .collect());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results: Vec<(u16, Duration, bool)> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    let rejected: Vec<_> = results.iter().filter(|r| r.2).collect();
+    let served = results.iter().filter(|r| r.0 == 200).count();
+    println!(
+        "fast p99 unloaded={unloaded:?} while slow is saturated={loaded:?}; slow: {served} served, {} rejected",
+        rejected.len()
+    );
+    assert!(!rejected.is_empty());
+    assert!(
+        rejected
+            .iter()
+            .all(|r| r.0 == 503 && r.1 < Duration::from_millis(200)),
+        "rejections are fast 503s"
+    );
+    assert!(served >= 4, "the bulkhead still admits up to its limit");
+    assert!(
+        loaded <= unloaded * 2,
+        "fast service p99 {loaded:?} vs unloaded {unloaded:?}"
+    );
+}
+
+#[test]
+fn breaker_caps_attempts_on_a_failing_upstream_and_closes_after_recovery() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.add_pod("web");
+    let bad = mesh.add_pod("bad");
+    let policy = "---\napiVersion: bulwark.dev/v1\nkind: TrafficPolicy\nmetadata:\n  name: bad\n  namespace: default\nspec:\n  service: bad\n  circuitBreaker:\n    consecutiveFailures: 5\n    openDuration: 2s\n    halfOpenRequests: 1\n";
+    mesh.write_config(&format!(
+        "{MESH}{}{policy}",
+        service_doc("bad", "198.18.100.4", &[&bad], "")
+    ));
+    mesh.start_sidecar("web", "web", &[]);
+    mesh.set_app_args("bad", &["--error-rate", "1.0"]);
+    mesh.start_sidecar("bad", "bad", &[]);
+    mesh.wait_ready("web");
+    mesh.wait_ready("bad");
+    let r = hammer(
+        &mesh,
+        "web",
+        "198.18.100.4",
+        "/",
+        40,
+        Duration::from_millis(2),
+    );
+    assert!(r.iter().all(|(c, _)| *c == 503));
+    let attempts = metric_sum(
+        &mesh.metrics("bad"),
+        "bulwark_requests_total",
+        &["direction=\"inbound\""],
+    );
+    println!("upstream attempts for 40 requests: {attempts}");
+    assert!(
+        attempts <= 6.0,
+        "at most the configured 5 failures (+1 probe) reach the upstream, got {attempts}"
+    );
+    let m = mesh.metrics("web");
+    assert_eq!(
+        metric_sum(&m, "bulwark_breaker_state", &["service=\"default/bad\""]),
+        1.0,
+        "open\n{m}"
+    );
+    // The upstream recovers: traffic returns within the open interval (+ a probe).
+    let i = mesh.pod("bad").app.unwrap();
+    mesh.net.proc_mut(i).kill();
+    let ns = mesh.pod("bad").pod.ns.clone();
+    mesh.net.spawn_bulwark(
+        &ns,
+        "bad-app-2",
+        &["demo-app", "--listen", "0.0.0.0:8080", "--name", "bad"],
+    );
+    let recovered = Instant::now();
+    wait_for("traffic to return", Duration::from_secs(10), || {
+        (hammer(&mesh, "web", "198.18.100.4", "/", 1, Duration::ZERO)[0].0 == 200).then_some(())
+    });
+    assert!(
+        recovered.elapsed() < Duration::from_secs(4),
+        "closed within open interval + probe: {:?}",
+        recovered.elapsed()
+    );
+    assert_eq!(
+        metric_sum(
+            &mesh.metrics("web"),
+            "bulwark_breaker_state",
+            &["service=\"default/bad\""]
+        ),
+        0.0
+    );
+}
+
+#[test]
+fn retries_respect_the_budget_and_outlier_ejection_keeps_success_high() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.add_pod("web");
+    let a = mesh.add_pod("a");
+    let b = mesh.add_pod("b");
+    let c = mesh.add_pod("c");
+    let dead = mesh.add_pod("dead");
+    let route = |svc: &str, attempts: u32, ratio: &str| {
+        format!(
+            "---\napiVersion: bulwark.dev/v1\nkind: Route\nmetadata:\n  name: {svc}\n  namespace: default\nspec:\n  service: {svc}\n  rules:\n    - retry:\n        attempts: {attempts}\n        retryOn:\n          - 5xx\n        backoffBase: 1ms\n        backoffMax: 5ms\n        budgetRatio: {ratio}\n        budgetMinPerSecond: 1\n"
+        )
+    };
+    let outlier = "---\napiVersion: bulwark.dev/v1\nkind: TrafficPolicy\nmetadata:\n  name: trio\n  namespace: default\nspec:\n  service: trio\n  outlierDetection:\n    consecutive5xx: 3\n    interval: 1s\n    baseEjectionTime: 30s\n    maxEjectionPercent: 50\n";
+    let cfg = format!(
+        "{MESH}{}{}{}{}{outlier}",
+        service_doc("trio", "198.18.100.5", &[&a, &b, &c], ""),
+        route("trio", 2, "0.5"),
+        service_doc("dead", "198.18.100.6", &[&dead], ""),
+        route("dead", 3, "0.2"),
+    );
+    mesh.write_config(&cfg);
+    mesh.start_sidecar("web", "web", &[]);
+    mesh.set_app_args("c", &["--error-rate", "1.0"]);
+    mesh.set_app_args("dead", &["--error-rate", "1.0"]);
+    for (p, sa) in [
+        ("a", "trio"),
+        ("b", "trio"),
+        ("c", "trio"),
+        ("dead", "dead"),
+    ] {
+        mesh.start_sidecar(p, sa, &[]);
+    }
+    for p in ["web", "a", "b", "c", "dead"] {
+        mesh.wait_ready(p);
+    }
+    // Outlier: one bad endpoint of three.
+    let r = hammer(&mesh, "web", "198.18.100.5", "/", 1000, Duration::ZERO);
+    let ok = r.iter().filter(|(c, _)| *c == 200).count();
+    println!("one bad endpoint of three: {ok}/1000 succeeded");
+    assert!(ok as f64 / 1000.0 >= 0.999, "{ok}/1000");
+    assert!(metric_sum(&mesh.metrics("web"), "bulwark_outlier_ejections_total", &[]) >= 1.0);
+    // Retry budget: an upstream failing 100% gets at most (1 + ratio) x requests + floor.
+    let n = 200.0;
+    let r = hammer(&mesh, "web", "198.18.100.6", "/", 200, Duration::ZERO);
+    assert!(r.iter().all(|(c, _)| *c == 503));
+    let attempts = metric_sum(
+        &mesh.metrics("dead"),
+        "bulwark_requests_total",
+        &["direction=\"inbound\""],
+    );
+    let bound = (1.0 + 0.2) * n + 10.0;
+    println!("retry budget: {attempts} upstream attempts for {n} requests (bound {bound})");
+    assert!(attempts <= bound, "{attempts} > {bound}");
+    assert!(attempts > n, "some retries happened");
 }

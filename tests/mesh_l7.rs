@@ -666,3 +666,186 @@ fn retries_respect_the_budget_and_outlier_ejection_keeps_success_high() {
     assert!(attempts <= bound, "{attempts} > {bound}");
     assert!(attempts > n, "some retries happened");
 }
+
+#[test]
+fn websocket_style_upgrade_passes_through_the_mesh() {
+    let _serial = serial();
+    let Some((mesh, _)) = start(&canary_route(0), "", &[]) else {
+        return;
+    };
+    let ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
+    let echoed = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        netns::enter(&ns);
+        let mut s = std::net::TcpStream::connect(format!("{VIP}:8080")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /chat HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte).unwrap() == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        s.write_all(b"ping through the mesh").unwrap();
+        let mut buf = [0u8; 21];
+        s.read_exact(&mut buf).unwrap();
+        (head, String::from_utf8_lossy(&buf).into_owned())
+    })
+    .join()
+    .unwrap();
+    assert!(echoed.0.starts_with("HTTP/1.1 101"), "{}", echoed.0);
+    assert_eq!(echoed.1, "ping through the mesh");
+}
+
+mod grpc_app {
+    use std::pin::Pin;
+
+    use bulwark_proto::xds::v1::discovery_service_server::DiscoveryService;
+    use bulwark_proto::xds::v1::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+    use tonic::{Request, Response, Status, Streaming};
+
+    /// A gRPC app for the test: answers each streamed message, then ends
+    /// the stream with RESOURCE_EXHAUSTED and a message (trailers).
+    pub struct Echo;
+
+    #[tonic::async_trait]
+    impl DiscoveryService for Echo {
+        type DeltaStreamStream = Pin<
+            Box<dyn tokio_stream::Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>,
+        >;
+
+        async fn delta_stream(
+            &self,
+            req: Request<Streaming<DeltaDiscoveryRequest>>,
+        ) -> Result<Response<Self::DeltaStreamStream>, Status> {
+            let caller = req
+                .metadata()
+                .get("x-bulwark-peer-identity")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string();
+            let mut inbound = req.into_inner();
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            tokio::spawn(async move {
+                for _ in 0..3 {
+                    let Ok(Some(m)) = inbound.message().await else {
+                        return;
+                    };
+                    let resp = DeltaDiscoveryResponse {
+                        nonce: m.type_url,
+                        system_version_info: caller.clone(),
+                        ..Default::default()
+                    };
+                    if tx.send(Ok(resp)).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = tx
+                    .send(Err(Status::resource_exhausted("enough for today")))
+                    .await;
+            });
+            Ok(Response::new(Box::pin(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            )))
+        }
+    }
+}
+
+#[test]
+fn grpc_bidirectional_streaming_keeps_messages_trailers_and_status() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.add_pod("web");
+    let api = mesh.add_pod("api");
+    let cfg = format!(
+        "{MESH}---\napiVersion: bulwark.dev/v1\nkind: Service\nmetadata:\n  name: grpc\n  namespace: default\nspec:\n  ports:\n    - port: 9000\n      protocol: grpc\n  identities:\n    - {id}\n  addresses:\n    - 198.18.100.7\n---\napiVersion: bulwark.dev/v1\nkind: ServiceEntry\nmetadata:\n  name: grpc\n  namespace: default\nspec:\n  location: MESH_INTERNAL\n  ports:\n    - port: 9000\n      protocol: grpc\n  endpoints:\n    - address: {ip}\n      identity: {id}\n",
+        id = spiffe("api"),
+        ip = api.ip
+    );
+    mesh.write_config(&cfg);
+    mesh.start_sidecar("web", "web", &[]);
+    mesh.start_sidecar("api", "api", &[]);
+    mesh.wait_ready("web");
+    mesh.wait_ready("api");
+    // The gRPC app, inside the api pod.
+    let api_ns = format!("/run/netns/{}", api.ns);
+    std::thread::spawn(move || {
+        netns::enter(&api_ns);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tonic::transport::Server::builder()
+                .add_service(
+                    bulwark_proto::xds::v1::discovery_service_server::DiscoveryServiceServer::new(
+                        grpc_app::Echo,
+                    ),
+                )
+                .serve("0.0.0.0:9000".parse().unwrap())
+                .await
+                .unwrap();
+        });
+    });
+    let web_ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
+    let (replies, status) = std::thread::spawn(move || {
+        netns::enter(&web_ns);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let ch = loop {
+                match tonic::transport::Endpoint::from_static("http://198.18.100.7:9000")
+                    .connect()
+                    .await
+                {
+                    Ok(c) => break c,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await, // app starting
+                }
+            };
+            let mut client =
+                bulwark_proto::xds::v1::discovery_service_client::DiscoveryServiceClient::new(ch);
+            let reqs: Vec<_> = ["one", "two", "three"]
+                .iter()
+                .map(|t| bulwark_proto::xds::v1::DeltaDiscoveryRequest {
+                    type_url: t.to_string(),
+                    ..Default::default()
+                })
+                .collect();
+            let mut stream = client
+                .delta_stream(tokio_stream::iter(reqs))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut replies = Vec::new();
+            loop {
+                match stream.message().await {
+                    Ok(Some(m)) => replies.push((m.nonce, m.system_version_info)),
+                    Ok(None) => return (replies, None),
+                    Err(s) => return (replies, Some((s.code(), s.message().to_string()))),
+                }
+            }
+        })
+    })
+    .join()
+    .unwrap();
+    let names: Vec<&str> = replies.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(names, ["one", "two", "three"]);
+    assert!(
+        replies.iter().all(|r| r.1 == spiffe("web")),
+        "the app saw the caller's identity: {replies:?}"
+    );
+    assert_eq!(
+        status,
+        Some((
+            tonic::Code::ResourceExhausted,
+            "enough for today".to_string()
+        ))
+    );
+}

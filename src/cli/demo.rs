@@ -46,9 +46,28 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             let _ = stream.set_nodelay(true);
             let (name, counter, latency) = (name.clone(), counter.clone(), a.latency);
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                     let (name, counter) = (name.clone(), counter.clone());
                     async move {
+                        if let Some(proto) = req.headers().get(hyper::header::UPGRADE).cloned() {
+                            // Echo every byte back once upgraded (WebSocket-style tunnels).
+                            let on = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                if let Ok(up) = on.await {
+                                    let (mut r, mut w) =
+                                        tokio::io::split(hyper_util::rt::TokioIo::new(up));
+                                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                                }
+                            });
+                            return Ok::<_, Infallible>(
+                                Response::builder()
+                                    .status(101)
+                                    .header(hyper::header::CONNECTION, "upgrade")
+                                    .header(hyper::header::UPGRADE, proto)
+                                    .body(Full::new(Bytes::new()))
+                                    .expect("valid response"),
+                            );
+                        }
                         if !latency.is_zero() {
                             tokio::time::sleep(latency).await;
                         }

@@ -41,7 +41,8 @@ impl EndpointState {
 
     pub fn available(&self, now: Instant) -> bool {
         !self.unhealthy.load(Ordering::Relaxed)
-            && (now.duration_since(self.epoch).as_millis() as u64) >= self.ejected_until_ms.load(Ordering::Relaxed)
+            && (now.duration_since(self.epoch).as_millis() as u64)
+                >= self.ejected_until_ms.load(Ordering::Relaxed)
     }
 
     pub fn set_unhealthy(&self, unhealthy: bool) {
@@ -69,7 +70,8 @@ impl EndpointState {
         let k = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
         let d = base * k.min(10);
         let until = now.duration_since(self.epoch) + d;
-        self.ejected_until_ms.store(until.as_millis() as u64, Ordering::Relaxed);
+        self.ejected_until_ms
+            .store(until.as_millis() as u64, Ordering::Relaxed);
         true
     }
 }
@@ -91,7 +93,9 @@ pub struct Endpoints {
 impl Endpoints {
     pub fn get(&self, addr: SocketAddr) -> Arc<EndpointState> {
         let mut m = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        m.entry(addr).or_insert_with(|| Arc::new(EndpointState::new(addr))).clone()
+        m.entry(addr)
+            .or_insert_with(|| Arc::new(EndpointState::new(addr)))
+            .clone()
     }
 }
 
@@ -99,9 +103,17 @@ impl Endpoints {
 /// one with fewer requests in flight wins. If every endpoint is ejected,
 /// fall back to all of them (panic threshold): better a likely failure than
 /// a certain one.
-pub fn p2c<'a>(eps: &'a [Arc<EndpointState>], now: Instant, rand: impl Fn(usize) -> usize) -> Option<&'a Arc<EndpointState>> {
+pub fn p2c<'a>(
+    eps: &'a [Arc<EndpointState>],
+    now: Instant,
+    rand: impl Fn(usize) -> usize,
+) -> Option<&'a Arc<EndpointState>> {
     let avail: Vec<&Arc<EndpointState>> = eps.iter().filter(|e| e.available(now)).collect();
-    let pool: Vec<&Arc<EndpointState>> = if avail.is_empty() { eps.iter().collect() } else { avail };
+    let pool: Vec<&Arc<EndpointState>> = if avail.is_empty() {
+        eps.iter().collect()
+    } else {
+        avail
+    };
     match pool.len() {
         0 => None,
         1 => Some(pool[0]),
@@ -111,7 +123,11 @@ pub fn p2c<'a>(eps: &'a [Arc<EndpointState>], now: Instant, rand: impl Fn(usize)
             if b >= a {
                 b += 1;
             }
-            Some(if pool[a].outstanding() <= pool[b].outstanding() { pool[a] } else { pool[b] })
+            Some(if pool[a].outstanding() <= pool[b].outstanding() {
+                pool[a]
+            } else {
+                pool[b]
+            })
         }
     }
 }
@@ -147,7 +163,13 @@ mod tests {
     use super::*;
 
     fn eps(n: usize) -> Vec<Arc<EndpointState>> {
-        (0..n).map(|i| Arc::new(EndpointState::new(format!("10.0.0.{}:80", i + 1).parse().unwrap()))).collect()
+        (0..n)
+            .map(|i| {
+                Arc::new(EndpointState::new(
+                    format!("10.0.0.{}:80", i + 1).parse().unwrap(),
+                ))
+            })
+            .collect()
     }
 
     #[test]

@@ -312,7 +312,11 @@ impl Snapshot {
                     addr: SocketAddr::new(ip, p),
                     service: service.to_string(),
                     identity: identity.clone(),
-                    labels: ep.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    labels: ep
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
                 };
                 endpoints.insert(up.addr, up.clone());
                 ups.push(up);
@@ -442,7 +446,11 @@ impl Snapshot {
             .traffic_policies
             .iter()
             .map(|p| {
-                let svc = if p.service.contains('/') { p.service.clone() } else { key(&p.namespace, &p.service) };
+                let svc = if p.service.contains('/') {
+                    p.service.clone()
+                } else {
+                    key(&p.namespace, &p.service)
+                };
                 (svc, Arc::new(p.clone()))
             })
             .collect();
@@ -454,7 +462,11 @@ impl Snapshot {
             for p in &s.ports {
                 let proto = Proto::from_proto(p.protocol);
                 let port = p.port as u16;
-                let target = if p.target_port == 0 { port } else { p.target_port as u16 };
+                let target = if p.target_port == 0 {
+                    port
+                } else {
+                    p.target_port as u16
+                };
                 ports.insert((k.clone(), port), (proto, target));
                 ports.insert((k.clone(), target), (proto, target));
                 if mine {
@@ -466,8 +478,14 @@ impl Snapshot {
             let k = key(&e.namespace, &e.name);
             for p in &e.ports {
                 let port = p.port as u16;
-                let target = if p.target_port == 0 { port } else { p.target_port as u16 };
-                ports.entry((k.clone(), port)).or_insert((Proto::from_proto(p.protocol), target));
+                let target = if p.target_port == 0 {
+                    port
+                } else {
+                    p.target_port as u16
+                };
+                ports
+                    .entry((k.clone(), port))
+                    .or_insert((Proto::from_proto(p.protocol), target));
             }
         }
         Ok(Self {
@@ -543,12 +561,30 @@ impl Snapshot {
     /// Resolves an outbound destination to a service port, when known.
     pub fn target(&self, dst: SocketAddr) -> Option<Target> {
         if let Some(up) = self.endpoints.get(&dst) {
-            let (proto, _) = self.ports.get(&(up.service.clone(), dst.port())).copied().unwrap_or((Proto::Auto, dst.port()));
-            return Some(Target { service: up.service.clone(), port: dst.port(), proto, pinned: Some(up.clone()) });
+            let (proto, _) = self
+                .ports
+                .get(&(up.service.clone(), dst.port()))
+                .copied()
+                .unwrap_or((Proto::Auto, dst.port()));
+            return Some(Target {
+                service: up.service.clone(),
+                port: dst.port(),
+                proto,
+                pinned: Some(up.clone()),
+            });
         }
         let (service, _) = self.vip_service(dst)?;
-        let (proto, _) = self.ports.get(&(service.clone(), dst.port())).copied().unwrap_or((Proto::Auto, dst.port()));
-        Some(Target { service, port: dst.port(), proto, pinned: None })
+        let (proto, _) = self
+            .ports
+            .get(&(service.clone(), dst.port()))
+            .copied()
+            .unwrap_or((Proto::Auto, dst.port()));
+        Some(Target {
+            service,
+            port: dst.port(),
+            proto,
+            pinned: None,
+        })
     }
 
     fn vip_service(&self, dst: SocketAddr) -> Option<(String, ())> {
@@ -560,8 +596,17 @@ impl Snapshot {
     }
 
     /// Endpoints of `service` on its target port for `port`, filtered by `subset` labels.
-    pub fn endpoints_of(&self, service: &str, port: u16, subset: &[(String, String)]) -> Vec<Upstream> {
-        let target = self.ports.get(&(service.to_string(), port)).map(|(_, t)| *t).unwrap_or(port);
+    pub fn endpoints_of(
+        &self,
+        service: &str,
+        port: u16,
+        subset: &[(String, String)],
+    ) -> Vec<Upstream> {
+        let target = self
+            .ports
+            .get(&(service.to_string(), port))
+            .map(|(_, t)| *t)
+            .unwrap_or(port);
         self.by_service
             .get(service)
             .into_iter()
@@ -587,12 +632,21 @@ impl Snapshot {
 
     /// The local service owning inbound `port`, if any.
     pub fn local_service(&self, port: u16) -> Option<&str> {
-        self.local_ports.get(&port).and_then(|v| v.first()).map(String::as_str)
+        self.local_ports
+            .get(&port)
+            .and_then(|v| v.first())
+            .map(String::as_str)
     }
 
     /// Per-request authorization: like [`Snapshot::authorize_l4`], with
     /// path and method conditions evaluated.
-    pub fn authorize_http(&self, port: u16, source: Option<&SpiffeId>, method: &str, path: &str) -> Result<(), String> {
+    pub fn authorize_http(
+        &self,
+        port: u16,
+        source: Option<&SpiffeId>,
+        method: &str,
+        path: &str,
+    ) -> Result<(), String> {
         let Some(services) = self.local_ports.get(&port) else {
             return Ok(());
         };
@@ -602,7 +656,10 @@ impl Snapshot {
                 continue;
             };
             let allowed = rules.iter().any(|r| {
-                (r.from.is_empty() || src.as_deref().is_some_and(|s| r.from.iter().any(|p| p.matches(s))))
+                (r.from.is_empty()
+                    || src
+                        .as_deref()
+                        .is_some_and(|s| r.from.iter().any(|p| p.matches(s))))
                     && (r.methods.is_empty() || r.methods.iter().any(|m| m == method))
                     && (r.paths.is_empty() || r.paths.iter().any(|p| p.matches(path)))
             });

@@ -66,8 +66,12 @@ fn assemble(held: &Held) -> Result<Resources, String> {
                 type_url::SERVICE_ENTRY => r.service_entries.push(decode(t, name, b)?),
                 type_url::ROUTE => r.routes.push(decode(t, name, b)?),
                 type_url::TRAFFIC_POLICY => r.traffic_policies.push(decode(t, name, b)?),
-                type_url::AUTHORIZATION_POLICY => r.authorization_policies.push(decode(t, name, b)?),
-                type_url::TRUST_BUNDLE => r.trust_bundle = Some(decode::<v1::TrustBundle>(t, name, b)?),
+                type_url::AUTHORIZATION_POLICY => {
+                    r.authorization_policies.push(decode(t, name, b)?)
+                }
+                type_url::TRUST_BUNDLE => {
+                    r.trust_bundle = Some(decode::<v1::TrustBundle>(t, name, b)?)
+                }
                 other => return Err(format!("unknown type {other}")),
             }
         }
@@ -131,9 +135,10 @@ pub async fn run(opts: XdsOptions, handle: ConfigHandle) {
     if let Some(dir) = &opts.state_dir
         && let Some((v, h)) = restore(dir)
     {
-        match assemble(&h).map_err(|e| e.to_string()).and_then(|r| {
-            handle.apply_with(&v, r, true).map_err(|e| e.to_string())
-        }) {
+        match assemble(&h)
+            .map_err(|e| e.to_string())
+            .and_then(|r| handle.apply_with(&v, r, true).map_err(|e| e.to_string()))
+        {
             Ok(()) => {
                 tracing::info!(version = %v, "serving the last good config from disk until the control plane answers");
                 held = h;
@@ -159,7 +164,9 @@ pub async fn run(opts: XdsOptions, handle: ConfigHandle) {
         }
         let wait = backoff.next_delay();
         match r {
-            Err(e) => tracing::warn!(addr, error = %e, retry_ms = wait.as_millis() as u64, "control plane stream ended; keeping the last good config"),
+            Err(e) => {
+                tracing::warn!(addr, error = %e, retry_ms = wait.as_millis() as u64, "control plane stream ended; keeping the last good config")
+            }
             Ok(()) => {}
         }
         tokio::time::sleep(jitter(wait, 0.2)).await;
@@ -172,7 +179,8 @@ async fn connect(
 ) -> Result<DiscoveryServiceClient<tonic::transport::Channel>, StreamError> {
     let identity = handle.identity();
     let expected = control_plane_identity(identity.identity().trust_domain());
-    let verifier = SpiffeServerVerifier::new(identity.bundle(), ExpectedServer::AnyOf(vec![expected]));
+    let verifier =
+        SpiffeServerVerifier::new(identity.bundle(), ExpectedServer::AnyOf(vec![expected]));
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("TLS 1.3 is supported")
@@ -253,7 +261,13 @@ async fn stream_once(
         let resp = match responses.message().await {
             Ok(Some(r)) => r,
             Ok(None) => return Err(StreamError::Closed),
-            Err(s) => return Err(StreamError::Stream(format!("{}: {}", s.code(), s.message()))),
+            Err(s) => {
+                return Err(StreamError::Stream(format!(
+                    "{}: {}",
+                    s.code(),
+                    s.message()
+                )));
+            }
         };
         let ack = on_response(resp, handle, held, version, opts);
         if tx.send(ack).await.is_err() {

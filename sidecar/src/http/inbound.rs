@@ -35,7 +35,9 @@ impl Default for LocalClients {
             h1: Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(std::time::Duration::from_secs(60))
                 .build(c.clone()),
-            h2: Client::builder(TokioExecutor::new()).http2_only(true).build(c),
+            h2: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(c),
         }
     }
 }
@@ -60,7 +62,12 @@ where
     }
 }
 
-async fn handle(proxy: Arc<Proxy>, peer: &SpiffeId, port: u16, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    proxy: Arc<Proxy>,
+    peer: &SpiffeId,
+    port: u16,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let started = Instant::now();
     let me = proxy.identity.identity().to_string();
     let src = peer.to_string();
@@ -80,8 +87,16 @@ async fn handle(proxy: Arc<Proxy>, peer: &SpiffeId, port: u16, req: Request<Inco
             code: resp.status().as_u16(),
         };
         proxy.metrics.requests.get_or_create(&labels).inc();
-        proxy.metrics.request_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
-        let reason = resp.headers().get(super::REASON_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+        proxy
+            .metrics
+            .request_duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        let reason = resp
+            .headers()
+            .get(super::REASON_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         tracing::info!(target: "bulwark::access", direction = "inbound", method = %method, path = %path,
             service = %service, status = resp.status().as_u16(), src_identity = %src, dst_identity = %me, reason,
             duration_us = started.elapsed().as_micros() as u64, "request");
@@ -91,7 +106,10 @@ async fn handle(proxy: Arc<Proxy>, peer: &SpiffeId, port: u16, req: Request<Inco
         proxy
             .metrics
             .authz_denials
-            .get_or_create(&DenialLabels { direction: "inbound", src_identity: src.clone() })
+            .get_or_create(&DenialLabels {
+                direction: "inbound",
+                src_identity: src.clone(),
+            })
             .inc();
         tracing::info!(src_identity = %src, service = %svc, %method, %path, "request denied by authorization policy");
         return finish(reply(403, "rbac-denied"));
@@ -102,10 +120,17 @@ async fn handle(proxy: Arc<Proxy>, peer: &SpiffeId, port: u16, req: Request<Inco
         if let Some(rl) = &guards.rate_limit
             && let Err(wait) = rl.try_acquire()
         {
-            proxy.metrics.ratelimit_rejections.get_or_create(&ServiceLabel { service: service.clone() }).inc();
+            proxy
+                .metrics
+                .ratelimit_rejections
+                .get_or_create(&ServiceLabel {
+                    service: service.clone(),
+                })
+                .inc();
             let mut r = reply(429, "rate-limited");
             let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-            r.headers_mut().insert(http::header::RETRY_AFTER, secs.into());
+            r.headers_mut()
+                .insert(http::header::RETRY_AFTER, secs.into());
             return finish(r);
         }
     }
@@ -117,8 +142,15 @@ async fn handle(proxy: Arc<Proxy>, peer: &SpiffeId, port: u16, req: Request<Inco
         http::HeaderValue::from_str(&src).expect("SPIFFE IDs are valid header values"),
     );
     let authority = parts.uri.authority().map(|a| a.to_string());
-    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-    parts.uri = format!("http://127.0.0.1:{port}{pq}").parse().expect("valid local URI");
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
+    parts.uri = format!("http://127.0.0.1:{port}{pq}")
+        .parse()
+        .expect("valid local URI");
     let proto = snap.local_proto(port);
     let client = match proto {
         Proto::Http2 => {
@@ -141,12 +173,22 @@ async fn handle(proxy: Arc<Proxy>, peer: &SpiffeId, port: u16, req: Request<Inco
             let (mut p, b) = r.into_parts();
             strip_hop_headers(&mut p.headers);
             p.version = http::Version::HTTP_2;
-            finish(Response::from_parts(p, b.map_err(|e| -> super::BoxError { Box::new(e) }).boxed()))
+            finish(Response::from_parts(
+                p,
+                b.map_err(|e| -> super::BoxError { Box::new(e) }).boxed(),
+            ))
         }
         Err(e) => {
             tracing::info!(port, error = %e, "local app request failed");
             let status = if e.is_connect() { 503 } else { 502 };
-            finish(reply(status, if e.is_connect() { "app-unreachable" } else { "app-reset" }))
+            finish(reply(
+                status,
+                if e.is_connect() {
+                    "app-unreachable"
+                } else {
+                    "app-reset"
+                },
+            ))
         }
     }
 }

@@ -20,7 +20,9 @@ pub const PEER_IDENTITY_HEADER: &str = "x-bulwark-peer-identity";
 pub const REASON_HEADER: &str = "x-bulwark-reason";
 
 pub fn full(b: impl Into<Bytes>) -> Body {
-    http_body_util::Full::new(b.into()).map_err(|never| match never {}).boxed()
+    http_body_util::Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 pub fn empty() -> Body {
@@ -39,12 +41,24 @@ pub fn reply(status: u16, reason: &str) -> hyper::Response<Body> {
 
 /// Headers that belong to one hop and must not be forwarded.
 pub fn strip_hop_headers(h: &mut http::HeaderMap) {
-    if let Some(c) = h.get(http::header::CONNECTION).and_then(|v| v.to_str().ok()).map(String::from) {
+    if let Some(c) = h
+        .get(http::header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .map(String::from)
+    {
         for name in c.split(',') {
             h.remove(name.trim());
         }
     }
-    for name in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization"] {
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ] {
         h.remove(name);
     }
     // `te: trailers` is the one TE value allowed (and needed by gRPC) in HTTP/2.

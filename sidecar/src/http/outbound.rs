@@ -34,9 +34,17 @@ pub async fn serve(proxy: Arc<Proxy>, down: TcpStream, client: SocketAddr, targe
         async move { Ok::<_, Infallible>(handle(proxy, target, req).await) }
     });
     let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    b.http1().max_buf_size(MAX_HEADER_BYTES).timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
-    b.http2().max_header_list_size(MAX_HEADER_BYTES as u32).max_concurrent_streams(1024);
-    if let Err(e) = b.serve_connection(TokioIo::new(down), svc).await {
+    b.http1()
+        .max_buf_size(MAX_HEADER_BYTES)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    b.http2()
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_concurrent_streams(1024);
+    if let Err(e) = b
+        .serve_connection_with_upgrades(TokioIo::new(down), svc)
+        .await
+    {
         tracing::debug!(%client, error = %e, "outbound HTTP connection ended with an error");
     }
 }
@@ -101,8 +109,12 @@ async fn handle(proxy: Arc<Proxy>, target: Target, req: Request<Incoming>) -> Re
     };
     let policy = snap.policy(&plan.service).cloned();
     let guards = proxy.guards.for_service(&plan.service, policy.as_deref());
+    let upgrade = req.headers().contains_key(http::header::UPGRADE)
+        && req.version() == http::Version::HTTP_11;
     let (resp, upstream, dst_identity, attempts) = if plan.upstreams.is_empty() {
         (reply(503, "no-healthy-upstream"), None, String::new(), 0)
+    } else if upgrade {
+        upgrade_tunnel(&proxy, &plan, req).await
     } else {
         let work = send_with_retries(&proxy, &plan, &guards, policy.as_deref(), req);
         match plan.timeout {
@@ -123,8 +135,16 @@ async fn handle(proxy: Arc<Proxy>, target: Target, req: Request<Incoming>) -> Re
         code,
     };
     proxy.metrics.requests.get_or_create(&labels).inc();
-    proxy.metrics.request_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
-    let reason = resp.headers().get(super::REASON_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    proxy
+        .metrics
+        .request_duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    let reason = resp
+        .headers()
+        .get(super::REASON_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     tracing::info!(target: "bulwark::access", direction = "outbound", method = %method, path = %path,
         service = %plan.service, route = %plan.route, status = code, src_identity = %me, dst_identity = %dst_identity,
         upstream = upstream.map(|u: SocketAddr| u.to_string()).unwrap_or_default(), attempts, reason,
@@ -133,10 +153,17 @@ async fn handle(proxy: Arc<Proxy>, target: Target, req: Request<Incoming>) -> Re
 }
 
 /// Whether an outcome may be retried under `retry_on`.
-fn retriable(retry_on: &[String], codes: &[u32], status: Option<u16>, connect_failure: bool) -> bool {
+fn retriable(
+    retry_on: &[String],
+    codes: &[u32],
+    status: Option<u16>,
+    connect_failure: bool,
+) -> bool {
     let has = |c: &str| retry_on.iter().any(|r| r == c);
     match status {
-        None if connect_failure => has("connect-failure") || has("reset") || has("5xx") || has("gateway-error"),
+        None if connect_failure => {
+            has("connect-failure") || has("reset") || has("5xx") || has("gateway-error")
+        }
         None => has("reset") || has("5xx"),
         Some(s) => {
             (has("5xx") && s >= 500)
@@ -155,12 +182,18 @@ async fn send_with_retries(
     policy: Option<&v1::TrafficPolicy>,
     req: Request<Incoming>,
 ) -> Outcome {
-    let svc_label = ServiceLabel { service: plan.service.clone() };
+    let svc_label = ServiceLabel {
+        service: plan.service.clone(),
+    };
     let _permit = match &guards.bulkhead {
         Some(b) => match b.acquire().await {
             Ok(p) => Some(p),
             Err(_) => {
-                proxy.metrics.bulkhead_rejections.get_or_create(&svc_label).inc();
+                proxy
+                    .metrics
+                    .bulkhead_rejections
+                    .get_or_create(&svc_label)
+                    .inc();
                 return (reply(503, "bulkhead-full"), None, String::new(), 0);
             }
         },
@@ -173,18 +206,37 @@ async fn send_with_retries(
         .uri
         .authority()
         .map(|a| a.to_string())
-        .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(String::from))
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(String::from)
+        })
         .unwrap_or_else(|| plan.service.clone());
     parts.headers.remove(http::header::HOST);
-    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-    parts.uri = format!("http://{authority}{pq}").parse().unwrap_or_else(|_| http::Uri::from_static("http://invalid/"));
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
+    parts.uri = format!("http://{authority}{pq}")
+        .parse()
+        .unwrap_or_else(|_| http::Uri::from_static("http://invalid/"));
     parts.version = http::Version::HTTP_2;
 
     // Buffer small bodies so they can be sent again.
     let small = body_size_hint(&parts.headers).is_some_and(|n| n <= REPLAY_LIMIT as u64)
         || (parts.headers.get(http::header::CONTENT_LENGTH).is_none()
             && parts.headers.get(http::header::TRANSFER_ENCODING).is_none()
-            && matches!(parts.method, http::Method::GET | http::Method::HEAD | http::Method::DELETE | http::Method::OPTIONS));
+            && matches!(
+                parts.method,
+                http::Method::GET
+                    | http::Method::HEAD
+                    | http::Method::DELETE
+                    | http::Method::OPTIONS
+            ));
     let (mut stream_body, replay): (Option<Incoming>, Option<Bytes>) = if small {
         match Limited::new(body, REPLAY_LIMIT).collect().await {
             Ok(b) => (None, Some(b.to_bytes())),
@@ -205,7 +257,11 @@ async fn send_with_retries(
     let outlier = policy.and_then(|p| p.outlier_detection.clone());
     let now = Instant::now();
     guards.budget.record_request(now);
-    let states: Vec<_> = plan.upstreams.iter().map(|u| proxy.endpoints.get(u.addr)).collect();
+    let states: Vec<_> = plan
+        .upstreams
+        .iter()
+        .map(|u| proxy.endpoints.get(u.addr))
+        .collect();
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut attempt = 0u32;
     loop {
@@ -222,12 +278,25 @@ async fn send_with_retries(
             None => Admit::Yes,
         };
         // Prefer endpoints not tried yet for this request.
-        let fresh: Vec<_> = states.iter().filter(|s| !tried.contains(&s.addr)).cloned().collect();
+        let fresh: Vec<_> = states
+            .iter()
+            .filter(|s| !tried.contains(&s.addr))
+            .cloned()
+            .collect();
         let pool = if fresh.is_empty() { &states } else { &fresh };
-        let ep = p2c(pool, Instant::now(), rand_below).expect("non-empty").clone();
+        let ep = p2c(pool, Instant::now(), rand_below)
+            .expect("non-empty")
+            .clone();
         tried.push(ep.addr);
-        let up = plan.upstreams.iter().find(|u| u.addr == ep.addr).expect("state of a planned upstream");
-        let identity = up.identity.clone().expect("L7 upstreams are mesh workloads");
+        let up = plan
+            .upstreams
+            .iter()
+            .find(|u| u.addr == ep.addr)
+            .expect("state of a planned upstream");
+        let identity = up
+            .identity
+            .clone()
+            .expect("L7 upstreams are mesh workloads");
         let body = match (&replay, stream_body.take()) {
             (Some(b), _) => full(b.clone()),
             (None, Some(b)) => b.map_err(|e| -> super::BoxError { Box::new(e) }).boxed(),
@@ -235,9 +304,14 @@ async fn send_with_retries(
         };
         let req = Request::from_parts(parts.clone(), body);
         let inflight = ep.start();
-        let per_try = (retry.per_try_timeout_ms > 0).then(|| Duration::from_millis(retry.per_try_timeout_ms));
+        let per_try =
+            (retry.per_try_timeout_ms > 0).then(|| Duration::from_millis(retry.per_try_timeout_ms));
         let result = async {
-            let mut sender = proxy.pool.get(proxy, up.addr, &identity).await.map_err(|e| (true, e.to_string()))?;
+            let mut sender = proxy
+                .pool
+                .get(proxy, up.addr, &identity)
+                .await
+                .map_err(|e| (true, e.to_string()))?;
             match sender.send_request(req).await {
                 Ok(r) => Ok(r),
                 Err(e) => {
@@ -247,7 +321,9 @@ async fn send_with_retries(
             }
         };
         let result = match per_try {
-            Some(t) => tokio::time::timeout(t, result).await.unwrap_or(Err((false, "per-try timeout".into()))),
+            Some(t) => tokio::time::timeout(t, result)
+                .await
+                .unwrap_or(Err((false, "per-try timeout".into()))),
             None => result.await,
         };
         drop(inflight);
@@ -261,7 +337,13 @@ async fn send_with_retries(
             let failed_5xx = !success;
             let base = Duration::from_millis(o.base_ejection_ms.max(1));
             if ep.record(!failed_5xx, o.consecutive_5xx, base, Instant::now()) {
-                proxy.metrics.outlier_ejections.get_or_create(&ServiceLabel { service: plan.service.clone() }).inc();
+                proxy
+                    .metrics
+                    .outlier_ejections
+                    .get_or_create(&ServiceLabel {
+                        service: plan.service.clone(),
+                    })
+                    .inc();
                 tracing::info!(endpoint = %ep.addr, service = %plan.service, "endpoint ejected (outlier detection)");
             }
         }
@@ -269,27 +351,57 @@ async fn send_with_retries(
         let can_retry = !success
             && attempt <= retry.attempts
             && replay.is_some()
-            && retriable(&retry.retry_on, &retry.retriable_status_codes, status, connect_failure)
-            && guards.budget.try_retry(retry.budget_ratio, retry.budget_min_per_second, Instant::now());
+            && retriable(
+                &retry.retry_on,
+                &retry.retriable_status_codes,
+                status,
+                connect_failure,
+            )
+            && guards.budget.try_retry(
+                retry.budget_ratio,
+                retry.budget_min_per_second,
+                Instant::now(),
+            );
         if !can_retry {
             return match result {
                 Ok(r) => {
                     let (mut p, b) = r.into_parts();
                     strip_hop_headers(&mut p.headers);
                     let b = b.map_err(|e| -> super::BoxError { Box::new(e) }).boxed();
-                    (Response::from_parts(p, b), Some(up.addr), identity.to_string(), attempt)
+                    (
+                        Response::from_parts(p, b),
+                        Some(up.addr),
+                        identity.to_string(),
+                        attempt,
+                    )
                 }
                 Err((true, e)) => {
                     tracing::info!(upstream = %up.addr, error = %e, "upstream connect failed");
-                    (reply(503, "upstream-connect-failure"), Some(up.addr), identity.to_string(), attempt)
+                    (
+                        reply(503, "upstream-connect-failure"),
+                        Some(up.addr),
+                        identity.to_string(),
+                        attempt,
+                    )
                 }
                 Err((false, e)) => {
                     tracing::info!(upstream = %up.addr, error = %e, "upstream request failed");
-                    (reply(502, "upstream-reset"), Some(up.addr), identity.to_string(), attempt)
+                    (
+                        reply(502, "upstream-reset"),
+                        Some(up.addr),
+                        identity.to_string(),
+                        attempt,
+                    )
                 }
             };
         }
-        proxy.metrics.retries.get_or_create(&ServiceLabel { service: plan.service.clone() }).inc();
+        proxy
+            .metrics
+            .retries
+            .get_or_create(&ServiceLabel {
+                service: plan.service.clone(),
+            })
+            .inc();
         let base = Duration::from_millis(retry.backoff_base_ms.max(1));
         let max = Duration::from_millis(retry.backoff_max_ms.max(retry.backoff_base_ms).max(1));
         let backoff = (base * 2u32.saturating_pow(attempt - 1)).min(max);
@@ -299,13 +411,23 @@ async fn send_with_retries(
 }
 
 fn body_size_hint(h: &http::HeaderMap) -> Option<u64> {
-    h.get(http::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+    h.get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 fn publish_breaker(proxy: &Proxy, service: &str, b: &crate::resilience::breaker::Breaker) {
-    let label = ServiceLabel { service: service.to_string() };
+    let label = ServiceLabel {
+        service: service.to_string(),
+    };
     let state = b.state();
-    proxy.metrics.breaker_state.get_or_create(&label).set(state as i64);
+    proxy
+        .metrics
+        .breaker_state
+        .get_or_create(&label)
+        .set(state as i64);
     let t = b.transitions();
     let c = proxy.metrics.breaker_transitions.get_or_create(&label);
     let seen = c.get();
@@ -315,4 +437,112 @@ fn publish_breaker(proxy: &Proxy, service: &str, b: &crate::resilience::breaker:
     if state == BreakerState::Open && t > seen {
         tracing::warn!(service, "circuit breaker opened");
     }
+}
+
+/// HTTP/1.1 upgrades (WebSocket and friends): the request goes over a
+/// dedicated mTLS tunnel to the chosen endpoint (HTTP/2 between sidecars
+/// cannot carry an HTTP/1 upgrade), and once the upstream agrees (101) the
+/// two upgraded connections are spliced together.
+async fn upgrade_tunnel(proxy: &Arc<Proxy>, plan: &Plan, mut req: Request<Incoming>) -> Outcome {
+    let states: Vec<_> = plan
+        .upstreams
+        .iter()
+        .map(|u| proxy.endpoints.get(u.addr))
+        .collect();
+    let ep = p2c(&states, Instant::now(), rand_below)
+        .expect("non-empty")
+        .clone();
+    let up = plan
+        .upstreams
+        .iter()
+        .find(|u| u.addr == ep.addr)
+        .expect("planned upstream");
+    let identity = up.identity.clone().expect("mesh upstream");
+    let tcp = match tokio::time::timeout(
+        proxy.connect_timeout,
+        crate::intercept::connect_marked(up.addr, proxy.mark),
+    )
+    .await
+    {
+        Ok(Ok(t)) => t,
+        _ => {
+            return (
+                reply(503, "upstream-connect-failure"),
+                Some(up.addr),
+                identity.to_string(),
+                1,
+            );
+        }
+    };
+    let connector = tokio_rustls::TlsConnector::from(proxy.client_configs.for_peer(&identity));
+    let tls = match connector
+        .connect(
+            rustls_pki_types::ServerName::IpAddress(up.addr.ip().into()),
+            tcp,
+        )
+        .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(upstream = %up.addr, error = %e, "mTLS handshake for an upgrade tunnel failed");
+            return (
+                reply(503, "upstream-tls-failure"),
+                Some(up.addr),
+                identity.to_string(),
+                1,
+            );
+        }
+    };
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(tls)).await {
+        Ok(x) => x,
+        Err(_) => {
+            return (
+                reply(502, "upstream-reset"),
+                Some(up.addr),
+                identity.to_string(),
+                1,
+            );
+        }
+    };
+    tokio::spawn(conn.with_upgrades());
+    let down_upgrade = hyper::upgrade::on(&mut req);
+    let (mut parts, body) = req.into_parts();
+    parts.headers.remove(super::PEER_IDENTITY_HEADER);
+    let up_req = Request::from_parts(
+        parts,
+        body.map_err(|e| -> super::BoxError { Box::new(e) }).boxed(),
+    );
+    let mut resp = match sender.send_request(up_req).await {
+        Ok(r) => r,
+        Err(_) => {
+            return (
+                reply(502, "upstream-reset"),
+                Some(up.addr),
+                identity.to_string(),
+                1,
+            );
+        }
+    };
+    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        let up_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match (down_upgrade.await, up_upgrade.await) {
+                (Ok(d), Ok(u)) => {
+                    let _ =
+                        tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(u))
+                            .await;
+                }
+                (d, u) => {
+                    tracing::debug!(down = d.is_ok(), up = u.is_ok(), "upgrade did not complete")
+                }
+            }
+        });
+    }
+    let (p, b) = resp.into_parts();
+    (
+        Response::from_parts(p, b.map_err(|e| -> super::BoxError { Box::new(e) }).boxed()),
+        Some(up.addr),
+        identity.to_string(),
+        1,
+    )
 }

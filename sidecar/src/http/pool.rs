@@ -34,7 +34,12 @@ pub struct MeshPool {
 
 impl MeshPool {
     /// A ready sender to `addr`, verified to be `identity`; connects if needed.
-    pub async fn get(&self, proxy: &Proxy, addr: SocketAddr, identity: &SpiffeId) -> Result<SendRequest<Body>, PoolError> {
+    pub async fn get(
+        &self,
+        proxy: &Proxy,
+        addr: SocketAddr,
+        identity: &SpiffeId,
+    ) -> Result<SendRequest<Body>, PoolError> {
         let key = (addr, identity.clone());
         // Held across the connect: concurrent first requests to one endpoint
         // share one connection instead of racing to open several.
@@ -55,13 +60,22 @@ impl MeshPool {
     }
 }
 
-async fn connect(proxy: &Proxy, addr: SocketAddr, identity: &SpiffeId) -> Result<SendRequest<Body>, PoolError> {
+async fn connect(
+    proxy: &Proxy,
+    addr: SocketAddr,
+    identity: &SpiffeId,
+) -> Result<SendRequest<Body>, PoolError> {
     let m = &proxy.metrics;
-    let tcp = tokio::time::timeout(proxy.connect_timeout, crate::intercept::connect_marked(addr, proxy.mark))
-        .await
-        .map_err(|_| PoolError::Connect(addr, "timed out".into()))?
-        .map_err(|e| PoolError::Connect(addr, e.to_string()))?;
-    let cfg = proxy.client_configs.for_peer_alpn(identity, crate::tls::ALPN_MESH_H2);
+    let tcp = tokio::time::timeout(
+        proxy.connect_timeout,
+        crate::intercept::connect_marked(addr, proxy.mark),
+    )
+    .await
+    .map_err(|_| PoolError::Connect(addr, "timed out".into()))?
+    .map_err(|e| PoolError::Connect(addr, e.to_string()))?;
+    let cfg = proxy
+        .client_configs
+        .for_peer_alpn(identity, crate::tls::ALPN_MESH_H2);
     let tls = tokio::time::timeout(
         proxy.connect_timeout,
         tokio_rustls::TlsConnector::from(cfg).connect(ServerName::IpAddress(addr.ip().into()), tcp),
@@ -73,14 +87,20 @@ async fn connect(proxy: &Proxy, addr: SocketAddr, identity: &SpiffeId) -> Result
         Ok(t) => t,
         Err(e) => {
             m.tls_handshakes
-                .get_or_create(&HandshakeLabels { direction: "outbound", result: "error" })
+                .get_or_create(&HandshakeLabels {
+                    direction: "outbound",
+                    result: "error",
+                })
                 .inc();
             tracing::warn!(%addr, expected = %identity, error = %e, "mTLS handshake with upstream failed");
             return Err(e);
         }
     };
     m.tls_handshakes
-        .get_or_create(&HandshakeLabels { direction: "outbound", result: "ok" })
+        .get_or_create(&HandshakeLabels {
+            direction: "outbound",
+            result: "ok",
+        })
         .inc();
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(hyper_util::rt::TokioTimer::new())

@@ -48,7 +48,8 @@ pub struct HeaderRule {
 
 impl HeaderRule {
     fn compile(h: &v1::HeaderMatch) -> Result<Self, String> {
-        let name = http::HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| format!("header name {:?}", h.name))?;
+        let name = http::HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| format!("header name {:?}", h.name))?;
         let value = match &h.value {
             Some(v) => StrMatch::compile(v)?,
             None => None,
@@ -88,9 +89,15 @@ impl Match {
             methods: m
                 .methods
                 .iter()
-                .map(|s| http::Method::from_bytes(s.as_bytes()).map_err(|_| format!("method {s:?}")))
+                .map(|s| {
+                    http::Method::from_bytes(s.as_bytes()).map_err(|_| format!("method {s:?}"))
+                })
                 .collect::<Result<_, _>>()?,
-            headers: m.headers.iter().map(HeaderRule::compile).collect::<Result<_, _>>()?,
+            headers: m
+                .headers
+                .iter()
+                .map(HeaderRule::compile)
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -118,7 +125,11 @@ impl Backend {
         } else {
             format!("{namespace}/{}", b.service)
         };
-        let mut subset: Vec<(String, String)> = b.subset.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut subset: Vec<(String, String)> = b
+            .subset
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         subset.sort();
         Self {
             service,
@@ -133,7 +144,11 @@ impl Backend {
         if self.subset.is_empty() {
             self.service.clone()
         } else {
-            let s: Vec<String> = self.subset.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let s: Vec<String> = self
+                .subset
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             format!("{}[{}]", self.service, s.join(","))
         }
     }
@@ -158,7 +173,11 @@ pub struct RouteTable {
 
 impl RouteTable {
     pub fn compile(r: &v1::Route) -> Result<Self, String> {
-        let ns = if r.namespace.is_empty() { "default" } else { &r.namespace };
+        let ns = if r.namespace.is_empty() {
+            "default"
+        } else {
+            &r.namespace
+        };
         let service = if r.service.contains('/') {
             r.service.clone()
         } else {
@@ -166,7 +185,11 @@ impl RouteTable {
         };
         let mut rules = Vec::new();
         for (i, rule) in r.rules.iter().enumerate() {
-            let mut backends: Vec<Backend> = rule.backends.iter().map(|b| Backend::from_proto(b, ns)).collect();
+            let mut backends: Vec<Backend> = rule
+                .backends
+                .iter()
+                .map(|b| Backend::from_proto(b, ns))
+                .collect();
             if backends.is_empty() {
                 backends.push(Backend {
                     service: service.clone(),
@@ -182,17 +205,32 @@ impl RouteTable {
                 .overrides
                 .iter()
                 .map(|o| {
-                    let h = o.header.as_ref().ok_or_else(|| format!("rule {i}: override without header"))?;
-                    let b = o.backend.as_ref().ok_or_else(|| format!("rule {i}: override without backend"))?;
+                    let h = o
+                        .header
+                        .as_ref()
+                        .ok_or_else(|| format!("rule {i}: override without header"))?;
+                    let b = o
+                        .backend
+                        .as_ref()
+                        .ok_or_else(|| format!("rule {i}: override without backend"))?;
                     Ok((HeaderRule::compile(h)?, Backend::from_proto(b, ns)))
                 })
                 .collect::<Result<_, String>>()?;
             rules.push(Rule {
-                name: if rule.name.is_empty() { format!("rule-{i}") } else { rule.name.clone() },
-                matches: rule.matches.iter().map(Match::compile).collect::<Result<_, _>>()?,
+                name: if rule.name.is_empty() {
+                    format!("rule-{i}")
+                } else {
+                    rule.name.clone()
+                },
+                matches: rule
+                    .matches
+                    .iter()
+                    .map(Match::compile)
+                    .collect::<Result<_, _>>()?,
                 backends,
                 overrides,
-                timeout: (rule.timeout_ms > 0).then(|| std::time::Duration::from_millis(rule.timeout_ms)),
+                timeout: (rule.timeout_ms > 0)
+                    .then(|| std::time::Duration::from_millis(rule.timeout_ms)),
                 retry: rule.retry.clone(),
             });
         }
@@ -200,10 +238,15 @@ impl RouteTable {
     }
 
     /// The first rule whose matches (any of them; none = all) accept the request.
-    pub fn find(&self, method: &http::Method, path: &str, headers: &http::HeaderMap) -> Option<&Rule> {
-        self.rules
-            .iter()
-            .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(method, path, headers)))
+    pub fn find(
+        &self,
+        method: &http::Method,
+        path: &str,
+        headers: &http::HeaderMap,
+    ) -> Option<&Rule> {
+        self.rules.iter().find(|r| {
+            r.matches.is_empty() || r.matches.iter().any(|m| m.matches(method, path, headers))
+        })
     }
 }
 
@@ -240,30 +283,55 @@ mod tests {
                 v1::HttpRoute {
                     name: "admin".into(),
                     matches: vec![v1::RouteMatch {
-                        path: Some(v1::StringMatch { kind: Some(Kind::Regex("/admin/[0-9]+".into())) }),
+                        path: Some(v1::StringMatch {
+                            kind: Some(Kind::Regex("/admin/[0-9]+".into())),
+                        }),
                         methods: vec!["POST".into()],
                         ..Default::default()
                     }],
-                    backends: vec![v1::WeightedBackend { service: "admin".into(), weight: 100, ..Default::default() }],
+                    backends: vec![v1::WeightedBackend {
+                        service: "admin".into(),
+                        weight: 100,
+                        ..Default::default()
+                    }],
                     ..Default::default()
                 },
                 v1::HttpRoute {
                     name: "canary".into(),
                     matches: vec![v1::RouteMatch {
-                        path: Some(v1::StringMatch { kind: Some(Kind::Prefix("/".into())) }),
+                        path: Some(v1::StringMatch {
+                            kind: Some(Kind::Prefix("/".into())),
+                        }),
                         ..Default::default()
                     }],
                     backends: vec![
-                        v1::WeightedBackend { service: "api".into(), subset: [("version".into(), "v1".into())].into(), weight: 90, port: 0 },
-                        v1::WeightedBackend { service: "api".into(), subset: [("version".into(), "v2".into())].into(), weight: 10, port: 0 },
+                        v1::WeightedBackend {
+                            service: "api".into(),
+                            subset: [("version".into(), "v1".into())].into(),
+                            weight: 90,
+                            port: 0,
+                        },
+                        v1::WeightedBackend {
+                            service: "api".into(),
+                            subset: [("version".into(), "v2".into())].into(),
+                            weight: 10,
+                            port: 0,
+                        },
                     ],
                     overrides: vec![v1::HeaderOverride {
                         header: Some(v1::HeaderMatch {
                             name: "x-canary".into(),
-                            value: Some(v1::StringMatch { kind: Some(Kind::Exact("always".into())) }),
+                            value: Some(v1::StringMatch {
+                                kind: Some(Kind::Exact("always".into())),
+                            }),
                             absent: false,
                         }),
-                        backend: Some(v1::WeightedBackend { service: "api".into(), subset: [("version".into(), "v2".into())].into(), weight: 0, port: 0 }),
+                        backend: Some(v1::WeightedBackend {
+                            service: "api".into(),
+                            subset: [("version".into(), "v2".into())].into(),
+                            weight: 0,
+                            port: 0,
+                        }),
                     }],
                     timeout_ms: 2000,
                     ..Default::default()
@@ -277,9 +345,19 @@ mod tests {
     fn rules_match_by_path_regex_and_method_in_order() {
         let t = RouteTable::compile(&canary()).unwrap();
         let h = http::HeaderMap::new();
-        assert_eq!(t.find(&http::Method::POST, "/admin/12", &h).unwrap().name, "admin");
-        assert_eq!(t.find(&http::Method::GET, "/admin/12", &h).unwrap().name, "canary");
-        assert_eq!(t.find(&http::Method::POST, "/admin/12x", &h).unwrap().name, "canary", "regex is anchored");
+        assert_eq!(
+            t.find(&http::Method::POST, "/admin/12", &h).unwrap().name,
+            "admin"
+        );
+        assert_eq!(
+            t.find(&http::Method::GET, "/admin/12", &h).unwrap().name,
+            "canary"
+        );
+        assert_eq!(
+            t.find(&http::Method::POST, "/admin/12x", &h).unwrap().name,
+            "canary",
+            "regex is anchored"
+        );
     }
 
     #[test]
@@ -287,7 +365,9 @@ mod tests {
         let t = RouteTable::compile(&canary()).unwrap();
         let rule = &t.rules[1];
         let h = http::HeaderMap::new();
-        let v2 = (0..1000).filter(|i| rule.pick(&h, f64::from(*i) / 1000.0).subset[0].1 == "v2").count();
+        let v2 = (0..1000)
+            .filter(|i| rule.pick(&h, f64::from(*i) / 1000.0).subset[0].1 == "v2")
+            .count();
         assert_eq!(v2, 100);
         let mut h = http::HeaderMap::new();
         h.insert("x-canary", "always".parse().unwrap());
@@ -298,7 +378,9 @@ mod tests {
     #[test]
     fn bad_regex_is_an_error() {
         let mut r = canary();
-        r.rules[0].matches[0].path = Some(v1::StringMatch { kind: Some(Kind::Regex("(".into())) });
+        r.rules[0].matches[0].path = Some(v1::StringMatch {
+            kind: Some(Kind::Regex("(".into())),
+        });
         assert!(RouteTable::compile(&r).is_err());
     }
 }

@@ -152,7 +152,8 @@ impl Breaker {
             s.consecutive += 1;
             s.window_failed += 1;
         }
-        let by_count = self.cfg.consecutive_failures > 0 && s.consecutive >= self.cfg.consecutive_failures;
+        let by_count =
+            self.cfg.consecutive_failures > 0 && s.consecutive >= self.cfg.consecutive_failures;
         let by_ratio = self.cfg.failure_ratio > 0.0
             && s.window_total >= self.cfg.min_requests
             && f64::from(s.window_failed) / f64::from(s.window_total) >= self.cfg.failure_ratio;
@@ -192,7 +193,11 @@ mod tests {
         assert_eq!(b.admit(t + Duration::from_secs(1)), Admit::No);
         let probe = b.admit(t + Duration::from_secs(5));
         assert_eq!(probe, Admit::Probe);
-        assert_eq!(b.admit(t + Duration::from_secs(5)), Admit::No, "one probe at a time");
+        assert_eq!(
+            b.admit(t + Duration::from_secs(5)),
+            Admit::No,
+            "one probe at a time"
+        );
         b.record(&probe, true, t + Duration::from_secs(5));
         assert_eq!(b.state(), State::Closed);
         assert_eq!(b.transitions(), 3);

@@ -50,7 +50,8 @@ impl RetryBudget {
     pub fn try_retry(&self, ratio: f64, min_per_second: u32, now: Instant) -> bool {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         Self::roll(&mut s, now);
-        let allowed = (ratio * s.requests as f64) as u64 + u64::from(min_per_second) * WINDOW.as_secs();
+        let allowed =
+            (ratio * s.requests as f64) as u64 + u64::from(min_per_second) * WINDOW.as_secs();
         if s.retries < allowed {
             s.retries += 1;
             true

@@ -21,7 +21,11 @@ pub struct Full;
 impl Bulkhead {
     /// `max_active == 0` means unlimited.
     pub fn new(max_active: usize, max_pending: usize) -> Self {
-        let n = if max_active == 0 { Semaphore::MAX_PERMITS } else { max_active };
+        let n = if max_active == 0 {
+            Semaphore::MAX_PERMITS
+        } else {
+            max_active
+        };
         Self {
             active: Arc::new(Semaphore::new(n)),
             pending: AtomicUsize::new(0),

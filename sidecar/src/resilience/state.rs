@@ -32,7 +32,8 @@ impl ServiceGuards {
                 source: None,
             };
         };
-        let bulkhead = (p.max_requests > 0).then(|| Bulkhead::new(p.max_requests as usize, p.max_pending as usize));
+        let bulkhead = (p.max_requests > 0)
+            .then(|| Bulkhead::new(p.max_requests as usize, p.max_pending as usize));
         let breaker = p
             .circuit_breaker
             .as_ref()
@@ -61,7 +62,11 @@ pub struct Guards {
 }
 
 impl Guards {
-    pub fn for_service(&self, service: &str, policy: Option<&v1::TrafficPolicy>) -> Arc<ServiceGuards> {
+    pub fn for_service(
+        &self,
+        service: &str,
+        policy: Option<&v1::TrafficPolicy>,
+    ) -> Arc<ServiceGuards> {
         let mut m = self.by_service.lock().unwrap_or_else(|p| p.into_inner());
         let wanted = policy.map(|p| {
             let mut p = p.clone();

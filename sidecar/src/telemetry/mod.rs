@@ -123,13 +123,21 @@ impl Default for Metrics {
             xds_nacks: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("bulwark_requests", "HTTP requests proxied", m.requests.clone());
+        registry.register(
+            "bulwark_requests",
+            "HTTP requests proxied",
+            m.requests.clone(),
+        );
         registry.register(
             "bulwark_request_duration_seconds",
             "HTTP request duration as seen by the sidecar",
             m.request_duration.clone(),
         );
-        registry.register("bulwark_retries", "Retried upstream attempts", m.retries.clone());
+        registry.register(
+            "bulwark_retries",
+            "Retried upstream attempts",
+            m.retries.clone(),
+        );
         registry.register(
             "bulwark_bulkhead_rejections",
             "Requests rejected because the service's bulkhead was full",
@@ -196,9 +204,21 @@ impl Default for Metrics {
             "The applied config version (value: Unix time it was applied)",
             m.config_version.clone(),
         );
-        registry.register("bulwark_config_stale", "1 while serving a config restored from disk", m.config_stale.clone());
-        registry.register("bulwark_xds_connected", "1 while the discovery stream is up", m.xds_connected.clone());
-        registry.register("bulwark_xds_nacks", "Config updates rejected (NACKed)", m.xds_nacks.clone());
+        registry.register(
+            "bulwark_config_stale",
+            "1 while serving a config restored from disk",
+            m.config_stale.clone(),
+        );
+        registry.register(
+            "bulwark_xds_connected",
+            "1 while the discovery stream is up",
+            m.xds_connected.clone(),
+        );
+        registry.register(
+            "bulwark_xds_nacks",
+            "Config updates rejected (NACKed)",
+            m.xds_nacks.clone(),
+        );
         Self { registry, ..m }
     }
 }
@@ -218,7 +238,9 @@ impl Metrics {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
         self.config_version
-            .get_or_create(&VersionLabel { version: version.to_string() })
+            .get_or_create(&VersionLabel {
+                version: version.to_string(),
+            })
             .set(now);
     }
 

@@ -775,15 +775,37 @@ fn init_says_clearly_when_iptables_is_missing_or_not_permitted() {
     if !netns::available() {
         return;
     }
-    let out = Command::new(common::BIN).arg("init").env("PATH", "/nonexistent").output().unwrap();
+    let out = Command::new(common::BIN)
+        .arg("init")
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("iptables not found") && err.contains("apt-get install iptables"), "{err}");
+    assert!(
+        err.contains("iptables not found") && err.contains("apt-get install iptables"),
+        "{err}"
+    );
     // Without CAP_NET_ADMIN (an unprivileged user), in a namespace of its own.
-    let Some(mut mesh) = Mesh::start(&[]) else { return };
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
     let pod = mesh.add_pod("p");
-    let out = mesh.net.exec(&pod.ns, &["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", common::BIN, "init"]);
+    let out = mesh.net.exec(
+        &pod.ns,
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            common::BIN,
+            "init",
+        ],
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not permitted") && err.contains("CAP_NET_ADMIN"), "{err}");
+    assert!(
+        err.contains("not permitted") && err.contains("CAP_NET_ADMIN"),
+        "{err}"
+    );
 }

@@ -22,18 +22,37 @@ const STREAMS: usize = 1000;
 
 fn proc_stat(pid: u32) -> (f64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss_kb = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let rss_kb = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     (ticks / 100.0, rss_kb)
 }
 
-async fn connect(addr: SocketAddr, svid: &Svid, bundle: TrustBundle) -> DiscoveryServiceClient<tonic::transport::Channel> {
+async fn connect(
+    addr: SocketAddr,
+    svid: &Svid,
+    bundle: TrustBundle,
+) -> DiscoveryServiceClient<tonic::transport::Channel> {
     let ck = svid.certified_key().unwrap();
     let verifier = SpiffeServerVerifier::new(
         Arc::new(arc_swap::ArcSwap::from_pointee(bundle)),
-        ExpectedServer::AnyOf(vec![SpiffeId::new("cluster.local", "bulwark-system", "bulwark-xds").unwrap()]),
+        ExpectedServer::AnyOf(vec![
+            SpiffeId::new("cluster.local", "bulwark-system", "bulwark-xds").unwrap(),
+        ]),
     );
     let mut cfg = rustls::ClientConfig::builder_with_provider(bulwark_ca::tls::provider())
         .with_safe_default_protocol_versions()
@@ -48,12 +67,18 @@ async fn connect(addr: SocketAddr, svid: &Svid, bundle: TrustBundle) -> Discover
         async move {
             let tcp = tokio::net::TcpStream::connect(addr).await?;
             let tls = tokio_rustls::TlsConnector::from(cfg)
-                .connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+                .connect(
+                    rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+                    tcp,
+                )
                 .await?;
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
         }
     });
-    let ch = tonic::transport::Endpoint::from_static("http://xds").connect_with_connector(connector).await.unwrap();
+    let ch = tonic::transport::Endpoint::from_static("http://xds")
+        .connect_with_connector(connector)
+        .await
+        .unwrap();
     DiscoveryServiceClient::new(ch).max_decoding_message_size(4 << 20)
 }
 
@@ -69,14 +94,32 @@ fn one_control_plane_with_a_thousand_sidecar_streams() {
         .map(|i| format!("apiVersion: bulwark.dev/v1\nkind: Service\nmetadata:\n  name: svc{i}\n  namespace: default\nspec:\n  ports:\n    - port: 8080\n      protocol: tcp\n  selector:\n    app: svc{i}\n---\n"))
         .collect();
     std::fs::write(cfg_dir.join("services.yaml"), &services).unwrap();
-    let route = |w: u32| format!("apiVersion: bulwark.dev/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: p\n  namespace: default\nspec:\n  service: svc0\n  rules:\n    - from:\n        - spiffe://cluster.local/ns/default/sa/caller{w}\n");
+    let route = |w: u32| {
+        format!(
+            "apiVersion: bulwark.dev/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: p\n  namespace: default\nspec:\n  service: svc0\n  rules:\n    - from:\n        - spiffe://cluster.local/ns/default/sa/caller{w}\n"
+        )
+    };
     std::fs::write(cfg_dir.join("policy.yaml"), route(0)).unwrap();
 
     let port = free_port();
     let admin = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut cp = spawn(work.path(), "xds", &["xds", "serve", "--config", cfg_dir.to_str().unwrap(), "--ca-dir", ca_dir.to_str().unwrap(),
-        "--listen", &addr.to_string(), "--admin-listen", &format!("127.0.0.1:{admin}")]);
+    let mut cp = spawn(
+        work.path(),
+        "xds",
+        &[
+            "xds",
+            "serve",
+            "--config",
+            cfg_dir.to_str().unwrap(),
+            "--ca-dir",
+            ca_dir.to_str().unwrap(),
+            "--listen",
+            &addr.to_string(),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+        ],
+    );
     wait_listening(addr, &mut cp);
     let pid = cp.pid();
 
@@ -85,13 +128,26 @@ fn one_control_plane_with_a_thousand_sidecar_streams() {
     let bundle_pem = std::fs::read_to_string(ca_dir.join("bundle.pem")).unwrap();
     let svids: Vec<Svid> = (0..STREAMS)
         .map(|i| {
-            let id: SpiffeId = format!("spiffe://cluster.local/ns/default/sa/w{i}").parse().unwrap();
+            let id: SpiffeId = format!("spiffe://cluster.local/ns/default/sa/w{i}")
+                .parse()
+                .unwrap();
             let (key, csr) = new_csr(&id).unwrap();
-            let issued = auth.sign(authority::check_csr(&csr).unwrap(), &id, None, time::OffsetDateTime::now_utc()).unwrap();
+            let issued = auth
+                .sign(
+                    authority::check_csr(&csr).unwrap(),
+                    &id,
+                    None,
+                    time::OffsetDateTime::now_utc(),
+                )
+                .unwrap();
             Svid::from_pem_parts(&key.serialize_pem(), &issued.chain_pem, &bundle_pem).unwrap()
         })
         .collect();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let bundle = TrustBundle::from_pem(&bundle_pem).unwrap();
     // Each stream reports (stream, time) when it sees the new policy and ACKs.
     let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant)>();
@@ -119,11 +175,22 @@ fn one_control_plane_with_a_thousand_sidecar_streams() {
                 .await
                 .unwrap();
             }
-            let mut stream = client.delta_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+            let mut stream = client
+                .delta_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
             let mut first_round = type_url::ALL.len();
             while let Ok(Some(resp)) = stream.message().await {
-                let policy_changed = resp.type_url == type_url::AUTHORIZATION_POLICY && !resp.resources.is_empty();
-                let _ = tx.send(DeltaDiscoveryRequest { type_url: resp.type_url.clone(), response_nonce: resp.nonce, ..Default::default() }).await;
+                let policy_changed =
+                    resp.type_url == type_url::AUTHORIZATION_POLICY && !resp.resources.is_empty();
+                let _ = tx
+                    .send(DeltaDiscoveryRequest {
+                        type_url: resp.type_url.clone(),
+                        response_nonce: resp.nonce,
+                        ..Default::default()
+                    })
+                    .await;
                 if first_round > 0 {
                     first_round -= 1;
                     if first_round == 0 {
@@ -138,14 +205,24 @@ fn one_control_plane_with_a_thousand_sidecar_streams() {
     let mut synced = 0;
     rt.block_on(async {
         while synced < STREAMS {
-            tokio::time::timeout(Duration::from_secs(120), synced_rx.recv()).await.expect("streams to sync").unwrap();
+            tokio::time::timeout(Duration::from_secs(120), synced_rx.recv())
+                .await
+                .expect("streams to sync")
+                .unwrap();
             synced += 1;
         }
     });
-    println!("{STREAMS} streams connected and synced in {:.2}s", connected_at.elapsed().as_secs_f64());
+    println!(
+        "{STREAMS} streams connected and synced in {:.2}s",
+        connected_at.elapsed().as_secs_f64()
+    );
     // Let endpoint registrations settle before measuring a push.
     std::thread::sleep(Duration::from_secs(3)); // settling, then measured below
-    while rt.block_on(async { tokio::time::timeout(Duration::from_millis(10), seen_rx.recv()).await.is_ok() }) {}
+    while rt.block_on(async {
+        tokio::time::timeout(Duration::from_millis(10), seen_rx.recv())
+            .await
+            .is_ok()
+    }) {}
 
     let mut all = Vec::new();
     let mut cpu_per_push = Vec::new();
@@ -156,18 +233,33 @@ fn one_control_plane_with_a_thousand_sidecar_streams() {
         let mut lat = Vec::with_capacity(STREAMS);
         rt.block_on(async {
             while lat.len() < STREAMS {
-                let (_, at) = tokio::time::timeout(Duration::from_secs(60), seen_rx.recv()).await.expect("every stream to get the push").unwrap();
+                let (_, at) = tokio::time::timeout(Duration::from_secs(60), seen_rx.recv())
+                    .await
+                    .expect("every stream to get the push")
+                    .unwrap();
                 lat.push(at - t0);
             }
         });
         let (cpu1, rss) = proc_stat(pid);
         lat.sort();
-        let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)].as_secs_f64() * 1000.0;
-        println!("push {w}: write->received by all {STREAMS}: p50={:.0}ms p99={:.0}ms max={:.0}ms; CP cpu={:.2}s rss={}MiB", p(0.5), p(0.99), p(1.0), cpu1 - cpu0, rss / 1024);
+        let p = |q: f64| {
+            lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)].as_secs_f64() * 1000.0
+        };
+        println!(
+            "push {w}: write->received by all {STREAMS}: p50={:.0}ms p99={:.0}ms max={:.0}ms; CP cpu={:.2}s rss={}MiB",
+            p(0.5),
+            p(0.99),
+            p(1.0),
+            cpu1 - cpu0,
+            rss / 1024
+        );
         cpu_per_push.push(cpu1 - cpu0);
         all.push((p(0.5), p(0.99), p(1.0)));
     }
     let (_, rss) = proc_stat(pid);
-    println!("control plane RSS with {STREAMS} streams: {} MiB", rss / 1024);
+    println!(
+        "control plane RSS with {STREAMS} streams: {} MiB",
+        rss / 1024
+    );
     drop(rt);
 }

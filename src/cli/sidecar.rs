@@ -85,7 +85,11 @@ fn local_ip_towards(target: &str) -> anyhow::Result<std::net::IpAddr> {
         .with_context(|| format!("cannot resolve {target}"))?
         .next()
         .with_context(|| format!("cannot resolve {target}"))?;
-    let bind = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let bind = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
     let sock = std::net::UdpSocket::bind(bind)?;
     sock.connect(addr)?;
     Ok(sock.local_addr()?.ip())
@@ -152,7 +156,14 @@ pub fn run(a: SidecarArgs) -> anyhow::Result<()> {
             };
             let suffix: [u8; 4] = bulwark_ca::random_bytes();
             let node = bulwark_proto::xds::v1::Node {
-                id: format!("{}-{}", address, suffix.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+                id: format!(
+                    "{}-{}",
+                    address,
+                    suffix
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<String>()
+                ),
                 identity: id,
                 address: address.to_string(),
                 ports: a.ports.iter().map(|p| u32::from(*p)).collect(),

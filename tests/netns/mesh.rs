@@ -180,6 +180,11 @@ impl Mesh {
             args.extend_from_slice(&["--config", self.config.to_str().unwrap()]);
         }
         args.extend_from_slice(sidecar_args);
+        std::fs::write(
+            self.net.dir.join(format!("{name}-sidecar.args")),
+            args.join("\n"),
+        )
+        .unwrap();
         let sidecar = self
             .net
             .spawn_bulwark(&pod.ns, &format!("{name}-sidecar"), &args);

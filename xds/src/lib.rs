@@ -1,9 +1,10 @@
-//! The Bulwark control plane's configuration: the YAML documents users write
-//! ([`model`]), reading them ([`load`]), the checks applied before anything
-//! is served ([`validate`]), and their compilation into the
-//! `bulwark.config.v1` resources sidecars apply ([`compile`]).
+//! The Bulwark control plane: the YAML config users write ([`model`]),
+//! reading it ([`load`]), the checks applied before anything is served
+//! ([`validate`]), its compilation into the `bulwark.config.v1` resources
+//! sidecars apply ([`compile`]), and the server that delivers them
+//! ([`server`]).
 //!
-//! Most callers need only [`load_and_compile`]:
+//! Offline, most callers need only [`load_and_compile`]:
 //!
 //! ```no_run
 //! # use std::path::Path;
@@ -12,12 +13,39 @@
 //!     Err(errors) => eprintln!("{errors}"), // one `file:line: message` per line
 //! }
 //! ```
+//!
+//! The server ([`serve`], or [`ControlPlane`] to learn its ports first)
+//! is built from small parts:
+//!
+//! - [`watch`]: polls the config directory, debounces, recompiles, and keeps
+//!   the last good config when an edit is invalid;
+//! - [`registry`]: workloads announced by connected sidecars, as endpoints of
+//!   the services they serve, withdrawn a grace period after they leave;
+//! - [`snapshot`]: config + registry endpoints + trust bundle, as per-type
+//!   maps of name → (content-hash version, encoding), identical on every
+//!   replica for identical inputs;
+//! - [`server`]: the mTLS delta discovery stream (ACK/NACK, flow control,
+//!   one snapshot's changes pushed per type in [`type_url::ALL`] order);
+//! - [`status`]: per sidecar what it holds and whether the mesh converged,
+//!   served with the metrics by [`admin`] and read back with [`fetch_status`].
+//!
+//! [`type_url::ALL`]: bulwark_proto::config::type_url::ALL
 
+pub mod admin;
+mod canonical;
 pub mod compile;
+pub mod credentials;
 pub mod duration;
 pub mod load;
+pub mod metrics;
 pub mod model;
+pub mod registry;
+pub mod server;
+pub mod snapshot;
+pub mod status;
+mod stream;
 pub mod validate;
+pub mod watch;
 
 use std::path::Path;
 
@@ -26,6 +54,11 @@ use bulwark_proto::config::Resources;
 pub use compile::compile;
 pub use load::{ConfigError, ConfigErrors, Loaded, load_path};
 pub use validate::validate;
+
+pub use server::{ControlPlane, Handle, ServeError, ServeOptions, serve};
+pub use snapshot::Snapshot;
+pub use status::{StatusReport, fetch as fetch_status};
+pub use stream::ProtocolError;
 
 /// Reads `path` (a file, or a directory of `*.yaml`/`*.yml`), validates it
 /// and compiles it. Every resource carries its [`Source`](bulwark_proto::config::v1::Source)

@@ -397,6 +397,19 @@ impl Snapshot {
             }
         }
 
+        // Services we serve because the registry lists us among their
+        // endpoints (selector-based services).
+        for (svc, ups) in &by_service {
+            if ups.iter().any(|u| u.identity.as_ref() == Some(me)) {
+                for (_, target) in service_ports.get(svc).into_iter().flatten() {
+                    let list = local_ports.entry(*target).or_default();
+                    if !list.contains(svc) {
+                        list.push(svc.clone());
+                    }
+                }
+            }
+        }
+
         let mut authz: HashMap<String, Vec<L4Rule>> = HashMap::new();
         for p in &resources.authorization_policies {
             let service = if p.service.contains('/') {
@@ -469,7 +482,7 @@ impl Snapshot {
                 };
                 ports.insert((k.clone(), port), (proto, target));
                 ports.insert((k.clone(), target), (proto, target));
-                if mine {
+                if mine || local_ports.get(&target).is_some_and(|v| v.contains(&k)) {
                     local_protos.insert(target, proto);
                 }
             }

@@ -1,0 +1,477 @@
+//! The endpoint registry: workloads announced by connected sidecars.
+//!
+//! A sidecar announces a [`Node`] on its discovery stream; once the node's
+//! claims check out against the stream's client certificate it becomes a
+//! [`Workload`], and an endpoint of every Service that lists its identity or
+//! whose selector its labels match. When its last stream closes the
+//! workload stays for a grace period, so a sidecar that merely reconnects
+//! (to this or another replica) does not flap out of every load balancer.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bulwark_ca::SpiffeId;
+use bulwark_proto::config::v1 as pb;
+use bulwark_proto::xds::v1::Node;
+use tokio::sync::watch;
+
+/// Default for how long a disconnected sidecar's endpoints stay.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+/// Most ports a node may announce.
+pub const MAX_PORTS: usize = 64;
+/// Most labels a node may announce.
+pub const MAX_LABELS: usize = 64;
+/// Longest label key or value, and node id.
+pub const MAX_LABEL_LEN: usize = 253;
+
+/// Why a node announcement was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    #[error("node claims identity {claimed} but its certificate is {actual}")]
+    IdentityMismatch { claimed: String, actual: String },
+    #[error("node claims namespace {claimed:?} but its certificate is for namespace {actual:?}")]
+    NamespaceMismatch { claimed: String, actual: String },
+    #[error("node address {0:?} is not an IP address")]
+    Address(String),
+    #[error("node id must be 1 to {MAX_LABEL_LEN} characters")]
+    Id,
+    #[error("node announces {0} ports; at most {MAX_PORTS} are accepted")]
+    TooManyPorts(usize),
+    #[error("node port {0} is not in 1..=65535")]
+    Port(u32),
+    #[error("node announces {0} labels; at most {MAX_LABELS} are accepted")]
+    TooManyLabels(usize),
+    #[error("node label {0:?} is empty or longer than {MAX_LABEL_LEN} characters")]
+    Label(String),
+}
+
+impl NodeError {
+    /// Claims about who the node is fail authorization; the rest are malformed input.
+    pub fn is_permission(&self) -> bool {
+        matches!(
+            self,
+            NodeError::IdentityMismatch { .. } | NodeError::NamespaceMismatch { .. }
+        )
+    }
+}
+
+/// A sidecar's announcement, checked against its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub node_id: String,
+    pub identity: SpiffeId,
+    /// The identity's namespace: selectors only match workloads in the
+    /// Service's own namespace.
+    pub namespace: String,
+    pub address: IpAddr,
+    pub ports: Vec<u32>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Workload {
+    /// Checks `node` against `peer`, the SPIFFE ID of the stream's client
+    /// certificate. The node's namespace may be left empty (the identity's
+    /// is used) but may not differ from it: otherwise a workload could join
+    /// another namespace's services by copying their selector labels.
+    pub fn from_node(node: &Node, peer: &SpiffeId) -> Result<Self, NodeError> {
+        if node.identity != peer.to_string() {
+            return Err(NodeError::IdentityMismatch {
+                claimed: node.identity.clone(),
+                actual: peer.to_string(),
+            });
+        }
+        if !node.namespace.is_empty() && node.namespace != peer.namespace() {
+            return Err(NodeError::NamespaceMismatch {
+                claimed: node.namespace.clone(),
+                actual: peer.namespace().to_string(),
+            });
+        }
+        let address: IpAddr = node
+            .address
+            .parse()
+            .map_err(|_| NodeError::Address(node.address.clone()))?;
+        if node.id.is_empty() || node.id.len() > MAX_LABEL_LEN {
+            return Err(NodeError::Id);
+        }
+        if node.ports.len() > MAX_PORTS {
+            return Err(NodeError::TooManyPorts(node.ports.len()));
+        }
+        if let Some(&p) = node.ports.iter().find(|&&p| p == 0 || p > 65535) {
+            return Err(NodeError::Port(p));
+        }
+        if node.labels.len() > MAX_LABELS {
+            return Err(NodeError::TooManyLabels(node.labels.len()));
+        }
+        let bad = |s: &String| s.len() > MAX_LABEL_LEN;
+        if let Some((k, _)) = node
+            .labels
+            .iter()
+            .find(|(k, v)| k.is_empty() || bad(k) || bad(v))
+        {
+            return Err(NodeError::Label(k.clone()));
+        }
+        let mut ports = node.ports.clone();
+        ports.sort_unstable();
+        ports.dedup();
+        Ok(Self {
+            node_id: node.id.clone(),
+            identity: peer.clone(),
+            namespace: peer.namespace().to_string(),
+            address,
+            ports,
+            labels: node
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        })
+    }
+
+    /// Whether this workload serves `service`.
+    pub fn serves(&self, service: &pb::Service) -> bool {
+        let id = self.identity.to_string();
+        service.identities.contains(&id)
+            || (!service.selector.is_empty()
+                && service.namespace == self.namespace
+                && service
+                    .selector
+                    .iter()
+                    .all(|(k, v)| self.labels.get(k) == Some(v)))
+    }
+
+    fn endpoint(&self) -> pb::Endpoint {
+        pb::Endpoint {
+            address: self.address.to_string(),
+            identity: self.identity.to_string(),
+            labels: self
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            ports: self.ports.clone(),
+            weight: crate::compile::DEFAULT_ENDPOINT_WEIGHT,
+        }
+    }
+}
+
+/// One workload in the registry, as listed by [`Registry::workloads`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub workload: Workload,
+    /// Open streams for it (0: disconnected, within the grace period).
+    pub streams: usize,
+}
+
+/// Registrations are per (identity, node id): a sidecar cannot displace
+/// another identity's registration by reusing its node id.
+type Key = (String, String);
+
+struct Entry {
+    workload: Workload,
+    streams: usize,
+    /// Bumped on every connect and disconnect, so a withdrawal timer armed
+    /// by an earlier disconnect does nothing after a reconnect.
+    epoch: u64,
+}
+
+/// See the module docs.
+pub struct Registry {
+    grace: Duration,
+    entries: Mutex<BTreeMap<Key, Entry>>,
+    revision: watch::Sender<u64>,
+    this: Weak<Registry>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("grace", &self.grace)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// A registry that withdraws a disconnected workload after `grace`.
+    pub fn new(grace: Duration) -> Arc<Self> {
+        Arc::new_cyclic(|this| Self {
+            grace,
+            entries: Mutex::new(BTreeMap::new()),
+            revision: watch::Sender::new(0),
+            this: this.clone(),
+        })
+    }
+
+    /// Changes whenever the set of endpoints may have changed.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.revision.subscribe()
+    }
+
+    /// Registers a connected workload until the returned guard is dropped
+    /// (the stream closed). A later announcement for the same node replaces
+    /// the earlier one.
+    pub fn connect(&self, workload: Workload) -> Registration {
+        let key = (workload.identity.to_string(), workload.node_id.clone());
+        let mut entries = lock(&self.entries);
+        let changed = match entries.get_mut(&key) {
+            Some(e) => {
+                e.streams += 1;
+                e.epoch += 1;
+                let changed = e.workload != workload;
+                e.workload = workload;
+                changed
+            }
+            None => {
+                entries.insert(
+                    key.clone(),
+                    Entry {
+                        workload,
+                        streams: 1,
+                        epoch: 0,
+                    },
+                );
+                true
+            }
+        };
+        drop(entries);
+        if changed {
+            self.bump();
+        }
+        Registration {
+            registry: self.this.clone(),
+            key,
+        }
+    }
+
+    /// Every registered workload, connected or within its grace period.
+    pub fn workloads(&self) -> Vec<Listed> {
+        lock(&self.entries)
+            .values()
+            .map(|e| Listed {
+                workload: e.workload.clone(),
+                streams: e.streams,
+            })
+            .collect()
+    }
+
+    /// The endpoints of each of `services` (by `namespace/name`) that have
+    /// any, ordered by address, identity and node id.
+    pub fn endpoints(&self, services: &[pb::Service]) -> BTreeMap<String, Vec<pb::Endpoint>> {
+        let entries = lock(&self.entries);
+        let mut out = BTreeMap::new();
+        for s in services {
+            let mut serving: Vec<&Workload> = entries
+                .values()
+                .map(|e| &e.workload)
+                .filter(|w| w.serves(s))
+                .collect();
+            if serving.is_empty() {
+                continue;
+            }
+            serving.sort_by(|a, b| {
+                (a.address, a.identity.to_string(), &a.node_id).cmp(&(
+                    b.address,
+                    b.identity.to_string(),
+                    &b.node_id,
+                ))
+            });
+            out.insert(
+                format!("{}/{}", s.namespace, s.name),
+                serving.into_iter().map(Workload::endpoint).collect(),
+            );
+        }
+        out
+    }
+
+    fn disconnect(&self, key: &Key) {
+        let mut entries = lock(&self.entries);
+        let Some(e) = entries.get_mut(key) else {
+            return;
+        };
+        e.streams = e.streams.saturating_sub(1);
+        e.epoch += 1;
+        if e.streams > 0 {
+            return;
+        }
+        let epoch = e.epoch;
+        drop(entries);
+        tracing::debug!(identity = %key.0, node = %key.1, grace_ms = self.grace.as_millis() as u64,
+            "sidecar disconnected; endpoints stay for the grace period");
+        // Outside a runtime (process teardown) nobody is left to serve.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let registry = self.this.clone();
+        let key = key.clone();
+        let grace = self.grace;
+        rt.spawn(async move {
+            tokio::time::sleep(grace).await;
+            if let Some(r) = registry.upgrade() {
+                r.expire(&key, epoch);
+            }
+        });
+    }
+
+    fn expire(&self, key: &Key, epoch: u64) {
+        let mut entries = lock(&self.entries);
+        if entries
+            .get(key)
+            .is_some_and(|e| e.streams == 0 && e.epoch == epoch)
+        {
+            entries.remove(key);
+            drop(entries);
+            tracing::info!(identity = %key.0, node = %key.1, "sidecar gone for the grace period; endpoints withdrawn");
+            self.bump();
+        }
+    }
+
+    fn bump(&self) {
+        self.revision.send_modify(|r| *r += 1);
+    }
+}
+
+/// Keeps a workload registered as connected; dropping it starts the grace
+/// period.
+#[must_use = "the workload counts as disconnected once this is dropped"]
+pub struct Registration {
+    registry: Weak<Registry>,
+    key: Key,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(r) = self.registry.upgrade() {
+            r.disconnect(&self.key);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", "shop", sa).unwrap()
+    }
+
+    fn node(sa: &str, addr: &str, labels: &[(&str, &str)]) -> Node {
+        Node {
+            id: format!("{sa}-1"),
+            identity: id(sa).to_string(),
+            address: addr.into(),
+            ports: vec![8080],
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            namespace: "shop".into(),
+        }
+    }
+
+    fn service(selector: &[(&str, &str)], identities: &[&str]) -> pb::Service {
+        pb::Service {
+            name: "api".into(),
+            namespace: "shop".into(),
+            selector: selector
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>(),
+            identities: identities.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn workload(sa: &str, addr: &str, labels: &[(&str, &str)]) -> Workload {
+        Workload::from_node(&node(sa, addr, labels), &id(sa)).unwrap()
+    }
+
+    fn addresses(r: &Registry, s: &pb::Service) -> Vec<String> {
+        r.endpoints(std::slice::from_ref(s))
+            .remove("shop/api")
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| e.address)
+            .collect()
+    }
+
+    #[test]
+    fn node_claiming_another_identity_is_refused() {
+        let err = Workload::from_node(&node("api", "10.0.0.1", &[]), &id("web")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "node claims identity spiffe://cluster.local/ns/shop/sa/api but its certificate is spiffe://cluster.local/ns/shop/sa/web"
+        );
+        assert!(err.is_permission());
+    }
+
+    #[test]
+    fn node_address_must_be_an_ip() {
+        let err = Workload::from_node(&node("api", "api.shop", &[]), &id("api")).unwrap_err();
+        assert_eq!(err, NodeError::Address("api.shop".into()));
+    }
+
+    #[test]
+    fn node_cannot_claim_another_namespace() {
+        let mut n = node("api", "10.0.0.1", &[]);
+        n.namespace = "billing".into();
+        assert!(matches!(
+            Workload::from_node(&n, &id("api")),
+            Err(NodeError::NamespaceMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn workloads_match_by_identity_or_by_every_selector_label() {
+        let r = Registry::new(DEFAULT_GRACE);
+        let _a = r.connect(workload("api", "10.0.0.1", &[("app", "api"), ("v", "1")]));
+        let _b = r.connect(workload("other", "10.0.0.2", &[("app", "api")]));
+        let _c = r.connect(workload("web", "10.0.0.3", &[("app", "web")]));
+        let by_selector = service(&[("app", "api"), ("v", "1")], &[]);
+        assert_eq!(addresses(&r, &by_selector), ["10.0.0.1"]);
+        let by_identity = service(&[], &["spiffe://cluster.local/ns/shop/sa/web"]);
+        assert_eq!(addresses(&r, &by_identity), ["10.0.0.3"]);
+        let mut elsewhere = service(&[("app", "api")], &[]);
+        elsewhere.namespace = "billing".into();
+        assert!(r.endpoints(&[elsewhere]).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn disconnected_workload_is_withdrawn_after_the_grace_period() {
+        let r = Registry::new(Duration::from_secs(10));
+        let s = service(&[("app", "api")], &[]);
+        let mut changes = r.subscribe();
+        let reg = r.connect(workload("api", "10.0.0.1", &[("app", "api")]));
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        drop(reg);
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert_eq!(addresses(&r, &s), ["10.0.0.1"]);
+        assert!(!changes.has_changed().unwrap());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(addresses(&r, &s).is_empty());
+        assert!(changes.has_changed().unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconnect_within_the_grace_period_keeps_the_endpoints() {
+        let r = Registry::new(Duration::from_secs(10));
+        let s = service(&[("app", "api")], &[]);
+        let w = workload("api", "10.0.0.1", &[("app", "api")]);
+        drop(r.connect(w.clone()));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let changes = r.subscribe();
+        let _again = r.connect(w);
+        // The same announcement: nothing to push.
+        assert!(!changes.has_changed().unwrap());
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(addresses(&r, &s), ["10.0.0.1"]);
+        assert_eq!(r.workloads()[0].streams, 1);
+    }
+}

@@ -1,0 +1,743 @@
+//! The control plane process: the mTLS accept loop, the `DeltaStream`
+//! handler, and the task that rebuilds the snapshot whenever the config,
+//! the registry or the trust bundle change.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), bulwark_xds::server::ServeError> {
+//! use bulwark_xds::server::{ControlPlane, ServeOptions};
+//! let opts = ServeOptions::new("/etc/bulwark/config".into(), "/etc/bulwark/ca".into());
+//! let cp = ControlPlane::bind(opts).await?; // first config load: errors end here
+//! println!("discovery on {}", cp.local_addr());
+//! cp.run(async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bulwark_ca::SpiffeId;
+use bulwark_proto::xds::v1::discovery_service_server::{DiscoveryService, DiscoveryServiceServer};
+use bulwark_proto::xds::v1::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::credentials::{Credentials, CredentialsError};
+use crate::load::ConfigErrors;
+use crate::metrics::{ReasonLabel, TypeLabel, XdsMetrics};
+use crate::registry::{Registry, Workload};
+use crate::snapshot::Snapshot;
+use crate::status::{Board, Connected as OnBoard, StatusReport, lock};
+use crate::stream::Event;
+use crate::watch::ConfigWatcher;
+
+/// Largest discovery message, either way.
+pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
+/// A TLS handshake that takes longer is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at once; connections beyond are closed.
+pub const MAX_HANDSHAKES: usize = 256;
+/// Concurrent requests (streams) per connection; a sidecar needs one.
+pub const CONCURRENCY_PER_CONNECTION: usize = 8;
+/// How long a new stream may take to send its first request (the node).
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Responses queued per stream. Flow control (one unacknowledged response
+/// per type) keeps a stream well below this.
+pub const SEND_QUEUE: usize = 16;
+/// A burst of changes is folded into one snapshot at most this long after
+/// its first change.
+pub const MAX_DEBOUNCE: Duration = Duration::from_secs(1);
+/// On shutdown, how long streams get to deliver their closing status.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How to run the control plane.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The YAML config: a directory (or one file).
+    pub config: PathBuf,
+    /// The CA directory (read only).
+    pub ca_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Where `/status` and `/metrics` are served; `None` for nowhere.
+    pub admin_listen: Option<SocketAddr>,
+    /// How long a disconnected sidecar's endpoints stay.
+    pub endpoint_grace: Duration,
+    /// Extra DNS names for the serving certificate.
+    pub dns_names: Vec<String>,
+    /// Open discovery connections at most; more are closed on accept.
+    pub max_connections: usize,
+    pub config_poll: Duration,
+    pub config_settle: Duration,
+    pub ca_poll: Duration,
+    /// Quiet time after a change before a snapshot is built.
+    pub debounce: Duration,
+}
+
+impl ServeOptions {
+    /// The defaults: `0.0.0.0:15010`, admin on `127.0.0.1:15011`, 10 s
+    /// endpoint grace.
+    pub fn new(config: PathBuf, ca_dir: PathBuf) -> Self {
+        Self {
+            config,
+            ca_dir,
+            listen: SocketAddr::from(([0, 0, 0, 0], 15010)),
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 15011))),
+            endpoint_grace: crate::registry::DEFAULT_GRACE,
+            dns_names: Vec::new(),
+            max_connections: 10_000,
+            config_poll: crate::watch::DEFAULT_POLL,
+            config_settle: crate::watch::DEFAULT_SETTLE,
+            ca_poll: crate::credentials::DEFAULT_CA_POLL,
+            debounce: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Why the control plane could not start (or stopped).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("invalid config in {}:\n{errors}", path.display())]
+    Config { path: PathBuf, errors: ConfigErrors },
+    // The store's errors already name the file.
+    #[error("CA directory: {error}")]
+    Credentials {
+        dir: PathBuf,
+        error: CredentialsError,
+    },
+    #[error("cannot listen on {0}: {1}")]
+    Listen(SocketAddr, io::Error),
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("startup task failed: {0}")]
+    Startup(String),
+}
+
+struct Shared {
+    metrics: Arc<XdsMetrics>,
+    config: Arc<ConfigWatcher>,
+    credentials: Arc<Credentials>,
+    registry: Arc<Registry>,
+    board: Arc<Board>,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    stop: watch::Sender<bool>,
+    endpoint_grace: Duration,
+}
+
+impl Shared {
+    /// Builds a snapshot from the current inputs; publishes it if it differs.
+    fn publish(&self) {
+        let config = self.config.current();
+        let endpoints = self.registry.endpoints(&config.services);
+        let snap = Snapshot::build(&config, &endpoints, &self.credentials.roots_pem());
+        if snap.system_version() == self.snapshots.borrow().system_version() {
+            tracing::debug!(
+                version = snap.system_version(),
+                "inputs changed, content did not"
+            );
+            return;
+        }
+        tracing::info!(version = snap.system_version(), "snapshot published");
+        self.metrics.snapshots.inc();
+        self.snapshots.send_replace(Arc::new(snap));
+    }
+}
+
+/// A view of a running (or bound) control plane, for status and tests.
+#[derive(Clone)]
+pub struct Handle(Arc<Shared>);
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle").finish_non_exhaustive()
+    }
+}
+
+impl Handle {
+    /// The status document served at `/status`.
+    pub fn status(&self) -> StatusReport {
+        let snap = self.snapshot();
+        self.0.board.report(&snap, self.0.config.rejection())
+    }
+
+    /// The snapshot being served.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.0.snapshots.borrow().clone()
+    }
+
+    pub fn metrics(&self) -> &XdsMetrics {
+        &self.0.metrics
+    }
+
+    /// The metrics served at `/metrics`.
+    pub fn metrics_text(&self) -> String {
+        self.0.metrics.encode()
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.0.registry
+    }
+}
+
+/// A control plane with its config loaded and its ports bound, not yet
+/// serving. See the module docs.
+pub struct ControlPlane {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    tls: Arc<rustls::ServerConfig>,
+    opts: ServeOptions,
+}
+
+impl ControlPlane {
+    /// Loads the config (every error is returned: there is no last good
+    /// config yet) and the CA material, builds the first snapshot and binds
+    /// the ports.
+    pub async fn bind(opts: ServeOptions) -> Result<Self, ServeError> {
+        let metrics = Arc::new(XdsMetrics::default());
+        let (path, m) = (opts.config.clone(), metrics.clone());
+        let config = tokio::task::spawn_blocking(move || ConfigWatcher::load(&path, m))
+            .await
+            .map_err(|e| ServeError::Startup(e.to_string()))?
+            .map_err(|errors| ServeError::Config {
+                path: opts.config.clone(),
+                errors,
+            })?;
+        let (dir, names) = (opts.ca_dir.clone(), opts.dns_names.clone());
+        let credentials = tokio::task::spawn_blocking(move || Credentials::load(&dir, &names))
+            .await
+            .map_err(|e| ServeError::Startup(e.to_string()))?
+            .map_err(|error| ServeError::Credentials {
+                dir: opts.ca_dir.clone(),
+                error,
+            })?;
+        let tls = Arc::new(credentials.server_config()?);
+        let config = Arc::new(config);
+        let registry = Registry::new(opts.endpoint_grace);
+        let first = Snapshot::build(
+            &config.current(),
+            &registry.endpoints(&config.current().services),
+            &credentials.roots_pem(),
+        );
+        tracing::info!(version = first.system_version(), "first snapshot built");
+        let shared = Arc::new(Shared {
+            metrics,
+            config,
+            credentials,
+            registry,
+            board: Arc::new(Board::default()),
+            snapshots: watch::Sender::new(Arc::new(first)),
+            stop: watch::Sender::new(false),
+            endpoint_grace: opts.endpoint_grace,
+        });
+        shared.metrics.snapshots.inc();
+        let listener = TcpListener::bind(opts.listen)
+            .await
+            .map_err(|e| ServeError::Listen(opts.listen, e))?;
+        let admin = match opts.admin_listen {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .map_err(|e| ServeError::Listen(a, e))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            shared,
+            listener,
+            admin,
+            tls,
+            opts,
+        })
+    }
+
+    /// The bound discovery address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.opts.listen)
+    }
+
+    /// The bound admin address, if any.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn handle(&self) -> Handle {
+        Handle(self.shared.clone())
+    }
+
+    /// Serves until `shutdown` resolves; then ends every stream with
+    /// `UNAVAILABLE` (sidecars move to another replica) and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+        let Self {
+            shared,
+            listener,
+            admin,
+            tls,
+            opts,
+        } = self;
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(
+            shared
+                .config
+                .clone()
+                .run(opts.config_poll, opts.config_settle),
+        );
+        tasks.spawn(shared.credentials.clone().run(opts.ca_poll));
+        tasks.spawn(rebuild(shared.clone(), opts.debounce));
+        if let Some(l) = admin {
+            if let Ok(addr) = l.local_addr() {
+                tracing::info!(%addr, "admin endpoint listening (/status, /metrics)");
+            }
+            tasks.spawn(crate::admin::serve(l, Handle(shared.clone())));
+        }
+        tracing::info!(
+            addr = %listener.local_addr().unwrap_or(opts.listen),
+            config = %opts.config.display(),
+            ca_dir = %opts.ca_dir.display(),
+            "control plane listening"
+        );
+        let (tx, rx) = mpsc::channel(128);
+        tasks.spawn(accept(
+            listener,
+            tokio_rustls::TlsAcceptor::from(tls),
+            tx,
+            shared.metrics.clone(),
+            opts.max_connections,
+        ));
+
+        let svc = DiscoveryServiceServer::new(Discovery(shared.clone()))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let stopping = shared.clone();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down: closing discovery streams");
+            stopping.stop.send_replace(true);
+        };
+        let server = tonic::transport::Server::builder()
+            .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
+            .max_concurrent_streams(Some(CONCURRENCY_PER_CONNECTION as u32))
+            // Finds sidecars that vanished without a FIN.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(svc)
+            .serve_with_incoming_shutdown(ReceiverStream::new(rx), signal);
+        let mut stop = shared.stop.subscribe();
+        let result = tokio::select! {
+            r = server => r.map_err(ServeError::from),
+            _ = async {
+                let _ = stop.wait_for(|s| *s).await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {
+                tracing::warn!("discovery streams did not close in time; exiting anyway");
+                Ok(())
+            }
+        };
+        tasks.abort_all();
+        tracing::info!("control plane stopped");
+        result
+    }
+}
+
+/// Runs the control plane until `shutdown` resolves.
+pub async fn serve(
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    ControlPlane::bind(opts).await?.run(shutdown).await
+}
+
+/// Rebuilds the snapshot after changes, folding bursts (say, a hundred
+/// sidecars connecting at once) into one.
+async fn rebuild(shared: Arc<Shared>, debounce: Duration) {
+    let mut config = shared.config.subscribe();
+    let mut registry = shared.registry.subscribe();
+    let mut roots = shared.credentials.subscribe();
+    loop {
+        tokio::select! {
+            _ = config.changed() => {}
+            _ = registry.changed() => {}
+            _ = roots.changed() => {}
+        }
+        let deadline = Instant::now() + MAX_DEBOUNCE;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(debounce) => break,
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = config.changed() => {}
+                _ = registry.changed() => {}
+                _ = roots.changed() => {}
+            }
+        }
+        let s = shared.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || s.publish()).await {
+            tracing::error!(error = %e, "snapshot build failed");
+        }
+    }
+}
+
+/// A verified TLS connection, holding its slot in the connection limit.
+struct Conn {
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Connected for Conn {
+    type ConnectInfo = <tokio_rustls::server::TlsStream<TcpStream> as Connected>::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.tls.connect_info()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tls).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tls).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections and completes their TLS handshakes (client
+/// certificate verified against the trust bundle), each bounded in time and
+/// in number, and hands them to the gRPC server.
+async fn accept(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tx: mpsc::Sender<Result<Conn, io::Error>>,
+    metrics: Arc<XdsMetrics>,
+    max_connections: usize,
+) {
+    let connections = Arc::new(Semaphore::new(max_connections));
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (Ok(slot), Ok(handshake)) = (
+            connections.clone().try_acquire_owned(),
+            handshakes.clone().try_acquire_owned(),
+        ) else {
+            tracing::warn!(%peer, "connection or handshake limit reached; closing the connection");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let tx = tx.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+            drop(handshake);
+            match result {
+                Ok(Ok(tls)) => {
+                    let _ = tx.send(Ok(Conn { tls, _slot: slot })).await;
+                }
+                Ok(Err(e)) => {
+                    metrics.tls_handshake_failures.inc();
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    metrics.tls_handshake_failures.inc();
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                }
+            }
+        });
+    }
+}
+
+struct Discovery(Arc<Shared>);
+
+impl Discovery {
+    fn refuse(&self, reason: &'static str, status: Status) -> Status {
+        self.0
+            .metrics
+            .streams_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        tracing::warn!(
+            reason,
+            message = status.message(),
+            "discovery stream refused"
+        );
+        status
+    }
+}
+
+#[tonic::async_trait]
+impl DiscoveryService for Discovery {
+    type DeltaStreamStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn delta_stream(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaStreamStream>, Status> {
+        let peer = peer_identity(&request).map_err(|s| self.refuse("no_identity", s))?;
+        let mut inbound = request.into_inner();
+        let first = match tokio::time::timeout(FIRST_REQUEST_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(r))) => r,
+            Ok(Ok(None)) => {
+                return Err(Status::cancelled("stream closed before its first request"));
+            }
+            Ok(Err(status)) => return Err(status),
+            Err(_) => {
+                return Err(self.refuse(
+                    "no_node",
+                    Status::deadline_exceeded(format!(
+                        "no first request within {FIRST_REQUEST_TIMEOUT:?}"
+                    )),
+                ));
+            }
+        };
+        let Some(node) = first.node.as_ref() else {
+            return Err(self.refuse(
+                "no_node",
+                Status::invalid_argument("the first request of a stream must carry the node"),
+            ));
+        };
+        let workload = Workload::from_node(node, &peer).map_err(|e| {
+            if e.is_permission() {
+                self.refuse(
+                    "identity_mismatch",
+                    Status::permission_denied(e.to_string()),
+                )
+            } else {
+                self.refuse("invalid_node", Status::invalid_argument(e.to_string()))
+            }
+        })?;
+        let span = tracing::info_span!(
+            "xds_stream",
+            node = %workload.node_id,
+            identity = %workload.identity,
+            address = %workload.address,
+        );
+        // Only now that the node checks out does it count as a workload.
+        let registration = self.0.registry.connect(workload.clone());
+        // A reconnecting sidecar's endpoints are trusted as long as a
+        // departed sidecar's are kept: the endpoint grace period.
+        let (on_board, slot) = self.0.board.add(workload, self.0.endpoint_grace);
+        let (tx, rx) = mpsc::channel(SEND_QUEUE);
+        let shared = self.0.clone();
+        tokio::spawn(
+            async move {
+                let _registration = registration;
+                let _slot = slot;
+                run_stream(shared, on_board, first, inbound, tx).await;
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// The SPIFFE ID of the client certificate (verified during the handshake).
+fn peer_identity<T>(request: &Request<T>) -> Result<SpiffeId, Status> {
+    let certs = request
+        .peer_certs()
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    bulwark_ca::tls::spiffe_id_of(&certs[0])
+        .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))
+}
+
+/// Keeps `bulwark_xds_connected_sidecars` counting this stream.
+struct CountedIn(Gauge);
+
+impl CountedIn {
+    fn new(g: &Gauge) -> Self {
+        g.inc();
+        Self(g.clone())
+    }
+}
+
+impl Drop for CountedIn {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+type Tx = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
+
+/// One sidecar's stream, from its first request until it (or the server)
+/// goes away.
+async fn run_stream(
+    shared: Arc<Shared>,
+    on_board: Arc<OnBoard>,
+    first: DeltaDiscoveryRequest,
+    mut inbound: Streaming<DeltaDiscoveryRequest>,
+    tx: Tx,
+) {
+    let _counted = CountedIn::new(&shared.metrics.connected_sidecars);
+    tracing::info!("sidecar connected");
+    let mut snapshots = shared.snapshots.subscribe();
+    let mut stop = shared.stop.subscribe();
+    let ended: Result<(), Status> = async {
+        on_request(&shared, &on_board, &first, &snapshots, &tx).await?;
+        loop {
+            if *stop.borrow_and_update() {
+                return Err(Status::unavailable("control plane shutting down"));
+            }
+            let hold = lock(&on_board.state).next_deadline();
+            tokio::select! {
+                _ = stop.changed() => {}
+                _ = until(hold) => on_snapshot(&shared, &on_board, &mut snapshots, &tx).await?,
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => on_request(&shared, &on_board, &req, &snapshots, &tx).await?,
+                    Ok(None) => return Ok(()),
+                    Err(status) => {
+                        tracing::debug!(error = %status, "stream broke");
+                        return Ok(());
+                    }
+                },
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        return Err(Status::unavailable("control plane shutting down"));
+                    }
+                    on_snapshot(&shared, &on_board, &mut snapshots, &tx).await?;
+                }
+            }
+        }
+    }
+    .await;
+    match ended {
+        Ok(()) => tracing::info!("sidecar disconnected"),
+        Err(status) => {
+            tracing::info!(code = ?status.code(), message = status.message(), "stream ended by the server");
+            let _ = tx.send(Err(status)).await;
+        }
+    }
+}
+
+/// Sleeps until `deadline`; forever without one.
+async fn until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(Instant::from_std(d)).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn on_request(
+    shared: &Shared,
+    on_board: &OnBoard,
+    req: &DeltaDiscoveryRequest,
+    snapshots: &watch::Receiver<Arc<Snapshot>>,
+    tx: &Tx,
+) -> Result<(), Status> {
+    // The latest snapshot, without marking it seen: if it is new, the push
+    // for every type still happens in `on_snapshot`.
+    let snap = snapshots.borrow().clone();
+    let out = lock(&on_board.state).on_request(req, &snap).map_err(|e| {
+        tracing::warn!(error = %e, "protocol error; ending the stream");
+        Status::invalid_argument(e.to_string())
+    })?;
+    for event in out.events {
+        match event {
+            Event::Ack { type_url, latency } => {
+                shared.metrics.apply_latency.observe(latency.as_secs_f64());
+                tracing::debug!(type_url, latency_ms = latency.as_millis() as u64, "ACK");
+            }
+            Event::Nack(n) => {
+                shared
+                    .metrics
+                    .nacks
+                    .get_or_create(&TypeLabel::of(&n.type_url))
+                    .inc();
+                tracing::warn!(
+                    type_url = %n.type_url,
+                    version = %n.system_version,
+                    message = %n.message,
+                    "sidecar rejected config (NACK); it keeps its previous config"
+                );
+            }
+            Event::StaleNonce { type_url, nonce } => {
+                tracing::debug!(type_url, nonce, "ignoring a stale nonce");
+            }
+        }
+    }
+    send(shared, tx, out.responses).await
+}
+
+async fn on_snapshot(
+    shared: &Shared,
+    on_board: &OnBoard,
+    snapshots: &mut watch::Receiver<Arc<Snapshot>>,
+    tx: &Tx,
+) -> Result<(), Status> {
+    let started = Instant::now();
+    let snap = snapshots.borrow_and_update().clone();
+    let responses = lock(&on_board.state).on_snapshot(&snap, std::time::Instant::now());
+    if responses.is_empty() {
+        return Ok(());
+    }
+    let n = responses.len();
+    send(shared, tx, responses).await?;
+    shared
+        .metrics
+        .push_duration
+        .observe(started.elapsed().as_secs_f64());
+    tracing::debug!(version = snap.system_version(), responses = n, "pushed");
+    Ok(())
+}
+
+async fn send(
+    shared: &Shared,
+    tx: &Tx,
+    responses: Vec<DeltaDiscoveryResponse>,
+) -> Result<(), Status> {
+    for r in responses {
+        shared
+            .metrics
+            .resources_sent
+            .get_or_create(&TypeLabel::of(&r.type_url))
+            .inc_by(r.resources.len() as u64);
+        tx.send(Ok(r))
+            .await
+            .map_err(|_| Status::cancelled("sidecar went away"))?;
+    }
+    Ok(())
+}

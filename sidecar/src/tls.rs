@@ -11,11 +11,14 @@ use bulwark_ca::tls::{
 
 use crate::identity::CertManager;
 
+/// Peer identity and ALPN.
+type ConfigKey = (SpiffeId, &'static [u8]);
+
 /// Client configs per expected peer identity. Cached: they hold the live
 /// certificate and bundle by reference, so rotation needs no rebuild.
 pub struct ClientConfigs {
     identity: Arc<CertManager>,
-    cache: Mutex<HashMap<(SpiffeId, &'static [u8]), Arc<rustls::ClientConfig>>>,
+    cache: Mutex<HashMap<ConfigKey, Arc<rustls::ClientConfig>>>,
 }
 
 impl ClientConfigs {

@@ -103,11 +103,11 @@ impl Endpoints {
 /// one with fewer requests in flight wins. If every endpoint is ejected,
 /// fall back to all of them (panic threshold): better a likely failure than
 /// a certain one.
-pub fn p2c<'a>(
-    eps: &'a [Arc<EndpointState>],
+pub fn p2c(
+    eps: &[Arc<EndpointState>],
     now: Instant,
     rand: impl Fn(usize) -> usize,
-) -> Option<&'a Arc<EndpointState>> {
+) -> Option<&Arc<EndpointState>> {
     let avail: Vec<&Arc<EndpointState>> = eps.iter().filter(|e| e.available(now)).collect();
     let pool: Vec<&Arc<EndpointState>> = if avail.is_empty() {
         eps.iter().collect()
@@ -186,7 +186,7 @@ mod tests {
     fn ejected_endpoints_are_skipped_until_their_time_is_up() {
         let e = eps(3);
         let now = Instant::now();
-        assert!(e[0].record(false, 2, Duration::from_secs(30), now) == false);
+        assert!(!e[0].record(false, 2, Duration::from_secs(30), now));
         assert!(e[0].record(false, 2, Duration::from_secs(30), now));
         for _ in 0..50 {
             assert_ne!(p2c(&e, now, rand_below).unwrap().addr, e[0].addr);

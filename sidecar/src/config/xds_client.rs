@@ -163,11 +163,8 @@ pub async fn run(opts: XdsOptions, handle: ConfigHandle) {
             backoff.reset();
         }
         let wait = backoff.next_delay();
-        match r {
-            Err(e) => {
-                tracing::warn!(addr, error = %e, retry_ms = wait.as_millis() as u64, "control plane stream ended; keeping the last good config")
-            }
-            Ok(()) => {}
+        if let Err(e) = r {
+            tracing::warn!(addr, error = %e, retry_ms = wait.as_millis() as u64, "control plane stream ended; keeping the last good config")
         }
         tokio::time::sleep(jitter(wait, 0.2)).await;
     }

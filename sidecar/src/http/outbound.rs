@@ -58,7 +58,11 @@ struct Plan {
     retry: Option<v1::RetryPolicy>,
 }
 
-fn plan(snap: &Snapshot, target: &Target, req: &Request<Incoming>) -> Result<Plan, Response<Body>> {
+fn plan(
+    snap: &Snapshot,
+    target: &Target,
+    req: &Request<Incoming>,
+) -> Result<Plan, Box<Response<Body>>> {
     if let Some(up) = &target.pinned
         && snap.route(&target.service).is_none()
     {
@@ -81,7 +85,7 @@ fn plan(snap: &Snapshot, target: &Target, req: &Request<Incoming>) -> Result<Pla
         Some(table) => {
             let rule = table
                 .find(req.method(), req.uri().path(), req.headers())
-                .ok_or_else(|| reply(404, "no-route"))?;
+                .ok_or_else(|| Box::new(reply(404, "no-route")))?;
             let b = rule.pick(req.headers(), rand_unit());
             let port = if b.port == 0 { target.port } else { b.port };
             Ok(Plan {
@@ -105,7 +109,7 @@ async fn handle(proxy: Arc<Proxy>, target: Target, req: Request<Incoming>) -> Re
     let path = req.uri().path().to_string();
     let plan = match plan(&snap, &target, &req) {
         Ok(p) => p,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let policy = snap.policy(&plan.service).cloned();
     let guards = proxy.guards.for_service(&plan.service, policy.as_deref());
@@ -254,7 +258,7 @@ async fn send_with_retries(
         budget_min_per_second: 10,
         ..Default::default()
     });
-    let outlier = policy.and_then(|p| p.outlier_detection.clone());
+    let outlier = policy.and_then(|p| p.outlier_detection);
     let now = Instant::now();
     guards.budget.record_request(now);
     let states: Vec<_> = plan

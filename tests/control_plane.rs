@@ -363,3 +363,94 @@ fn a_sidecar_restarted_while_the_control_plane_is_down_serves_its_last_known_goo
         (mesh.config_dump("web")["stale"] == false).then_some(())
     });
 }
+
+/// The CA's new root starts signing only after every connected sidecar has
+/// ACKed a trust bundle containing it; no sidecar restarts, no failed request.
+#[test]
+fn root_rotation_waits_until_every_sidecar_acked_the_new_bundle() {
+    let _serial = serial();
+    let Some(mut mesh) = start(CP1, &[("cp1", 15010)], &[]) else {
+        return;
+    };
+    let url = api_url(&mesh);
+    wait_for("web to reach api", Duration::from_secs(10), || {
+        mesh.curl("web", &url).status.success().then_some(())
+    });
+    // The CA, gated on the control plane.
+    let ca = mesh.ca_proc;
+    mesh.net.proc_mut(ca).kill();
+    let sw = mesh.net.switch.clone();
+    let dir = mesh.ca_dir.to_str().unwrap().to_string();
+    mesh.ca_proc = mesh.net.spawn_bulwark(
+        &sw,
+        "ca-gated",
+        &[
+            "ca",
+            "serve",
+            "--dir",
+            &dir,
+            "--listen",
+            "198.18.0.1:15012",
+            "--rotation-gate",
+            CP1_ADMIN,
+        ],
+    );
+    mesh.wait_ca();
+
+    // One sidecar cannot ACK anything (stopped, still connected).
+    let api_pid = mesh.net.proc_mut(mesh.pod("api").sidecar.unwrap()).pid() as i32;
+    unsafe { libc::kill(api_pid, libc::SIGSTOP) };
+    common::run_ok(&["ca", "rotate-root", "--dir", &dir, "--activate-after", "0s"]);
+    let pending = std::fs::read_to_string(mesh.ca_dir.join("pending-root.pem")).unwrap();
+    let fp = {
+        use rustls_pki_types::pem::PemObject;
+        bulwark_ca::tls::fingerprint(
+            &rustls_pki_types::CertificateDer::from_pem_slice(pending.as_bytes()).unwrap(),
+        )
+    };
+    let gate = |mesh: &Mesh| -> serde_json::Value {
+        let addr: SocketAddr = CP1_ADMIN.parse().unwrap();
+        let r = mesh
+            .net
+            .http_get(&mesh.net.switch, addr, &format!("/bundle-acked?root={fp}"))
+            .unwrap_or_default();
+        serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap_or("null"))
+            .unwrap_or(serde_json::Value::Null)
+    };
+    wait_for(
+        "the running sidecars to ACK the new bundle",
+        Duration::from_secs(20),
+        || {
+            let g = gate(&mesh);
+            (g["root_in_bundle"] == true && g["acked"] == 2 && g["sidecars"] == 3).then_some(())
+        },
+    );
+    let ca_log = |mesh: &Mesh| mesh.net.log_of(mesh.ca_proc);
+    wait_for(
+        "the CA to hold the rotation twice",
+        Duration::from_secs(20),
+        || (ca_log(&mesh).matches("waits for every sidecar").count() >= 2).then_some(()),
+    );
+    assert!(
+        !ca_log(&mesh).contains("root rotation activated"),
+        "activated before every sidecar had the new root"
+    );
+    assert!(mesh.ca_dir.join("pending-root.pem").exists());
+
+    unsafe { libc::kill(api_pid, libc::SIGCONT) };
+    wait_for("the rotation to activate", Duration::from_secs(30), || {
+        ca_log(&mesh)
+            .contains("root rotation activated")
+            .then_some(())
+    });
+    assert_eq!(gate(&mesh)["all_acked"], true);
+    // Every sidecar trusts both roots; traffic flows; nothing restarted.
+    assert!(mesh.curl("web", &url).status.success());
+    for pod in ["web", "api", "db"] {
+        assert_eq!(
+            mesh.sidecar_log(pod).matches("sidecar listening").count(),
+            1,
+            "{pod} restarted"
+        );
+    }
+}

@@ -102,6 +102,10 @@ spec:
       matches:
         - path:
             prefix: /slow
+      backends:
+        - service: api
+          subset:
+            version: v1
       timeout: 300ms
     - name: canary
       backends:

@@ -48,6 +48,10 @@ pub struct ServeOptions {
     pub dns_names: Vec<String>,
     /// How often the directory is checked for a rotation or pruning.
     pub reload_interval: Duration,
+    /// Control-plane admin address (`host:port`): when set, a due root
+    /// rotation activates only once every connected sidecar has ACKed a
+    /// trust bundle with the new root.
+    pub rotation_gate: Option<String>,
 }
 
 impl ServeOptions {
@@ -60,6 +64,7 @@ impl ServeOptions {
             sign_burst: 400,
             dns_names: Vec::new(),
             reload_interval: Duration::from_secs(2),
+            rotation_gate: None,
         }
     }
 }
@@ -404,9 +409,9 @@ impl State {
 
     /// Picks up a rotation or pruning done by `bulwark ca` on the directory,
     /// and renews the serving certificate at half its life.
-    fn refresh(&self) {
+    fn refresh(&self, may_activate: bool) {
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        if let Err(e) = store::activate_pending(&self.dir, now) {
+        if may_activate && let Err(e) = store::activate_pending(&self.dir, now) {
             tracing::error!(error = %e, "cannot activate the pending root rotation");
         }
         if let Err(e) = store::prune_bundle(&self.dir, now) {
@@ -430,6 +435,51 @@ impl State {
             Err(e) => {
                 tracing::error!(error = %e, "cannot reload the CA directory; keeping the current material")
             }
+        }
+    }
+}
+
+/// Whether a due rotation may activate: the control plane at `gate`
+/// (its admin address) must confirm that every connected sidecar has ACKed
+/// a trust bundle containing the new root. Unreachable means no.
+async fn rotation_gate_open(dir: &Path, gate: &str) -> bool {
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let fp = match store::due_pending_root(dir, now) {
+        Ok(Some(fp)) => fp,
+        Ok(None) => return true,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the pending rotation");
+            return false;
+        }
+    };
+    let url = format!("http://{gate}/bundle-acked?root={fp}");
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<hyper::body::Bytes>>();
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        tracing::error!(%url, "invalid --rotation-gate address");
+        return false;
+    };
+    let fetch = async {
+        let resp = client.get(uri).await.ok()?;
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .ok()?
+            .to_bytes();
+        serde_json::from_slice::<serde_json::Value>(&body).ok()
+    };
+    match tokio::time::timeout(Duration::from_secs(5), fetch).await {
+        Ok(Some(v)) if v["all_acked"] == true => {
+            tracing::info!(acked = %v["acked"], "every sidecar holds the new root: rotation may activate");
+            true
+        }
+        Ok(Some(v)) => {
+            tracing::info!(acked = %v["acked"], sidecars = %v["sidecars"], in_bundle = %v["root_in_bundle"],
+                "root rotation waits for every sidecar to ACK the new trust bundle");
+            false
+        }
+        _ => {
+            tracing::warn!(%gate, "rotation gate unreachable; the rotation waits");
+            false
         }
     }
 }
@@ -481,12 +531,17 @@ pub async fn serve(
     let refresher = {
         let state = state.clone();
         let every = opts.reload_interval;
+        let gate = opts.rotation_gate.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
+                let may_activate = match &gate {
+                    None => true,
+                    Some(g) => rotation_gate_open(&state.dir, g).await,
+                };
                 let s = state.clone();
-                let _ = tokio::task::spawn_blocking(move || s.refresh()).await;
+                let _ = tokio::task::spawn_blocking(move || s.refresh(may_activate)).await;
             }
         })
     };

@@ -187,10 +187,6 @@ fn read_key(dir: &Path, name: &str) -> Result<KeyPair, StoreError> {
     })
 }
 
-fn now_unix() -> i64 {
-    OffsetDateTime::now_utc().unix_timestamp()
-}
-
 fn ca_dn(trust_domain: &str, cn: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, trust_domain);
@@ -440,13 +436,25 @@ pub fn rotate_root(
     settings.pending_activate_at = Some(activate_at);
     save_settings(dir, &settings)?;
     let n = write_bundle(dir, &settings)?;
-    if activate_at <= now_unix() {
-        activate_pending(dir, now_unix())?;
-    }
+    // Activation is the running CA's job: it may be gated on every sidecar
+    // having received the new bundle (`ca serve --rotation-gate`).
     Ok(Rotation {
         activate_at,
         roots_in_bundle: n,
     })
+}
+
+/// The fingerprint of a pending rotation's root, if one is due at `now`.
+pub fn due_pending_root(dir: &Path, now: i64) -> Result<Option<String>, StoreError> {
+    let settings = load_settings(dir)?;
+    match settings.pending_activate_at {
+        Some(at) if at <= now => {
+            let pem = read(dir, &format!("{PENDING_PREFIX}{ROOT_CERT}"))?;
+            let der = first_cert(&pem, "pending root")?;
+            Ok(Some(crate::tls::fingerprint(&der)))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Makes a pending rotation's root and intermediate the signers once its

@@ -137,6 +137,16 @@ pub enum Usage {
     Client,
 }
 
+/// SHA-256 of a certificate's DER, lowercase hex: how roots are named when
+/// the CA asks the control plane whether a bundle has reached everyone.
+pub fn fingerprint(der: &[u8]) -> String {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Extracts the one SPIFFE ID from a certificate's URI SANs.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, VerifyError> {
     use x509_parser::extensions::GeneralName;

@@ -54,6 +54,10 @@ pub enum CaCommand {
         /// Extra DNS names for the CA's own serving certificate.
         #[arg(long = "dns-name")]
         dns_names: Vec<String>,
+        /// Control-plane admin address (host:port): a due root rotation waits
+        /// until every connected sidecar has ACKed the bundle with the new root.
+        #[arg(long)]
+        rotation_gate: Option<String>,
     },
     /// Print a bootstrap token for one workload identity.
     Token {
@@ -76,7 +80,9 @@ pub enum CaCommand {
         root: Option<PathBuf>,
         /// How long the new root is distributed before it starts signing
         /// (default: the default leaf TTL, so every workload has renewed and
-        /// trusts it by then). `0s` switches at once.
+        /// trusts it by then). The running CA switches at its next check
+        /// after that (every 2 s), and with `ca serve --rotation-gate` only
+        /// once every sidecar has ACKed the new bundle.
         #[arg(long, value_parser = parse_duration)]
         activate_after: Option<Duration>,
     },
@@ -149,6 +155,7 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             sign_rate,
             sign_burst,
             dns_names,
+            rotation_gate,
         } => {
             if sign_rate.is_nan() || sign_rate <= 0.0 {
                 bail!("--sign-rate must be positive");
@@ -158,6 +165,7 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             opts.sign_rate = sign_rate;
             opts.sign_burst = sign_burst;
             opts.dns_names = dns_names;
+            opts.rotation_gate = rotation_gate;
             super::runtime()?.block_on(server::serve(opts, super::shutdown_signal()))?;
             Ok(())
         }

@@ -52,6 +52,51 @@ pub(crate) async fn serve(listener: TcpListener, handle: Handle) {
     }
 }
 
+/// Whether the current trust bundle contains the root with SHA-256
+/// fingerprint `root`, and whether every connected sidecar has ACKed that
+/// bundle: the gate a CA waits on before a new root starts signing.
+fn bundle_acked(handle: &Handle, root: &str) -> serde_json::Value {
+    use bulwark_proto::config::{type_url, v1};
+    use prost::Message;
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let snap = handle.snapshot();
+    let current = snap
+        .resources(type_url::TRUST_BUNDLE)
+        .and_then(|r| r.get("bundle"))
+        .cloned();
+    let (version, in_bundle) = match &current {
+        Some(r) => {
+            let roots = v1::TrustBundle::decode(r.encoded.as_slice())
+                .map(|b| b.roots_pem)
+                .unwrap_or_default();
+            let found = roots.iter().any(|pem| {
+                CertificateDer::from_pem_slice(pem.as_bytes())
+                    .is_ok_and(|d| bulwark_ca::tls::fingerprint(&d) == root)
+            });
+            (r.version.clone(), found)
+        }
+        None => (String::new(), false),
+    };
+    let status = handle.status();
+    let acked = status
+        .sidecars
+        .iter()
+        .filter(|s| {
+            s.types.iter().any(|t| {
+                t.type_url == type_url::TRUST_BUNDLE && t.resources.get("bundle") == Some(&version)
+            })
+        })
+        .count();
+    serde_json::json!({
+        "root_in_bundle": in_bundle,
+        "bundle_version": version,
+        "sidecars": status.sidecars.len(),
+        "acked": acked,
+        "all_acked": in_bundle && acked == status.sidecars.len(),
+    })
+}
+
 fn respond(handle: &Handle, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, content_type: &str, body: Vec<u8>| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -85,6 +130,19 @@ fn respond(handle: &Handle, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             handle.metrics_text().into_bytes(),
         ),
+        "/bundle-acked" => {
+            let root = req
+                .uri()
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("root="))
+                .unwrap_or("")
+                .to_ascii_lowercase();
+            let mut body = bundle_acked(handle, &root).to_string().into_bytes();
+            body.push(b'\n');
+            reply(StatusCode::OK, "application/json", body)
+        }
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",

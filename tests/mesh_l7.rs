@@ -853,3 +853,152 @@ fn grpc_bidirectional_streaming_keeps_messages_trailers_and_status() {
         ))
     );
 }
+
+/// Which pod served each of `n` requests to `vip` from `pod` (by the demo
+/// app's name in the body); "!" + status for failures.
+fn served_by(mesh: &Mesh, pod: &str, vip: &str, n: usize) -> Vec<String> {
+    let ns = format!("/run/netns/{}", mesh.pod(pod).pod.ns);
+    let target: SocketAddr = format!("{vip}:8080").parse().unwrap();
+    std::thread::spawn(move || {
+        netns::enter(&ns);
+        (0..n)
+            .map(|_| {
+                let (code, body) = raw_http(
+                    target,
+                    "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                );
+                if code == 200 {
+                    body.split("\r\n\r\n")
+                        .nth(1)
+                        .unwrap_or("")
+                        .split(' ')
+                        .next()
+                        .unwrap_or("")
+                        .to_string()
+                } else {
+                    format!("!{code}")
+                }
+            })
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn active_health_checks_take_a_failing_endpoint_out_and_bring_it_back() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.add_pod("web");
+    let pods: Vec<Pod> = ["a", "b", "c"].iter().map(|p| mesh.add_pod(p)).collect();
+    let refs: Vec<&Pod> = pods.iter().collect();
+    let policy = "---\napiVersion: bulwark.dev/v1\nkind: TrafficPolicy\nmetadata:\n  name: hc\n  namespace: default\nspec:\n  service: hc\n  healthCheck:\n    path: /healthz\n    interval: 500ms\n    timeout: 200ms\n    unhealthyThreshold: 2\n    healthyThreshold: 2\n";
+    mesh.write_config(&format!(
+        "{MESH}{}{policy}",
+        service_doc("hc", "198.18.100.8", &refs, "")
+    ));
+    mesh.start_sidecar("web", "web", &[]);
+    for p in ["a", "b", "c"] {
+        mesh.start_sidecar(p, "hc", &[]);
+    }
+    for p in ["web", "a", "b", "c"] {
+        mesh.wait_ready(p);
+    }
+    let seen = served_by(&mesh, "web", "198.18.100.8", 60);
+    for p in ["a", "b", "c"] {
+        assert!(seen.iter().any(|s| s == p), "{p} serves: {seen:?}");
+    }
+    // c's app turns unhealthy (its health endpoint answers 503).
+    let c_app = mesh.pod("c").app.unwrap();
+    mesh.net.proc_mut(c_app).kill();
+    let ns = mesh.pod("c").pod.ns.clone();
+    let bad = mesh.net.spawn_bulwark(
+        &ns,
+        "c-app-bad",
+        &[
+            "demo-app",
+            "--listen",
+            "0.0.0.0:8080",
+            "--name",
+            "c",
+            "--error-rate",
+            "1.0",
+        ],
+    );
+    let flipped = Instant::now();
+    wait_for("web to take c out", Duration::from_secs(10), || {
+        mesh.sidecar_log("web")
+            .contains("healthy=false")
+            .then_some(())
+    });
+    let took = flipped.elapsed();
+    println!("unhealthy endpoint removed after {took:?} (interval 500 ms)");
+    assert!(
+        took <= Duration::from_millis(1500),
+        "two probe intervals (+ probe timeout): {took:?}"
+    );
+    let seen = served_by(&mesh, "web", "198.18.100.8", 200);
+    assert!(
+        seen.iter().all(|s| s == "a" || s == "b"),
+        "no request reaches c: {seen:?}"
+    );
+    // c recovers and comes back.
+    mesh.net.proc_mut(bad).kill();
+    mesh.net.spawn_bulwark(
+        &ns,
+        "c-app-good",
+        &["demo-app", "--listen", "0.0.0.0:8080", "--name", "c"],
+    );
+    wait_for("c to come back", Duration::from_secs(10), || {
+        served_by(&mesh, "web", "198.18.100.8", 30)
+            .iter()
+            .any(|s| s == "c")
+            .then_some(())
+    });
+}
+
+#[test]
+fn curl_http2_prior_knowledge_and_http1_both_work_through_the_mesh() {
+    let _serial = serial();
+    let Some((mesh, _)) = start(&canary_route(0), "", &[]) else {
+        return;
+    };
+    let ns = mesh.pod("web").pod.ns.clone();
+    for flag in ["--http1.1", "--http2-prior-knowledge"] {
+        let out = mesh.net.exec(
+            &ns,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                flag,
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_version}",
+                &format!("http://{VIP}:8080/h"),
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{flag}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("api-v1 GET /h"), "{flag}: {text}");
+        let version = text.lines().last().unwrap();
+        assert_eq!(version, if flag == "--http1.1" { "1.1" } else { "2" });
+    }
+    let m = mesh.metrics("web");
+    assert!(
+        metric_sum(
+            &m,
+            "bulwark_requests_total",
+            &["direction=\"outbound\"", "code=\"200\""]
+        ) >= 2.0,
+        "{m}"
+    );
+}

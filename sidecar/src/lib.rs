@@ -226,6 +226,7 @@ impl Sidecar {
         .await
         .map_err(|e| SidecarError::Listen(self.opts.metrics_listen, e))?;
         let cert_task = tokio::spawn(self.proxy.identity.clone().run());
+        let health_task = tokio::spawn(http::health::run(self.proxy.clone()));
         tracing::info!(identity = %self.proxy.identity.identity(), outbound = %self.opts.outbound_listen,
             inbound = %self.opts.inbound_listen, "sidecar listening");
 
@@ -261,6 +262,7 @@ impl Sidecar {
             );
         }
         cert_task.abort();
+        health_task.abort();
         admin.abort();
         metrics.abort();
         Ok(())

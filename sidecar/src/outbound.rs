@@ -39,7 +39,17 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
         let l7 = match target.proto {
             Proto::Http1 | Proto::Http2 => true,
             Proto::Tcp => false,
-            Proto::Auto => sniff_http(&down).await,
+            Proto::Auto => {
+                let t = std::time::Instant::now();
+                let http = sniff_http(&down).await;
+                let m = &proxy.metrics;
+                m.detection_duration.observe(t.elapsed().as_secs_f64());
+                let result = if http { "http" } else { "tcp" };
+                m.detections
+                    .get_or_create(&crate::telemetry::ResultLabel { result })
+                    .inc();
+                http
+            }
         };
         if l7 {
             return crate::http::outbound::serve(proxy, down, peer, target).await;

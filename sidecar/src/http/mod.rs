@@ -2,6 +2,7 @@
 //! load balancing, retries, timeouts, breakers, bulkheads and rate limits.
 //! Between sidecars, requests ride pooled, multiplexed HTTP/2 over mTLS.
 
+pub mod health;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;

@@ -78,6 +78,8 @@ pub struct Metrics {
     pub breaker_state: Family<ServiceLabel, Gauge<i64, AtomicI64>>,
     pub breaker_transitions: Family<ServiceLabel, Counter>,
     pub outlier_ejections: Family<ServiceLabel, Counter>,
+    pub detections: Family<ResultLabel, Counter>,
+    pub detection_duration: Histogram,
     pub tcp_connections: Family<ConnLabels, Counter>,
     pub tcp_bytes: Family<BytesLabels, Counter>,
     pub tcp_refused: Family<RefusedLabels, Counter>,
@@ -109,6 +111,8 @@ impl Default for Metrics {
             breaker_state: Family::default(),
             breaker_transitions: Family::default(),
             outlier_ejections: Family::default(),
+            detections: Family::default(),
+            detection_duration: latency_histogram(),
             tcp_connections: Family::default(),
             tcp_bytes: Family::default(),
             tcp_refused: Family::default(),
@@ -162,6 +166,16 @@ impl Default for Metrics {
             "bulwark_outlier_ejections",
             "Endpoints ejected by outlier detection",
             m.outlier_ejections.clone(),
+        );
+        registry.register(
+            "bulwark_protocol_detections",
+            "Protocol detection on auto ports, by outcome (http, tcp)",
+            m.detections.clone(),
+        );
+        registry.register(
+            "bulwark_protocol_detection_duration_seconds",
+            "Time spent detecting the protocol of an outbound connection",
+            m.detection_duration.clone(),
         );
         registry.register(
             "bulwark_tcp_connections",

@@ -353,7 +353,7 @@ spec:
     // db may only GET /public/*.
     let (code, body) = get(&mesh, "db", "/private", &[]);
     assert_eq!(code, 403, "{body}");
-    assert!(body.contains("rbac-denied"), "{body}");
+    assert!(body.contains("authz-denied"), "{body}");
     assert!(
         metric_sum(
             &mesh.metrics("api-v1"),
@@ -1001,4 +1001,37 @@ fn curl_http2_prior_knowledge_and_http1_both_work_through_the_mesh() {
         ) >= 2.0,
         "{m}"
     );
+}
+
+#[test]
+fn h2load_multiplexed_load_through_the_mesh_succeeds() {
+    let _serial = serial();
+    let Some((mesh, _)) = start(&canary_route(10), "", &[]) else {
+        return;
+    };
+    let ns = mesh.pod("web").pod.ns.clone();
+    let out = mesh.net.exec(
+        &ns,
+        &[
+            "h2load",
+            "-n",
+            "2000",
+            "-c",
+            "4",
+            "-m",
+            "16",
+            &format!("http://{VIP}:8080/"),
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("2000 succeeded, 0 failed, 0 errored"),
+        "{text}"
+    );
+    assert!(text.contains("status codes: 2000 2xx"), "{text}");
 }

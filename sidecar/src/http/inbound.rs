@@ -87,6 +87,7 @@ async fn handle(
             code: resp.status().as_u16(),
         };
         proxy.metrics.requests.get_or_create(&labels).inc();
+        proxy.metrics.count_local(&resp);
         proxy
             .metrics
             .request_duration
@@ -119,7 +120,7 @@ async fn handle(
             })
             .inc();
         tracing::info!(src_identity = %src, service = %svc, %method, %path, "request denied by authorization policy");
-        return finish(reply(403, "rbac-denied"));
+        return finish(reply(403, "authz-denied"));
     }
     if !service.is_empty() {
         let policy = snap.policy(&service).cloned();

@@ -116,7 +116,7 @@ async fn handle(proxy: Arc<Proxy>, target: Target, req: Request<Incoming>) -> Re
     let upgrade = req.headers().contains_key(http::header::UPGRADE)
         && req.version() == http::Version::HTTP_11;
     let (resp, upstream, dst_identity, attempts) = if plan.upstreams.is_empty() {
-        (reply(503, "no-healthy-upstream"), None, String::new(), 0)
+        (reply(503, "no-healthy-endpoint"), None, String::new(), 0)
     } else if upgrade {
         upgrade_tunnel(&proxy, &plan, req).await
     } else {
@@ -340,7 +340,13 @@ async fn send_with_retries(
         if let Some(o) = &outlier {
             let failed_5xx = !success;
             let base = Duration::from_millis(o.base_ejection_ms.max(1));
-            if ep.record(!failed_5xx, o.consecutive_5xx, base, Instant::now()) {
+            // Never eject more than the configured share of the pool.
+            let now = Instant::now();
+            let ejected = states.iter().filter(|s| !s.available(now)).count();
+            let cap = (states.len() as u64 * u64::from(o.max_ejection_percent.clamp(1, 100)) / 100)
+                .max(1) as usize;
+            let threshold = if ejected >= cap { 0 } else { o.consecutive_5xx };
+            if ep.record(!failed_5xx, threshold, base, now) {
                 proxy
                     .metrics
                     .outlier_ejections
@@ -352,7 +358,19 @@ async fn send_with_retries(
             }
         }
         let connect_failure = matches!(&result, Err((true, _)));
+        // A request that may have reached the upstream is retried only if
+        // repeating it is safe.
+        let idempotent = matches!(
+            parts.method,
+            http::Method::GET
+                | http::Method::HEAD
+                | http::Method::OPTIONS
+                | http::Method::PUT
+                | http::Method::DELETE
+                | http::Method::TRACE
+        );
         let can_retry = !success
+            && (idempotent || connect_failure)
             && attempt <= retry.attempts
             && replay.is_some()
             && retriable(

@@ -7,6 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// Longest a request waits in a bulkhead queue.
+pub const QUEUE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Debug)]
 pub struct Bulkhead {
     active: Arc<Semaphore>,
@@ -42,7 +45,13 @@ impl Bulkhead {
             self.pending.fetch_sub(1, Ordering::AcqRel);
             return Err(Full);
         }
-        let r = self.active.clone().acquire_owned().await.map_err(|_| Full);
+        // Bounded wait too: a queued request that cannot start soon is
+        // better answered now than after its caller gave up.
+        let r = match tokio::time::timeout(QUEUE_TIMEOUT, self.active.clone().acquire_owned()).await
+        {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(Full),
+        };
         self.pending.fetch_sub(1, Ordering::AcqRel);
         r
     }

@@ -454,3 +454,106 @@ fn root_rotation_waits_until_every_sidecar_acked_the_new_bundle() {
         );
     }
 }
+
+/// Which api pod served each of `n` requests from web to the api VIP.
+fn served_by(mesh: &Mesh, n: usize) -> Vec<String> {
+    let ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
+    let target: SocketAddr = "198.18.100.1:8080".parse().unwrap();
+    std::thread::spawn(move || {
+        netns::enter(&ns);
+        (0..n)
+            .map(|_| match netns::http_get(target, "/") {
+                Some(r) if r.contains(" 200 ") => r
+                    .split("\r\n\r\n")
+                    .nth(1)
+                    .unwrap_or("")
+                    .split(' ')
+                    .next()
+                    .unwrap_or("")
+                    .to_string(),
+                other => format!("!{other:?}"),
+            })
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Each sidecar probes its own app; an unhealthy verdict travels up its
+/// discovery stream and the control plane withdraws the endpoint from every
+/// client, then restores it.
+#[test]
+fn an_app_failing_its_health_check_leaves_every_clients_pool_and_returns() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.write_cp_file("mesh.yaml", &mesh_yaml(TD));
+    mesh.write_cp_file(
+        "api.yaml",
+        "apiVersion: bulwark.dev/v1\nkind: Service\nmetadata:\n  name: api\n  namespace: default\nspec:\n  ports:\n    - port: 8080\n      protocol: http\n  selector:\n    app: api\n  addresses:\n    - 198.18.100.1\n---\napiVersion: bulwark.dev/v1\nkind: TrafficPolicy\nmetadata:\n  name: api\n  namespace: default\nspec:\n  service: api\n  healthCheck:\n    path: /healthz\n    interval: 500ms\n    timeout: 200ms\n    unhealthyThreshold: 2\n    healthyThreshold: 2\n",
+    );
+    mesh.start_control_plane("cp1", 15010);
+    for (pod, sa, labels) in [
+        ("web", "web", "app=web"),
+        ("api-1", "api", "app=api"),
+        ("api-2", "api", "app=api"),
+    ] {
+        mesh.add_pod(pod);
+        mesh.start_sidecar_xds(pod, sa, CP1, labels, &[]);
+    }
+    for pod in ["web", "api-1", "api-2"] {
+        mesh.wait_ready(pod);
+    }
+    wait_for("both api pods to serve", Duration::from_secs(10), || {
+        let seen = served_by(&mesh, 40);
+        (seen.iter().any(|s| s == "api-1") && seen.iter().any(|s| s == "api-2")).then_some(())
+    });
+    // api-2's app turns unhealthy (everything, /healthz included, answers 503).
+    let app = mesh.pod("api-2").app.unwrap();
+    mesh.net.proc_mut(app).kill();
+    let ns = mesh.pod("api-2").pod.ns.clone();
+    let bad = mesh.net.spawn_bulwark(
+        &ns,
+        "api-2-bad",
+        &[
+            "demo-app",
+            "--listen",
+            "0.0.0.0:8080",
+            "--name",
+            "api-2",
+            "--error-rate",
+            "1.0",
+        ],
+    );
+    let t0 = Instant::now();
+    wait_for("web's pool to drop api-2", Duration::from_secs(10), || {
+        let dump = mesh.config_dump("web");
+        (dump["endpoints"].as_u64() == Some(1)).then_some(())
+    });
+    let took = t0.elapsed();
+    println!(
+        "unhealthy app withdrawn from the client's pool after {took:?} (2 x 500 ms probes + push)"
+    );
+    assert!(took < Duration::from_millis(2500), "{took:?}");
+    let seen = served_by(&mesh, 100);
+    assert!(
+        seen.iter().all(|s| s == "api-1"),
+        "no request reaches api-2: {seen:?}"
+    );
+    let status = mesh.xds_status(CP1_ADMIN);
+    assert!(status.contains("converged: yes"), "{status}");
+    // Healthy again: restored everywhere.
+    mesh.net.proc_mut(bad).kill();
+    mesh.net.spawn_bulwark(
+        &ns,
+        "api-2-good",
+        &["demo-app", "--listen", "0.0.0.0:8080", "--name", "api-2"],
+    );
+    wait_for("api-2 to return", Duration::from_secs(10), || {
+        served_by(&mesh, 30)
+            .iter()
+            .any(|s| s == "api-2")
+            .then_some(())
+    });
+}

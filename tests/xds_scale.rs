@@ -167,6 +167,7 @@ fn one_control_plane_with_a_thousand_sidecar_streams() {
                         ports: vec![8080],
                         labels: [("app".to_string(), format!("svc{}", i % 50))].into(),
                         namespace: "default".into(),
+                        unhealthy: false,
                     }),
                     type_url: t.to_string(),
                     resource_names_subscribe: vec!["*".into()],

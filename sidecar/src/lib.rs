@@ -87,6 +87,9 @@ pub struct Proxy {
     pub guards: resilience::state::Guards,
     pub endpoints: balance::Endpoints,
     pub local: http::inbound::LocalClients,
+    /// Whether the local app fails its active health check (reported to
+    /// the control plane).
+    pub health: tokio::sync::watch::Sender<bool>,
 }
 
 /// Closes a connection with a TCP RST: a fast, unambiguous refusal.
@@ -98,6 +101,7 @@ pub fn reset(stream: TcpStream) {
 /// Applies configuration to a running sidecar.
 #[derive(Clone)]
 pub struct ConfigHandle {
+    health: tokio::sync::watch::Sender<bool>,
     config: Arc<LiveConfig>,
     identity: Arc<CertManager>,
     metrics: Arc<Metrics>,
@@ -156,6 +160,11 @@ impl ConfigHandle {
         &self.metrics
     }
 
+    /// Changes when the local app's active health verdict changes (true = unhealthy).
+    pub fn health(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.health.subscribe()
+    }
+
     /// The currently applied config, if any.
     pub fn current(&self) -> Option<Arc<config::Snapshot>> {
         self.config.load()
@@ -186,12 +195,14 @@ impl Sidecar {
             guards: Default::default(),
             endpoints: Default::default(),
             local: Default::default(),
+            health: tokio::sync::watch::Sender::new(false),
         });
         Self { opts, proxy }
     }
 
     pub fn config_handle(&self) -> ConfigHandle {
         ConfigHandle {
+            health: self.proxy.health.clone(),
             config: self.proxy.config.clone(),
             identity: self.proxy.identity.clone(),
             metrics: self.proxy.metrics.clone(),

@@ -169,6 +169,7 @@ pub fn run(a: SidecarArgs) -> anyhow::Result<()> {
                 ports: a.ports.iter().map(|p| u32::from(*p)).collect(),
                 labels: a.labels.into_iter().collect(),
                 namespace,
+                unhealthy: false,
             };
             ConfigSource::Xds(XdsOptions {
                 addrs: a.xds,

@@ -68,6 +68,8 @@ pub struct Workload {
     pub address: IpAddr,
     pub ports: Vec<u32>,
     pub labels: BTreeMap<String, String>,
+    /// Reported by the workload's own sidecar (active health check).
+    pub unhealthy: bool,
 }
 
 impl Workload {
@@ -126,6 +128,7 @@ impl Workload {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            unhealthy: node.unhealthy,
         })
     }
 
@@ -244,6 +247,26 @@ impl Registry {
         }
     }
 
+    /// Applies a health report from an established stream. Only the health
+    /// flag may change; the node must be the one the stream announced.
+    pub fn report_health(&self, key: &(String, String), node: &Node) {
+        if node.identity != key.0 || node.id != key.1 {
+            tracing::warn!(node = %node.id, "health report for another node ignored");
+            return;
+        }
+        let mut entries = lock(&self.entries);
+        let Some(e) = entries.get_mut(key) else {
+            return;
+        };
+        if e.workload.unhealthy == node.unhealthy {
+            return;
+        }
+        e.workload.unhealthy = node.unhealthy;
+        drop(entries);
+        tracing::info!(identity = %key.0, node = %key.1, unhealthy = node.unhealthy, "workload health changed");
+        self.bump();
+    }
+
     /// Every registered workload, connected or within its grace period.
     pub fn workloads(&self) -> Vec<Listed> {
         lock(&self.entries)
@@ -264,7 +287,7 @@ impl Registry {
             let mut serving: Vec<&Workload> = entries
                 .values()
                 .map(|e| &e.workload)
-                .filter(|w| w.serves(s))
+                .filter(|w| w.serves(s) && !w.unhealthy)
                 .collect();
             if serving.is_empty() {
                 continue;
@@ -372,6 +395,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             namespace: "shop".into(),
+            unhealthy: false,
         }
     }
 

@@ -558,6 +558,7 @@ impl DiscoveryService for Discovery {
         );
         // Only now that the node checks out does it count as a workload.
         let registration = self.0.registry.connect(workload.clone());
+        let health_key = (workload.identity.to_string(), workload.node_id.clone());
         // A reconnecting sidecar's endpoints are trusted as long as a
         // departed sidecar's are kept: the endpoint grace period.
         let (on_board, slot) = self.0.board.add(workload, self.0.endpoint_grace);
@@ -567,7 +568,7 @@ impl DiscoveryService for Discovery {
             async move {
                 let _registration = registration;
                 let _slot = slot;
-                run_stream(shared, on_board, first, inbound, tx).await;
+                run_stream(shared, on_board, first, inbound, tx, health_key).await;
             }
             .instrument(span),
         );
@@ -611,6 +612,7 @@ async fn run_stream(
     first: DeltaDiscoveryRequest,
     mut inbound: Streaming<DeltaDiscoveryRequest>,
     tx: Tx,
+    health_key: (String, String),
 ) {
     let _counted = CountedIn::new(&shared.metrics.connected_sidecars);
     tracing::info!("sidecar connected");
@@ -627,7 +629,15 @@ async fn run_stream(
                 _ = stop.changed() => {}
                 _ = until(hold) => on_snapshot(&shared, &on_board, &mut snapshots, &tx).await?,
                 msg = inbound.message() => match msg {
-                    Ok(Some(req)) => on_request(&shared, &on_board, &req, &snapshots, &tx).await?,
+                    Ok(Some(req)) => {
+                        // A later node is a health report (see `Node.unhealthy`).
+                        if let Some(node) = &req.node {
+                            shared.registry.report_health(&health_key, node);
+                        }
+                        if !(req.node.is_some() && req.type_url.is_empty()) {
+                            on_request(&shared, &on_board, &req, &snapshots, &tx).await?;
+                        }
+                    }
                     Ok(None) => return Ok(()),
                     Err(status) => {
                         tracing::debug!(error = %status, "stream broke");

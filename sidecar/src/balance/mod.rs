@@ -17,9 +17,8 @@ pub struct EndpointState {
     /// Milliseconds since `epoch` until which the endpoint is ejected.
     ejected_until_ms: AtomicU64,
     ejections: AtomicU32,
-    /// Active health checking says it is unhealthy.
+    /// Taken out of rotation by the owner (kept for callers that need it).
     unhealthy: AtomicBool,
-    probe_streak: std::sync::atomic::AtomicI32,
     epoch: Instant,
 }
 
@@ -32,7 +31,6 @@ impl EndpointState {
             ejected_until_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
             unhealthy: AtomicBool::new(false),
-            probe_streak: std::sync::atomic::AtomicI32::new(0),
             epoch: Instant::now(),
         }
     }
@@ -49,36 +47,6 @@ impl EndpointState {
 
     pub fn set_unhealthy(&self, unhealthy: bool) {
         self.unhealthy.store(unhealthy, Ordering::Relaxed);
-    }
-
-    pub fn is_unhealthy(&self) -> bool {
-        self.unhealthy.load(Ordering::Relaxed)
-    }
-
-    /// Records an active health-check result; flips state after
-    /// `unhealthy_after` consecutive failures or `healthy_after` successes.
-    /// Returns the new state when it changed.
-    pub fn record_probe(&self, ok: bool, unhealthy_after: u32, healthy_after: u32) -> Option<bool> {
-        let streak = &self.probe_streak;
-        // Positive: consecutive successes; negative: consecutive failures.
-        let prev = streak.load(Ordering::Relaxed);
-        let next = match (ok, prev) {
-            (true, p) if p > 0 => p + 1,
-            (true, _) => 1,
-            (false, p) if p < 0 => p - 1,
-            (false, _) => -1,
-        };
-        streak.store(next, Ordering::Relaxed);
-        let unhealthy = self.is_unhealthy();
-        if !unhealthy && next <= -(unhealthy_after.max(1) as i32) {
-            self.set_unhealthy(true);
-            return Some(false);
-        }
-        if unhealthy && next >= healthy_after.max(1) as i32 {
-            self.set_unhealthy(false);
-            return Some(true);
-        }
-        None
     }
 
     /// Counts a request in flight until the guard drops.

@@ -231,6 +231,9 @@ async fn stream_once(
     version: &mut String,
 ) -> Result<(), StreamError> {
     let mut client = connect(addr, handle).await?;
+    let mut health = handle.health();
+    let mut node = opts.node.clone();
+    node.unhealthy = *health.borrow_and_update();
     let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
     // Subscribe to every type, telling the server what we already hold.
     for (n, t) in type_url::ALL.iter().enumerate() {
@@ -239,7 +242,7 @@ async fn stream_once(
             .map(|m| m.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect())
             .unwrap_or_default();
         let req = DeltaDiscoveryRequest {
-            node: (n == 0).then(|| opts.node.clone()),
+            node: (n == 0).then(|| node.clone()),
             type_url: t.to_string(),
             resource_names_subscribe: vec!["*".into()],
             initial_resource_versions: initial,
@@ -255,15 +258,23 @@ async fn stream_once(
     handle.metrics().xds_connected.set(1);
     tracing::info!(addr, "connected to the control plane");
     loop {
-        let resp = match responses.message().await {
-            Ok(Some(r)) => r,
-            Ok(None) => return Err(StreamError::Closed),
-            Err(s) => {
-                return Err(StreamError::Stream(format!(
-                    "{}: {}",
-                    s.code(),
-                    s.message()
-                )));
+        let resp = tokio::select! {
+            msg = responses.message() => match msg {
+                Ok(Some(r)) => r,
+                Ok(None) => return Err(StreamError::Closed),
+                Err(s) => return Err(StreamError::Stream(format!("{}: {}", s.code(), s.message()))),
+            },
+            changed = health.changed() => {
+                if changed.is_err() {
+                    return Err(StreamError::Closed);
+                }
+                // Report the local app's health verdict on the stream.
+                node.unhealthy = *health.borrow_and_update();
+                let report = DeltaDiscoveryRequest { node: Some(node.clone()), ..Default::default() };
+                if tx.send(report).await.is_err() {
+                    return Err(StreamError::Closed);
+                }
+                continue;
             }
         };
         let ack = on_response(resp, handle, held, version, opts);

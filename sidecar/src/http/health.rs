@@ -1,24 +1,33 @@
-//! Active health checking: each client sidecar probes the endpoints of
-//! services whose `TrafficPolicy` has a `healthCheck`, over the same pooled
-//! mTLS connections, and takes failing endpoints out of its balancer.
+//! Active health checking, done where it is cheapest: each sidecar probes
+//! its own app over loopback for the services it serves whose
+//! `TrafficPolicy` names a `healthCheck`, and reports the verdict on its
+//! discovery stream; the control plane then withdraws (or restores) the
+//! workload's endpoints in every client's pool. Passive outlier detection
+//! in the clients works alongside it.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bulwark_proto::config::v1::HealthCheck;
 use http_body_util::BodyExt;
 
 use super::empty;
 use crate::Proxy;
+use crate::config::Proto;
 
-/// Header marking a probe, so the callee's sidecar answers it even when
-/// authorization would not let this caller reach the health path.
-pub const PROBE_HEADER: &str = "x-bulwark-health-probe";
+#[derive(Debug, Default)]
+struct Check {
+    next_due: Option<Instant>,
+    /// Positive: consecutive successes; negative: consecutive failures.
+    streak: i32,
+    unhealthy: bool,
+}
 
-/// Runs forever: every tick, probes endpoints whose interval has passed.
+/// Runs forever: probes each local health-checked service at its interval
+/// and publishes whether the workload is unhealthy on `proxy.health`.
 pub async fn run(proxy: Arc<Proxy>) {
-    let mut next_due: HashMap<(String, SocketAddr), Instant> = HashMap::new();
+    let mut checks: HashMap<(String, u16), Check> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tick.tick().await;
@@ -26,6 +35,7 @@ pub async fn run(proxy: Arc<Proxy>) {
             continue;
         };
         let now = Instant::now();
+        let mut wanted = Vec::new();
         for svc in &snap.resources.services {
             let key = format!(
                 "{}/{}",
@@ -43,51 +53,61 @@ pub async fn run(proxy: Arc<Proxy>) {
             else {
                 continue;
             };
-            let Some(port) = svc.ports.first().map(|p| p.port as u16) else {
-                continue;
-            };
-            let interval = Duration::from_millis(hc.interval_ms.max(100));
-            for up in snap.endpoints_of(&key, port, &[]) {
-                let Some(identity) = up.identity.clone() else {
-                    continue;
-                };
-                let due = next_due.entry((key.clone(), up.addr)).or_insert(now);
-                if *due > now {
-                    continue;
+            for p in &svc.ports {
+                let target = if p.target_port == 0 {
+                    p.port
+                } else {
+                    p.target_port
+                } as u16;
+                if snap.local_service(target) == Some(key.as_str()) {
+                    wanted.push(((key.clone(), target), hc.clone()));
                 }
-                *due = now + interval;
-                let (proxy, hc, key) = (proxy.clone(), hc.clone(), key.clone());
-                tokio::spawn(async move {
-                    let ok = probe(&proxy, up.addr, &identity, &hc).await;
-                    let state = proxy.endpoints.get(up.addr);
-                    if let Some(healthy) =
-                        state.record_probe(ok, hc.unhealthy_threshold, hc.healthy_threshold)
-                    {
-                        tracing::info!(endpoint = %up.addr, service = %key, healthy, "endpoint health changed (active check)");
-                    }
-                });
             }
         }
-        // Forget endpoints that left the config.
-        next_due.retain(|_, due| now.duration_since(*due) < Duration::from_secs(600));
+        checks.retain(|k, _| wanted.iter().any(|(w, _)| w == k));
+        for (k, hc) in wanted {
+            let c = checks.entry(k.clone()).or_default();
+            if c.next_due.is_some_and(|d| d > now) {
+                continue;
+            }
+            c.next_due = Some(now + Duration::from_millis(hc.interval_ms.max(100)));
+            let ok = probe(&proxy, k.1, snap.local_proto(k.1), &hc).await;
+            c.streak = match (ok, c.streak) {
+                (true, s) if s > 0 => s + 1,
+                (true, _) => 1,
+                (false, s) if s < 0 => s - 1,
+                (false, _) => -1,
+            };
+            if !c.unhealthy && c.streak <= -(hc.unhealthy_threshold.max(1) as i32) {
+                c.unhealthy = true;
+                tracing::warn!(service = %k.0, port = k.1, path = %hc.path, "local app failed its health check: reporting unhealthy");
+            } else if c.unhealthy && c.streak >= hc.healthy_threshold.max(1) as i32 {
+                c.unhealthy = false;
+                tracing::info!(service = %k.0, port = k.1, "local app healthy again");
+            }
+        }
+        let unhealthy = checks.values().any(|c| c.unhealthy);
+        proxy.health.send_if_modified(|v| {
+            let changed = *v != unhealthy;
+            *v = unhealthy;
+            changed
+        });
     }
 }
 
-async fn probe(
-    proxy: &Proxy,
-    addr: SocketAddr,
-    identity: &bulwark_ca::SpiffeId,
-    hc: &bulwark_proto::config::v1::HealthCheck,
-) -> bool {
+async fn probe(proxy: &Proxy, port: u16, proto: Proto, hc: &HealthCheck) -> bool {
     let timeout = Duration::from_millis(hc.timeout_ms.max(50));
-    let req = http::Request::get(format!("http://{addr}{}", hc.path))
-        .version(http::Version::HTTP_2)
-        .header(PROBE_HEADER, "1")
+    let mut req = http::Request::get(format!("http://127.0.0.1:{port}{}", hc.path))
         .body(empty())
         .expect("valid probe request");
+    let client = if proto == Proto::Http2 {
+        *req.version_mut() = http::Version::HTTP_2;
+        &proxy.local.h2
+    } else {
+        &proxy.local.h1
+    };
     let attempt = async {
-        let mut sender = proxy.pool.get(proxy, addr, identity).await.ok()?;
-        let resp = sender.send_request(req).await.ok()?;
+        let resp = client.request(req).await.ok()?;
         let ok = resp.status().is_success();
         let _ = resp.into_body().collect().await;
         Some(ok)

@@ -258,6 +258,7 @@ pub fn node(ns: &str, sa: &str, address: &str, labels: &[(&str, &str)]) -> Node 
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         namespace: ns.into(),
+        unhealthy: false,
     }
 }
 

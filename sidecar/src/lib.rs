@@ -48,6 +48,8 @@ pub struct SidecarOptions {
     pub connect_timeout: Duration,
     /// On shutdown, how long in-flight connections may finish.
     pub drain_grace: Duration,
+    /// OpenTelemetry export (off when None).
+    pub trace: Option<telemetry::trace::TraceOptions>,
 }
 
 impl SidecarOptions {
@@ -62,6 +64,7 @@ impl SidecarOptions {
             max_connections: 16 * 1024,
             connect_timeout: Duration::from_secs(5),
             drain_grace: Duration::from_secs(20),
+            trace: None,
         }
     }
 }
@@ -90,6 +93,18 @@ pub struct Proxy {
     /// Whether the local app fails its active health check (reported to
     /// the control plane).
     pub health: tokio::sync::watch::Sender<bool>,
+    /// Set once the runtime is up when tracing is configured.
+    pub tracing: std::sync::OnceLock<telemetry::trace::Tracing>,
+}
+
+impl Proxy {
+    /// The tracer (a no-op one when tracing is off).
+    pub fn tracer(&self) -> &telemetry::trace::Tracing {
+        static OFF: std::sync::OnceLock<telemetry::trace::Tracing> = std::sync::OnceLock::new();
+        self.tracing
+            .get()
+            .unwrap_or_else(|| OFF.get_or_init(Default::default))
+    }
 }
 
 /// Closes a connection with a TCP RST: a fast, unambiguous refusal.
@@ -196,6 +211,7 @@ impl Sidecar {
             endpoints: Default::default(),
             local: Default::default(),
             health: tokio::sync::watch::Sender::new(false),
+            tracing: std::sync::OnceLock::new(),
         });
         Self { opts, proxy }
     }
@@ -236,6 +252,17 @@ impl Sidecar {
         )
         .await
         .map_err(|e| SidecarError::Listen(self.opts.metrics_listen, e))?;
+        if let Some(t) = &self.opts.trace {
+            match telemetry::trace::Tracing::start(t, self.proxy.metrics.trace_dropped.clone()) {
+                Ok(tr) => {
+                    let _ = self.proxy.tracing.set(tr);
+                    tracing::info!(endpoint = %t.endpoint, ratio = t.sample_ratio, "exporting traces over OTLP");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "tracing disabled: cannot set up the OTLP exporter")
+                }
+            }
+        }
         let cert_task = tokio::spawn(self.proxy.identity.clone().run());
         let health_task = tokio::spawn(http::health::run(self.proxy.clone()));
         tracing::info!(identity = %self.proxy.identity.identity(), outbound = %self.opts.outbound_listen,
@@ -274,6 +301,7 @@ impl Sidecar {
         }
         cert_task.abort();
         health_task.abort();
+        self.proxy.tracer().shutdown();
         admin.abort();
         metrics.abort();
         Ok(())

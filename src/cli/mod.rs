@@ -5,6 +5,7 @@ mod cert;
 mod demo;
 mod init;
 mod sidecar;
+mod up;
 mod xds;
 
 use std::process::ExitCode;
@@ -20,8 +21,17 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Access log: one JSON line per request/connection on stdout, or off.
+    #[arg(long, global = true, value_enum, default_value = "stdout")]
+    access_log: AccessLog,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AccessLog {
+    Stdout,
+    Off,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -45,6 +55,8 @@ enum Command {
     Sidecar(Box<sidecar::SidecarArgs>),
     /// Install (or remove) the interception rules in this network namespace.
     Init(init::InitArgs),
+    /// Bring up a local demo mesh (network-namespace pods) and show live traffic.
+    Up(up::UpArgs),
     /// A small HTTP server for demos and tests.
     #[command(hide = true)]
     DemoApp(demo::DemoArgs),
@@ -52,7 +64,7 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log, cli.log_format);
+    init_logging(&cli.log, cli.log_format, cli.access_log);
     let result = match cli.command {
         Command::Ca(c) => ca::run(c),
         Command::Cert(c) => cert::run(c),
@@ -60,6 +72,7 @@ pub fn main() -> ExitCode {
         Command::Sidecar(a) => sidecar::run(*a),
         Command::Init(a) => init::run(a),
         Command::DemoApp(a) => demo::run(a),
+        Command::Up(a) => up::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -70,17 +83,52 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str, format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+/// Diagnostics go to stderr (text or JSON); access-log events (target
+/// `bulwark::access`) go to stdout as JSON lines, or nowhere.
+fn init_logging(filter: &str, format: LogFormat, access: AccessLog) {
+    use tracing_subscriber::filter::filter_fn;
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, fmt};
+    const ACCESS: &str = "bulwark::access";
+    let env = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let not_access = filter_fn(|m| m.target() != ACCESS);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (text, json) = match format {
+        LogFormat::Text => (
+            Some(
+                fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr)
+                    .with_filter(not_access),
+            ),
+            None,
+        ),
+        LogFormat::Json => (
+            None,
+            Some(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(std::io::stderr)
+                    .with_filter(not_access),
+            ),
+        ),
+    };
+    let access_layer = (access == AccessLog::Stdout).then(|| {
+        fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(std::io::stdout)
+            .with_filter(filter_fn(|m| m.target() == ACCESS))
+    });
+    tracing_subscriber::registry()
+        .with(env)
+        .with(text)
+        .with(json)
+        .with(access_layer)
+        .init();
 }
 
 /// A multi-threaded runtime for long-running commands.

@@ -66,6 +66,12 @@ pub struct SidecarArgs {
     /// Concurrent connections per listener before new ones are reset.
     #[arg(long, default_value_t = 16384)]
     max_connections: usize,
+    /// OTLP/gRPC collector for traces, e.g. http://otel-collector:4317 (off when absent).
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
+    /// Fraction of new traces sampled (a sampled incoming parent is always followed).
+    #[arg(long, default_value_t = 0.01)]
+    trace_sample_ratio: f64,
     /// On SIGTERM, how long in-flight connections may finish.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     drain_grace: Duration,
@@ -134,6 +140,14 @@ pub fn run(a: SidecarArgs) -> anyhow::Result<()> {
     opts.proxy_mark = a.proxy_mark;
     opts.max_connections = a.max_connections;
     opts.drain_grace = a.drain_grace;
+    opts.trace = a
+        .otlp_endpoint
+        .map(|endpoint| bulwark_sidecar::telemetry::trace::TraceOptions {
+            endpoint,
+            sample_ratio: a.trace_sample_ratio,
+            service_name: a.identity.clone(),
+            mark: a.proxy_mark,
+        });
     let namespace = opts.identity.identity.namespace().to_string();
     let id = opts.identity.identity.to_string();
     let sidecar = Sidecar::new(opts);

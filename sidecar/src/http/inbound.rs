@@ -66,7 +66,7 @@ async fn handle(
     proxy: Arc<Proxy>,
     peer: &SpiffeId,
     port: u16,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
     let me = proxy.identity.identity().to_string();
@@ -77,6 +77,20 @@ async fn handle(
     let service = snap.local_service(port).unwrap_or("").to_string();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    // The app sees this span as the parent of whatever it does next.
+    let span = std::sync::Mutex::new(Some(proxy.tracer().start_span(
+        format!("inbound {service}"),
+        opentelemetry::trace::SpanKind::Server,
+        req.headers_mut(),
+        vec![
+            opentelemetry::KeyValue::new("bulwark.direction", "inbound"),
+            opentelemetry::KeyValue::new("bulwark.service", service.clone()),
+            opentelemetry::KeyValue::new("bulwark.src_identity", src.clone()),
+            opentelemetry::KeyValue::new("bulwark.dst_identity", me.clone()),
+            opentelemetry::KeyValue::new("http.request.method", method.to_string()),
+            opentelemetry::KeyValue::new("url.path", path.clone()),
+        ],
+    )));
     let finish = |resp: Response<Body>| {
         let labels = RequestLabels {
             direction: "inbound",
@@ -98,7 +112,18 @@ async fn handle(
             .get(super::REASON_HEADER)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        tracing::info!(target: "bulwark::access", direction = "inbound", method = %method, path = %path,
+        let mut trace_id = String::new();
+        if let Some(sp) = span.lock().ok().and_then(|mut s| s.take()) {
+            trace_id = sp.trace_id();
+            sp.finish(
+                resp.status().as_u16(),
+                vec![opentelemetry::KeyValue::new(
+                    "bulwark.reason",
+                    reason.to_string(),
+                )],
+            );
+        }
+        tracing::info!(target: "bulwark::access", trace_id = %trace_id, direction = "inbound", method = %method, path = %path,
             service = %service, status = resp.status().as_u16(), src_identity = %src, dst_identity = %me, reason,
             duration_us = started.elapsed().as_micros() as u64, "request");
         resp

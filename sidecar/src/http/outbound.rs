@@ -99,7 +99,7 @@ fn plan(
     }
 }
 
-async fn handle(proxy: Arc<Proxy>, target: Target, req: Request<Incoming>) -> Response<Body> {
+async fn handle(proxy: Arc<Proxy>, target: Target, mut req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let me = proxy.identity.identity().to_string();
     let Some(snap) = proxy.config.load() else {
@@ -111,6 +111,30 @@ async fn handle(proxy: Arc<Proxy>, target: Target, req: Request<Incoming>) -> Re
         Ok(p) => p,
         Err(resp) => return *resp,
     };
+    let span = proxy.tracer().start_span(
+        format!("outbound {}", plan.service),
+        opentelemetry::trace::SpanKind::Client,
+        req.headers_mut(),
+        vec![
+            opentelemetry::KeyValue::new("bulwark.direction", "outbound"),
+            opentelemetry::KeyValue::new("bulwark.service", plan.service.clone()),
+            opentelemetry::KeyValue::new("bulwark.route", plan.route.clone()),
+            opentelemetry::KeyValue::new("http.request.method", method.to_string()),
+            opentelemetry::KeyValue::new("url.path", path.clone()),
+            opentelemetry::KeyValue::new("bulwark.src_identity", me.clone()),
+        ],
+    );
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(String::from)
+        })
+        .unwrap_or_default();
     let policy = snap.policy(&plan.service).cloned();
     let guards = proxy.guards.for_service(&plan.service, policy.as_deref());
     let upgrade = req.headers().contains_key(http::header::UPGRADE)
@@ -148,10 +172,25 @@ async fn handle(proxy: Arc<Proxy>, target: Target, req: Request<Incoming>) -> Re
         .headers()
         .get(super::REASON_HEADER)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    tracing::info!(target: "bulwark::access", direction = "outbound", method = %method, path = %path,
-        service = %plan.service, route = %plan.route, status = code, src_identity = %me, dst_identity = %dst_identity,
-        upstream = upstream.map(|u: SocketAddr| u.to_string()).unwrap_or_default(), attempts, reason,
+        .unwrap_or("")
+        .to_string();
+    let trace_id = span.trace_id();
+    let upstream = upstream
+        .map(|u: SocketAddr| u.to_string())
+        .unwrap_or_default();
+    let retries = attempts.saturating_sub(1);
+    span.finish(
+        code,
+        vec![
+            opentelemetry::KeyValue::new("bulwark.dst_identity", dst_identity.clone()),
+            opentelemetry::KeyValue::new("bulwark.upstream", upstream.clone()),
+            opentelemetry::KeyValue::new("bulwark.retries", i64::from(retries)),
+            opentelemetry::KeyValue::new("bulwark.reason", reason.clone()),
+        ],
+    );
+    tracing::info!(target: "bulwark::access", trace_id = %trace_id, direction = "outbound", method = %method,
+        authority = %authority, path = %path, service = %plan.service, route = %plan.route, status = code,
+        src_identity = %me, dst_identity = %dst_identity, upstream = %upstream, retries, reason = %reason,
         duration_us = started.elapsed().as_micros() as u64, "request");
     resp
 }

@@ -1,4 +1,6 @@
-//! Prometheus metrics of the sidecar (names per DESIGN §3).
+//! Prometheus metrics of the sidecar (names per DESIGN §3), and tracing.
+
+pub mod trace;
 
 use std::sync::atomic::AtomicI64;
 
@@ -85,6 +87,7 @@ pub struct Metrics {
     pub outlier_ejections: Family<ServiceLabel, Counter>,
     pub detections: Family<ResultLabel, Counter>,
     pub local_responses: Family<ReasonLabel, Counter>,
+    pub trace_dropped: Counter,
     pub detection_duration: Histogram,
     pub tcp_connections: Family<ConnLabels, Counter>,
     pub tcp_bytes: Family<BytesLabels, Counter>,
@@ -119,6 +122,7 @@ impl Default for Metrics {
             outlier_ejections: Family::default(),
             detections: Family::default(),
             local_responses: Family::default(),
+            trace_dropped: Counter::default(),
             detection_duration: latency_histogram(),
             tcp_connections: Family::default(),
             tcp_bytes: Family::default(),
@@ -173,6 +177,11 @@ impl Default for Metrics {
             "bulwark_outlier_ejections",
             "Endpoints ejected by outlier detection",
             m.outlier_ejections.clone(),
+        );
+        registry.register(
+            "bulwark_trace_spans_dropped",
+            "Spans dropped because the export queue was full",
+            m.trace_dropped.clone(),
         );
         registry.register(
             "bulwark_local_responses",

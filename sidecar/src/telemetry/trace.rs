@@ -1,0 +1,262 @@
+//! Distributed tracing: OpenTelemetry spans for inbound and outbound
+//! requests, W3C `traceparent`/`tracestate` continued when present and
+//! started when absent, exported over OTLP/gRPC in the background. Export
+//! never blocks the data path: spans go to a bounded batch queue (full =
+//! dropped and counted) drained by the SDK's own worker.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, SpanData,
+    SpanProcessor,
+};
+use prometheus_client::metrics::counter::Counter;
+
+/// Spans waiting for export, at most.
+const MAX_QUEUE: usize = 4096;
+
+#[derive(Debug, Clone)]
+pub struct TraceOptions {
+    /// OTLP/gRPC collector, e.g. `http://otel-collector:4317`.
+    pub endpoint: String,
+    /// Fraction of new traces sampled (an incoming sampled parent is always followed).
+    pub sample_ratio: f64,
+    /// `service.name` of this proxy's spans (the workload identity).
+    pub service_name: String,
+    pub mark: u32,
+}
+
+/// A live tracer, or none when tracing is off (then every call is a no-op).
+#[derive(Clone, Default)]
+pub struct Tracing(Option<Arc<Inner>>);
+
+struct Inner {
+    tracer: SdkTracer,
+    provider: SdkTracerProvider,
+    propagator: TraceContextPropagator,
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+struct HeaderInjector<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+/// Counts spans handed to the batch processor and refuses them past the
+/// bound, so a dead collector costs a counter increment, never memory.
+#[derive(Debug)]
+struct Bounded {
+    inner: BatchSpanProcessor,
+    queued: Arc<AtomicUsize>,
+    dropped: Counter,
+}
+
+impl SpanProcessor for Bounded {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &Context) {
+        self.inner.on_start(span, cx)
+    }
+    fn on_end(&self, span: SpanData) {
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUE {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.dropped.inc();
+            return;
+        }
+        self.inner.on_end(span)
+    }
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+}
+
+/// The exporter, counting spans out of the queue as they are exported (or
+/// fail to be).
+#[derive(Debug)]
+struct Dequeue<E> {
+    inner: E,
+    queued: Arc<AtomicUsize>,
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for Dequeue<E>
+{
+    async fn export(&self, batch: Vec<SpanData>) -> opentelemetry_sdk::error::OTelSdkResult {
+        let n = batch.len();
+        let r = self.inner.export(batch).await;
+        self.queued.fetch_sub(n, Ordering::Relaxed);
+        r
+    }
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource)
+    }
+}
+
+impl Tracing {
+    /// Starts exporting to `opts.endpoint`; `dropped` counts spans lost to a full queue.
+    /// Needs a tokio runtime.
+    pub fn start(opts: &TraceOptions, dropped: Counter) -> Result<Self, String> {
+        let uri: http::Uri = opts
+            .endpoint
+            .parse()
+            .map_err(|e| format!("--otlp-endpoint {:?}: {e}", opts.endpoint))?;
+        let authority = uri
+            .authority()
+            .ok_or("--otlp-endpoint needs host:port")?
+            .to_string();
+        // The exporter's own connections carry the proxy mark, like every
+        // socket of the proxy, so interception leaves them alone.
+        let mark = opts.mark;
+        let connector = tower::service_fn(move |_u: http::Uri| {
+            let authority = authority.clone();
+            async move {
+                let addr = tokio::net::lookup_host(&authority)
+                    .await?
+                    .next()
+                    .ok_or_else(|| {
+                        std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
+                    })?;
+                let tcp = crate::intercept::connect_marked(addr, mark).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tcp))
+            }
+        });
+        let channel = tonic::transport::Endpoint::from_shared(opts.endpoint.clone())
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(2))
+            .connect_with_connector_lazy(connector);
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(opts.endpoint.clone())
+            .with_timeout(Duration::from_secs(5))
+            .with_channel(channel)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let queued = Arc::new(AtomicUsize::new(0));
+        let batch = BatchSpanProcessor::builder(Dequeue {
+            inner: exporter,
+            queued: queued.clone(),
+        })
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_max_queue_size(MAX_QUEUE)
+                .with_scheduled_delay(Duration::from_millis(200))
+                .build(),
+        )
+        .build();
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(Bounded {
+                inner: batch,
+                queued,
+                dropped,
+            })
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                opts.sample_ratio.clamp(0.0, 1.0),
+            ))))
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_attribute(KeyValue::new("service.name", opts.service_name.clone()))
+                    .build(),
+            )
+            .build();
+        let tracer = provider.tracer("bulwark-sidecar");
+        Ok(Self(Some(Arc::new(Inner {
+            tracer,
+            provider,
+            propagator: TraceContextPropagator::new(),
+        }))))
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Starts a span continuing any `traceparent` in `headers`, and rewrites
+    /// `headers` to carry this span as the parent of the next hop.
+    pub fn start_span(
+        &self,
+        name: String,
+        kind: SpanKind,
+        headers: &mut http::HeaderMap,
+        attrs: Vec<KeyValue>,
+    ) -> ReqSpan {
+        let Some(t) = &self.0 else {
+            return ReqSpan(None);
+        };
+        let parent = t.propagator.extract(&HeaderExtractor(headers));
+        let span = t
+            .tracer
+            .span_builder(name)
+            .with_kind(kind)
+            .with_attributes(attrs)
+            .start_with_context(&t.tracer, &parent);
+        let cx = parent.with_span(span);
+        t.propagator
+            .inject_context(&cx, &mut HeaderInjector(headers));
+        ReqSpan(Some(cx))
+    }
+
+    pub fn shutdown(&self) {
+        if let Some(t) = &self.0 {
+            let _ = t.provider.shutdown();
+        }
+    }
+}
+
+/// A request's span; ended when finished.
+pub struct ReqSpan(Option<Context>);
+
+impl ReqSpan {
+    /// Hex trace id, for access logs ("" when not tracing).
+    pub fn trace_id(&self) -> String {
+        self.0
+            .as_ref()
+            .map(|cx| cx.span().span_context().trace_id().to_string())
+            .unwrap_or_default()
+    }
+
+    pub fn finish(self, status: u16, attrs: Vec<KeyValue>) {
+        if let Some(cx) = self.0 {
+            let span = cx.span();
+            span.set_attribute(KeyValue::new(
+                "http.response.status_code",
+                i64::from(status),
+            ));
+            for a in attrs {
+                span.set_attribute(a);
+            }
+            if status >= 500 {
+                span.set_status(Status::error(format!("HTTP {status}")));
+            }
+            span.end();
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! Distributed tracing end to end: two real sidecars export spans over
+//! OTLP/gRPC to a real collector endpoint (implemented here with the
+//! opentelemetry-proto service), and `traceparent` is continued.
+
+mod common;
+mod netns;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::wait_for;
+use netns::Pod;
+use netns::mesh::{Mesh, TD, spiffe};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::trace::v1::Span;
+
+#[derive(Clone, Default)]
+struct Collector(Arc<Mutex<Vec<Span>>>);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.0.lock().unwrap();
+        for rs in req.into_inner().resource_spans {
+            for ss in rs.scope_spans {
+                spans.extend(ss.spans);
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+const VIP: &str = "198.18.100.1";
+
+fn config(api: &Pod) -> String {
+    format!(
+        "apiVersion: bulwark.dev/v1\nkind: MeshConfig\nmetadata:\n  name: mesh\nspec:\n  trustDomain: {TD}\n  mtls:\n    mode: STRICT\n  outboundPolicy: REGISTRY_ONLY\n---\napiVersion: bulwark.dev/v1\nkind: Service\nmetadata:\n  name: api\n  namespace: default\nspec:\n  ports:\n    - port: 8080\n      protocol: http\n  identities:\n    - {id}\n  addresses:\n    - {VIP}\n---\napiVersion: bulwark.dev/v1\nkind: ServiceEntry\nmetadata:\n  name: api\n  namespace: default\nspec:\n  location: MESH_INTERNAL\n  ports:\n    - port: 8080\n      protocol: http\n  endpoints:\n    - address: {ip}\n      identity: {id}\n",
+        id = spiffe("api"),
+        ip = api.ip
+    )
+}
+
+fn get(mesh: &Mesh, pod: &str, extra: &str) -> (u16, Duration) {
+    let ns = format!("/run/netns/{}", mesh.pod(pod).pod.ns);
+    let req = format!("GET /t HTTP/1.1\r\nHost: api\r\nConnection: close\r\n{extra}\r\n");
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        netns::enter(&ns);
+        let t = Instant::now();
+        let mut s = std::net::TcpStream::connect(format!("{VIP}:8080")).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        (
+            out.split(' ')
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0),
+            t.elapsed(),
+        )
+    })
+    .join()
+    .unwrap()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn spans_from_two_sidecars_share_the_trace_and_link_parents_and_traceparent_is_continued() {
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.add_pod("web");
+    let api = mesh.add_pod("api");
+    mesh.write_config(&config(&api));
+    // The collector, in the switch namespace.
+    let collector = Collector::default();
+    let c2 = collector.clone();
+    let sw = format!("/run/netns/{}", mesh.net.switch);
+    std::thread::spawn(move || {
+        netns::enter(&sw);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(c2))
+                .serve("198.18.0.1:4317".parse::<SocketAddr>().unwrap())
+                .await
+                .unwrap();
+        });
+    });
+    let args = [
+        "--otlp-endpoint",
+        "http://198.18.0.1:4317",
+        "--trace-sample-ratio",
+        "1.0",
+    ];
+    mesh.start_sidecar("web", "web", &args);
+    mesh.start_sidecar("api", "api", &args);
+    mesh.wait_ready("web");
+    mesh.wait_ready("api");
+
+    // An incoming traceparent is continued.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    let (code, _) = get(
+        &mesh,
+        "web",
+        &format!("traceparent: 00-{trace_id}-{parent}-01\r\n"),
+    );
+    assert_eq!(code, 200);
+    let spans = wait_for(
+        "both sidecars' spans at the collector",
+        Duration::from_secs(20),
+        || {
+            let s = collector.0.lock().unwrap();
+            let ours: Vec<Span> = s
+                .iter()
+                .filter(|sp| hex(&sp.trace_id) == trace_id)
+                .cloned()
+                .collect();
+            (ours.len() >= 2).then_some(ours)
+        },
+    );
+    let outbound = spans
+        .iter()
+        .find(|s| s.name.starts_with("outbound"))
+        .expect("outbound span");
+    let inbound = spans
+        .iter()
+        .find(|s| s.name.starts_with("inbound"))
+        .expect("inbound span");
+    assert_eq!(
+        hex(&outbound.parent_span_id),
+        parent,
+        "outbound continues the caller's span"
+    );
+    assert_eq!(
+        inbound.parent_span_id, outbound.span_id,
+        "inbound is the child of outbound"
+    );
+    let attr = |s: &Span, k: &str| {
+        s.attributes
+            .iter()
+            .find(|a| a.key == k)
+            .and_then(|a| a.value.as_ref())
+            .map(|v| format!("{:?}", v.value))
+            .unwrap_or_default()
+    };
+    assert!(
+        attr(outbound, "bulwark.dst_identity").contains(&spiffe("api")),
+        "{outbound:?}"
+    );
+    assert!(
+        attr(inbound, "bulwark.src_identity").contains(&spiffe("web")),
+        "{inbound:?}"
+    );
+    assert!(attr(outbound, "http.response.status_code").contains("200"));
+
+    // Without a traceparent a new trace starts, still linked across the hop.
+    let before = collector.0.lock().unwrap().len();
+    assert_eq!(get(&mesh, "web", "").0, 200);
+    let fresh = wait_for("a new trace", Duration::from_secs(20), || {
+        let s = collector.0.lock().unwrap();
+        let new: Vec<Span> = s[before..].to_vec();
+        (new.len() >= 2).then_some(new)
+    });
+    let out = fresh
+        .iter()
+        .find(|s| s.name.starts_with("outbound"))
+        .unwrap();
+    let inb = fresh
+        .iter()
+        .find(|s| s.name.starts_with("inbound"))
+        .unwrap();
+    assert_eq!(out.trace_id, inb.trace_id);
+    assert!(out.parent_span_id.is_empty(), "root span");
+    assert_eq!(inb.parent_span_id, out.span_id);
+    // The access log line carries the trace id.
+    assert!(
+        mesh.sidecar_log("web")
+            .contains(&format!("\"trace_id\":\"{trace_id}\"")),
+        "{}",
+        mesh.sidecar_log("web")
+    );
+}
+
+#[test]
+fn a_dead_collector_does_not_slow_requests() {
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.add_pod("traced");
+    mesh.add_pod("plain");
+    let api = mesh.add_pod("api");
+    mesh.write_config(&config(&api));
+    // Nothing listens on :4318: every export fails.
+    mesh.start_sidecar(
+        "traced",
+        "web",
+        &[
+            "--otlp-endpoint",
+            "http://198.18.0.1:4318",
+            "--trace-sample-ratio",
+            "1.0",
+        ],
+    );
+    mesh.start_sidecar("plain", "web", &[]);
+    mesh.start_sidecar("api", "api", &[]);
+    for p in ["traced", "plain", "api"] {
+        mesh.wait_ready(p);
+    }
+    let p99 = |pod: &str| {
+        let mut v: Vec<Duration> = (0..300).map(|_| get(&mesh, pod, "").1).collect();
+        v.sort();
+        v[v.len() * 99 / 100]
+    };
+    for pod in ["traced", "plain"] {
+        p99(pod); // warm up connections and pools
+    }
+    // Interleaved rounds; compare the medians of the per-round p99s.
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        on.push(p99("traced"));
+        off.push(p99("plain"));
+    }
+    on.sort();
+    off.sort();
+    println!(
+        "p99 with a dead collector {:?} vs tracing off {:?}",
+        on, off
+    );
+    assert!(
+        on[1] <= off[1].mul_f64(1.10) + Duration::from_micros(300),
+        "tracing with the collector down slowed requests: {on:?} vs {off:?}"
+    );
+}

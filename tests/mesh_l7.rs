@@ -930,3 +930,67 @@ fn h2load_multiplexed_load_through_the_mesh_succeeds() {
     );
     assert!(text.contains("status codes: 2000 2xx"), "{text}");
 }
+
+#[test]
+fn admin_shows_clusters_and_changes_the_log_filter_at_run_time() {
+    let _serial = serial();
+    let Some((mesh, pods)) = start(&canary_route(10), "", &[]) else {
+        return;
+    };
+    let ns = mesh.pod("web").pod.ns.clone();
+    assert_eq!(get(&mesh, "web", "/", &[]).0, 200);
+    let clusters: serde_json::Value = serde_json::from_str(
+        &mesh
+            .net
+            .exec_ok(&ns, &["curl", "-s", "http://127.0.0.1:15000/clusters"]),
+    )
+    .unwrap();
+    let api = clusters["default/api"].as_array().unwrap();
+    assert_eq!(api.len(), 2, "{clusters}");
+    for p in &pods {
+        assert!(
+            api.iter()
+                .any(|e| e["address"] == format!("{}:8080", p.ip) && e["available"] == true),
+            "{clusters}"
+        );
+    }
+    let show = mesh
+        .net
+        .exec_ok(&ns, &["curl", "-s", "http://127.0.0.1:15000/logging"]);
+    assert!(show.contains("log filter: info"), "{show}");
+    let set = mesh.net.exec_ok(
+        &ns,
+        &[
+            "curl",
+            "-s",
+            "-X",
+            "POST",
+            "http://127.0.0.1:15000/logging?filter=debug",
+        ],
+    );
+    assert!(set.contains("log filter: debug"), "{set}");
+    let bad = mesh.net.exec(
+        &ns,
+        &[
+            "curl",
+            "-s",
+            "-f",
+            "-X",
+            "POST",
+            "http://127.0.0.1:15000/logging?filter=%5B",
+        ],
+    );
+    assert!(!bad.status.success(), "an invalid filter is refused");
+    // The admin port is loopback-only: not reachable from another pod.
+    let other = mesh.net.exec(
+        &mesh.pod("db").pod.ns,
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "3",
+            &format!("http://{}:15000/config_dump", mesh.pod("web").pod.ip),
+        ],
+    );
+    assert!(!other.status.success());
+}

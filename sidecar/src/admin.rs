@@ -58,7 +58,80 @@ fn route(proxy: &Proxy, port: Port, req: &Request<Incoming>) -> Response<Body> {
         }
         "/config_dump" if port == Port::Admin => reply(200, "application/json", config_dump(proxy)),
         "/certs" if port == Port::Admin => reply(200, "application/json", certs(proxy)),
+        "/clusters" if port == Port::Admin => reply(200, "application/json", clusters(proxy)),
+        "/logging" if port == Port::Admin => logging(proxy, req),
         _ => reply(404, "text/plain", "not found\n".into()),
+    }
+}
+
+/// Every service with its endpoints and their live balancer state.
+fn clusters(proxy: &Proxy) -> String {
+    let Some(snap) = proxy.config.load() else {
+        return serde_json::json!({"applied": false}).to_string();
+    };
+    let now = std::time::Instant::now();
+    let mut out = serde_json::Map::new();
+    for svc in &snap.resources.services {
+        let key = format!(
+            "{}/{}",
+            if svc.namespace.is_empty() {
+                "default"
+            } else {
+                &svc.namespace
+            },
+            svc.name
+        );
+        let Some(port) = svc.ports.first().map(|p| p.port as u16) else {
+            continue;
+        };
+        let eps: Vec<serde_json::Value> = snap
+            .endpoints_of(&key, port, &[])
+            .iter()
+            .map(|u| {
+                let st = proxy.endpoints.get(u.addr);
+                serde_json::json!({
+                    "address": u.addr.to_string(),
+                    "identity": u.identity.as_ref().map(|i| i.to_string()),
+                    "labels": u.labels,
+                    "outstanding": st.outstanding(),
+                    "available": st.available(now),
+                })
+            })
+            .collect();
+        out.insert(key, serde_json::Value::Array(eps));
+    }
+    serde_json::Value::Object(out).to_string()
+}
+
+/// `GET /logging` shows the log filter; `POST /logging?filter=debug` (any
+/// tracing env-filter) changes it at run time.
+fn logging(proxy: &Proxy, req: &Request<Incoming>) -> Response<Body> {
+    let Some(ctl) = proxy.log_control.get() else {
+        return reply(
+            501,
+            "text/plain",
+            "log level control is not available in this process\n".into(),
+        );
+    };
+    if req.method() == hyper::Method::POST {
+        let filter = req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .find_map(|kv| {
+                kv.strip_prefix("filter=")
+                    .or_else(|| kv.strip_prefix("level="))
+            })
+            .unwrap_or("");
+        return match ctl(Some(filter)) {
+            Ok(now) => reply(200, "text/plain", format!("log filter: {now}\n")),
+            Err(e) => reply(400, "text/plain", format!("{e}\n")),
+        };
+    }
+    match ctl(None) {
+        Ok(now) => reply(200, "text/plain", format!("log filter: {now}\n")),
+        Err(e) => reply(500, "text/plain", format!("{e}\n")),
     }
 }
 

@@ -7,6 +7,7 @@
 //! local-file mode, by the CLI).
 
 pub mod admin;
+pub mod audit;
 pub mod balance;
 pub mod config;
 pub mod http;
@@ -30,6 +31,9 @@ use tokio::sync::Semaphore;
 use crate::config::{ConfigError, LiveConfig};
 use crate::identity::{CertManager, IdentityOptions};
 use crate::telemetry::Metrics;
+
+/// Reads (None) or replaces (Some) the log filter; returns the filter in force.
+pub type LogControl = Box<dyn Fn(Option<&str>) -> Result<String, String> + Send + Sync>;
 
 /// Socket mark on the proxy's own upstream sockets (0x539 = 1337).
 pub const DEFAULT_PROXY_MARK: u32 = 0x539;
@@ -93,6 +97,9 @@ pub struct Proxy {
     /// Whether the local app fails its active health check (reported to
     /// the control plane).
     pub health: tokio::sync::watch::Sender<bool>,
+    /// Reads (None) or sets (Some(filter)) the process's log filter; set by
+    /// the embedding binary, used by the admin `/logging` endpoint.
+    pub log_control: std::sync::OnceLock<LogControl>,
     /// Set once the runtime is up when tracing is configured.
     pub tracing: std::sync::OnceLock<telemetry::trace::Tracing>,
 }
@@ -212,8 +219,14 @@ impl Sidecar {
             local: Default::default(),
             health: tokio::sync::watch::Sender::new(false),
             tracing: std::sync::OnceLock::new(),
+            log_control: std::sync::OnceLock::new(),
         });
         Self { opts, proxy }
+    }
+
+    /// Lets the admin `/logging` endpoint read and change the log filter.
+    pub fn set_log_control(&self, ctl: LogControl) {
+        let _ = self.proxy.log_control.set(ctl);
     }
 
     pub fn config_handle(&self) -> ConfigHandle {

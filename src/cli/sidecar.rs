@@ -151,6 +151,7 @@ pub fn run(a: SidecarArgs) -> anyhow::Result<()> {
     let namespace = opts.identity.identity.namespace().to_string();
     let id = opts.identity.identity.to_string();
     let sidecar = Sidecar::new(opts);
+    sidecar.set_log_control(Box::new(super::log_filter));
     let handle = sidecar.config_handle();
     let rt = super::runtime()?;
     let source = match a.config {

@@ -1,0 +1,1087 @@
+//! Tamper-evident audit log of authorization decisions: who (SPIFFE ID)
+//! called which service, method and path, when, whether it was allowed,
+//! and which policy decided.
+//!
+//! # On disk
+//!
+//! A directory of JSON-lines files, `audit-000001.jsonl`,
+//! `audit-000002.jsonl`, ... (mode 0600), rotated when a file would grow past
+//! [`AuditOptions::max_file_bytes`]. Each line is one JSON object:
+//!
+//! ```text
+//! {"seq":7,"prev":"<hex SHA-256 of line 6>","kind":"access","time":"2025-05-01T12:00:00.000Z",
+//!  "source_identity":"spiffe://cluster.local/ns/default/sa/web","destination_identity":"...",
+//!  "service":"api","method":"GET","path":"/v1/items","decision":"allow",
+//!  "policy":"AuthorizationPolicy default/api-callers","mac":"<hex HMAC-SHA256>"}
+//! ```
+//!
+//! - `seq` counts lines from 1 and continues across files.
+//! - `prev` is the hex SHA-256 of the exact bytes of the previous line (without
+//!   its newline), across file boundaries; the very first line has
+//!   [`GENESIS`].
+//! - `mac` is always the last field. It is the HMAC-SHA256, under the log's
+//!   key, of the line's bytes up to (not including) `,"mac":` followed by `}`,
+//!   i.e. of the line as it would read without the `mac` field. Because every
+//!   `mac` also covers `prev`, somebody who can edit the files but does not
+//!   hold the key cannot rewrite a record, or the chain after it, without
+//!   verification noticing. Without the key, [`verify`] still checks the
+//!   chain, which catches naive edits but not a chain recomputed from scratch.
+//! - `kind` is `access` for an [`AuditRecord`] and `retention` for a
+//!   [`RetentionMarker`]: when a rotated file is deleted because its last
+//!   record is older than [`AuditOptions::retention`], a marker naming it,
+//!   its last `seq` and the hash of its last line is appended first, so a
+//!   chain that starts after the genesis is accounted for.
+//!
+//! # Limits
+//!
+//! Removing whole lines from the end of the newest file cannot be detected
+//! from the files alone (nothing follows them); compare the last `seq` with
+//! an independent copy (e.g. shipped logs) for that. Strings longer than
+//! [`MAX_FIELD_BYTES`] are cut to keep lines bounded.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aws_lc_rs::{digest, hmac};
+use prometheus_client::metrics::counter::Counter;
+use serde::{Deserialize, Serialize};
+
+/// `prev` of the very first line.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// Shortest key [`AuditLog::open`] accepts.
+pub const MIN_KEY_BYTES: usize = 16;
+/// Longest string kept in a record field; longer ones are cut (at a char boundary).
+pub const MAX_FIELD_BYTES: usize = 4096;
+const DEFAULT_MAX_FILE_BYTES: u64 = 64 << 20;
+const DEFAULT_RETENTION: Duration = Duration::from_secs(90 * 86400);
+const DEFAULT_QUEUE_CAPACITY: usize = 8192;
+/// Retention also runs on rotation and on open; this catches quiet logs.
+const RETENTION_CHECK_EVERY: Duration = Duration::from_secs(3600);
+/// Records written per batch (one `write` call) at most.
+const MAX_BATCH: usize = 1024;
+/// `,"mac":"` + 64 hex digits + `"}`.
+const MAC_SUFFIX_LEN: usize = 8 + 64 + 2;
+
+/// Whether the request was let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    Allow,
+    Deny,
+}
+
+/// One authorization decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// RFC 3339 time of the decision; [`AuditLog::record`] fills it in when empty.
+    pub time: String,
+    /// The caller's verified SPIFFE ID (empty for an unauthenticated caller).
+    pub source_identity: String,
+    /// This workload's SPIFFE ID.
+    pub destination_identity: String,
+    pub service: String,
+    pub method: String,
+    pub path: String,
+    pub decision: Decision,
+    /// What decided, e.g. `AuthorizationPolicy default/api-callers`, or `none`
+    /// when no policy targets the service.
+    pub policy: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Says that a rotated file was deleted by the retention policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetentionMarker {
+    pub time: String,
+    /// File name (no directory) of the deleted file.
+    pub removed_file: String,
+    /// `seq` of the deleted file's last line.
+    pub removed_last_seq: u64,
+    /// Hex SHA-256 of the deleted file's last line: the `prev` of the line
+    /// that now starts the log.
+    pub removed_last_hash: String,
+}
+
+/// What a line holds, tagged by its `kind` field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Entry {
+    Access(AuditRecord),
+    Retention(RetentionMarker),
+}
+
+impl Entry {
+    pub fn time(&self) -> &str {
+        match self {
+            Entry::Access(r) => &r.time,
+            Entry::Retention(m) => &m.time,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditOptions {
+    /// A file is rotated before a line would take it past this size
+    /// (a single line longer than this still gets a file of its own).
+    pub max_file_bytes: u64,
+    /// Rotated files whose last record is older than this are deleted.
+    pub retention: Duration,
+    /// Records waiting for the writer; beyond this, records are dropped.
+    pub queue_capacity: usize,
+    /// Counts records that were not written: queue full, writer gone, or a
+    /// failed write. Pass a counter registered in the metrics registry to
+    /// export it.
+    pub dropped: Counter,
+}
+
+impl Default for AuditOptions {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            retention: DEFAULT_RETENTION,
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            dropped: Counter::default(),
+        }
+    }
+}
+
+/// Why the log could not be opened or flushed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("the audit key must be at least {MIN_KEY_BYTES} bytes, got {0}")]
+    WeakKey(usize),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The newest line could not be resumed from; `bulwark audit verify`
+    /// says more.
+    #[error("cannot resume the audit log: last line of {}: {problem}", path.display())]
+    Damaged { path: PathBuf, problem: Problem },
+    #[error("the audit writer has stopped")]
+    WriterGone,
+}
+
+/// What is wrong with a line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    #[error("truncated: the last line is incomplete (no newline)")]
+    Truncated,
+    #[error("not an audit line: {0}")]
+    Malformed(String),
+    #[error("seq {found} where {expected} was expected: {}", seq_hint(.found, .expected))]
+    Seq { expected: u64, found: u64 },
+    #[error(
+        "prev does not match the hash of the line before it: a record was edited, removed or reordered"
+    )]
+    Prev,
+    #[error("mac does not match: the line was edited, or the key is wrong")]
+    Mac,
+    #[error(
+        "the log starts at seq {seq} but no retention record accounts for the records before it: records were removed"
+    )]
+    UnaccountedStart { seq: u64 },
+}
+
+fn seq_hint(found: &u64, expected: &u64) -> &'static str {
+    if found > expected {
+        "records are missing or reordered"
+    } else {
+        "records are reordered or repeated"
+    }
+}
+
+/// Why verification failed: the first problem, with where it is.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{}:{line}: {problem}", file.display())]
+    Invalid {
+        file: PathBuf,
+        line: u64,
+        problem: Problem,
+    },
+    #[error("{}: {source}", file.display())]
+    Io {
+        file: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What a successful [`verify`] saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub files: usize,
+    /// Lines (access records and retention markers).
+    pub records: u64,
+    /// 0 when there are no records.
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Hex SHA-256 of the last line: the `prev` of the next one.
+    pub head: String,
+    /// Whether every line's `mac` was checked (a key was given).
+    pub mac_checked: bool,
+    /// Whether the log starts after files deleted by retention.
+    pub starts_after_retention: bool,
+}
+
+enum Msg {
+    Record(Entry),
+    Flush(SyncSender<io::Result<()>>),
+}
+
+/// An open audit log. Records go through a bounded queue to a writer
+/// thread, so [`AuditLog::record`] never blocks the request path. Dropping
+/// the log writes what is queued and stops the writer.
+#[derive(Debug)]
+pub struct AuditLog {
+    tx: Option<SyncSender<Msg>>,
+    writer: Option<JoinHandle<()>>,
+    dropped: Counter,
+    dir: PathBuf,
+}
+
+impl AuditLog {
+    /// Opens (or creates, mode 0700) the log in `dir` and resumes the chain
+    /// from the last line of the newest file, which must verify under `key`.
+    pub fn open(dir: &Path, key: &[u8], opts: AuditOptions) -> Result<AuditLog, AuditError> {
+        if key.len() < MIN_KEY_BYTES {
+            return Err(AuditError::WeakKey(key.len()));
+        }
+        let io_err = |source| AuditError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err)?;
+        let key = hmac::Key::new(hmac::HMAC_SHA256, key);
+        let files = list_log_files(dir).map_err(io_err)?;
+        let (seq, head) = resume(&files, &key)?;
+        let index = files.last().map(|(i, _)| *i).unwrap_or(1);
+        let path = dir.join(file_name(index));
+        let file = open_append(&path).map_err(|source| AuditError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let size = file
+            .metadata()
+            .map_err(|source| AuditError::Io {
+                path: path.clone(),
+                source,
+            })?
+            .len();
+        tracing::info!(dir = %dir.display(), file = %path.display(), seq, "audit log opened");
+        let (tx, rx) = mpsc::sync_channel(opts.queue_capacity.max(1));
+        let writer = Writer {
+            dir: dir.to_path_buf(),
+            key,
+            max_file_bytes: opts.max_file_bytes.max(1),
+            retention: opts.retention,
+            dropped: opts.dropped.clone(),
+            index,
+            file,
+            size,
+            seq,
+            committed: (seq, head.clone()),
+            head,
+            pending: Vec::new(),
+            pending_records: 0,
+            retention_due: true,
+        };
+        let handle = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(io_err)?;
+        Ok(AuditLog {
+            tx: Some(tx),
+            writer: Some(handle),
+            dropped: opts.dropped,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Queues a record for the writer and returns at once. When the queue is
+    /// full (or the writer has stopped) the record is dropped and counted in
+    /// [`AuditLog::dropped`] (and the `dropped` counter of the options): an
+    /// audit backlog must never stall requests. Fills in an empty `time`
+    /// and cuts fields longer than [`MAX_FIELD_BYTES`].
+    pub fn record(&self, mut rec: AuditRecord) {
+        if rec.time.is_empty() {
+            rec.time = rfc3339(SystemTime::now());
+        }
+        for s in [
+            &mut rec.source_identity,
+            &mut rec.destination_identity,
+            &mut rec.service,
+            &mut rec.method,
+            &mut rec.path,
+            &mut rec.policy,
+        ] {
+            cap(s);
+        }
+        if let Some(r) = &mut rec.reason {
+            cap(r);
+        }
+        let sent = match &self.tx {
+            Some(tx) => tx.try_send(Msg::Record(Entry::Access(rec))),
+            None => return,
+        };
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = sent {
+            let n = self.dropped.inc() + 1;
+            // Logging every drop would add load exactly when there is too much.
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    dropped = n,
+                    "audit queue full or writer stopped; records dropped"
+                );
+            }
+        }
+    }
+
+    /// Waits until every record queued before this call is written and
+    /// synced to disk. Blocks: not for the request path.
+    pub fn flush(&self) -> Result<(), AuditError> {
+        let tx = self.tx.as_ref().ok_or(AuditError::WriterGone)?;
+        let (done_tx, done_rx) = mpsc::sync_channel(1);
+        tx.send(Msg::Flush(done_tx))
+            .map_err(|_| AuditError::WriterGone)?;
+        done_rx
+            .recv()
+            .map_err(|_| AuditError::WriterGone)?
+            .map_err(|source| AuditError::Io {
+                path: self.dir.clone(),
+                source,
+            })
+    }
+
+    /// Records dropped so far (see [`AuditLog::record`]).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.get()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        // Closing the queue makes the writer drain it and exit.
+        drop(self.tx.take());
+        if let Some(w) = self.writer.take()
+            && w.join().is_err()
+        {
+            tracing::error!("audit writer panicked");
+        }
+    }
+}
+
+/// Reads a key file: hex (trailing whitespace allowed) when it is all hex
+/// digits, otherwise its raw bytes. The sidecar and `bulwark audit verify`
+/// read keys the same way.
+pub fn read_key_file(path: &Path) -> Result<Vec<u8>, AuditError> {
+    let io_err = |source| AuditError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io_err)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), "audit key file is readable by group or others");
+    }
+    Ok(parse_key(&std::fs::read(path).map_err(io_err)?))
+}
+
+/// See [`read_key_file`].
+pub fn parse_key(raw: &[u8]) -> Vec<u8> {
+    let t = raw.trim_ascii();
+    if !t.is_empty() && t.len() % 2 == 0 && t.iter().all(u8::is_ascii_hexdigit) {
+        t.chunks(2)
+            .map(|p| (hex_val(p[0]) << 4) | hex_val(p[1]))
+            .collect()
+    } else {
+        raw.to_vec()
+    }
+}
+
+/// Verifies a log: every line is complete JSON with a `mac` last, `seq`
+/// continues by one, `prev` is the hash of the line before, the log starts
+/// at the genesis or right after files a retention marker accounts for, and,
+/// with `key`, every `mac`. Files are taken in name order (numerically for
+/// `audit-N.jsonl`), whatever order they are given in. Reports the first
+/// problem by file and line.
+pub fn verify(files: &[PathBuf], key: Option<&[u8]>) -> Result<VerifyReport, VerifyError> {
+    let key = key.map(|k| hmac::Key::new(hmac::HMAC_SHA256, k));
+    let mut files = files.to_vec();
+    files.sort_by_key(|p| {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        (log_index(&name).unwrap_or(u32::MAX), name, p.clone())
+    });
+    let mut chain = Chain::default();
+    let mut first_error: Option<VerifyError> = None;
+    for file in &files {
+        let io_err = |source| VerifyError::Io {
+            file: file.clone(),
+            source,
+        };
+        let mut r = BufReader::new(File::open(file).map_err(io_err)?);
+        let mut buf = Vec::new();
+        let mut line_no = 0u64;
+        loop {
+            buf.clear();
+            if r.read_until(b'\n', &mut buf).map_err(io_err)? == 0 {
+                break;
+            }
+            line_no += 1;
+            let result = match buf.pop() {
+                Some(b'\n') => chain.check(&buf, key.as_ref(), file, line_no),
+                _ => Err(Problem::Truncated),
+            };
+            if let Err(problem) = result {
+                if first_error.is_none() {
+                    first_error = Some(VerifyError::Invalid {
+                        file: file.clone(),
+                        line: line_no,
+                        problem,
+                    });
+                }
+                // Keep reading: a retention marker further on may still
+                // decide whether the log's start is the first problem.
+                chain.broken = true;
+            }
+        }
+    }
+    let mut starts_after_retention = false;
+    if let Some(start) = &chain.start
+        && !(start.seq == 1 && start.prev == GENESIS)
+    {
+        let accounted = start
+            .seq
+            .checked_sub(1)
+            .is_some_and(|s| chain.markers.contains(&(s, start.prev.clone())));
+        if !accounted {
+            // Nothing comes before the start, so this is the first problem.
+            return Err(VerifyError::Invalid {
+                file: start.file.clone(),
+                line: start.line,
+                problem: Problem::UnaccountedStart { seq: start.seq },
+            });
+        }
+        starts_after_retention = true;
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    Ok(VerifyReport {
+        files: files.len(),
+        records: chain.records,
+        first_seq: chain.start.as_ref().map(|s| s.seq).unwrap_or(0),
+        last_seq: chain.last.as_ref().map(|(s, _)| *s).unwrap_or(0),
+        head: chain
+            .last
+            .map(|(_, h)| h)
+            .unwrap_or_else(|| GENESIS.to_string()),
+        mac_checked: key.is_some(),
+        starts_after_retention,
+    })
+}
+
+/// RFC 3339 in UTC with milliseconds, e.g. `2025-05-01T12:00:00.000Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (y, m, day) = civil_from_days(secs.div_euclid(86400));
+    let s = secs.rem_euclid(86400);
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Unix seconds of an RFC 3339 time (`Z` or `±HH:MM` offset, optional fraction).
+pub fn parse_rfc3339(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = b.get(r)?;
+        if !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(part).ok()?.parse().ok()
+    };
+    let sep = |i: usize, c: &[u8]| b.get(i).is_some_and(|x| c.contains(x));
+    if !(sep(4, b"-") && sep(7, b"-") && sep(10, b"Tt ") && sep(13, b":") && sep(16, b":")) {
+        return None;
+    }
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let mut i = 19;
+    if sep(i, b".") {
+        i += 1;
+        let start = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+    }
+    let offset = match b.get(i)? {
+        b'Z' | b'z' if i + 1 == b.len() => 0,
+        c @ (b'+' | b'-') if i + 6 == b.len() && sep(i + 3, b":") => {
+            let o = num(i + 1..i + 3)? * 3600 + num(i + 4..i + 6)? * 60;
+            if *c == b'+' { o } else { -o }
+        }
+        _ => return None,
+    };
+    Some(days_from_civil(y, mo as u32, d as u32) * 86400 + h * 3600 + mi * 60 + sec - offset)
+}
+
+// ---- chain checking -------------------------------------------------------
+
+struct Start {
+    file: PathBuf,
+    line: u64,
+    seq: u64,
+    prev: String,
+}
+
+#[derive(Default)]
+struct Chain {
+    start: Option<Start>,
+    /// seq and hash of the last good line.
+    last: Option<(u64, String)>,
+    /// (removed_last_seq, removed_last_hash) of retention markers seen.
+    markers: HashSet<(u64, String)>,
+    records: u64,
+    /// After the first problem, lines are only scanned for retention markers.
+    broken: bool,
+}
+
+impl Chain {
+    fn check(
+        &mut self,
+        line: &[u8],
+        key: Option<&hmac::Key>,
+        file: &Path,
+        line_no: u64,
+    ) -> Result<(), Problem> {
+        let parsed = parse_line(line)?;
+        if let Some(k) = key {
+            check_mac(k, line, &parsed)?;
+        }
+        if self.broken {
+            if let Entry::Retention(m) = parsed.entry {
+                self.markers
+                    .insert((m.removed_last_seq, m.removed_last_hash));
+            }
+            return Ok(());
+        }
+        match &self.last {
+            Some((seq, hash)) => {
+                if parsed.seq != seq + 1 {
+                    return Err(Problem::Seq {
+                        expected: seq + 1,
+                        found: parsed.seq,
+                    });
+                }
+                if parsed.prev != *hash {
+                    return Err(Problem::Prev);
+                }
+            }
+            None => {
+                self.start = Some(Start {
+                    file: file.to_path_buf(),
+                    line: line_no,
+                    seq: parsed.seq,
+                    prev: parsed.prev.clone(),
+                })
+            }
+        }
+        if let Entry::Retention(m) = parsed.entry {
+            self.markers
+                .insert((m.removed_last_seq, m.removed_last_hash));
+        }
+        self.last = Some((parsed.seq, sha256_hex(line)));
+        self.records += 1;
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+struct LineIn {
+    seq: u64,
+    prev: String,
+    mac: String,
+    #[serde(flatten)]
+    entry: Entry,
+}
+
+#[derive(Serialize)]
+struct LineOut<'a> {
+    seq: u64,
+    prev: &'a str,
+    #[serde(flatten)]
+    entry: &'a Entry,
+}
+
+struct Parsed {
+    seq: u64,
+    prev: String,
+    entry: Entry,
+    mac: Vec<u8>,
+}
+
+fn parse_line(line: &[u8]) -> Result<Parsed, Problem> {
+    let l: LineIn = serde_json::from_slice(line).map_err(|e| Problem::Malformed(e.to_string()))?;
+    // The mac covers the bytes before its own field, so it must be last and
+    // spelled exactly as the writer spells it.
+    let n = line.len();
+    let suffix_ok = n > MAC_SUFFIX_LEN
+        && line[n - MAC_SUFFIX_LEN..].starts_with(b",\"mac\":\"")
+        && line.ends_with(b"\"}")
+        && line[n - 66..n - 2] == *l.mac.as_bytes();
+    let mac = decode_hex(&l.mac).filter(|m| m.len() == 32);
+    match mac {
+        Some(mac) if suffix_ok => Ok(Parsed {
+            seq: l.seq,
+            prev: l.prev,
+            entry: l.entry,
+            mac,
+        }),
+        _ => Err(Problem::Malformed(
+            "`mac` must be the last field, 64 hex digits".into(),
+        )),
+    }
+}
+
+fn check_mac(key: &hmac::Key, line: &[u8], parsed: &Parsed) -> Result<(), Problem> {
+    let mut signed = line[..line.len() - MAC_SUFFIX_LEN].to_vec();
+    signed.push(b'}');
+    hmac::verify(key, &signed, &parsed.mac).map_err(|_| Problem::Mac)
+}
+
+/// One line (no newline) with `mac` appended.
+fn encode_line(key: &hmac::Key, seq: u64, prev: &str, entry: &Entry) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&LineOut { seq, prev, entry })
+        .expect("audit lines serialize: strings and integers only");
+    let tag = hmac::sign(key, &line);
+    line.pop(); // the closing brace; the mac goes before it
+    line.extend_from_slice(b",\"mac\":\"");
+    line.extend_from_slice(hex(tag.as_ref()).as_bytes());
+    line.extend_from_slice(b"\"}");
+    line
+}
+
+// ---- the writer -----------------------------------------------------------
+
+struct Writer {
+    dir: PathBuf,
+    key: hmac::Key,
+    max_file_bytes: u64,
+    retention: Duration,
+    dropped: Counter,
+    index: u32,
+    file: File,
+    /// Bytes of the current file on disk.
+    size: u64,
+    /// Head including pending lines.
+    seq: u64,
+    head: String,
+    /// Head of what is on disk, to fall back to when a write fails.
+    committed: (u64, String),
+    pending: Vec<u8>,
+    pending_records: u64,
+    retention_due: bool,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Msg>) {
+        let mut next_retention = Instant::now();
+        loop {
+            if self.retention_due || Instant::now() >= next_retention {
+                self.retention_due = false;
+                self.enforce_retention();
+                next_retention = Instant::now() + RETENTION_CHECK_EVERY;
+            }
+            let first =
+                match rx.recv_timeout(next_retention.saturating_duration_since(Instant::now())) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                };
+            // Batch what is already queued into one write.
+            let mut flushes = Vec::new();
+            let mut msg = Some(first);
+            let mut n = 0;
+            while let Some(m) = msg {
+                match m {
+                    Msg::Record(e) => self.append(e),
+                    Msg::Flush(done) => flushes.push(done),
+                }
+                n += 1;
+                msg = if n < MAX_BATCH {
+                    rx.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+            let written = self.commit();
+            if !flushes.is_empty() {
+                let synced = written.and_then(|()| self.file.sync_data());
+                for done in flushes {
+                    let r = match &synced {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                    };
+                    let _ = done.send(r);
+                }
+            }
+        }
+        // The queue is closed and drained.
+        if self.commit().and_then(|()| self.file.sync_data()).is_err() {
+            tracing::error!("cannot write the last audit records");
+        }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join(file_name(self.index))
+    }
+
+    fn append(&mut self, entry: Entry) {
+        let mut line = encode_line(&self.key, self.seq + 1, &self.head, &entry);
+        let used = self.size + self.pending.len() as u64;
+        if used > 0 && used + line.len() as u64 + 1 > self.max_file_bytes {
+            let _ = self.commit();
+            self.rotate();
+            // A failed commit moved the head back.
+            line = encode_line(&self.key, self.seq + 1, &self.head, &entry);
+        }
+        self.seq += 1;
+        self.head = sha256_hex(&line);
+        self.pending.extend_from_slice(&line);
+        self.pending.push(b'\n');
+        self.pending_records += 1;
+    }
+
+    /// Writes pending lines. On failure the partial write is cut off again
+    /// and the chain continues from the last line on disk.
+    fn commit(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let result = self.file.write_all(&self.pending);
+        match &result {
+            Ok(()) => {
+                self.size += self.pending.len() as u64;
+                self.committed = (self.seq, self.head.clone());
+            }
+            Err(e) => {
+                tracing::error!(file = %self.path().display(), error = %e, records = self.pending_records,
+                    "cannot write audit records; they are lost");
+                self.dropped.inc_by(self.pending_records);
+                if let Err(e) = self.file.set_len(self.size) {
+                    tracing::error!(file = %self.path().display(), error = %e,
+                        "cannot cut off a partial audit write; verification will report the file as damaged");
+                }
+                (self.seq, self.head) = self.committed.clone();
+            }
+        }
+        self.pending.clear();
+        self.pending_records = 0;
+        result
+    }
+
+    fn rotate(&mut self) {
+        let next = self.index + 1;
+        let path = self.dir.join(file_name(next));
+        let opened = self.file.sync_data().and_then(|()| {
+            let f = OpenOptions::new()
+                .create_new(true)
+                .append(true)
+                .mode(0o600)
+                .open(&path)?;
+            // The new name must survive a crash along with its content.
+            File::open(&self.dir)?.sync_all()?;
+            Ok(f)
+        });
+        match opened {
+            Ok(f) => {
+                tracing::info!(file = %path.display(), seq = self.seq + 1, "audit log rotated");
+                self.file = f;
+                self.index = next;
+                self.size = 0;
+                self.retention_due = true;
+            }
+            // Keep appending to the current file rather than lose records.
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "cannot rotate the audit log")
+            }
+        }
+    }
+
+    /// Deletes the oldest rotated files whose last record is older than the
+    /// retention, oldest first and only a contiguous run of them, so the
+    /// remaining log always starts right after the newest marker.
+    fn enforce_retention(&mut self) {
+        let files = match list_log_files(&self.dir) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot list audit files for retention");
+                return;
+            }
+        };
+        let cutoff = unix_now() - self.retention.as_secs().min(i64::MAX as u64) as i64;
+        for (index, path) in files {
+            if index >= self.index {
+                break;
+            }
+            let line = match last_line(&path) {
+                Ok(LastLine::Empty) => continue,
+                Ok(LastLine::Complete(l)) => l,
+                Ok(LastLine::Partial) => {
+                    tracing::warn!(file = %path.display(), "not deleting a damaged audit file (partial last line)");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot read audit file for retention");
+                    return;
+                }
+            };
+            let parsed = match parse_line(&line)
+                .and_then(|p| check_mac(&self.key, &line, &p).map(|()| p))
+            {
+                Ok(p) => p,
+                Err(problem) => {
+                    tracing::warn!(file = %path.display(), %problem, "not deleting an audit file whose last line fails verification");
+                    return;
+                }
+            };
+            match parse_rfc3339(parsed.entry.time()) {
+                Some(t) if t < cutoff => {}
+                _ => return,
+            }
+            let name = file_name(index);
+            self.append(Entry::Retention(RetentionMarker {
+                time: rfc3339(SystemTime::now()),
+                removed_file: name.clone(),
+                removed_last_seq: parsed.seq,
+                removed_last_hash: sha256_hex(&line),
+            }));
+            // The marker must be on disk before the file it accounts for goes.
+            if let Err(e) = self.commit().and_then(|()| self.file.sync_data()) {
+                tracing::error!(error = %e, file = %name, "cannot record an audit retention marker; not deleting");
+                return;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(file = %path.display(), last_seq = parsed.seq, "deleted audit file past retention")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot delete audit file past retention");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The head (seq, hash of the last line) to continue from: the last line of
+/// the newest non-empty file, verified.
+fn resume(files: &[(u32, PathBuf)], key: &hmac::Key) -> Result<(u64, String), AuditError> {
+    for (_, path) in files.iter().rev() {
+        let damaged = |problem| AuditError::Damaged {
+            path: path.clone(),
+            problem,
+        };
+        match last_line(path).map_err(|source| AuditError::Io {
+            path: path.clone(),
+            source,
+        })? {
+            LastLine::Empty => continue,
+            LastLine::Partial => return Err(damaged(Problem::Truncated)),
+            LastLine::Complete(line) => {
+                let parsed = parse_line(&line).map_err(damaged)?;
+                check_mac(key, &line, &parsed).map_err(damaged)?;
+                return Ok((parsed.seq, sha256_hex(&line)));
+            }
+        }
+    }
+    Ok((0, GENESIS.to_string()))
+}
+
+// ---- files ----------------------------------------------------------------
+
+fn file_name(index: u32) -> String {
+    format!("audit-{index:06}.jsonl")
+}
+
+fn log_index(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix("audit-")?.strip_suffix(".jsonl")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The log's files, oldest first.
+fn list_log_files(dir: &Path) -> io::Result<Vec<(u32, PathBuf)>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if let Some(i) = e.file_name().to_str().and_then(log_index) {
+            out.push((i, e.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
+enum LastLine {
+    Empty,
+    /// Without its newline.
+    Complete(Vec<u8>),
+    /// The file does not end with a newline.
+    Partial,
+}
+
+/// Reads a file's last line from its end, so large files cost little.
+fn last_line(path: &Path) -> io::Result<LastLine> {
+    let mut f = File::open(path)?;
+    let len = f.metadata()?.len();
+    if len == 0 {
+        return Ok(LastLine::Empty);
+    }
+    let mut last = [0u8];
+    f.seek(SeekFrom::Start(len - 1))?;
+    f.read_exact(&mut last)?;
+    if last[0] != b'\n' {
+        return Ok(LastLine::Partial);
+    }
+    // Walk back in chunks to the newline before the last one.
+    let end = len - 1;
+    let mut start = end;
+    let mut tail: Vec<u8> = Vec::new();
+    const CHUNK: u64 = 8192;
+    while start > 0 {
+        let from = start.saturating_sub(CHUNK);
+        let mut chunk = vec![0u8; (start - from) as usize];
+        f.seek(SeekFrom::Start(from))?;
+        f.read_exact(&mut chunk)?;
+        if let Some(p) = chunk.iter().rposition(|&b| b == b'\n') {
+            chunk.drain(..=p);
+            chunk.extend_from_slice(&tail);
+            return Ok(LastLine::Complete(chunk));
+        }
+        chunk.extend_from_slice(&tail);
+        tail = chunk;
+        start = from;
+    }
+    Ok(LastLine::Complete(tail))
+}
+
+// ---- small helpers --------------------------------------------------------
+
+fn cap(s: &mut String) {
+    if s.len() > MAX_FIELD_BYTES {
+        let mut i = MAX_FIELD_BYTES;
+        while !s.is_char_boundary(i) {
+            i -= 1;
+        }
+        s.truncate(i);
+    }
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex(digest::digest(&digest::SHA256, b).as_ref())
+}
+
+fn hex(b: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push(DIGITS[(x >> 4) as usize] as char);
+        s.push(DIGITS[(x & 15) as usize] as char);
+    }
+    s
+}
+
+fn hex_val(c: u8) -> u8 {
+    match c {
+        b'0'..=b'9' => c - b'0',
+        b'a'..=b'f' => c - b'a' + 10,
+        b'A'..=b'F' => c - b'A' + 10,
+        _ => 0,
+    }
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    if b.len() % 2 != 0 || !b.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    Some(
+        b.chunks(2)
+            .map(|p| (hex_val(p[0]) << 4) | hex_val(p[1]))
+            .collect(),
+    )
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+// Howard Hinnant's civil-calendar algorithms (proleptic Gregorian).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = (if mp < 10 { mp + 3 } else { mp - 9 }) as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}

@@ -83,6 +83,24 @@ pub fn main() -> ExitCode {
     }
 }
 
+type FilterHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// The live log filter, changeable at run time (the sidecar's `/logging`).
+static LOG_FILTER: std::sync::OnceLock<FilterHandle> = std::sync::OnceLock::new();
+
+/// Reads (None) or replaces (Some) the process's log filter.
+pub fn log_filter(new: Option<&str>) -> Result<String, String> {
+    let h = LOG_FILTER.get().ok_or("logging is not initialised")?;
+    if let Some(f) = new {
+        let parsed = tracing_subscriber::EnvFilter::try_new(f)
+            .map_err(|e| format!("invalid filter {f:?}: {e}"))?;
+        h.reload(parsed).map_err(|e| e.to_string())?;
+        tracing::info!(filter = f, "log filter changed");
+    }
+    h.with_current(|f| f.to_string()).map_err(|e| e.to_string())
+}
+
 /// Diagnostics go to stderr (text or JSON); access-log events (target
 /// `bulwark::access`) go to stdout as JSON lines, or nowhere.
 fn init_logging(filter: &str, format: LogFormat, access: AccessLog) {
@@ -91,6 +109,8 @@ fn init_logging(filter: &str, format: LogFormat, access: AccessLog) {
     use tracing_subscriber::{EnvFilter, fmt};
     const ACCESS: &str = "bulwark::access";
     let env = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (env, reload) = tracing_subscriber::reload::Layer::new(env);
+    let _ = LOG_FILTER.set(reload);
     let not_access = filter_fn(|m| m.target() != ACCESS);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (text, json) = match format {

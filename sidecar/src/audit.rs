@@ -157,12 +157,8 @@ impl Default for AuditOptions {
 pub enum AuditError {
     #[error("the audit key must be at least {MIN_KEY_BYTES} bytes, got {0}")]
     WeakKey(usize),
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("{}: {error}", path.display())]
+    Io { path: PathBuf, error: io::Error },
     /// The newest line could not be resumed from; `bulwark audit verify`
     /// says more.
     #[error("cannot resume the audit log: last line of {}: {problem}", path.display())]
@@ -209,12 +205,8 @@ pub enum VerifyError {
         line: u64,
         problem: Problem,
     },
-    #[error("{}: {source}", file.display())]
-    Io {
-        file: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("{}: {error}", file.display())]
+    Io { file: PathBuf, error: io::Error },
 }
 
 /// What a successful [`verify`] saw.
@@ -257,9 +249,9 @@ impl AuditLog {
         if key.len() < MIN_KEY_BYTES {
             return Err(AuditError::WeakKey(key.len()));
         }
-        let io_err = |source| AuditError::Io {
+        let io_err = |error| AuditError::Io {
             path: dir.to_path_buf(),
-            source,
+            error,
         };
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -271,15 +263,15 @@ impl AuditLog {
         let (seq, head) = resume(&files, &key)?;
         let index = files.last().map(|(i, _)| *i).unwrap_or(1);
         let path = dir.join(file_name(index));
-        let file = open_append(&path).map_err(|source| AuditError::Io {
+        let file = open_append(&path).map_err(|error| AuditError::Io {
             path: path.clone(),
-            source,
+            error,
         })?;
         let size = file
             .metadata()
-            .map_err(|source| AuditError::Io {
+            .map_err(|error| AuditError::Io {
                 path: path.clone(),
-                source,
+                error,
             })?
             .len();
         tracing::info!(dir = %dir.display(), file = %path.display(), seq, "audit log opened");
@@ -360,9 +352,9 @@ impl AuditLog {
         done_rx
             .recv()
             .map_err(|_| AuditError::WriterGone)?
-            .map_err(|source| AuditError::Io {
+            .map_err(|error| AuditError::Io {
                 path: self.dir.clone(),
-                source,
+                error,
             })
     }
 
@@ -392,9 +384,9 @@ impl Drop for AuditLog {
 /// digits, otherwise its raw bytes. The sidecar and `bulwark audit verify`
 /// read keys the same way.
 pub fn read_key_file(path: &Path) -> Result<Vec<u8>, AuditError> {
-    let io_err = |source| AuditError::Io {
+    let io_err = |error| AuditError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let meta = std::fs::metadata(path).map_err(io_err)?;
     if meta.permissions().mode() & 0o077 != 0 {
@@ -406,7 +398,7 @@ pub fn read_key_file(path: &Path) -> Result<Vec<u8>, AuditError> {
 /// See [`read_key_file`].
 pub fn parse_key(raw: &[u8]) -> Vec<u8> {
     let t = raw.trim_ascii();
-    if !t.is_empty() && t.len() % 2 == 0 && t.iter().all(u8::is_ascii_hexdigit) {
+    if !t.is_empty() && t.len().is_multiple_of(2) && t.iter().all(u8::is_ascii_hexdigit) {
         t.chunks(2)
             .map(|p| (hex_val(p[0]) << 4) | hex_val(p[1]))
             .collect()
@@ -434,9 +426,9 @@ pub fn verify(files: &[PathBuf], key: Option<&[u8]>) -> Result<VerifyReport, Ver
     let mut chain = Chain::default();
     let mut first_error: Option<VerifyError> = None;
     for file in &files {
-        let io_err = |source| VerifyError::Io {
+        let io_err = |error| VerifyError::Io {
             file: file.clone(),
-            source,
+            error,
         };
         let mut r = BufReader::new(File::open(file).map_err(io_err)?);
         let mut buf = Vec::new();
@@ -913,9 +905,9 @@ fn resume(files: &[(u32, PathBuf)], key: &hmac::Key) -> Result<(u64, String), Au
             path: path.clone(),
             problem,
         };
-        match last_line(path).map_err(|source| AuditError::Io {
+        match last_line(path).map_err(|error| AuditError::Io {
             path: path.clone(),
-            source,
+            error,
         })? {
             LastLine::Empty => continue,
             LastLine::Partial => return Err(damaged(Problem::Truncated)),
@@ -1044,7 +1036,7 @@ fn hex_val(c: u8) -> u8 {
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
     let b = s.as_bytes();
-    if b.len() % 2 != 0 || !b.iter().all(u8::is_ascii_hexdigit) {
+    if !b.len().is_multiple_of(2) || !b.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
     Some(
@@ -1084,4 +1076,447 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    const KEY: &[u8] = b"0123456789abcdef-test-key";
+
+    /// A scratch directory removed on drop.
+    struct Dir(PathBuf);
+    impl Dir {
+        fn new() -> Dir {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "bulwark-audit-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&p);
+            Dir(p)
+        }
+        fn files(&self) -> Vec<PathBuf> {
+            list_log_files(&self.0)
+                .unwrap()
+                .into_iter()
+                .map(|(_, p)| p)
+                .collect()
+        }
+        fn file(&self, index: u32) -> PathBuf {
+            self.0.join(file_name(index))
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn rec(i: usize, time: &str) -> AuditRecord {
+        AuditRecord {
+            time: time.to_string(),
+            source_identity: "spiffe://cluster.local/ns/default/sa/web".into(),
+            destination_identity: "spiffe://cluster.local/ns/default/sa/api".into(),
+            service: "api".into(),
+            method: "GET".into(),
+            path: format!("/items/{i}"),
+            decision: if i.is_multiple_of(3) {
+                Decision::Deny
+            } else {
+                Decision::Allow
+            },
+            policy: "AuthorizationPolicy default/api-callers".into(),
+            reason: i
+                .is_multiple_of(3)
+                .then(|| "source not allowed".to_string()),
+        }
+    }
+
+    fn write(dir: &Path, opts: AuditOptions, range: std::ops::Range<usize>, time: &str) {
+        let log = AuditLog::open(dir, KEY, opts).unwrap();
+        for i in range {
+            log.record(rec(i, time));
+        }
+        log.flush().unwrap();
+        assert_eq!(log.dropped(), 0);
+    }
+
+    fn small_files() -> AuditOptions {
+        AuditOptions {
+            max_file_bytes: 2000,
+            ..Default::default()
+        }
+    }
+
+    fn lines(p: &Path) -> Vec<String> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    fn write_lines(p: &Path, lines: &[String]) {
+        std::fs::write(
+            p,
+            lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )
+        .unwrap();
+    }
+
+    fn problem_at(r: Result<VerifyReport, VerifyError>) -> (PathBuf, u64, Problem) {
+        match r {
+            Err(VerifyError::Invalid {
+                file,
+                line,
+                problem,
+            }) => (file, line, problem),
+            other => panic!("expected a verification problem, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn audit_log_written_then_verified_is_ok_with_and_without_the_key() {
+        let d = Dir::new();
+        write(&d.0, AuditOptions::default(), 0..10, "");
+        let files = d.files();
+        assert_eq!(files.len(), 1);
+        let r = verify(&files, Some(KEY)).unwrap();
+        assert_eq!(
+            (r.records, r.first_seq, r.last_seq, r.mac_checked),
+            (10, 1, 10, true)
+        );
+        assert!(!r.starts_after_retention);
+        let r = verify(&files, None).unwrap();
+        assert!(!r.mac_checked);
+
+        // The line format: seq, prev, kind, the record, mac last.
+        let l = lines(&files[0]);
+        let first: serde_json::Value = serde_json::from_str(&l[0]).unwrap();
+        assert_eq!(first["seq"], 1);
+        assert_eq!(first["prev"], GENESIS);
+        assert_eq!(first["kind"], "access");
+        assert_eq!(first["decision"], "deny");
+        assert_eq!(first["reason"], "source not allowed");
+        assert_eq!(first["policy"], "AuthorizationPolicy default/api-callers");
+        assert!(parse_rfc3339(first["time"].as_str().unwrap()).is_some());
+        assert!(l[0].starts_with(r#"{"seq":1,"prev":"0000"#), "{}", l[0]);
+        assert!(l[0].contains(r#","mac":""#) && l[0].ends_with("\"}"));
+        let second: serde_json::Value = serde_json::from_str(&l[1]).unwrap();
+        assert_eq!(second["prev"], sha256_hex(l[0].as_bytes()));
+        assert!(second.get("reason").is_none());
+        assert_eq!(r.head, sha256_hex(l[9].as_bytes()));
+        // Private to the workload.
+        let mode = std::fs::metadata(&files[0]).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn audit_edited_record_is_detected_at_its_line_with_the_key_and_at_the_next_without() {
+        let d = Dir::new();
+        write(&d.0, AuditOptions::default(), 0..10, "");
+        let f = d.file(1);
+        let mut l = lines(&f);
+        l[4] = l[4].replace("\"decision\":\"allow\"", "\"decision\":\"deny\"");
+        l[4] = l[4].replace("/items/4", "/items/x");
+        write_lines(&f, &l);
+        assert_eq!(
+            problem_at(verify(&d.files(), Some(KEY))),
+            (f.clone(), 5, Problem::Mac)
+        );
+        // Without the key, the chain still gives the edit away on the next line.
+        assert_eq!(
+            problem_at(verify(&d.files(), None)),
+            (f.clone(), 6, Problem::Prev)
+        );
+        let msg = verify(&d.files(), None).unwrap_err().to_string();
+        assert!(
+            msg.starts_with(&format!("{}:6: prev does not match", f.display())),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn audit_deleted_record_is_detected_where_the_seq_jumps() {
+        let d = Dir::new();
+        write(&d.0, AuditOptions::default(), 0..10, "");
+        let f = d.file(1);
+        let mut l = lines(&f);
+        l.remove(3);
+        write_lines(&f, &l);
+        let (file, line, problem) = problem_at(verify(&d.files(), Some(KEY)));
+        assert_eq!(
+            (file, line, problem.clone()),
+            (
+                f,
+                4,
+                Problem::Seq {
+                    expected: 4,
+                    found: 5
+                }
+            )
+        );
+        assert!(problem.to_string().contains("missing"), "{problem}");
+    }
+
+    #[test]
+    fn audit_swapped_pair_is_detected_at_the_first_of_the_two() {
+        let d = Dir::new();
+        write(&d.0, AuditOptions::default(), 0..10, "");
+        let f = d.file(1);
+        let mut l = lines(&f);
+        l.swap(6, 7);
+        write_lines(&f, &l);
+        assert_eq!(
+            problem_at(verify(&d.files(), Some(KEY))),
+            (
+                f,
+                7,
+                Problem::Seq {
+                    expected: 7,
+                    found: 8
+                }
+            )
+        );
+    }
+
+    #[test]
+    fn audit_truncated_file_is_detected_at_its_partial_last_line() {
+        let d = Dir::new();
+        write(&d.0, AuditOptions::default(), 0..10, "");
+        let f = d.file(1);
+        let bytes = std::fs::read(&f).unwrap();
+        std::fs::write(&f, &bytes[..bytes.len() - 30]).unwrap();
+        assert_eq!(
+            problem_at(verify(&d.files(), Some(KEY))),
+            (f.clone(), 10, Problem::Truncated)
+        );
+        // And the writer will not silently continue after it.
+        let err = AuditLog::open(&d.0, KEY, AuditOptions::default()).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                AuditError::Damaged {
+                    problem: Problem::Truncated,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn audit_chain_continues_across_rotated_files_in_any_given_order() {
+        let d = Dir::new();
+        write(&d.0, small_files(), 0..40, "");
+        let files = d.files();
+        assert!(files.len() >= 3, "{files:?}");
+        for f in &files {
+            assert!(std::fs::metadata(f).unwrap().len() <= 2000);
+        }
+        // The first line of each file chains to the last line of the one before.
+        let (a, b) = (lines(&files[0]), lines(&files[1]));
+        let head: serde_json::Value = serde_json::from_str(&b[0]).unwrap();
+        assert_eq!(head["prev"], sha256_hex(a.last().unwrap().as_bytes()));
+        let mut reversed = files.clone();
+        reversed.reverse();
+        let r = verify(&reversed, Some(KEY)).unwrap();
+        assert_eq!((r.records, r.first_seq, r.last_seq), (40, 1, 40));
+        assert_eq!(r.files, files.len());
+
+        // A middle file removed by hand: the next file's first line says so.
+        let mut without = files.clone();
+        without.remove(1);
+        assert_eq!(
+            problem_at(verify(&without, Some(KEY))).1,
+            1,
+            "reported at the first line of the file after the gap"
+        );
+        assert_eq!(problem_at(verify(&without, Some(KEY))).0, files[2]);
+    }
+
+    #[test]
+    fn audit_reopening_resumes_the_chain_from_the_newest_file() {
+        let d = Dir::new();
+        write(&d.0, small_files(), 0..25, "");
+        write(&d.0, small_files(), 25..50, "");
+        write(&d.0, AuditOptions::default(), 50..51, "");
+        let r = verify(&d.files(), Some(KEY)).unwrap();
+        assert_eq!((r.records, r.first_seq, r.last_seq), (51, 1, 51));
+    }
+
+    #[test]
+    fn audit_reopening_refuses_a_last_line_that_fails_its_mac() {
+        let d = Dir::new();
+        write(&d.0, AuditOptions::default(), 0..3, "");
+        let err =
+            AuditLog::open(&d.0, b"another key of 16+ bytes", AuditOptions::default()).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                AuditError::Damaged {
+                    problem: Problem::Mac,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn audit_retention_deletes_old_rotated_files_and_verification_starts_at_the_marker() {
+        let d = Dir::new();
+        let old = "2020-01-01T00:00:00.000Z";
+        let keep_all = AuditOptions {
+            retention: Duration::from_secs(100 * 365 * 86400),
+            ..small_files()
+        };
+        write(&d.0, keep_all, 0..30, old);
+        let old_files = d.files();
+        assert!(old_files.len() >= 3);
+        let (rotated, current) = old_files.split_at(old_files.len() - 1);
+        // Opening with a 90-day retention deletes the old rotated files but
+        // never the current one, however old its records.
+        write(&d.0, small_files(), 30..30, "");
+        // New records rotate the log, which applies the retention again.
+        write(&d.0, small_files(), 30..40, "");
+        let files = d.files();
+        assert!(
+            !files.iter().any(|f| rotated.contains(f)),
+            "old rotated files remain: {files:?}"
+        );
+        assert!(files.contains(&current[0]), "{files:?}");
+        let r = verify(&files, Some(KEY)).unwrap();
+        assert!(r.starts_after_retention);
+        assert!(r.first_seq > 1);
+        // One marker per deleted file, naming it.
+        let markers: Vec<RetentionMarker> = files
+            .iter()
+            .flat_map(|f| lines(f))
+            .filter_map(
+                |l| match serde_json::from_str::<LineIn>(&l).unwrap().entry {
+                    Entry::Retention(m) => Some(m),
+                    Entry::Access(_) => None,
+                },
+            )
+            .collect();
+        let names: Vec<String> = rotated
+            .iter()
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        let removed: Vec<String> = markers.iter().map(|m| m.removed_file.clone()).collect();
+        assert_eq!(removed, names);
+        assert_eq!(markers.last().unwrap().removed_last_seq, r.first_seq - 1);
+
+        // Deleting the oldest remaining file by hand is not accounted for.
+        if files.len() > 1 {
+            let (file, line, problem) = problem_at(verify(&files[1..], Some(KEY)));
+            assert_eq!((file, line), (files[1].clone(), 1));
+            assert!(
+                matches!(problem, Problem::UnaccountedStart { .. }),
+                "{problem}"
+            );
+        }
+    }
+
+    #[test]
+    fn audit_start_after_the_genesis_without_a_marker_is_reported() {
+        let d = Dir::new();
+        write(&d.0, small_files(), 0..30, "");
+        let files = d.files();
+        let (file, line, problem) = problem_at(verify(&files[1..], Some(KEY)));
+        assert_eq!((file, line), (files[1].clone(), 1));
+        assert!(
+            matches!(problem, Problem::UnaccountedStart { .. }),
+            "{problem}"
+        );
+    }
+
+    #[test]
+    fn audit_wrong_key_fails_at_the_first_line() {
+        let d = Dir::new();
+        write(&d.0, AuditOptions::default(), 0..5, "");
+        assert_eq!(
+            problem_at(verify(&d.files(), Some(b"not the key at all"))),
+            (d.file(1), 1, Problem::Mac)
+        );
+    }
+
+    #[test]
+    fn audit_full_queue_drops_and_counts_records_instead_of_blocking() {
+        let d = Dir::new();
+        let opts = AuditOptions {
+            queue_capacity: 1,
+            ..Default::default()
+        };
+        let dropped = opts.dropped.clone();
+        let log = AuditLog::open(&d.0, KEY, opts).unwrap();
+        let sent = 20_000;
+        for i in 0..sent {
+            log.record(rec(i, ""));
+        }
+        log.flush().unwrap();
+        let written = verify(&d.files(), Some(KEY)).unwrap().records;
+        assert!(log.dropped() > 0, "a one-slot queue must overflow");
+        assert_eq!(written + log.dropped(), sent as u64);
+        assert_eq!(
+            dropped.get(),
+            log.dropped(),
+            "the caller's counter is the one counted"
+        );
+    }
+
+    #[test]
+    fn audit_open_rejects_a_short_key() {
+        let d = Dir::new();
+        assert!(matches!(
+            AuditLog::open(&d.0, b"short", AuditOptions::default()),
+            Err(AuditError::WeakKey(5))
+        ));
+    }
+
+    #[test]
+    fn audit_key_files_are_hex_or_raw_bytes() {
+        assert_eq!(parse_key(b"00ff10\n"), vec![0, 255, 16]);
+        assert_eq!(parse_key(b"not hex at all!!"), b"not hex at all!!".to_vec());
+        // Odd length: raw, untrimmed.
+        assert_eq!(parse_key(b"abc\n"), b"abc\n".to_vec());
+    }
+
+    #[test]
+    fn audit_long_fields_are_cut_to_keep_lines_bounded() {
+        let d = Dir::new();
+        let log = AuditLog::open(&d.0, KEY, AuditOptions::default()).unwrap();
+        let mut r = rec(1, "");
+        r.path = "é".repeat(MAX_FIELD_BYTES);
+        log.record(r);
+        log.flush().unwrap();
+        let l = lines(&d.file(1));
+        assert!(l[0].len() < 2 * MAX_FIELD_BYTES, "{}", l[0].len());
+        verify(&d.files(), Some(KEY)).unwrap();
+    }
+
+    #[test]
+    fn audit_rfc3339_formats_and_parses_utc_and_offsets() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_700_000_000_250);
+        assert_eq!(rfc3339(t), "2023-11-14T22:13:20.250Z");
+        assert_eq!(
+            parse_rfc3339("2023-11-14T22:13:20.250Z"),
+            Some(1_700_000_000)
+        );
+        assert_eq!(
+            parse_rfc3339("2023-11-14T23:13:20+01:00"),
+            Some(1_700_000_000)
+        );
+        assert_eq!(parse_rfc3339("2024-02-29T00:00:00Z"), Some(1_709_164_800));
+        assert_eq!(parse_rfc3339("2023-11-14 22:13"), None);
+        assert_eq!(parse_rfc3339("2023-13-14T22:13:20Z"), None);
+        let now = SystemTime::now();
+        let secs = now.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+        assert_eq!(parse_rfc3339(&rfc3339(now)), Some(secs));
+    }
 }

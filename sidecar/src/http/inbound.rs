@@ -100,18 +100,9 @@ async fn handle(
             dst_identity: me.clone(),
             code: resp.status().as_u16(),
         };
-        proxy.metrics.requests.get_or_create(&labels).inc();
-        proxy.metrics.count_local(&resp);
-        proxy
+        let reason = proxy
             .metrics
-            .request_duration
-            .get_or_create(&labels)
-            .observe(started.elapsed().as_secs_f64());
-        let reason = resp
-            .headers()
-            .get(super::REASON_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
+            .record_request(&labels, started.elapsed(), &resp);
         let mut trace_id = String::new();
         if let Some(sp) = span.lock().ok().and_then(|mut s| s.take()) {
             trace_id = sp.trace_id();
@@ -119,12 +110,12 @@ async fn handle(
                 resp.status().as_u16(),
                 vec![opentelemetry::KeyValue::new(
                     "bulwark.reason",
-                    reason.to_string(),
+                    reason.clone(),
                 )],
             );
         }
         tracing::info!(target: "bulwark::access", trace_id = %trace_id, direction = "inbound", method = %method, path = %path,
-            service = %service, status = resp.status().as_u16(), src_identity = %src, dst_identity = %me, reason,
+            service = %service, status = resp.status().as_u16(), src_identity = %src, dst_identity = %me, reason = %reason,
             duration_us = started.elapsed().as_micros() as u64, "request");
         resp
     };

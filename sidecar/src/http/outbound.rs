@@ -162,18 +162,9 @@ async fn handle(proxy: Arc<Proxy>, target: Target, mut req: Request<Incoming>) -
         dst_identity: dst_identity.clone(),
         code,
     };
-    proxy.metrics.requests.get_or_create(&labels).inc();
-    proxy
+    let reason = proxy
         .metrics
-        .request_duration
-        .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64());
-    let reason = resp
-        .headers()
-        .get(super::REASON_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+        .record_request(&labels, started.elapsed(), &resp);
     let trace_id = span.trace_id();
     let upstream = upstream
         .map(|u: SocketAddr| u.to_string())

@@ -265,6 +265,26 @@ impl Metrics {
             .inc();
     }
 
+    /// Records one proxied request (count, duration, locally generated
+    /// reason) and returns its `x-bulwark-reason`, if any.
+    pub fn record_request<B>(
+        &self,
+        labels: &RequestLabels,
+        elapsed: std::time::Duration,
+        resp: &http::Response<B>,
+    ) -> String {
+        self.requests.get_or_create(labels).inc();
+        self.request_duration
+            .get_or_create(labels)
+            .observe(elapsed.as_secs_f64());
+        self.count_local(resp);
+        resp.headers()
+            .get("x-bulwark-reason")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    }
+
     /// Counts a response the sidecar generated itself (it carries `x-bulwark-reason`).
     pub fn count_local<B>(&self, resp: &http::Response<B>) {
         if let Some(r) = resp

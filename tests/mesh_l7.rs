@@ -994,3 +994,43 @@ fn admin_shows_clusters_and_changes_the_log_filter_at_run_time() {
     );
     assert!(!other.status.success());
 }
+
+#[test]
+fn inbound_decisions_land_in_a_verifiable_audit_log() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(&[]) else { return };
+    mesh.add_pod("web");
+    mesh.add_pod("db");
+    let v1 = mesh.add_pod("api-v1");
+    let v2 = mesh.add_pod("api-v2");
+    mesh.write_config(&l7_config(&[(&v1, "api", "v1"), (&v2, "api", "v2")], &canary_route(0), ""));
+    let key = mesh.net.dir.join("audit.key");
+    std::fs::write(&key, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff").unwrap();
+    let audit_dir = mesh.net.dir.join("audit");
+    let (k, d) = (key.to_str().unwrap().to_string(), audit_dir.to_str().unwrap().to_string());
+    mesh.start_sidecar("web", "web", &[]);
+    mesh.start_sidecar("db", "db", &[]);
+    mesh.start_sidecar("api-v1", "api", &["--audit-dir", &d, "--audit-key-file", &k]);
+    mesh.start_sidecar("api-v2", "api", &[]);
+    for p in ["web", "db", "api-v1", "api-v2"] {
+        mesh.wait_ready(p);
+    }
+    assert_eq!(get(&mesh, "web", "/orders", &[]).0, 200);
+    assert_eq!(get(&mesh, "db", "/private", &[]).0, 403);
+    // SIGTERM flushes the log.
+    let i = mesh.pod("api-v1").sidecar.unwrap();
+    mesh.net.proc_mut(i).terminate(Duration::from_secs(10));
+    let files: Vec<String> = std::fs::read_dir(&audit_dir).unwrap().map(|e| e.unwrap().path().to_str().unwrap().to_string()).collect();
+    let text: String = files.iter().map(|f| std::fs::read_to_string(f).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let allow = lines.iter().find(|l| l["decision"] == "allow" && l["path"] == "/orders").expect("allowed request audited");
+    assert_eq!(allow["source_identity"], spiffe("web"));
+    assert_eq!(allow["policy"], "AuthorizationPolicy default/api-callers");
+    let deny = lines.iter().find(|l| l["decision"] == "deny").expect("denied request audited");
+    assert_eq!(deny["source_identity"], spiffe("db"));
+    assert_eq!(deny["path"], "/private");
+    let mut args = vec!["audit", "verify", "--key-file", &k];
+    args.extend(files.iter().map(String::as_str));
+    let out = common::run_ok(&args);
+    assert!(out.starts_with("ok: "), "{out}");
+}

@@ -11,7 +11,7 @@
 //! ```text
 //! {"seq":7,"prev":"<hex SHA-256 of line 6>","kind":"access","time":"2025-05-01T12:00:00.000Z",
 //!  "source_identity":"spiffe://cluster.local/ns/default/sa/web","destination_identity":"...",
-//!  "service":"api","method":"GET","path":"/v1/items","decision":"allow",
+//!  "service":"default/api","method":"GET","path":"/v1/items","decision":"allow",
 //!  "policy":"AuthorizationPolicy default/api-callers","mac":"<hex HMAC-SHA256>"}
 //! ```
 //!
@@ -31,6 +31,28 @@
 //!   record is older than [`AuditOptions::retention`], a marker naming it,
 //!   its last `seq` and the hash of its last line is appended first, so a
 //!   chain that starts after the genesis is accounted for.
+//!
+//! # Use
+//!
+//! ```no_run
+//! use bulwark_sidecar::audit::{self, AuditLog, AuditOptions, AuditRecord, Decision};
+//! # fn main() -> Result<(), audit::AuditError> {
+//! let key = audit::read_key_file("/etc/bulwark/audit.key".as_ref())?;
+//! // `dropped` may be a counter registered in the sidecar's metrics.
+//! let log = AuditLog::open("/var/log/bulwark".as_ref(), &key, AuditOptions::default())?;
+//! log.record(AuditRecord {
+//!     time: String::new(), // now
+//!     source_identity: "spiffe://cluster.local/ns/default/sa/web".into(),
+//!     destination_identity: "spiffe://cluster.local/ns/default/sa/api".into(),
+//!     service: "default/api".into(),
+//!     method: "GET".into(),
+//!     path: "/v1/items".into(),
+//!     decision: Decision::Deny,
+//!     policy: "AuthorizationPolicy default/api-callers".into(),
+//!     reason: Some("source not allowed".into()),
+//! });
+//! # Ok(()) }
+//! ```
 //!
 //! # Limits
 //!
@@ -412,7 +434,9 @@ pub fn parse_key(raw: &[u8]) -> Vec<u8> {
 /// at the genesis or right after files a retention marker accounts for, and,
 /// with `key`, every `mac`. Files are taken in name order (numerically for
 /// `audit-N.jsonl`), whatever order they are given in. Reports the first
-/// problem by file and line.
+/// problem by file and line. On a live log the newest line may still be
+/// being written (reported as truncated); verify after [`AuditLog::flush`]
+/// or leave out the current file.
 pub fn verify(files: &[PathBuf], key: Option<&[u8]>) -> Result<VerifyReport, VerifyError> {
     let key = key.map(|k| hmac::Key::new(hmac::HMAC_SHA256, k));
     let mut files = files.to_vec();

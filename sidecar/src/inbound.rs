@@ -112,9 +112,13 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
         count(&proxy, &src_id.to_string(), "inbound");
         return crate::http::inbound::serve(proxy.clone(), tls, src_id, dst.port()).await;
     }
-    if let Err(service) = snap.authorize_l4(dst.port(), Some(&src_id)) {
-        deny(&proxy, peer, dst, Some(&src_id), &service);
-        return;
+    match snap.authorize_l4(dst.port(), Some(&src_id)) {
+        Ok(policy) => proxy.audit(&src_id.to_string(), snap.local_service(dst.port()).unwrap_or(""), "", "", true, &policy, None),
+        Err(service) => {
+            proxy.audit(&src_id.to_string(), &service, "", "", false, "default-deny", Some("no AuthorizationPolicy rule allows this caller"));
+            deny(&proxy, peer, dst, Some(&src_id), &service);
+            return;
+        }
     }
     let Some(up) = connect_app(&proxy, app).await else {
         return;

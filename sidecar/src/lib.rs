@@ -100,11 +100,34 @@ pub struct Proxy {
     /// Reads (None) or sets (Some(filter)) the process's log filter; set by
     /// the embedding binary, used by the admin `/logging` endpoint.
     pub log_control: std::sync::OnceLock<LogControl>,
+    /// Turns true when the sidecar starts draining (SIGTERM).
+    pub draining: tokio::sync::watch::Sender<bool>,
+    /// The tamper-evident audit log of authorization decisions, if enabled.
+    pub audit: std::sync::OnceLock<audit::AuditLog>,
     /// Set once the runtime is up when tracing is configured.
     pub tracing: std::sync::OnceLock<telemetry::trace::Tracing>,
 }
 
 impl Proxy {
+    /// Records an inbound authorization decision in the audit log (a no-op
+    /// when auditing is off; never blocks).
+    #[allow(clippy::too_many_arguments)]
+    pub fn audit(&self, source: &str, service: &str, method: &str, path: &str, allowed: bool, policy: &str, reason: Option<&str>) {
+        if let Some(log) = self.audit.get() {
+            log.record(audit::AuditRecord {
+                time: String::new(),
+                source_identity: source.to_string(),
+                destination_identity: self.identity.identity().to_string(),
+                service: service.to_string(),
+                method: method.to_string(),
+                path: path.to_string(),
+                decision: if allowed { audit::Decision::Allow } else { audit::Decision::Deny },
+                policy: policy.to_string(),
+                reason: reason.map(String::from),
+            });
+        }
+    }
+
     /// The tracer (a no-op one when tracing is off).
     pub fn tracer(&self) -> &telemetry::trace::Tracing {
         static OFF: std::sync::OnceLock<telemetry::trace::Tracing> = std::sync::OnceLock::new();
@@ -220,8 +243,25 @@ impl Sidecar {
             health: tokio::sync::watch::Sender::new(false),
             tracing: std::sync::OnceLock::new(),
             log_control: std::sync::OnceLock::new(),
+            audit: std::sync::OnceLock::new(),
+            draining: tokio::sync::watch::Sender::new(false),
         });
         Self { opts, proxy }
+    }
+
+    /// Opens the audit log in `dir` (HMAC key `key`): every inbound
+    /// authorization decision is recorded there.
+    pub fn enable_audit(&self, dir: &std::path::Path, key: &[u8]) -> Result<(), audit::AuditError> {
+        let log = audit::AuditLog::open(
+            dir,
+            key,
+            audit::AuditOptions {
+                dropped: self.proxy.metrics.audit_dropped.clone(),
+                ..Default::default()
+            },
+        )?;
+        let _ = self.proxy.audit.set(log);
+        Ok(())
     }
 
     /// Lets the admin `/logging` endpoint read and change the log filter.
@@ -300,6 +340,9 @@ impl Sidecar {
 
         out_task.abort();
         in_task.abort();
+        // HTTP connections finish what they carry and close; idle pooled
+        // connections go at once instead of holding the drain open.
+        self.proxy.draining.send_replace(true);
         let limit = limit as u32;
         let drained = tokio::time::timeout(self.opts.drain_grace, async {
             let _a = out_sem.acquire_many(limit).await;
@@ -314,6 +357,11 @@ impl Sidecar {
         }
         cert_task.abort();
         health_task.abort();
+        if let Some(a) = self.proxy.audit.get()
+            && let Err(e) = a.flush()
+        {
+            tracing::error!(error = %e, "cannot flush the audit log");
+        }
         self.proxy.tracer().shutdown();
         admin.abort();
         metrics.abort();

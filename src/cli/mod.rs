@@ -1,5 +1,6 @@
 //! Command-line interface. Each subcommand is a thin adapter over a library.
 
+mod audit;
 mod ca;
 mod cert;
 mod demo;
@@ -57,6 +58,9 @@ enum Command {
     Init(init::InitArgs),
     /// Bring up a local demo mesh (network-namespace pods) and show live traffic.
     Up(up::UpArgs),
+    /// Audit log: verify its hash chain and macs.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// A small HTTP server for demos and tests.
     #[command(hide = true)]
     DemoApp(demo::DemoArgs),
@@ -73,6 +77,7 @@ pub fn main() -> ExitCode {
         Command::Init(a) => init::run(a),
         Command::DemoApp(a) => demo::run(a),
         Command::Up(a) => up::run(a),
+        Command::Audit(c) => audit::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -66,6 +66,12 @@ pub struct SidecarArgs {
     /// Concurrent connections per listener before new ones are reset.
     #[arg(long, default_value_t = 16384)]
     max_connections: usize,
+    /// Directory of the tamper-evident audit log of authorization decisions (off when absent).
+    #[arg(long, requires = "audit_key_file")]
+    audit_dir: Option<PathBuf>,
+    /// HMAC key for the audit log's chain (raw bytes or hex, at least 16 bytes).
+    #[arg(long)]
+    audit_key_file: Option<PathBuf>,
     /// OTLP/gRPC collector for traces, e.g. http://otel-collector:4317 (off when absent).
     #[arg(long)]
     otlp_endpoint: Option<String>,
@@ -152,6 +158,13 @@ pub fn run(a: SidecarArgs) -> anyhow::Result<()> {
     let id = opts.identity.identity.to_string();
     let sidecar = Sidecar::new(opts);
     sidecar.set_log_control(Box::new(super::log_filter));
+    if let (Some(dir), Some(key_file)) = (&a.audit_dir, &a.audit_key_file) {
+        let key = bulwark_sidecar::audit::read_key_file(key_file)
+            .with_context(|| format!("--audit-key-file {}", key_file.display()))?;
+        sidecar
+            .enable_audit(dir, &key)
+            .with_context(|| format!("--audit-dir {}", dir.display()))?;
+    }
     let handle = sidecar.config_handle();
     let rt = super::runtime()?;
     let source = match a.config {

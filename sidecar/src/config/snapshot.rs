@@ -126,6 +126,8 @@ struct L4Rule {
     http_only: bool,
     paths: Vec<crate::http::route::StrMatch>,
     methods: Vec<String>,
+    /// `AuthorizationPolicy namespace/name`, for the audit log.
+    policy: String,
 }
 
 /// The sidecar's view of the mesh, immutable once built.
@@ -436,6 +438,7 @@ impl Snapshot {
                     http_only: !r.paths.is_empty() || !r.methods.is_empty(),
                     paths,
                     methods: r.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+                    policy: format!("AuthorizationPolicy {}/{}", p.namespace, p.name),
                 });
             }
         }
@@ -547,28 +550,29 @@ impl Snapshot {
     }
 
     /// Whether a connection to local `port` from `source` (None when
-    /// unauthenticated) is allowed at L4. Returns the deciding service on deny.
-    pub fn authorize_l4(&self, port: u16, source: Option<&SpiffeId>) -> Result<(), String> {
+    /// unauthenticated) is allowed at L4: the deciding policy (or `none`)
+    /// on allow, the service whose policies deny it on deny.
+    pub fn authorize_l4(&self, port: u16, source: Option<&SpiffeId>) -> Result<String, String> {
         let Some(services) = self.local_ports.get(&port) else {
-            return Ok(());
+            return Ok("none".into());
         };
+        let src = source.map(|s| s.to_string());
+        let mut decided = "none".to_string();
         for svc in services {
             let Some(rules) = self.authz.get(svc) else {
                 continue;
             };
-            let allowed = rules.iter().any(|r| {
+            let allowed = rules.iter().find(|r| {
                 !r.http_only
                     && (r.from.is_empty()
-                        || source.is_some_and(|s| {
-                            let s = s.to_string();
-                            r.from.iter().any(|p| p.matches(&s))
-                        }))
+                        || src.as_deref().is_some_and(|s| r.from.iter().any(|p| p.matches(s))))
             });
-            if !allowed {
-                return Err(svc.clone());
+            match allowed {
+                Some(r) => decided = r.policy.clone(),
+                None => return Err(svc.clone()),
             }
         }
-        Ok(())
+        Ok(decided)
     }
 
     /// Resolves an outbound destination to a service port, when known.
@@ -659,16 +663,17 @@ impl Snapshot {
         source: Option<&SpiffeId>,
         method: &str,
         path: &str,
-    ) -> Result<(), String> {
+    ) -> Result<String, String> {
         let Some(services) = self.local_ports.get(&port) else {
-            return Ok(());
+            return Ok("none".into());
         };
         let src = source.map(|s| s.to_string());
+        let mut decided = "none".to_string();
         for svc in services {
             let Some(rules) = self.authz.get(svc) else {
                 continue;
             };
-            let allowed = rules.iter().any(|r| {
+            let allowed = rules.iter().find(|r| {
                 (r.from.is_empty()
                     || src
                         .as_deref()
@@ -676,11 +681,12 @@ impl Snapshot {
                     && (r.methods.is_empty() || r.methods.iter().any(|m| m == method))
                     && (r.paths.is_empty() || r.paths.iter().any(|p| p.matches(path)))
             });
-            if !allowed {
-                return Err(svc.clone());
+            match allowed {
+                Some(r) => decided = r.policy.clone(),
+                None => return Err(svc.clone()),
             }
         }
-        Ok(())
+        Ok(decided)
     }
 
     /// Number of mesh endpoints known (for /config_dump and tests).

@@ -48,16 +48,25 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let peer = Arc::new(peer);
+    let mut draining = proxy.draining.subscribe();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (proxy, peer) = (proxy.clone(), peer.clone());
         async move { Ok::<_, Infallible>(handle(proxy, &peer, port, req).await) }
     });
-    if let Err(e) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         .max_concurrent_streams(1024)
-        .serve_connection(TokioIo::new(tls), svc)
-        .await
-    {
+        .serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    // On drain, GOAWAY: in-flight streams finish, new ones go elsewhere.
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        () = async { let _ = draining.wait_for(|d| *d).await; } => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = r {
         tracing::debug!(error = %e, "inbound HTTP/2 connection ended with an error");
     }
 }
@@ -119,7 +128,20 @@ async fn handle(
             duration_us = started.elapsed().as_micros() as u64, "request");
         resp
     };
-    if let Err(svc) = snap.authorize_http(port, Some(peer), method.as_str(), &path) {
+    let verdict = snap.authorize_http(port, Some(peer), method.as_str(), &path);
+    match &verdict {
+        Ok(policy) => proxy.audit(&src, &service, method.as_str(), &path, true, policy, None),
+        Err(svc) => proxy.audit(
+            &src,
+            svc,
+            method.as_str(),
+            &path,
+            false,
+            "default-deny",
+            Some("no AuthorizationPolicy rule allows this caller, path and method"),
+        ),
+    }
+    if let Err(svc) = verdict {
         proxy
             .metrics
             .authz_denials

@@ -28,6 +28,7 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Serves one intercepted app connection as HTTP (1.1 or 2).
 pub async fn serve(proxy: Arc<Proxy>, down: TcpStream, client: SocketAddr, target: Target) {
+    let proxy_draining = proxy.draining.subscribe();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let proxy = proxy.clone();
         let target = target.clone();
@@ -41,10 +42,18 @@ pub async fn serve(proxy: Arc<Proxy>, down: TcpStream, client: SocketAddr, targe
     b.http2()
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         .max_concurrent_streams(1024);
-    if let Err(e) = b
-        .serve_connection_with_upgrades(TokioIo::new(down), svc)
-        .await
-    {
+    let mut draining = proxy_draining;
+    let conn = b.serve_connection_with_upgrades(TokioIo::new(down), svc);
+    tokio::pin!(conn);
+    // On drain: finish in-flight requests, then close (GOAWAY / Connection: close).
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        () = async { let _ = draining.wait_for(|d| *d).await; } => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = r {
         tracing::debug!(%client, error = %e, "outbound HTTP connection ended with an error");
     }
 }

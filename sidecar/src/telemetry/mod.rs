@@ -88,6 +88,7 @@ pub struct Metrics {
     pub detections: Family<ResultLabel, Counter>,
     pub local_responses: Family<ReasonLabel, Counter>,
     pub trace_dropped: Counter,
+    pub audit_dropped: Counter,
     pub detection_duration: Histogram,
     pub tcp_connections: Family<ConnLabels, Counter>,
     pub tcp_bytes: Family<BytesLabels, Counter>,
@@ -123,6 +124,7 @@ impl Default for Metrics {
             detections: Family::default(),
             local_responses: Family::default(),
             trace_dropped: Counter::default(),
+            audit_dropped: Counter::default(),
             detection_duration: latency_histogram(),
             tcp_connections: Family::default(),
             tcp_bytes: Family::default(),
@@ -177,6 +179,11 @@ impl Default for Metrics {
             "bulwark_outlier_ejections",
             "Endpoints ejected by outlier detection",
             m.outlier_ejections.clone(),
+        );
+        registry.register(
+            "bulwark_audit_dropped",
+            "Audit records dropped (queue full or write failure)",
+            m.audit_dropped.clone(),
         );
         registry.register(
             "bulwark_trace_spans_dropped",

@@ -6,6 +6,7 @@ pub mod admission;
 pub mod authority;
 pub mod client;
 pub mod identity;
+pub mod kube;
 pub mod metrics;
 pub mod record;
 pub mod server;

@@ -52,6 +52,9 @@ pub struct ServeOptions {
     /// rotation activates only once every connected sidecar has ACKed a
     /// trust bundle with the new root.
     pub rotation_gate: Option<String>,
+    /// Accept projected Kubernetes ServiceAccount tokens, checked with the
+    /// TokenReview API (off when `None`).
+    pub kube: Option<crate::kube::KubeOptions>,
 }
 
 impl ServeOptions {
@@ -65,6 +68,7 @@ impl ServeOptions {
             dns_names: Vec::new(),
             reload_interval: Duration::from_secs(2),
             rotation_gate: None,
+            kube: None,
         }
     }
 }
@@ -81,6 +85,8 @@ pub enum ServeError {
     Tls(String),
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("Kubernetes token review: {0}")]
+    Kube(String),
 }
 
 /// What the server holds; swapped whole when the directory changes.
@@ -99,6 +105,7 @@ struct State {
     log: IssuanceLog,
     bucket: TokenBucket,
     metrics: Arc<CaMetrics>,
+    reviewer: Option<crate::kube::TokenReviewer>,
 }
 
 fn dir_stamp(dir: &Path) -> Vec<Option<SystemTime>> {
@@ -221,6 +228,7 @@ impl CertificateService for Service {
 enum Auth {
     Token { id: SpiffeId, jti: String },
     Mtls(SpiffeId),
+    Kube(SpiffeId),
 }
 
 impl State {
@@ -302,6 +310,10 @@ impl State {
                 rec.auth = "mtls";
                 id.clone()
             }
+            Auth::Kube(id) => {
+                rec.auth = "kubernetes";
+                id.clone()
+            }
         };
         rec.identity = Some(authenticated.to_string());
         if authenticated.trust_domain() != loaded.authority.trust_domain() {
@@ -379,6 +391,21 @@ impl State {
         match (bearer, cert_error) {
             // A workload whose SVID expired (say, the CA was down too long)
             // falls back to its bootstrap token.
+            (Some(token), _) if crate::kube::is_jwt(token) => {
+                let Some(reviewer) = &self.reviewer else {
+                    return Err(Refusal::new(
+                        Code::Unauthenticated,
+                        "bad_token",
+                        "this is a Kubernetes ServiceAccount token, but the CA was started without --kube-api; use a bootstrap token",
+                    ));
+                };
+                // On a blocking thread (see `sign`): wait for the review here.
+                let td = loaded.authority.trust_domain().to_string();
+                tokio::runtime::Handle::current()
+                    .block_on(reviewer.review(token, &td))
+                    .map(Auth::Kube)
+                    .map_err(|e| Refusal::new(Code::Unauthenticated, e.reason(), e.to_string()))
+            }
             (Some(token), _) => {
                 let now = OffsetDateTime::now_utc().unix_timestamp();
                 let claims = loaded
@@ -496,6 +523,10 @@ pub async fn serve(
         .issuer_expiry
         .set(loaded.authority.issuer_not_after().unix_timestamp());
     let log = IssuanceLog::open(&opts.dir.join(store::ISSUED_LOG)).map_err(ServeError::Record)?;
+    let reviewer = match &opts.kube {
+        Some(k) => Some(crate::kube::TokenReviewer::new(k.clone()).map_err(ServeError::Kube)?),
+        None => None,
+    };
     let state = Arc::new(State {
         dir: opts.dir.clone(),
         dns_names: opts.dns_names.clone(),
@@ -503,6 +534,7 @@ pub async fn serve(
         log,
         bucket: TokenBucket::new(opts.sign_rate, opts.sign_burst),
         metrics: metrics.clone(),
+        reviewer,
     });
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -58,6 +58,19 @@ pub enum CaCommand {
         /// until every connected sidecar has ACKed the bundle with the new root.
         #[arg(long)]
         rotation_gate: Option<String>,
+        /// Kubernetes API URL (e.g. https://kubernetes.default.svc): accept
+        /// projected ServiceAccount tokens, checked with TokenReview (off when absent).
+        #[arg(long)]
+        kube_api: Option<String>,
+        /// The CA's own ServiceAccount token, for the TokenReview calls.
+        #[arg(long, requires = "kube_api")]
+        kube_token_file: Option<PathBuf>,
+        /// The cluster's CA certificate (PEM), to verify an https --kube-api.
+        #[arg(long, requires = "kube_api")]
+        kube_ca_file: Option<PathBuf>,
+        /// The audience projected tokens must carry.
+        #[arg(long, default_value = bulwark_ca::kube::DEFAULT_AUDIENCE, requires = "kube_api")]
+        kube_audience: String,
     },
     /// Print a bootstrap token for one workload identity.
     Token {
@@ -156,6 +169,10 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             sign_burst,
             dns_names,
             rotation_gate,
+            kube_api,
+            kube_token_file,
+            kube_ca_file,
+            kube_audience,
         } => {
             if sign_rate.is_nan() || sign_rate <= 0.0 {
                 bail!("--sign-rate must be positive");
@@ -166,6 +183,12 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             opts.sign_burst = sign_burst;
             opts.dns_names = dns_names;
             opts.rotation_gate = rotation_gate;
+            opts.kube = kube_api.map(|api| bulwark_ca::kube::KubeOptions {
+                api,
+                token_file: kube_token_file,
+                ca_file: kube_ca_file,
+                audience: kube_audience,
+            });
             super::runtime()?.block_on(server::serve(opts, super::shutdown_signal()))?;
             Ok(())
         }

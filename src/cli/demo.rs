@@ -29,6 +29,8 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_LINE: usize = 4096;
 /// Largest upstream HTTP body nested into a response.
 const MAX_UPSTREAM_BODY: usize = 64 * 1024;
+/// Largest `--body-bytes` (the body is held in memory once).
+const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// Idle `--tcp-upstream` connections kept for reuse.
 const TCP_POOL_IDLE: usize = 16;
 /// Queries one `--tcp-upstream` connection serves before it is closed, the
@@ -63,11 +65,18 @@ pub struct DemoArgs {
     /// Serve a line protocol instead of HTTP: each line gets `<name> <line>` back.
     #[arg(long)]
     tcp_echo: bool,
+    /// Answer every HTTP request with exactly this many bytes of body (a
+    /// fixed filler, built once) instead of the short text; for benchmarks.
+    #[arg(long, conflicts_with_all = ["tcp_echo", "upstream", "tcp_upstream"])]
+    body_bytes: Option<usize>,
 }
 
 pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&a.error_rate) {
         anyhow::bail!("--error-rate must be between 0 and 1");
+    }
+    if a.body_bytes.is_some_and(|n| n > MAX_BODY_BYTES) {
+        anyhow::bail!("--body-bytes must be at most {MAX_BODY_BYTES}");
     }
     if let Some(u) = &a.upstream
         && (u.scheme_str() != Some("http") || u.authority().is_none())
@@ -94,6 +103,17 @@ struct App {
     counter: AtomicU64,
     upstream: Option<(hyper::Uri, HttpClient)>,
     tcp_upstream: Option<TcpPool>,
+    /// `--body-bytes`: the body of every answer.
+    fixed_body: Option<Bytes>,
+}
+
+/// `n` bytes of printable filler ending in a newline (when `n > 0`).
+fn filler(n: usize) -> Bytes {
+    let mut b: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
+    if let Some(last) = b.last_mut() {
+        *last = b'\n';
+    }
+    Bytes::from(b)
 }
 
 type HttpClient = hyper_util::client::legacy::Client<
@@ -120,6 +140,7 @@ async fn serve_http(listener: tokio::net::TcpListener, a: DemoArgs) -> anyhow::R
         counter: AtomicU64::new(0),
         upstream,
         tcp_upstream: a.tcp_upstream.map(TcpPool::new),
+        fixed_body: a.body_bytes.map(filler),
     });
     loop {
         let (stream, peer) = listener.accept().await?;
@@ -165,6 +186,13 @@ impl App {
         } else {
             200
         };
+        if let Some(body) = &self.fixed_body {
+            return Response::builder()
+                .status(status)
+                .header("x-served-by", self.name.as_str())
+                .body(Full::new(body.clone()))
+                .expect("valid response");
+        }
         let caller = req
             .headers()
             .get("x-bulwark-peer-identity")

@@ -5,6 +5,8 @@ mod ca;
 mod cert;
 mod demo;
 mod init;
+mod inject;
+mod rollout;
 mod sidecar;
 mod up;
 mod xds;
@@ -56,6 +58,10 @@ enum Command {
     Sidecar(Box<sidecar::SidecarArgs>),
     /// Install (or remove) the interception rules in this network namespace.
     Init(init::InitArgs),
+    /// Print Kubernetes manifests with the sidecar injected (the webhook's logic, offline).
+    Inject(inject::InjectArgs),
+    /// Progressive delivery: move Route weights in the config directory (canary, blue/green).
+    Rollout(rollout::RolloutArgs),
     /// Bring up a local demo mesh (network-namespace pods) and show live traffic.
     Up(up::UpArgs),
     /// Audit log: verify its hash chain and macs.
@@ -77,6 +83,8 @@ pub fn main() -> ExitCode {
         Command::Init(a) => init::run(a),
         Command::DemoApp(a) => demo::run(a),
         Command::Up(a) => up::run(a),
+        Command::Inject(a) => inject::run(a),
+        Command::Rollout(a) => rollout::run(a),
         Command::Audit(c) => audit::run(c),
     };
     match result {

@@ -31,7 +31,15 @@ pub enum XdsCommand {
         /// Extra DNS names for the control plane's serving certificate.
         #[arg(long = "dns-name")]
         dns_names: Vec<String>,
+        /// Where the sidecar injection webhook (HTTPS, POST /inject) listens,
+        /// e.g. 0.0.0.0:15017 (off when absent).
+        #[arg(long)]
+        webhook_listen: Option<SocketAddr>,
+        #[command(flatten)]
+        inject: Box<super::inject::InjectFlags>,
     },
+    /// Print the CustomResourceDefinitions of the config kinds (generated from the model).
+    Crds,
     /// List connected sidecars, what they applied, and whether the mesh has converged.
     Status {
         /// The control plane's admin address (its --admin-listen).
@@ -50,8 +58,12 @@ pub fn run(cmd: XdsCommand) -> anyhow::Result<()> {
             admin_listen,
             endpoint_grace,
             dns_names,
+            webhook_listen,
+            inject,
         } => {
             let mut opts = bulwark_xds::ServeOptions::new(config, ca_dir);
+            opts.webhook_listen = webhook_listen;
+            opts.inject = inject.config();
             opts.listen = listen;
             opts.admin_listen = Some(admin_listen);
             opts.endpoint_grace = endpoint_grace;
@@ -59,6 +71,10 @@ pub fn run(cmd: XdsCommand) -> anyhow::Result<()> {
             serve(opts)
         }
         XdsCommand::Status { xds } => status(&xds),
+        XdsCommand::Crds => {
+            print!("{}", bulwark_xds::crds::crds_yaml());
+            Ok(())
+        }
     }
 }
 

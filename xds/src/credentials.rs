@@ -168,6 +168,23 @@ impl Credentials {
         Ok(cfg)
     }
 
+    /// The trust domain of the CA directory.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The rustls configuration of the injection webhook: the same serving
+    /// certificate, HTTP/1.1, no client certificate (the API server
+    /// authenticates the webhook, not the other way round).
+    pub fn webhook_server_config(self: &Arc<Self>) -> Result<rustls::ServerConfig, rustls::Error> {
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(ServingCert(self.clone())));
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(cfg)
+    }
+
     /// Re-reads the directory if it changed, and renews the serving
     /// certificate when due. Blocking (file I/O, key generation). A broken
     /// directory is logged and the current material kept.

@@ -35,17 +35,21 @@ pub mod admin;
 mod canonical;
 pub mod compile;
 pub mod credentials;
+pub mod crds;
 pub mod duration;
+pub mod inject;
 pub mod load;
 pub mod metrics;
 pub mod model;
 pub mod registry;
+pub mod rollout;
 pub mod server;
 pub mod snapshot;
 pub mod status;
 mod stream;
 pub mod validate;
 pub mod watch;
+pub mod webhook;
 
 use std::path::Path;
 

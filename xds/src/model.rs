@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 use std::ops::Deref;
 use std::path::PathBuf;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 /// The only `apiVersion` this release understands.
@@ -203,7 +204,7 @@ pub(crate) struct Envelope<S> {
 }
 
 /// `metadata`: identity of the document.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Metadata {
     pub name: Located<String>,
@@ -233,7 +234,7 @@ fn default_namespace() -> Located<String> {
 ///     mode: STRICT                # STRICT (default) | PERMISSIVE
 ///   outboundPolicy: ALLOW_ANY     # ALLOW_ANY (default) | REGISTRY_ONLY
 /// ```
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MeshConfigSpec {
     #[serde(default = "default_trust_domain")]
@@ -261,14 +262,14 @@ fn default_trust_domain() -> Located<String> {
     Located::unlocated(DEFAULT_TRUST_DOMAIN.to_string())
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Mtls {
     #[serde(default)]
     pub mode: MtlsMode,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum MtlsMode {
     /// Sidecars accept only mTLS from mesh identities.
@@ -278,7 +279,7 @@ pub enum MtlsMode {
     Permissive,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum OutboundPolicy {
     /// Traffic to destinations the mesh does not know passes through.
@@ -309,7 +310,7 @@ pub enum OutboundPolicy {
 ///     app: api
 ///   addresses: [10.96.0.20]   # virtual IPs clients may dial
 /// ```
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServiceSpec {
     pub ports: Located<Vec<PortSpec>>,
@@ -322,7 +323,7 @@ pub struct ServiceSpec {
 }
 
 /// One port of a Service or ServiceEntry.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PortSpec {
     pub port: Located<u32>,
@@ -334,7 +335,7 @@ pub struct PortSpec {
     pub target_port: Option<Located<u32>>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Http,
@@ -372,7 +373,7 @@ pub enum Protocol {
 ///       ports: [443]            # optional: default the service's target ports
 ///       weight: 1               # optional, default 1
 /// ```
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServiceEntrySpec {
     #[serde(default)]
@@ -386,7 +387,7 @@ pub struct ServiceEntrySpec {
     pub endpoints: Vec<EndpointSpec>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 pub enum MeshLocation {
     #[default]
     #[serde(rename = "MESH_EXTERNAL")]
@@ -396,7 +397,7 @@ pub enum MeshLocation {
 }
 
 /// One workload instance of a ServiceEntry.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct EndpointSpec {
     pub address: Located<String>,
@@ -452,14 +453,14 @@ pub struct EndpointSpec {
 ///         budgetRatio: 0.2            # default 0.2
 ///         budgetMinPerSecond: 10      # default 10
 /// ```
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteSpec {
     pub service: Located<String>,
     pub rules: Located<Vec<RouteRule>>,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteRule {
     #[serde(default)]
@@ -476,7 +477,7 @@ pub struct RouteRule {
     pub retry: Option<Located<RetrySpec>>,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteMatch {
     #[serde(default)]
@@ -488,7 +489,7 @@ pub struct RouteMatch {
 }
 
 /// A string test: exactly one of the three.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StringMatch {
     #[serde(default)]
@@ -501,7 +502,7 @@ pub struct StringMatch {
 
 /// A header test: one of `exact`, `prefix`, `regex`, `absent: true`, or none
 /// of them (the header is present).
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HeaderMatch {
     pub name: Located<String>,
@@ -516,7 +517,7 @@ pub struct HeaderMatch {
 }
 
 /// Where a rule sends traffic.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Backend {
     pub service: Located<String>,
@@ -531,14 +532,14 @@ pub struct Backend {
 }
 
 /// A request whose header matches goes to `backend`, whatever the weights.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Override {
     pub header: Located<HeaderMatch>,
     pub backend: Located<Backend>,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RetrySpec {
     pub attempts: Located<u32>,
@@ -596,7 +597,7 @@ pub struct RetrySpec {
 ///     unhealthyThreshold: 3       # default 3
 ///     healthyThreshold: 2         # default 2
 /// ```
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicySpec {
     pub service: Located<String>,
@@ -617,7 +618,7 @@ pub struct TrafficPolicySpec {
 }
 
 /// Concurrency limits; a field left out means no limit from this policy.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Bulkhead {
     #[serde(default)]
@@ -628,7 +629,7 @@ pub struct Bulkhead {
     pub max_pending: Option<Located<u32>>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CircuitBreakerSpec {
     #[serde(default)]
@@ -645,7 +646,7 @@ pub struct CircuitBreakerSpec {
     pub half_open_requests: Option<Located<u32>>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct OutlierDetectionSpec {
     #[serde(default, rename = "consecutive5xx")]
@@ -658,7 +659,7 @@ pub struct OutlierDetectionSpec {
     pub max_ejection_percent: Option<Located<u32>>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum LbAlgorithm {
     /// Power of two choices, fewest outstanding requests.
@@ -669,7 +670,7 @@ pub enum LbAlgorithm {
     PeakEwma,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RateLimitSpec {
     pub requests_per_second: Located<u32>,
@@ -677,7 +678,7 @@ pub struct RateLimitSpec {
     pub burst: Option<Located<u32>>,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HealthCheckSpec {
     pub path: Located<String>,
@@ -710,7 +711,7 @@ pub struct HealthCheckSpec {
 ///         - prefix: /api/
 ///       methods: [GET, POST]      # optional: any of these
 /// ```
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthorizationPolicySpec {
     pub service: Located<String>,
@@ -718,7 +719,7 @@ pub struct AuthorizationPolicySpec {
     pub rules: Vec<Located<AuthorizationRule>>,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthorizationRule {
     #[serde(default)]

@@ -83,6 +83,11 @@ pub struct ServeOptions {
     pub ca_poll: Duration,
     /// Quiet time after a change before a snapshot is built.
     pub debounce: Duration,
+    /// Where the sidecar injection webhook (HTTPS) listens; `None` for off.
+    pub webhook_listen: Option<SocketAddr>,
+    /// What injected pods point at (its trust domain is replaced by the
+    /// CA directory's).
+    pub inject: crate::inject::InjectConfig,
 }
 
 impl ServeOptions {
@@ -101,6 +106,8 @@ impl ServeOptions {
             config_settle: crate::watch::DEFAULT_SETTLE,
             ca_poll: crate::credentials::DEFAULT_CA_POLL,
             debounce: Duration::from_millis(100),
+            webhook_listen: None,
+            inject: crate::inject::InjectConfig::default(),
         }
     }
 }
@@ -199,6 +206,7 @@ pub struct ControlPlane {
     listener: TcpListener,
     admin: Option<TcpListener>,
     tls: Arc<rustls::ServerConfig>,
+    webhook: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
     opts: ServeOptions,
 }
 
@@ -225,6 +233,9 @@ impl ControlPlane {
                 error,
             })?;
         let tls = Arc::new(credentials.server_config()?);
+        let webhook_tls = Arc::new(credentials.webhook_server_config()?);
+        let mut opts = opts;
+        opts.inject.trust_domain = credentials.trust_domain().to_string();
         let config = Arc::new(config);
         let registry = Registry::new(opts.endpoint_grace);
         let first = Snapshot::build(
@@ -255,11 +266,21 @@ impl ControlPlane {
             ),
             None => None,
         };
+        let webhook = match opts.webhook_listen {
+            Some(a) => Some((
+                TcpListener::bind(a)
+                    .await
+                    .map_err(|e| ServeError::Listen(a, e))?,
+                webhook_tls,
+            )),
+            None => None,
+        };
         Ok(Self {
             shared,
             listener,
             admin,
             tls,
+            webhook,
             opts,
         })
     }
@@ -274,6 +295,11 @@ impl ControlPlane {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// The bound webhook address, if any.
+    pub fn webhook_addr(&self) -> Option<SocketAddr> {
+        self.webhook.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
     pub fn handle(&self) -> Handle {
         Handle(self.shared.clone())
     }
@@ -286,6 +312,7 @@ impl ControlPlane {
             listener,
             admin,
             tls,
+            webhook,
             opts,
         } = self;
         let mut tasks = tokio::task::JoinSet::new();
@@ -302,6 +329,16 @@ impl ControlPlane {
                 tracing::info!(%addr, "admin endpoint listening (/status, /metrics)");
             }
             tasks.spawn(crate::admin::serve(l, Handle(shared.clone())));
+        }
+        if let Some((l, wtls)) = webhook {
+            if let Ok(addr) = l.local_addr() {
+                tracing::info!(%addr, "injection webhook listening (POST /inject)");
+            }
+            tasks.spawn(crate::webhook::serve(
+                l,
+                wtls,
+                Arc::new(opts.inject.clone()),
+            ));
         }
         tracing::info!(
             addr = %listener.local_addr().unwrap_or(opts.listen),

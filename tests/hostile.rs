@@ -1,0 +1,253 @@
+//! Hostile input and shutdown: garbage, half-open and slowloris connections
+//! on every port, oversized headers, connection floods, and SIGTERM drain.
+
+mod common;
+mod netns;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::wait_for;
+use netns::Pod;
+use netns::mesh::{Mesh, TD, metric_sum, spiffe};
+
+const VIP: &str = "198.18.100.1";
+
+fn config(api: &Pod) -> String {
+    format!(
+        "apiVersion: bulwark.dev/v1\nkind: MeshConfig\nmetadata:\n  name: mesh\nspec:\n  trustDomain: {TD}\n  mtls:\n    mode: STRICT\n  outboundPolicy: REGISTRY_ONLY\n---\napiVersion: bulwark.dev/v1\nkind: Service\nmetadata:\n  name: api\n  namespace: default\nspec:\n  ports:\n    - port: 8080\n      protocol: http\n  identities:\n    - {id}\n  addresses:\n    - {VIP}\n---\napiVersion: bulwark.dev/v1\nkind: ServiceEntry\nmetadata:\n  name: api\n  namespace: default\nspec:\n  location: MESH_INTERNAL\n  ports:\n    - port: 8080\n      protocol: http\n  endpoints:\n    - address: {ip}\n      identity: {id}\n",
+        id = spiffe("api"),
+        ip = api.ip
+    )
+}
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Throws garbage, a half-open connection and a slowloris at `addr` from
+/// inside namespace `ns`.
+fn abuse(ns: &str, addr: SocketAddr) {
+    let ns = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        netns::enter(&ns);
+        for payload in [
+            &b"\x00\xff garbage \x16\x03"[..],
+            &[0x16, 0x03, 0x01, 0x40, 0x00, 1, 2, 3][..],
+            &[b'A'; 70_000][..],
+        ] {
+            if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                let _ = s.write_all(payload);
+                let _ = s.shutdown(std::net::Shutdown::Write);
+                s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+                let mut buf = [0u8; 512];
+                let _ = s.read(&mut buf);
+            }
+        }
+        // Half-open: connect and say nothing; slowloris: a header a byte at a time.
+        let idle = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok();
+        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            for b in b"GET / HTTP/1.1\r\nX-Slow: " {
+                if s.write_all(&[*b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20)); // the attack's own pacing
+            }
+        }
+        drop(idle);
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn garbage_half_open_and_slowloris_on_every_port_leave_the_mesh_serving() {
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.add_pod("web");
+    let api = mesh.add_pod("api");
+    let _x = mesh.add_pod("attacker");
+    mesh.write_config(&config(&api));
+    std::fs::create_dir_all(mesh.config_dir()).unwrap();
+    mesh.write_cp_file("mesh.yaml", &config(&api));
+    mesh.start_control_plane("cp1", 15010);
+    mesh.start_sidecar("web", "web", &[]);
+    mesh.start_sidecar("api", "api", &[]);
+    mesh.wait_ready("web");
+    mesh.wait_ready("api");
+    let api_sidecar = mesh.net.proc_mut(mesh.pod("api").sidecar.unwrap()).pid();
+    let (fd0, rss0) = (fds(api_sidecar), rss_kb(api_sidecar));
+    let attacker = mesh.pod("attacker").pod.ns.clone();
+    let targets = [
+        (attacker.as_str(), format!("{}:8080", api.ip)), // -> inbound capture 15006
+        (attacker.as_str(), format!("{}:15006", api.ip)), // direct: no original destination
+        (attacker.as_str(), format!("{}:15020", api.ip)), // metrics/health
+        (attacker.as_str(), "198.18.0.1:15010".to_string()), // control plane
+        (attacker.as_str(), "198.18.0.1:15012".to_string()), // CA
+    ];
+    for (ns, addr) in &targets {
+        abuse(ns, addr.parse().unwrap());
+    }
+    // From inside the pod, straight at the outbound listener (no redirect: a loop).
+    abuse(&api.ns, "127.0.0.1:15001".parse().unwrap());
+    // Everything still works.
+    let out = mesh.curl("web", &format!("http://{VIP}:8080/after-abuse"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for i in [
+        mesh.pod("api").sidecar.unwrap(),
+        mesh.pod("web").sidecar.unwrap(),
+        mesh.ca_proc,
+    ] {
+        assert!(
+            mesh.net.proc_mut(i).child.try_wait().unwrap().is_none(),
+            "a process died"
+        );
+    }
+    let m = mesh.metrics("api");
+    assert!(
+        metric_sum(&m, "bulwark_tcp_refused_total", &["direction=\"inbound\""]) >= 3.0,
+        "{m}"
+    );
+    let (fd1, rss1) = wait_for(
+        "descriptors to be released",
+        Duration::from_secs(20),
+        || {
+            let f = fds(api_sidecar);
+            (f <= fd0 + 4).then_some((f, rss_kb(api_sidecar)))
+        },
+    );
+    println!("api sidecar: fds {fd0} -> {fd1}, rss {rss0} kB -> {rss1} kB");
+    assert!(
+        rss1 < rss0 + 20_000,
+        "memory grew by {} kB",
+        rss1.saturating_sub(rss0)
+    );
+}
+
+#[test]
+fn oversized_headers_get_431_and_a_connection_flood_is_refused_fast() {
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.add_pod("web");
+    let api = mesh.add_pod("api");
+    mesh.write_config(&config(&api));
+    mesh.start_sidecar("web", "web", &["--max-connections", "40"]);
+    mesh.start_sidecar("api", "api", &[]);
+    mesh.wait_ready("web");
+    mesh.wait_ready("api");
+    let ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
+    let (status, flood) = std::thread::spawn(move || {
+        netns::enter(&ns);
+        let target: SocketAddr = format!("{VIP}:8080").parse().unwrap();
+        let mut s = TcpStream::connect(target).unwrap();
+        let big = "x".repeat(100 * 1024);
+        let _ = write!(s, "GET / HTTP/1.1\r\nHost: api\r\nX-Big: {big}\r\n\r\n");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap_or(0);
+        let status = String::from_utf8_lossy(&buf[..n]).to_string();
+        // 200 idle connections against a limit of 40.
+        let t = Instant::now();
+        let mut conns = Vec::with_capacity(200);
+        let mut refused = 0;
+        for _ in 0..200 {
+            match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+                Ok(c) => conns.push(c),
+                Err(_) => refused += 1,
+            }
+        }
+        let reset = 0;
+        drop(conns);
+        (status, (refused, reset, t.elapsed()))
+    })
+    .join()
+    .unwrap();
+    assert!(status.starts_with("HTTP/1.1 431"), "{status}");
+    println!(
+        "flood: 200 connections opened in {:?} ({} refused at connect)",
+        flood.2, flood.0
+    );
+    let _ = flood.1;
+    let m = mesh.metrics("web");
+    let overload = metric_sum(&m, "bulwark_tcp_refused_total", &["reason=\"overload\""]);
+    assert!(
+        overload >= 150.0,
+        "{overload} connections refused as overload\n{m}"
+    );
+    // And it still serves once the flood is gone.
+    wait_for("service after the flood", Duration::from_secs(10), || {
+        mesh.curl("web", &format!("http://{VIP}:8080/"))
+            .status
+            .success()
+            .then_some(())
+    });
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_before_exiting() {
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.add_pod("web");
+    let api = mesh.add_pod("api");
+    mesh.write_config(&config(&api));
+    mesh.set_app_args("api", &["--latency", "1500ms"]);
+    mesh.start_sidecar("web", "web", &["--drain-grace", "10s"]);
+    mesh.start_sidecar("api", "api", &["--drain-grace", "10s"]);
+    mesh.wait_ready("web");
+    mesh.wait_ready("api");
+    // Ten slow requests in flight through api's sidecar...
+    let ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
+    let clients: Vec<_> = (0..10)
+        .map(|_| {
+            let ns = ns.clone();
+            std::thread::spawn(move || {
+                netns::enter(&ns);
+                netns::http_get(format!("{VIP}:8080").parse().unwrap(), "/slow").unwrap_or_default()
+            })
+        })
+        .collect();
+    wait_for("requests in flight", Duration::from_secs(10), || {
+        (metric_sum(
+            &mesh.metrics("web"),
+            "bulwark_tls_handshakes_total",
+            &["result=\"ok\""],
+        ) >= 1.0)
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300)); // let all ten reach the app
+    // ...when it gets SIGTERM.
+    let i = mesh.pod("api").sidecar.unwrap();
+    let t = Instant::now();
+    let pid = mesh.net.proc_mut(i).pid() as i32;
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let results: Vec<String> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let ok = results.iter().filter(|r| r.contains(" 200 OK")).count();
+    assert_eq!(ok, 10, "in-flight requests completed: {results:?}");
+    wait_for("the sidecar to exit", Duration::from_secs(15), || {
+        mesh.net.proc_mut(i).child.try_wait().unwrap().map(|_| ())
+    });
+    println!("drained and exited {:?} after SIGTERM", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "exited within the grace period"
+    );
+}

@@ -462,17 +462,26 @@ fn bulkhead_rejects_fast_and_isolates_a_slow_service_from_a_fast_one() {
         Duration::from_millis(5),
     );
     assert!(warm.iter().all(|(c, _)| *c == 200));
-    let unloaded = p99(hammer(
-        &mesh,
-        "web",
-        "198.18.100.3",
-        "/",
-        200,
-        Duration::from_millis(5),
-    )
-    .into_iter()
-    .map(|r| r.1)
-    .collect());
+    // p99 of the fast service, as the median of three runs: one stray
+    // scheduling hiccup on a 2-core machine must not decide the verdict.
+    let fast_p99 = |mesh: &Mesh| {
+        let mut runs: Vec<Duration> = (0..3)
+            .map(|_| {
+                let r = hammer(
+                    mesh,
+                    "web",
+                    "198.18.100.3",
+                    "/",
+                    150,
+                    Duration::from_millis(5),
+                );
+                p99(r.into_iter().map(|r| r.1).collect())
+            })
+            .collect();
+        runs.sort();
+        runs[1]
+    };
+    let unloaded = fast_p99(&mesh);
 
     // Saturate `slow` from the same pod: 8 clients for 4 slots + 2 queued.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -504,17 +513,7 @@ fn bulkhead_rejects_fast_and_isolates_a_slow_service_from_a_fast_one() {
         ) >= 4.0)
             .then_some(())
     });
-    let loaded = p99(hammer(
-        &mesh,
-        "web",
-        "198.18.100.3",
-        "/",
-        200,
-        Duration::from_millis(5),
-    )
-    .into_iter()
-    .map(|r| r.1)
-    .collect());
+    let loaded = fast_p99(&mesh);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let results: Vec<(u16, Duration, bool)> = clients
         .into_iter()
@@ -998,19 +997,36 @@ fn admin_shows_clusters_and_changes_the_log_filter_at_run_time() {
 #[test]
 fn inbound_decisions_land_in_a_verifiable_audit_log() {
     let _serial = serial();
-    let Some(mut mesh) = Mesh::start(&[]) else { return };
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
     mesh.add_pod("web");
     mesh.add_pod("db");
     let v1 = mesh.add_pod("api-v1");
     let v2 = mesh.add_pod("api-v2");
-    mesh.write_config(&l7_config(&[(&v1, "api", "v1"), (&v2, "api", "v2")], &canary_route(0), ""));
+    mesh.write_config(&l7_config(
+        &[(&v1, "api", "v1"), (&v2, "api", "v2")],
+        &canary_route(0),
+        "",
+    ));
     let key = mesh.net.dir.join("audit.key");
-    std::fs::write(&key, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff").unwrap();
+    std::fs::write(
+        &key,
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+    )
+    .unwrap();
     let audit_dir = mesh.net.dir.join("audit");
-    let (k, d) = (key.to_str().unwrap().to_string(), audit_dir.to_str().unwrap().to_string());
+    let (k, d) = (
+        key.to_str().unwrap().to_string(),
+        audit_dir.to_str().unwrap().to_string(),
+    );
     mesh.start_sidecar("web", "web", &[]);
     mesh.start_sidecar("db", "db", &[]);
-    mesh.start_sidecar("api-v1", "api", &["--audit-dir", &d, "--audit-key-file", &k]);
+    mesh.start_sidecar(
+        "api-v1",
+        "api",
+        &["--audit-dir", &d, "--audit-key-file", &k],
+    );
     mesh.start_sidecar("api-v2", "api", &[]);
     for p in ["web", "db", "api-v1", "api-v2"] {
         mesh.wait_ready(p);
@@ -1020,17 +1036,99 @@ fn inbound_decisions_land_in_a_verifiable_audit_log() {
     // SIGTERM flushes the log.
     let i = mesh.pod("api-v1").sidecar.unwrap();
     mesh.net.proc_mut(i).terminate(Duration::from_secs(10));
-    let files: Vec<String> = std::fs::read_dir(&audit_dir).unwrap().map(|e| e.unwrap().path().to_str().unwrap().to_string()).collect();
-    let text: String = files.iter().map(|f| std::fs::read_to_string(f).unwrap()).collect();
-    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let allow = lines.iter().find(|l| l["decision"] == "allow" && l["path"] == "/orders").expect("allowed request audited");
+    let files: Vec<String> = std::fs::read_dir(&audit_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path().to_str().unwrap().to_string())
+        .collect();
+    let text: String = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let allow = lines
+        .iter()
+        .find(|l| l["decision"] == "allow" && l["path"] == "/orders")
+        .expect("allowed request audited");
     assert_eq!(allow["source_identity"], spiffe("web"));
     assert_eq!(allow["policy"], "AuthorizationPolicy default/api-callers");
-    let deny = lines.iter().find(|l| l["decision"] == "deny").expect("denied request audited");
+    let deny = lines
+        .iter()
+        .find(|l| l["decision"] == "deny")
+        .expect("denied request audited");
     assert_eq!(deny["source_identity"], spiffe("db"));
     assert_eq!(deny["path"], "/private");
     let mut args = vec!["audit", "verify", "--key-file", &k];
     args.extend(files.iter().map(String::as_str));
     let out = common::run_ok(&args);
     assert!(out.starts_with("ok: "), "{out}");
+}
+
+#[test]
+fn round_robin_alternates_and_max_connections_caps_tcp_to_a_service() {
+    let _serial = serial();
+    let policy = "---\napiVersion: bulwark.dev/v1\nkind: TrafficPolicy\nmetadata:\n  name: api\n  namespace: default\nspec:\n  service: api\n  lb: ROUND_ROBIN\n";
+    let Some((mut mesh, _)) = start("", policy, &[]) else {
+        return;
+    };
+    let (v1, v2, bad) = split(&mesh, "web", 20, &[]);
+    assert_eq!((v1, v2, bad), (10, 10, 0), "round robin over two endpoints");
+
+    // An opaque TCP service limited to 2 concurrent connections.
+    let echo = mesh.add_pod("echo");
+    let cfg = format!(
+        "{MESH}---\napiVersion: bulwark.dev/v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: default\nspec:\n  ports:\n    - port: 8080\n      protocol: tcp\n  identities:\n    - {id}\n  addresses:\n    - 198.18.100.9\n---\napiVersion: bulwark.dev/v1\nkind: ServiceEntry\nmetadata:\n  name: echo\n  namespace: default\nspec:\n  location: MESH_INTERNAL\n  ports:\n    - port: 8080\n      protocol: tcp\n  endpoints:\n    - address: {ip}\n      identity: {id}\n---\napiVersion: bulwark.dev/v1\nkind: TrafficPolicy\nmetadata:\n  name: echo\n  namespace: default\nspec:\n  service: echo\n  bulkhead:\n    maxConnections: 2\n    maxRequests: 10\n    maxPending: 1\n",
+        id = spiffe("echo"),
+        ip = echo.ip
+    );
+    mesh.write_config(&cfg);
+    mesh.set_app_args("echo", &["--tcp-echo"]);
+    mesh.start_sidecar("echo", "echo", &[]);
+    mesh.wait_ready("echo");
+    wait_for(
+        "web to learn the echo service",
+        Duration::from_secs(10),
+        || {
+            (metric_sum(
+                &mesh.metrics("web"),
+                "bulwark_config_updates_total",
+                &["result=\"applied\""],
+            ) >= 2.0)
+                .then_some(())
+        },
+    );
+    let ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
+    let answers = std::thread::spawn(move || {
+        use std::io::{BufRead, BufReader, Write};
+        netns::enter(&ns);
+        let conns: Vec<std::net::TcpStream> = (0..3)
+            .map(|_| std::net::TcpStream::connect("198.18.100.9:8080").unwrap())
+            .collect();
+        conns
+            .into_iter()
+            .map(|mut c| {
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let _ = c.write_all(b"ping\n");
+                let mut line = String::new();
+                let _ = BufReader::new(&c).read_line(&mut line);
+                !line.is_empty()
+            })
+            .collect::<Vec<bool>>()
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        answers.iter().filter(|a| **a).count(),
+        2,
+        "two served, the third concurrent one refused: {answers:?}"
+    );
+    assert!(
+        metric_sum(
+            &mesh.metrics("web"),
+            "bulwark_tcp_refused_total",
+            &["reason=\"bulkhead_full\""]
+        ) >= 1.0
+    );
 }

@@ -58,6 +58,24 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
     match snap.outbound(dst) {
         Decision::Mesh(up) => {
             let peer_id = up.identity.clone().expect("mesh upstream has an identity");
+            // Bulkhead for opaque TCP: at most `maxConnections` to the service.
+            let policy = snap.policy(&up.service).cloned();
+            let guards = proxy.guards.for_service(&up.service, policy.as_deref());
+            let _slot = match &guards.connections {
+                Some(sem) => match sem.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        m.refused("outbound", "bulkhead_full");
+                        m.bulkhead_rejections
+                            .get_or_create(&crate::telemetry::ServiceLabel {
+                                service: up.service.clone(),
+                            })
+                            .inc();
+                        return reset(down);
+                    }
+                },
+                None => None,
+            };
             let tcp = match tokio::time::timeout(
                 proxy.connect_timeout,
                 connect_marked(up.addr, proxy.mark),

@@ -132,6 +132,24 @@ pub fn p2c(
     }
 }
 
+/// Round robin among the available endpoints (all of them if none is).
+pub fn round_robin<'a>(
+    eps: &'a [Arc<EndpointState>],
+    now: Instant,
+    next: &AtomicUsize,
+) -> Option<&'a Arc<EndpointState>> {
+    let avail: Vec<&Arc<EndpointState>> = eps.iter().filter(|e| e.available(now)).collect();
+    let pool: Vec<&Arc<EndpointState>> = if avail.is_empty() {
+        eps.iter().collect()
+    } else {
+        avail
+    };
+    if pool.is_empty() {
+        return None;
+    }
+    Some(pool[next.fetch_add(1, Ordering::Relaxed) % pool.len()])
+}
+
 /// A uniform random index below `n`, from a cheap thread-local generator
 /// (load balancing needs spread, not secrecy).
 pub fn rand_below(n: usize) -> usize {
@@ -200,6 +218,18 @@ mod tests {
         let now = Instant::now();
         e[0].record(false, 1, Duration::from_secs(30), now);
         assert!(p2c(&e, now, rand_below).is_some());
+    }
+
+    #[test]
+    fn round_robin_cycles_over_available_endpoints() {
+        let e = eps(3);
+        let now = Instant::now();
+        e[1].record(false, 1, Duration::from_secs(30), now);
+        let next = AtomicUsize::new(0);
+        let picks: Vec<SocketAddr> = (0..4)
+            .map(|_| round_robin(&e, now, &next).unwrap().addr)
+            .collect();
+        assert_eq!(picks, vec![e[0].addr, e[2].addr, e[0].addr, e[2].addr]);
     }
 
     #[test]

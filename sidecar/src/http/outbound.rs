@@ -327,9 +327,14 @@ async fn send_with_retries(
             .cloned()
             .collect();
         let pool = if fresh.is_empty() { &states } else { &fresh };
-        let ep = p2c(pool, Instant::now(), rand_below)
-            .expect("non-empty")
-            .clone();
+        let round_robin = policy.is_some_and(|p| p.lb == v1::LbAlgorithm::RoundRobin as i32);
+        let ep = if round_robin {
+            crate::balance::round_robin(pool, Instant::now(), &guards.rr)
+        } else {
+            p2c(pool, Instant::now(), rand_below)
+        }
+        .expect("non-empty")
+        .clone();
         tried.push(ep.addr);
         let up = plan
             .upstreams

@@ -14,6 +14,10 @@ use super::bulkhead::Bulkhead;
 #[derive(Debug)]
 pub struct ServiceGuards {
     pub budget: super::budget::RetryBudget,
+    /// Round-robin position (when the policy asks for round robin).
+    pub rr: std::sync::atomic::AtomicUsize,
+    /// Concurrent TCP connections to the service (`maxConnections`).
+    pub connections: Option<Arc<tokio::sync::Semaphore>>,
     pub bulkhead: Option<Bulkhead>,
     pub breaker: Option<Breaker>,
     pub rate_limit: Option<TokenBucket>,
@@ -25,6 +29,8 @@ impl ServiceGuards {
     fn build(p: Option<&v1::TrafficPolicy>) -> Self {
         let Some(p) = p else {
             return Self {
+                rr: Default::default(),
+                connections: None,
                 budget: Default::default(),
                 bulkhead: None,
                 breaker: None,
@@ -46,7 +52,11 @@ impl ServiceGuards {
             .map(|r| TokenBucket::new(f64::from(r.requests_per_second), r.burst.max(1)));
         let mut source = p.clone();
         source.source = None;
+        let connections = (p.max_connections > 0)
+            .then(|| Arc::new(tokio::sync::Semaphore::new(p.max_connections as usize)));
         Self {
+            rr: Default::default(),
+            connections,
             budget: Default::default(),
             bulkhead,
             breaker,

@@ -4,6 +4,7 @@
 //! control plane's RSS and CPU seconds per push.
 //! `cargo test --release --test xds_scale -- --ignored --nocapture`
 
+#[path = "../common/mod.rs"]
 mod common;
 
 use std::net::SocketAddr;

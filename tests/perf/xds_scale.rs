@@ -154,10 +154,19 @@ fn one_control_plane_with_a_thousand_sidecar_streams() {
     let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant)>();
     let (synced_tx, mut synced_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
     let connected_at = Instant::now();
+    // A fleet does not start in one instant: at most 64 handshakes at a time.
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
     for (i, svid) in svids.into_iter().enumerate() {
-        let (bundle, seen_tx, synced_tx) = (bundle.clone(), seen_tx.clone(), synced_tx.clone());
+        let (bundle, seen_tx, synced_tx, gate) = (
+            bundle.clone(),
+            seen_tx.clone(),
+            synced_tx.clone(),
+            gate.clone(),
+        );
         rt.spawn(async move {
+            let permit = gate.acquire_owned().await.unwrap();
             let mut client = connect(addr, &svid, bundle).await;
+            drop(permit);
             let (tx, rx) = tokio::sync::mpsc::channel(16);
             for (n, t) in type_url::ALL.iter().enumerate() {
                 tx.send(DeltaDiscoveryRequest {

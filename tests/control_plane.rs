@@ -111,7 +111,7 @@ fn config_edit_reaches_every_sidecar_within_a_second_and_status_shows_convergenc
         !mesh.curl("db", &url).status.success(),
         "db is not allowed yet"
     );
-    let v0 = converged_version(&mesh, None, Duration::from_secs(10));
+    let v0 = settled_version(&mesh);
 
     let t0 = Instant::now();
     mesh.write_cp_file("authz.yaml", &authz(&["web", "db"]));
@@ -160,7 +160,7 @@ fn invalid_config_keeps_the_old_snapshot_and_sidecar_side_rejections_are_nacked(
         return;
     };
     let url = api_url(&mesh);
-    let v0 = converged_version(&mesh, None, Duration::from_secs(10));
+    let v0 = settled_version(&mesh);
 
     // Broken YAML: `validate` names the file and line; the server keeps serving v0.
     mesh.write_cp_file("bad.yaml", "apiVersion: bulwark.dev/v1\nkind: Service\nmetadata:\n  name: broken\nspec:\n  ports:\n    - port: 99999\n");
@@ -219,6 +219,24 @@ fn invalid_config_keeps_the_old_snapshot_and_sidecar_side_rejections_are_nacked(
     });
 }
 
+/// The version the control plane says everyone converged on, once every
+/// sidecar reports it too (registry updates after start-up settle first).
+fn settled_version(mesh: &Mesh) -> String {
+    wait_for("the mesh to settle", Duration::from_secs(20), || {
+        let s = mesh.xds_status(CP1_ADMIN);
+        let line = s.lines().find(|l| l.starts_with("converged: yes"))?;
+        let v = line
+            .split("version ")
+            .nth(1)?
+            .trim_end_matches(')')
+            .to_string();
+        ["web", "api", "db"]
+            .iter()
+            .all(|p| mesh.applied_version(p).as_deref() == Some(v.as_str()))
+            .then_some(v)
+    })
+}
+
 fn mesh_log_contains(mesh: &Mesh, name: &str, needle: &str) -> bool {
     std::fs::read_to_string(mesh.net.dir.join(format!("{name}.log")))
         .unwrap_or_default()
@@ -236,7 +254,7 @@ fn losing_control_planes_drops_no_request_and_sidecars_fail_over_without_resends
     wait_for("web to reach api", Duration::from_secs(10), || {
         mesh.curl("web", &url).status.success().then_some(())
     });
-    let v0 = converged_version(&mesh, None, Duration::from_secs(10));
+    let v0 = settled_version(&mesh);
 
     let target: SocketAddr = format!("{}:8080", mesh.pod("api").pod.ip).parse().unwrap();
     let web_ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);

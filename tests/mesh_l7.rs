@@ -944,7 +944,7 @@ fn admin_shows_clusters_and_changes_the_log_filter_at_run_time() {
             .exec_ok(&ns, &["curl", "-s", "http://127.0.0.1:15000/clusters"]),
     )
     .unwrap();
-    let api = clusters["default/api"].as_array().unwrap();
+    let api = clusters["default/api"]["endpoints"].as_array().unwrap();
     assert_eq!(api.len(), 2, "{clusters}");
     for p in &pods {
         assert!(

@@ -98,7 +98,14 @@ fn clusters(proxy: &Proxy) -> String {
                 })
             })
             .collect();
-        out.insert(key, serde_json::Value::Array(eps));
+        let breaker = proxy
+            .guards
+            .peek(&key)
+            .and_then(|g| g.breaker.as_ref().map(|b| format!("{:?}", b.state())));
+        out.insert(
+            key,
+            serde_json::json!({"breaker": breaker, "endpoints": eps}),
+        );
     }
     serde_json::Value::Object(out).to_string()
 }
@@ -200,6 +207,7 @@ fn certs(proxy: &Proxy) -> String {
             "not_before": s.not_before,
             "not_after": s.not_after,
             "trust_bundle_roots": s.bundle.roots().len(),
+            "chain_pem": s.chain_pem,
         })
         .to_string(),
         None => {

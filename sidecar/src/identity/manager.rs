@@ -93,6 +93,7 @@ impl CertManager {
         self.bundle.store(Arc::new(svid.bundle.clone()));
         self.cert.set(ck);
         self.metrics.cert_expiry.set(svid.not_after);
+        self.metrics.cert_issued.set(now_unix());
         tracing::info!(identity = %svid.identity, serial = %svid.serial, not_after = svid.not_after, roots = svid.bundle.roots().len(), "SVID installed");
         self.svid.store(Some(Arc::new(svid)));
         Ok(())

@@ -72,6 +72,15 @@ pub struct Guards {
 }
 
 impl Guards {
+    /// The guards of `service` if any request built them yet.
+    pub fn peek(&self, service: &str) -> Option<Arc<ServiceGuards>> {
+        self.by_service
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(service)
+            .cloned()
+    }
+
     pub fn for_service(
         &self,
         service: &str,

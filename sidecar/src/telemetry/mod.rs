@@ -96,6 +96,7 @@ pub struct Metrics {
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
     pub authz_denials: Family<DenialLabels, Counter>,
     pub cert_expiry: Gauge<i64, AtomicI64>,
+    pub cert_issued: Gauge<i64, AtomicI64>,
     pub renewals: Family<ResultLabel, Counter>,
     pub config_applied: Family<ResultLabel, Counter>,
     pub config_version: Family<VersionLabel, Gauge<i64, AtomicI64>>,
@@ -132,6 +133,7 @@ impl Default for Metrics {
             tls_handshakes: Family::default(),
             authz_denials: Family::default(),
             cert_expiry: Gauge::default(),
+            cert_issued: Gauge::default(),
             renewals: Family::default(),
             config_applied: Family::default(),
             config_version: Family::default(),
@@ -230,6 +232,11 @@ impl Default for Metrics {
             "bulwark_cert_expiry_timestamp_seconds",
             "notAfter of the workload's current SVID, Unix seconds",
             m.cert_expiry.clone(),
+        );
+        registry.register(
+            "bulwark_cert_issued_timestamp_seconds",
+            "When the workload's current SVID was installed, Unix seconds",
+            m.cert_issued.clone(),
         );
         registry.register(
             "bulwark_cert_renewals",

@@ -20,6 +20,8 @@ pub struct MeshPod {
     pub pod: Pod,
     /// Extra `demo-app` arguments (latency, error rate).
     pub app_args: Vec<String>,
+    /// A command the sidecar runs under (e.g. `faketime -f -2m`).
+    pub sidecar_wrapper: Vec<String>,
     pub identity: String,
     pub sidecar: Option<usize>,
     pub app: Option<usize>,
@@ -117,6 +119,7 @@ impl Mesh {
             MeshPod {
                 pod: pod.clone(),
                 app_args: Vec::new(),
+                sidecar_wrapper: Vec::new(),
                 identity: String::new(),
                 sidecar: None,
                 app: None,
@@ -185,9 +188,15 @@ impl Mesh {
             args.join("\n"),
         )
         .unwrap();
-        let sidecar = self
-            .net
-            .spawn_bulwark(&pod.ns, &format!("{name}-sidecar"), &args);
+        let wrapper = self.pods[name].sidecar_wrapper.clone();
+        let sidecar = if wrapper.is_empty() {
+            self.net.spawn_bulwark(&pod.ns, &format!("{name}-sidecar"), &args)
+        } else {
+            let mut argv: Vec<&str> = wrapper[1..].iter().map(String::as_str).collect();
+            argv.push(BIN);
+            argv.extend_from_slice(&args);
+            self.net.spawn(&pod.ns, &format!("{name}-sidecar"), &wrapper[0], &argv)
+        };
         let p = self.pods.get_mut(name).unwrap();
         p.identity = identity;
         p.sidecar = Some(sidecar);
@@ -280,6 +289,11 @@ impl Mesh {
             String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
         )
+    }
+
+    /// Runs pod `name`'s sidecar under `wrapper` (before it starts).
+    pub fn set_sidecar_wrapper(&mut self, name: &str, wrapper: &[&str]) {
+        self.pods.get_mut(name).unwrap().sidecar_wrapper = wrapper.iter().map(|s| s.to_string()).collect();
     }
 
     /// Sets extra `demo-app` arguments for pod `name` (before its sidecar starts).

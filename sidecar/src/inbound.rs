@@ -113,9 +113,25 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
         return crate::http::inbound::serve(proxy.clone(), tls, src_id, dst.port()).await;
     }
     match snap.authorize_l4(dst.port(), Some(&src_id)) {
-        Ok(policy) => proxy.audit(&src_id.to_string(), snap.local_service(dst.port()).unwrap_or(""), "", "", true, &policy, None),
+        Ok(policy) => proxy.audit(
+            &src_id.to_string(),
+            snap.local_service(dst.port()).unwrap_or(""),
+            "",
+            "",
+            true,
+            &policy,
+            None,
+        ),
         Err(service) => {
-            proxy.audit(&src_id.to_string(), &service, "", "", false, "default-deny", Some("no AuthorizationPolicy rule allows this caller"));
+            proxy.audit(
+                &src_id.to_string(),
+                &service,
+                "",
+                "",
+                false,
+                "default-deny",
+                Some("no AuthorizationPolicy rule allows this caller"),
+            );
             deny(&proxy, peer, dst, Some(&src_id), &service);
             return;
         }

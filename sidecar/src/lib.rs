@@ -112,7 +112,16 @@ impl Proxy {
     /// Records an inbound authorization decision in the audit log (a no-op
     /// when auditing is off; never blocks).
     #[allow(clippy::too_many_arguments)]
-    pub fn audit(&self, source: &str, service: &str, method: &str, path: &str, allowed: bool, policy: &str, reason: Option<&str>) {
+    pub fn audit(
+        &self,
+        source: &str,
+        service: &str,
+        method: &str,
+        path: &str,
+        allowed: bool,
+        policy: &str,
+        reason: Option<&str>,
+    ) {
         if let Some(log) = self.audit.get() {
             log.record(audit::AuditRecord {
                 time: String::new(),
@@ -121,7 +130,11 @@ impl Proxy {
                 service: service.to_string(),
                 method: method.to_string(),
                 path: path.to_string(),
-                decision: if allowed { audit::Decision::Allow } else { audit::Decision::Deny },
+                decision: if allowed {
+                    audit::Decision::Allow
+                } else {
+                    audit::Decision::Deny
+                },
                 policy: policy.to_string(),
                 reason: reason.map(String::from),
             });

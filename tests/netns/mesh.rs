@@ -190,12 +190,14 @@ impl Mesh {
         .unwrap();
         let wrapper = self.pods[name].sidecar_wrapper.clone();
         let sidecar = if wrapper.is_empty() {
-            self.net.spawn_bulwark(&pod.ns, &format!("{name}-sidecar"), &args)
+            self.net
+                .spawn_bulwark(&pod.ns, &format!("{name}-sidecar"), &args)
         } else {
             let mut argv: Vec<&str> = wrapper[1..].iter().map(String::as_str).collect();
             argv.push(BIN);
             argv.extend_from_slice(&args);
-            self.net.spawn(&pod.ns, &format!("{name}-sidecar"), &wrapper[0], &argv)
+            self.net
+                .spawn(&pod.ns, &format!("{name}-sidecar"), &wrapper[0], &argv)
         };
         let p = self.pods.get_mut(name).unwrap();
         p.identity = identity;
@@ -226,7 +228,7 @@ impl Mesh {
                 "--admin-listen",
                 &admin,
                 "--endpoint-grace",
-                "3s",
+                "10s",
             ],
         );
         let addr: SocketAddr = listen.parse().unwrap();
@@ -293,7 +295,8 @@ impl Mesh {
 
     /// Runs pod `name`'s sidecar under `wrapper` (before it starts).
     pub fn set_sidecar_wrapper(&mut self, name: &str, wrapper: &[&str]) {
-        self.pods.get_mut(name).unwrap().sidecar_wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        self.pods.get_mut(name).unwrap().sidecar_wrapper =
+            wrapper.iter().map(|s| s.to_string()).collect();
     }
 
     /// Sets extra `demo-app` arguments for pod `name` (before its sidecar starts).
@@ -310,18 +313,51 @@ impl Mesh {
         let i = self.pods[name].sidecar.unwrap();
         let addr: SocketAddr = format!("{}:15020", p.ip).parse().unwrap();
         let net = &mut self.net;
-        wait_for(
-            &format!("{name}'s sidecar to be ready"),
-            Duration::from_secs(30),
-            || {
-                if let Ok(Some(st)) = net.proc_mut(i).child.try_wait() {
-                    panic!("{name}'s sidecar exited ({st}): {}", net.log_of(i));
-                }
-                net.http_get(&p.ns, addr, "/healthz/ready")
-                    .filter(|r| r.contains(" 200 "))
-                    .map(|_| ())
-            },
-        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut last = None;
+        loop {
+            if let Ok(Some(st)) = net.proc_mut(i).child.try_wait() {
+                panic!("{name}'s sidecar exited ({st}): {}", net.log_of(i));
+            }
+            last = net.http_get(&p.ns, addr, "/healthz/ready").or(last);
+            if last.as_deref().is_some_and(|r| r.contains(" 200 ")) {
+                return;
+            }
+            if std::time::Instant::now() > deadline {
+                let others: String = std::fs::read_dir(&net.dir)
+                    .map(|d| {
+                        d.flatten()
+                            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+                            .map(|e| {
+                                let t = std::fs::read_to_string(e.path()).unwrap_or_default();
+                                let ip = p.ip.to_string();
+                                let tail: Vec<&str> = t
+                                    .lines()
+                                    .rev()
+                                    .filter(|l| {
+                                        l.contains(&ip)
+                                            || l.contains("WARN")
+                                            || l.contains("ERROR")
+                                            || l.contains("handshake")
+                                    })
+                                    .take(15)
+                                    .collect();
+                                format!(
+                                    "---- {}\n{}\n",
+                                    e.path().display(),
+                                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                panic!(
+                    "timed out after 30s waiting for {name}'s sidecar to be ready; last answer: {last:?}\nlog:\n{}\n{others}",
+                    net.log_of(i)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25)); // polling interval
+        }
     }
 
     /// The sidecar's /metrics text.

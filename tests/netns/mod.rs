@@ -139,6 +139,14 @@ impl Net {
         };
         net.exec_ok(&net.switch, &["ip", "link", "set", "lo", "up"]);
         net.exec_ok(&net.switch, &["ip", "link", "add", "br0", "type", "bridge"]);
+        // A fixed MAC: otherwise the bridge takes the lowest MAC of its
+        // ports, and each pod joining later may change it under the feet of
+        // pods that already resolved the gateway (their packets to it are then
+        // dropped until their ARP entries expire).
+        net.exec_ok(
+            &net.switch,
+            &["ip", "link", "set", "br0", "address", "02:42:c6:12:00:01"],
+        );
         net.exec_ok(
             &net.switch,
             &["ip", "addr", "add", "198.18.0.1/24", "dev", "br0"],

@@ -174,6 +174,7 @@ log "namespaces $SW (bridge 198.18.0.1/24, CA), $CLI ($CLI_IP), $SRV ($SRV_IP)"
 ip netns add "$SW"
 in_ns "$SW" ip link set lo up
 in_ns "$SW" ip link add br0 type bridge
+in_ns "$SW" ip link set br0 address 02:42:c6:12:00:01   # fixed: joining ports must not change the gateway MAC
 in_ns "$SW" ip addr add 198.18.0.1/24 dev br0
 in_ns "$SW" ip link set br0 up
 add_pod() { # ns ip hostside-a hostside-b

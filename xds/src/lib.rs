@@ -34,8 +34,8 @@
 pub mod admin;
 mod canonical;
 pub mod compile;
-pub mod credentials;
 pub mod crds;
+pub mod credentials;
 pub mod duration;
 pub mod inject;
 pub mod load;

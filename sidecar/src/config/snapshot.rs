@@ -565,7 +565,9 @@ impl Snapshot {
             let allowed = rules.iter().find(|r| {
                 !r.http_only
                     && (r.from.is_empty()
-                        || src.as_deref().is_some_and(|s| r.from.iter().any(|p| p.matches(s))))
+                        || src
+                            .as_deref()
+                            .is_some_and(|s| r.from.iter().any(|p| p.matches(s))))
             });
             match allowed {
                 Some(r) => decided = r.policy.clone(),

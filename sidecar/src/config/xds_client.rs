@@ -151,7 +151,10 @@ pub async fn run(opts: XdsOptions, handle: ConfigHandle) {
     while !identity.ready() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    // Capped at 5 s (6 s with jitter): well inside the control plane's
+    // default endpoint grace (10 s), so a sidecar is back on a restarted
+    // control plane before its endpoints could be withdrawn.
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut i = 0usize;
     loop {
         let addr = opts.addrs[i % opts.addrs.len()].clone();

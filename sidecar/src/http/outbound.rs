@@ -154,8 +154,9 @@ async fn handle(proxy: Arc<Proxy>, target: Target, mut req: Request<Incoming>) -
         upgrade_tunnel(&proxy, &plan, req).await
     } else {
         let work = send_with_retries(&proxy, &plan, &guards, policy.as_deref(), req);
+        // The attempts observe the route timeout themselves; this is a backstop.
         match plan.timeout {
-            Some(t) => match tokio::time::timeout(t, work).await {
+            Some(t) => match tokio::time::timeout(t + Duration::from_millis(250), work).await {
                 Ok(r) => r,
                 Err(_) => (reply(504, "timeout"), None, String::new(), 0),
             },
@@ -300,6 +301,7 @@ async fn send_with_retries(
     let outlier = policy.and_then(|p| p.outlier_detection);
     let now = Instant::now();
     guards.budget.record_request(now);
+    let deadline = plan.timeout.map(|t| now + t);
     let states: Vec<_> = plan
         .upstreams
         .iter()
@@ -352,8 +354,17 @@ async fn send_with_retries(
         };
         let req = Request::from_parts(parts.clone(), body);
         let inflight = ep.start();
-        let per_try =
-            (retry.per_try_timeout_ms > 0).then(|| Duration::from_millis(retry.per_try_timeout_ms));
+        // Each attempt gets the per-try timeout, and never more than what is
+        // left of the route's timeout: a timed-out attempt is a failure the
+        // breaker and outlier detection see.
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let per_try = match (
+            (retry.per_try_timeout_ms > 0).then(|| Duration::from_millis(retry.per_try_timeout_ms)),
+            left,
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let result = async {
             let mut sender = proxy
                 .pool
@@ -400,6 +411,14 @@ async fn send_with_retries(
                     .inc();
                 tracing::info!(endpoint = %ep.addr, service = %plan.service, "endpoint ejected (outlier detection)");
             }
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) && !success {
+            return (
+                reply(504, "timeout"),
+                Some(up.addr),
+                identity.to_string(),
+                attempt,
+            );
         }
         let connect_failure = matches!(&result, Err((true, _)));
         // A request that may have reached the upstream is retried only if

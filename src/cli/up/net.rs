@@ -63,6 +63,10 @@ impl Net {
         for args in [
             &["link", "set", "lo", "up"][..],
             &["link", "add", "br0", "type", "bridge"],
+            // A fixed MAC: a bridge otherwise takes the lowest MAC of its
+            // ports, so a pod joining later could change the gateway's MAC
+            // under pods that already resolved it.
+            &["link", "set", "br0", "address", "02:42:c6:12:00:01"],
             &["addr", "add", &gw, "dev", "br0"],
             &["link", "set", "br0", "up"],
         ] {

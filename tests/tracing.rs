@@ -189,13 +189,32 @@ fn spans_from_two_sidecars_share_the_trace_and_link_parents_and_traceparent_is_c
     assert_eq!(out.trace_id, inb.trace_id);
     assert!(out.parent_span_id.is_empty(), "root span");
     assert_eq!(inb.parent_span_id, out.span_id);
-    // The access log line carries the trace id.
-    assert!(
-        mesh.sidecar_log("web")
-            .contains(&format!("\"trace_id\":\"{trace_id}\"")),
-        "{}",
-        mesh.sidecar_log("web")
-    );
+    // The access log line carries the trace id, and is JSON with the fields
+    // an operator needs.
+    let log = mesh.sidecar_log("web");
+    let line = log
+        .lines()
+        .find(|l| l.contains(&format!("\"trace_id\":\"{trace_id}\"")))
+        .unwrap_or_else(|| panic!("{log}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    for field in [
+        "timestamp",
+        "trace_id",
+        "direction",
+        "src_identity",
+        "dst_identity",
+        "method",
+        "authority",
+        "path",
+        "status",
+        "duration_us",
+        "bytes",
+        "upstream",
+        "retries",
+        "reason",
+    ] {
+        assert!(v.get(field).is_some(), "{field} missing in {line}");
+    }
 }
 
 #[test]

@@ -56,8 +56,8 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
             return reset(down);
         };
         count(&proxy, "", "inbound");
-        crate::relay::relay(m, "inbound", down, up).await;
-        tracing::info!(target: "bulwark::access", direction = "inbound", src = %peer, dst = %dst,
+        let (bytes_sent, bytes_received) = crate::relay::relay(m, "inbound", down, up).await;
+        tracing::info!(target: "bulwark::access", bytes_sent, bytes_received, direction = "inbound", src = %peer, dst = %dst,
             src_identity = "", mtls = false, duration_ms = started.elapsed().as_millis() as u64, "connection closed");
         return;
     }
@@ -141,8 +141,8 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
     };
     let src = src_id.to_string();
     count(&proxy, &src, "inbound");
-    crate::relay::relay(m, "inbound", tls, up).await;
-    tracing::info!(target: "bulwark::access", direction = "inbound", src = %peer, dst = %dst,
+    let (bytes_sent, bytes_received) = crate::relay::relay(m, "inbound", tls, up).await;
+    tracing::info!(target: "bulwark::access", bytes_sent, bytes_received, direction = "inbound", src = %peer, dst = %dst,
         src_identity = %src, dst_identity = %proxy.identity.identity(), mtls = true,
         duration_ms = started.elapsed().as_millis() as u64, "connection closed");
 }

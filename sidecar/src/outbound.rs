@@ -136,8 +136,8 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
                     dst_identity: peer_id.to_string(),
                 })
                 .inc();
-            crate::relay::relay(m, "outbound", down, tls).await;
-            tracing::info!(target: "bulwark::access", direction = "outbound", src = %peer, dst = %dst,
+            let (bytes_sent, bytes_received) = crate::relay::relay(m, "outbound", down, tls).await;
+            tracing::info!(target: "bulwark::access", bytes_sent, bytes_received, direction = "outbound", src = %peer, dst = %dst,
                 upstream = %up.addr, service = %up.service, src_identity = %me, dst_identity = %peer_id,
                 mtls = true, duration_ms = started.elapsed().as_millis() as u64, "connection closed");
         }
@@ -159,8 +159,8 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
                     dst_identity: String::new(),
                 })
                 .inc();
-            crate::relay::relay(m, "outbound", down, up).await;
-            tracing::info!(target: "bulwark::access", direction = "outbound", src = %peer, dst = %dst,
+            let (bytes_sent, bytes_received) = crate::relay::relay(m, "outbound", down, up).await;
+            tracing::info!(target: "bulwark::access", bytes_sent, bytes_received, direction = "outbound", src = %peer, dst = %dst,
                 mtls = false, duration_ms = started.elapsed().as_millis() as u64, "passthrough connection closed");
         }
         Decision::Refuse => {

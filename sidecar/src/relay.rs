@@ -5,7 +5,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::telemetry::{BytesLabels, Metrics};
 
 /// Relays until both sides are done, then records the byte counts.
-pub async fn relay<A, B>(metrics: &Metrics, direction: &'static str, mut down: A, mut up: B)
+/// Returns (bytes sent upstream, bytes received from upstream).
+pub async fn relay<A, B>(
+    metrics: &Metrics,
+    direction: &'static str,
+    mut down: A,
+    mut up: B,
+) -> (u64, u64)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -26,7 +32,11 @@ where
                     flow: "received",
                 })
                 .inc_by(received);
+            (sent, received)
         }
-        Err(e) => tracing::debug!(error = %e, direction, "relay ended with an error"),
+        Err(e) => {
+            tracing::debug!(error = %e, direction, "relay ended with an error");
+            (0, 0)
+        }
     }
 }

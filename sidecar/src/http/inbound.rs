@@ -123,7 +123,10 @@ async fn handle(
                 )],
             );
         }
-        tracing::info!(target: "bulwark::access", trace_id = %trace_id, direction = "inbound", method = %method, path = %path,
+        let bytes = hyper::body::Body::size_hint(resp.body())
+            .exact()
+            .unwrap_or(0);
+        tracing::info!(target: "bulwark::access", trace_id = %trace_id, bytes, direction = "inbound", method = %method, path = %path,
             service = %service, status = resp.status().as_u16(), src_identity = %src, dst_identity = %me, reason = %reason,
             duration_us = started.elapsed().as_micros() as u64, "request");
         resp

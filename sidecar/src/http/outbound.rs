@@ -189,7 +189,10 @@ async fn handle(proxy: Arc<Proxy>, target: Target, mut req: Request<Incoming>) -
             opentelemetry::KeyValue::new("bulwark.reason", reason.clone()),
         ],
     );
-    tracing::info!(target: "bulwark::access", trace_id = %trace_id, direction = "outbound", method = %method,
+    let bytes = hyper::body::Body::size_hint(resp.body())
+        .exact()
+        .unwrap_or(0);
+    tracing::info!(target: "bulwark::access", trace_id = %trace_id, bytes, direction = "outbound", method = %method,
         authority = %authority, path = %path, service = %plan.service, route = %plan.route, status = code,
         src_identity = %me, dst_identity = %dst_identity, upstream = %upstream, retries, reason = %reason,
         duration_us = started.elapsed().as_micros() as u64, "request");

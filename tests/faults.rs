@@ -8,16 +8,12 @@ use std::time::{Duration, Instant};
 
 use common::wait_for;
 use netns::Pod;
-use netns::mesh::{Mesh, TD, metric_sum, spiffe};
+use netns::mesh::{Mesh, metric_sum, spiffe};
 
 const VIP: &str = "198.18.100.1";
 
 fn config(api: &Pod, extra: &str) -> String {
-    format!(
-        "apiVersion: bulwark.dev/v1\nkind: MeshConfig\nmetadata:\n  name: mesh\nspec:\n  trustDomain: {TD}\n  mtls:\n    mode: STRICT\n  outboundPolicy: REGISTRY_ONLY\n---\napiVersion: bulwark.dev/v1\nkind: Service\nmetadata:\n  name: api\n  namespace: default\nspec:\n  ports:\n    - port: 8080\n      protocol: http\n  identities:\n    - {id}\n  addresses:\n    - {VIP}\n---\napiVersion: bulwark.dev/v1\nkind: ServiceEntry\nmetadata:\n  name: api\n  namespace: default\nspec:\n  location: MESH_INTERNAL\n  ports:\n    - port: 8080\n      protocol: http\n  endpoints:\n    - address: {ip}\n      identity: {id}\n{extra}",
-        id = spiffe("api"),
-        ip = api.ip
-    )
+    netns::mesh::http_api_config(api, extra)
 }
 
 fn get(mesh: &Mesh, pod: &str) -> (u16, String, Duration) {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::wait_for;
 use netns::Pod;
-use netns::mesh::{Mesh, TD, spiffe};
+use netns::mesh::{Mesh, spiffe};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -42,11 +42,7 @@ impl TraceService for Collector {
 const VIP: &str = "198.18.100.1";
 
 fn config(api: &Pod) -> String {
-    format!(
-        "apiVersion: bulwark.dev/v1\nkind: MeshConfig\nmetadata:\n  name: mesh\nspec:\n  trustDomain: {TD}\n  mtls:\n    mode: STRICT\n  outboundPolicy: REGISTRY_ONLY\n---\napiVersion: bulwark.dev/v1\nkind: Service\nmetadata:\n  name: api\n  namespace: default\nspec:\n  ports:\n    - port: 8080\n      protocol: http\n  identities:\n    - {id}\n  addresses:\n    - {VIP}\n---\napiVersion: bulwark.dev/v1\nkind: ServiceEntry\nmetadata:\n  name: api\n  namespace: default\nspec:\n  location: MESH_INTERNAL\n  ports:\n    - port: 8080\n      protocol: http\n  endpoints:\n    - address: {ip}\n      identity: {id}\n",
-        id = spiffe("api"),
-        ip = api.ip
-    )
+    netns::mesh::http_api_config(api, "")
 }
 
 fn get(mesh: &Mesh, pod: &str, extra: &str) -> (u16, Duration) {

@@ -493,3 +493,16 @@ spec:
         allow = allow.concat(),
     )
 }
+
+/// VIP of the `api` service built by [`http_api_config`].
+pub const API_VIP: &str = "198.18.100.1";
+
+/// STRICT, REGISTRY_ONLY; `api` (HTTP on :8080, VIP [`API_VIP`]) served by
+/// identity `api` at pod `api`; `extra` documents appended.
+pub fn http_api_config(api: &Pod, extra: &str) -> String {
+    format!(
+        "apiVersion: bulwark.dev/v1\nkind: MeshConfig\nmetadata:\n  name: mesh\nspec:\n  trustDomain: {TD}\n  mtls:\n    mode: STRICT\n  outboundPolicy: REGISTRY_ONLY\n---\napiVersion: bulwark.dev/v1\nkind: Service\nmetadata:\n  name: api\n  namespace: default\nspec:\n  ports:\n    - port: 8080\n      protocol: http\n  identities:\n    - {id}\n  addresses:\n    - {API_VIP}\n---\napiVersion: bulwark.dev/v1\nkind: ServiceEntry\nmetadata:\n  name: api\n  namespace: default\nspec:\n  location: MESH_INTERNAL\n  ports:\n    - port: 8080\n      protocol: http\n  endpoints:\n    - address: {ip}\n      identity: {id}\n{extra}",
+        id = spiffe("api"),
+        ip = api.ip
+    )
+}

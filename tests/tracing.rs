@@ -213,7 +213,11 @@ fn spans_from_two_sidecars_share_the_trace_and_link_parents_and_traceparent_is_c
     }
 }
 
+/// A latency comparison, so a benchmark rather than a timed CI test (a
+/// 10% p99 bound is at the mercy of a shared 2-core machine): run it with
+/// `cargo test --test tracing -- --ignored --nocapture a_dead_collector`.
 #[test]
+#[ignore]
 fn a_dead_collector_does_not_slow_requests() {
     let Some(mut mesh) = Mesh::start(&[]) else {
         return;

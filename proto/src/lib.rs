@@ -25,6 +25,8 @@ pub mod config {
         pub traffic_policies: Vec<v1::TrafficPolicy>,
         pub authorization_policies: Vec<v1::AuthorizationPolicy>,
         pub trust_bundle: Option<v1::TrustBundle>,
+        pub gateways: Vec<v1::Gateway>,
+        pub request_authentications: Vec<v1::RequestAuthentication>,
     }
 
     /// Type URLs of the resources on the discovery stream.
@@ -39,8 +41,11 @@ pub mod config {
         pub const AUTHORIZATION_POLICY: &str =
             "type.googleapis.com/bulwark.config.v1.AuthorizationPolicy";
         pub const TRUST_BUNDLE: &str = "type.googleapis.com/bulwark.config.v1.TrustBundle";
+        pub const GATEWAY: &str = "type.googleapis.com/bulwark.config.v1.Gateway";
+        pub const REQUEST_AUTHENTICATION: &str =
+            "type.googleapis.com/bulwark.config.v1.RequestAuthentication";
         /// Every type, in the order a sidecar subscribes (and a server pushes).
-        pub const ALL: [&str; 8] = [
+        pub const ALL: [&str; 10] = [
             TRUST_BUNDLE,
             MESH_CONFIG,
             SERVICE,
@@ -49,6 +54,8 @@ pub mod config {
             AUTHORIZATION_POLICY,
             TRAFFIC_POLICY,
             ROUTE,
+            REQUEST_AUTHENTICATION,
+            GATEWAY,
         ];
     }
 }

@@ -181,6 +181,12 @@ fn config_dump(proxy: &Proxy) -> String {
     for s in &r.authorization_policies {
         push("AuthorizationPolicy", &s.namespace, &s.name, &s.source);
     }
+    for s in &r.gateways {
+        push("Gateway", &s.namespace, &s.name, &s.source);
+    }
+    for s in &r.request_authentications {
+        push("RequestAuthentication", &s.namespace, &s.name, &s.source);
+    }
     if let Some(b) = &r.trust_bundle {
         push("TrustBundle", "", "bundle", &b.source);
     }

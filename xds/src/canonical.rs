@@ -39,6 +39,10 @@ pub(crate) const SERVICE: Schema = &[(5, Field::Map)];
 pub(crate) const SERVICE_ENDPOINTS: Schema = &[(2, Field::Message(ENDPOINT))];
 pub(crate) const SERVICE_ENTRY: Schema = &[(7, Field::Message(ENDPOINT))];
 pub(crate) const ROUTE: Schema = &[(4, Field::Message(HTTP_ROUTE))];
+const GATEWAY_ROUTE: Schema = &[(1, Field::Message(HTTP_ROUTE))];
+pub(crate) const GATEWAY: Schema = &[(4, Field::Message(GATEWAY_ROUTE))];
+const JWT_PROVIDER: Schema = &[(9, Field::Map)];
+pub(crate) const REQUEST_AUTHENTICATION: Schema = &[(4, Field::Message(JWT_PROVIDER))];
 /// Messages without maps (MeshConfig, TrafficPolicy, AuthorizationPolicy,
 /// TrustBundle): prost's encoding is already deterministic.
 pub(crate) const NO_MAPS: Schema = &[];

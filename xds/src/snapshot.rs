@@ -141,6 +141,22 @@ impl Snapshot {
                 canonical::ROUTE,
             );
         }
+        for g in &config.gateways {
+            b.add(
+                type_url::GATEWAY,
+                &qualified(&g.namespace, &g.name),
+                g,
+                canonical::GATEWAY,
+            );
+        }
+        for a in &config.request_authentications {
+            b.add(
+                type_url::REQUEST_AUTHENTICATION,
+                &qualified(&a.namespace, &a.name),
+                a,
+                canonical::REQUEST_AUTHENTICATION,
+            );
+        }
         b.finish()
     }
 

@@ -251,6 +251,14 @@ pub fn relativize_sources(resources: &mut Resources, base: &Path) {
         .authorization_policies
         .iter_mut()
         .for_each(|r| fix(&mut r.source));
+    resources
+        .gateways
+        .iter_mut()
+        .for_each(|r| fix(&mut r.source));
+    resources
+        .request_authentications
+        .iter_mut()
+        .for_each(|r| fix(&mut r.source));
 }
 
 #[cfg(test)]

@@ -69,6 +69,10 @@ fn assemble(held: &Held) -> Result<Resources, String> {
                 type_url::AUTHORIZATION_POLICY => {
                     r.authorization_policies.push(decode(t, name, b)?)
                 }
+                type_url::GATEWAY => r.gateways.push(decode(t, name, b)?),
+                type_url::REQUEST_AUTHENTICATION => {
+                    r.request_authentications.push(decode(t, name, b)?)
+                }
                 type_url::TRUST_BUNDLE => {
                     r.trust_bundle = Some(decode::<v1::TrustBundle>(t, name, b)?)
                 }

@@ -1,0 +1,3 @@
+pub mod jwks;
+pub mod jwt;
+pub mod schema;

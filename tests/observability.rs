@@ -464,6 +464,8 @@ fn record(i: usize) -> AuditRecord {
         decision: Decision::Allow,
         policy: "AuthorizationPolicy default/api-callers".into(),
         reason: None,
+        subject: None,
+        scopes: Vec::new(),
     }
 }
 

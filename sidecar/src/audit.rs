@@ -50,6 +50,8 @@
 //!     decision: Decision::Deny,
 //!     policy: "AuthorizationPolicy default/api-callers".into(),
 //!     reason: Some("source not allowed".into()),
+//!     subject: None,
+//!     scopes: Vec::new(),
 //! });
 //! # Ok(()) }
 //! ```
@@ -116,6 +118,12 @@ pub struct AuditRecord {
     pub policy: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// For a request from outside the mesh (through the gateway): the
+    /// caller's authenticated subject (`issuer#sub`) and token scopes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
 }
 
 /// Says that a rotated file was deleted by the retention policy.
@@ -249,7 +257,7 @@ pub struct VerifyReport {
 }
 
 enum Msg {
-    Record(Entry),
+    Record(Box<Entry>),
     Flush(SyncSender<io::Result<()>>),
 }
 
@@ -349,7 +357,7 @@ impl AuditLog {
             cap(r);
         }
         let sent = match &self.tx {
-            Some(tx) => tx.try_send(Msg::Record(Entry::Access(rec))),
+            Some(tx) => tx.try_send(Msg::Record(Box::new(Entry::Access(rec)))),
             None => return,
         };
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = sent {
@@ -751,7 +759,7 @@ impl Writer {
             let mut n = 0;
             while let Some(m) = msg {
                 match m {
-                    Msg::Record(e) => self.append(e),
+                    Msg::Record(e) => self.append(*e),
                     Msg::Flush(done) => flushes.push(done),
                 }
                 n += 1;
@@ -1156,6 +1164,8 @@ mod tests {
             reason: i
                 .is_multiple_of(3)
                 .then(|| "source not allowed".to_string()),
+            subject: None,
+            scopes: Vec::new(),
         }
     }
 

@@ -55,6 +55,8 @@ pub struct SidecarOptions {
     pub drain_grace: Duration,
     /// OpenTelemetry export (off when None).
     pub trace: Option<telemetry::trace::TraceOptions>,
+    /// Also run as this edge gateway (public listeners from its `Gateway`).
+    pub gateway: Option<gateway::GatewayOptions>,
 }
 
 impl SidecarOptions {
@@ -70,6 +72,7 @@ impl SidecarOptions {
             connect_timeout: Duration::from_secs(5),
             drain_grace: Duration::from_secs(20),
             trace: None,
+            gateway: None,
         }
     }
 }
@@ -138,6 +141,8 @@ impl Proxy {
                 },
                 policy: policy.to_string(),
                 reason: reason.map(String::from),
+                subject: None,
+                scopes: Vec::new(),
             });
         }
     }
@@ -332,6 +337,11 @@ impl Sidecar {
         }
         let cert_task = tokio::spawn(self.proxy.identity.clone().run());
         let health_task = tokio::spawn(http::health::run(self.proxy.clone()));
+        let gateway_task = self
+            .opts
+            .gateway
+            .clone()
+            .map(|g| tokio::spawn(gateway::run(self.proxy.clone(), g)));
         tracing::info!(identity = %self.proxy.identity.identity(), outbound = %self.opts.outbound_listen,
             inbound = %self.opts.inbound_listen, "sidecar listening");
 
@@ -352,6 +362,10 @@ impl Sidecar {
         ));
         shutdown.await;
 
+        if let Some(t) = &gateway_task {
+            // Dropping the listeners stops accepting; open connections drain below.
+            t.abort();
+        }
         out_task.abort();
         in_task.abort();
         // HTTP connections finish what they carry and close; idle pooled

@@ -69,6 +69,10 @@ pub struct DemoArgs {
     /// fixed filler, built once) instead of the short text; for benchmarks.
     #[arg(long, conflicts_with_all = ["tcp_echo", "upstream", "tcp_upstream"])]
     body_bytes: Option<usize>,
+    /// Echo this request header in the answer, as a `name=value` line
+    /// (repeatable), to show what reached the app.
+    #[arg(long)]
+    echo_header: Vec<String>,
 }
 
 pub fn run(a: DemoArgs) -> anyhow::Result<()> {
@@ -105,6 +109,7 @@ struct App {
     tcp_upstream: Option<TcpPool>,
     /// `--body-bytes`: the body of every answer.
     fixed_body: Option<Bytes>,
+    echo_headers: Vec<String>,
 }
 
 /// `n` bytes of printable filler ending in a newline (when `n > 0`).
@@ -141,6 +146,7 @@ async fn serve_http(listener: tokio::net::TcpListener, a: DemoArgs) -> anyhow::R
         upstream,
         tcp_upstream: a.tcp_upstream.map(TcpPool::new),
         fixed_body: a.body_bytes.map(filler),
+        echo_headers: a.echo_header.clone(),
     });
     loop {
         let (stream, peer) = listener.accept().await?;
@@ -177,6 +183,19 @@ impl App {
                 .body(Full::new(Bytes::new()))
                 .expect("valid response");
         }
+        // The request body is read (and dropped) before answering, so tests
+        // can see how much of it got through: `x-request-body-bytes`.
+        let body_bytes = match count_body(req.body_mut()).await {
+            Ok(n) => n,
+            Err((n, e)) => {
+                tracing::warn!(bytes = n, error = %e, "request body ended early");
+                return Response::builder()
+                    .status(400)
+                    .header("x-request-body-bytes", n)
+                    .body(Full::new(Bytes::new()))
+                    .expect("valid response");
+            }
+        };
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }
@@ -190,6 +209,7 @@ impl App {
             return Response::builder()
                 .status(status)
                 .header("x-served-by", self.name.as_str())
+                .header("x-request-body-bytes", body_bytes)
                 .body(Full::new(body.clone()))
                 .expect("valid response");
         }
@@ -204,6 +224,10 @@ impl App {
             req.method(),
             req.uri().path()
         );
+        for h in &self.echo_headers {
+            let v = req.headers().get(h.as_str()).and_then(|v| v.to_str().ok());
+            body.push_str(&format!("{h}={}\n", v.unwrap_or("-")));
+        }
         // The upstream calls: each nests its answer (indented) or says why
         // it failed; any failure turns ours into a 502 so the caller's
         // success rate shows the whole chain's health.
@@ -233,9 +257,23 @@ impl App {
         Response::builder()
             .status(status)
             .header("x-served-by", self.name.as_str())
+            .header("x-request-body-bytes", body_bytes)
             .body(Full::new(Bytes::from(body)))
             .expect("valid response")
     }
+}
+
+/// Reads a request body to its end, keeping only its length; on an error,
+/// the bytes read until then.
+async fn count_body(body: &mut Incoming) -> Result<u64, (u64, hyper::Error)> {
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => n += f.data_ref().map_or(0, |d| d.len() as u64),
+            Err(e) => return Err((n, e)),
+        }
+    }
+    Ok(n)
 }
 
 fn nest(body: &mut String, text: &str) {

@@ -81,6 +81,23 @@ pub struct SidecarArgs {
     /// On SIGTERM, how long in-flight connections may finish.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     drain_grace: Duration,
+    /// `sidecar` (next to a workload) or `gateway` (at the mesh edge: also
+    /// serves the public listeners of the `Gateway` named by --gateway).
+    #[arg(long, value_enum, default_value_t = Mode::Sidecar)]
+    mode: Mode,
+    /// The `Gateway` resource this proxy serves, `namespace/name` (or
+    /// `name` in the identity's namespace). Needs --mode gateway.
+    #[arg(long, required_if_eq("mode", "gateway"))]
+    gateway: Option<String>,
+    /// Address the gateway's public listeners bind to.
+    #[arg(long, default_value = "0.0.0.0")]
+    gateway_bind: std::net::IpAddr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Sidecar,
+    Gateway,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -156,6 +173,21 @@ pub fn run(a: SidecarArgs) -> anyhow::Result<()> {
         });
     let namespace = opts.identity.identity.namespace().to_string();
     let id = opts.identity.identity.to_string();
+    match (a.mode, &a.gateway) {
+        (Mode::Gateway, Some(g)) => {
+            let name = if g.contains('/') {
+                g.clone()
+            } else {
+                format!("{namespace}/{g}")
+            };
+            opts.gateway = Some(bulwark_sidecar::gateway::GatewayOptions {
+                name,
+                bind: a.gateway_bind,
+            });
+        }
+        (Mode::Sidecar, Some(_)) => anyhow::bail!("--gateway needs --mode gateway"),
+        _ => {}
+    }
     let sidecar = Sidecar::new(opts);
     sidecar.set_log_control(Box::new(super::log_filter));
     if let (Some(dir), Some(key_file)) = (&a.audit_dir, &a.audit_key_file) {

@@ -17,6 +17,8 @@ use bulwark_proto::config::Resources;
 #[derive(Default)]
 pub struct LiveConfig {
     current: ArcSwapOption<Snapshot>,
+    /// Bumped on every applied snapshot, for tasks that react to changes.
+    applied: tokio::sync::watch::Sender<u64>,
 }
 
 impl LiveConfig {
@@ -37,8 +39,14 @@ impl LiveConfig {
         snap.stale = stale;
         let snap = Arc::new(snap);
         self.current.store(Some(snap.clone()));
+        self.applied.send_modify(|n| *n += 1);
         tracing::info!(version, stale, "config applied");
         Ok(snap)
+    }
+
+    /// Changes whenever a snapshot is applied.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 
     /// Validates `resources` without applying them.

@@ -636,6 +636,16 @@ impl Snapshot {
             .collect()
     }
 
+    /// The lowest port of `service` (`namespace/name`), for callers that
+    /// name a service without a port (the gateway).
+    pub fn default_port(&self, service: &str) -> Option<u16> {
+        self.ports
+            .keys()
+            .filter(|(s, _)| s == service)
+            .map(|(_, p)| *p)
+            .min()
+    }
+
     pub fn route(&self, service: &str) -> Option<&Arc<crate::http::route::RouteTable>> {
         self.routes.get(service)
     }

@@ -2,10 +2,12 @@
 //! load balancing, retries, timeouts, breakers, bulkheads and rate limits.
 //! Between sidecars, requests ride pooled, multiplexed HTTP/2 over mTLS.
 
+pub mod body_limit;
 pub mod health;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
+pub mod replay;
 pub mod route;
 
 use http_body_util::BodyExt;
@@ -24,6 +26,46 @@ pub fn full(b: impl Into<Bytes>) -> Body {
     http_body_util::Full::new(b.into())
         .map_err(|never| match never {})
         .boxed()
+}
+
+/// An incoming body as a [`Body`].
+pub fn boxed_body(b: hyper::body::Incoming) -> Body {
+    fn boxed(e: hyper::Error) -> BoxError {
+        Box::new(e)
+    }
+    b.map_err(boxed).boxed()
+}
+
+/// The HTTP/1.1 + HTTP/2 server settings of the proxy's listeners: bounded
+/// header blocks, a header read timeout against slowloris, and a stream cap.
+pub fn server_builder(
+    max_header_bytes: usize,
+    max_streams: u32,
+) -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
+    let mut b = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    b.http1()
+        .max_buf_size(max_header_bytes)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(30));
+    b.http2()
+        .max_header_list_size(max_header_bytes as u32)
+        .max_concurrent_streams(max_streams);
+    b
+}
+
+/// Reads a whole body of at most `limit` bytes (`None` beyond it, or on a
+/// read error). Trailers are not kept.
+pub async fn collect_limited(mut body: Body, limit: usize) -> Option<Bytes> {
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.ok()?.into_data() {
+            if buf.len() + data.len() > limit {
+                return None;
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Some(Bytes::from(buf))
 }
 
 pub fn empty() -> Body {

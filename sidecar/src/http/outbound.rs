@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bulwark_proto::config::v1;
-use http_body_util::{BodyExt, Limited};
-use hyper::body::{Bytes, Incoming};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::{Body, full, reply, strip_hop_headers};
+use super::{Body, reply, strip_hop_headers};
 use crate::Proxy;
 use crate::balance::{p2c, rand_below, rand_unit};
 use crate::config::{Snapshot, Target, Upstream};
@@ -34,14 +34,7 @@ pub async fn serve(proxy: Arc<Proxy>, down: TcpStream, client: SocketAddr, targe
         let target = target.clone();
         async move { Ok::<_, Infallible>(handle(proxy, target, req).await) }
     });
-    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .max_buf_size(MAX_HEADER_BYTES)
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
-    b.http2()
-        .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .max_concurrent_streams(1024);
+    let b = super::server_builder(MAX_HEADER_BYTES, 1024);
     let mut draining = proxy_draining;
     let conn = b.serve_connection_with_upgrades(TokioIo::new(down), svc);
     tokio::pin!(conn);
@@ -59,12 +52,19 @@ pub async fn serve(proxy: Arc<Proxy>, down: TcpStream, client: SocketAddr, targe
 }
 
 /// Where a request goes after routing.
-struct Plan {
-    route: String,
-    service: String,
-    upstreams: Vec<Upstream>,
-    timeout: Option<Duration>,
-    retry: Option<v1::RetryPolicy>,
+pub(crate) struct Plan {
+    pub route: String,
+    pub service: String,
+    pub upstreams: Vec<Upstream>,
+    pub timeout: Option<Duration>,
+    pub retry: Option<v1::RetryPolicy>,
+}
+
+/// Who sent a request that entered the mesh at the edge, for the access log.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct EdgeCaller {
+    pub addr: String,
+    pub subject: String,
 }
 
 fn plan(
@@ -108,24 +108,39 @@ fn plan(
     }
 }
 
-async fn handle(proxy: Arc<Proxy>, target: Target, mut req: Request<Incoming>) -> Response<Body> {
+async fn handle(proxy: Arc<Proxy>, target: Target, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
-    let me = proxy.identity.identity().to_string();
     let Some(snap) = proxy.config.load() else {
         return reply(503, "no-config");
     };
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
     let plan = match plan(&snap, &target, &req) {
         Ok(p) => p,
         Err(resp) => return *resp,
     };
+    let req = req.map(super::boxed_body);
+    exchange(&proxy, &snap, plan, req, "outbound", None, started).await
+}
+
+/// Sends a routed request into the mesh and accounts for it (span, metrics,
+/// access log): the common path of the outbound sidecar and the gateway.
+pub(crate) async fn exchange(
+    proxy: &Arc<Proxy>,
+    snap: &Snapshot,
+    plan: Plan,
+    mut req: Request<Body>,
+    direction: &'static str,
+    edge: Option<&EdgeCaller>,
+    started: Instant,
+) -> Response<Body> {
+    let me = proxy.identity.identity().to_string();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
     let span = proxy.tracer().start_span(
-        format!("outbound {}", plan.service),
+        format!("{direction} {}", plan.service),
         opentelemetry::trace::SpanKind::Client,
         req.headers_mut(),
         vec![
-            opentelemetry::KeyValue::new("bulwark.direction", "outbound"),
+            opentelemetry::KeyValue::new("bulwark.direction", direction),
             opentelemetry::KeyValue::new("bulwark.service", plan.service.clone()),
             opentelemetry::KeyValue::new("bulwark.route", plan.route.clone()),
             opentelemetry::KeyValue::new("http.request.method", method.to_string()),
@@ -151,9 +166,9 @@ async fn handle(proxy: Arc<Proxy>, target: Target, mut req: Request<Incoming>) -
     let (resp, upstream, dst_identity, attempts) = if plan.upstreams.is_empty() {
         (reply(503, "no-healthy-endpoint"), None, String::new(), 0)
     } else if upgrade {
-        upgrade_tunnel(&proxy, &plan, req).await
+        upgrade_tunnel(proxy, &plan, req).await
     } else {
-        let work = send_with_retries(&proxy, &plan, &guards, policy.as_deref(), req);
+        let work = send_with_retries(proxy, &plan, &guards, policy.as_deref(), req);
         // The attempts observe the route timeout themselves; this is a backstop.
         match plan.timeout {
             Some(t) => match tokio::time::timeout(t + Duration::from_millis(250), work).await {
@@ -165,7 +180,7 @@ async fn handle(proxy: Arc<Proxy>, target: Target, mut req: Request<Incoming>) -
     };
     let code = resp.status().as_u16();
     let labels = RequestLabels {
-        direction: "outbound",
+        direction,
         service: plan.service.clone(),
         route: plan.route.clone(),
         src_identity: me.clone(),
@@ -192,10 +207,11 @@ async fn handle(proxy: Arc<Proxy>, target: Target, mut req: Request<Incoming>) -
     let bytes = hyper::body::Body::size_hint(resp.body())
         .exact()
         .unwrap_or(0);
-    tracing::info!(target: "bulwark::access", trace_id = %trace_id, bytes, direction = "outbound", method = %method,
+    let (client_addr, client_subject) = edge.map_or(("", ""), |e| (&*e.addr, &*e.subject));
+    tracing::info!(target: "bulwark::access", trace_id = %trace_id, bytes, direction, method = %method,
         authority = %authority, path = %path, service = %plan.service, route = %plan.route, status = code,
         src_identity = %me, dst_identity = %dst_identity, upstream = %upstream, retries, reason = %reason,
-        duration_us = started.elapsed().as_micros() as u64, "request");
+        client_addr, client_subject, duration_us = started.elapsed().as_micros() as u64, "request");
     resp
 }
 
@@ -227,7 +243,7 @@ async fn send_with_retries(
     plan: &Plan,
     guards: &crate::resilience::state::ServiceGuards,
     policy: Option<&v1::TrafficPolicy>,
-    req: Request<Incoming>,
+    req: Request<Body>,
 ) -> Outcome {
     let svc_label = ServiceLabel {
         service: plan.service.clone(),
@@ -273,24 +289,18 @@ async fn send_with_retries(
         .unwrap_or_else(|_| http::Uri::from_static("http://invalid/"));
     parts.version = http::Version::HTTP_2;
 
-    // Buffer small bodies so they can be sent again.
-    let small = body_size_hint(&parts.headers).is_some_and(|n| n <= REPLAY_LIMIT as u64)
-        || (parts.headers.get(http::header::CONTENT_LENGTH).is_none()
-            && parts.headers.get(http::header::TRANSFER_ENCODING).is_none()
-            && matches!(
-                parts.method,
-                http::Method::GET
-                    | http::Method::HEAD
-                    | http::Method::DELETE
-                    | http::Method::OPTIONS
-            ));
-    let (mut stream_body, replay): (Option<Incoming>, Option<Bytes>) = if small {
-        match Limited::new(body, REPLAY_LIMIT).collect().await {
-            Ok(b) => (None, Some(b.to_bytes())),
-            Err(_) => return (reply(413, "request-body-too-large"), None, String::new(), 0),
+    // Keep the body for retries when it is small and already here; never
+    // wait for the end of a stream (see `replay`).
+    let mut buffered = match super::replay::read(body, &parts.headers, REPLAY_LIMIT).await {
+        Ok(b) => b,
+        Err(e @ super::replay::ReadError::TooLarge(_)) => {
+            tracing::debug!(error = %e, "request refused");
+            return (reply(413, "request-body-too-large"), None, String::new(), 0);
         }
-    } else {
-        (Some(body), None)
+        Err(e) => {
+            tracing::debug!(error = %e, "request refused");
+            return (reply(400, "request-body-error"), None, String::new(), 0);
+        }
     };
 
     let retry = plan.retry.clone().unwrap_or_else(|| v1::RetryPolicy {
@@ -350,11 +360,9 @@ async fn send_with_retries(
             .identity
             .clone()
             .expect("L7 upstreams are mesh workloads");
-        let body = match (&replay, stream_body.take()) {
-            (Some(b), _) => full(b.clone()),
-            (None, Some(b)) => b.map_err(|e| -> super::BoxError { Box::new(e) }).boxed(),
-            (None, None) => unreachable!("a streamed body is sent once: no retry without replay"),
-        };
+        let body = buffered
+            .take()
+            .expect("a streamed body is sent once: no retry without replay");
         let req = Request::from_parts(parts.clone(), body);
         let inflight = ep.start();
         // Each attempt gets the per-try timeout, and never more than what is
@@ -435,16 +443,24 @@ async fn send_with_retries(
                 | http::Method::DELETE
                 | http::Method::TRACE
         );
-        let can_retry = !success
-            && (idempotent || connect_failure)
+        // A gRPC call answered trailers-only with a status named in retryOn
+        // is retried like a 5xx, whatever the method (gRPC calls are all POST).
+        let grpc_retry = result
+            .as_ref()
+            .ok()
+            .and_then(|r| grpc_trailers_only_status(r))
+            .is_some_and(|code| grpc_retriable(&retry.retry_on, code));
+        let can_retry = (grpc_retry
+            || (!success
+                && (idempotent || connect_failure)
+                && retriable(
+                    &retry.retry_on,
+                    &retry.retriable_status_codes,
+                    status,
+                    connect_failure,
+                )))
             && attempt <= retry.attempts
-            && replay.is_some()
-            && retriable(
-                &retry.retry_on,
-                &retry.retriable_status_codes,
-                status,
-                connect_failure,
-            )
+            && buffered.replayable()
             && guards.budget.try_retry(
                 retry.budget_ratio,
                 retry.budget_min_per_second,
@@ -498,12 +514,26 @@ async fn send_with_retries(
     }
 }
 
-fn body_size_hint(h: &http::HeaderMap) -> Option<u64> {
-    h.get(http::header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
+/// The `grpc-status` of a trailers-only gRPC response (HTTP 200 with the
+/// status in the headers: the call failed before any message).
+fn grpc_trailers_only_status<B>(r: &Response<B>) -> Option<u32> {
+    if r.status() != http::StatusCode::OK {
+        return None;
+    }
+    r.headers().get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// Whether `retry_on` names gRPC status `code` (by Envoy's names).
+fn grpc_retriable(retry_on: &[String], code: u32) -> bool {
+    let name = match code {
+        1 => "cancelled",
+        4 => "deadline-exceeded",
+        8 => "resource-exhausted",
+        13 => "internal",
+        14 => "unavailable",
+        _ => return false,
+    };
+    retry_on.iter().any(|r| r == name)
 }
 
 fn publish_breaker(proxy: &Proxy, service: &str, b: &crate::resilience::breaker::Breaker) {
@@ -531,7 +561,7 @@ fn publish_breaker(proxy: &Proxy, service: &str, b: &crate::resilience::breaker:
 /// dedicated mTLS tunnel to the chosen endpoint (HTTP/2 between sidecars
 /// cannot carry an HTTP/1 upgrade), and once the upstream agrees (101) the
 /// two upgraded connections are spliced together.
-async fn upgrade_tunnel(proxy: &Arc<Proxy>, plan: &Plan, mut req: Request<Incoming>) -> Outcome {
+async fn upgrade_tunnel(proxy: &Arc<Proxy>, plan: &Plan, mut req: Request<Body>) -> Outcome {
     let states: Vec<_> = plan
         .upstreams
         .iter()
@@ -596,10 +626,7 @@ async fn upgrade_tunnel(proxy: &Arc<Proxy>, plan: &Plan, mut req: Request<Incomi
     let down_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
     parts.headers.remove(super::PEER_IDENTITY_HEADER);
-    let up_req = Request::from_parts(
-        parts,
-        body.map_err(|e| -> super::BoxError { Box::new(e) }).boxed(),
-    );
+    let up_req = Request::from_parts(parts, body);
     let mut resp = match sender.send_request(up_req).await {
         Ok(r) => r,
         Err(_) => {

@@ -1,0 +1,807 @@
+//! The gateway's listeners and request pipeline.
+//!
+//! A request through a public listener goes: route (host, path, method,
+//! headers) → JWT authentication → authorization on claims → per-client
+//! rate limit → body limit and JSON Schema → into the mesh through the same
+//! path as an outbound sidecar request (balancing, retries, breakers,
+//! bulkheads, mTLS to the destination's sidecar). Every refusal is a local
+//! response with `x-bulwark-reason`, counted and access-logged like any
+//! other request.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use bulwark_proto::config::v1;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use super::certs::{self, CertSet};
+use super::jwt::{self, AuthOutcome, Authenticator, Principal};
+use super::schema::BodySchema;
+use crate::Proxy;
+use crate::config::Snapshot;
+use crate::http::outbound::{EdgeCaller, Plan, exchange};
+use crate::http::route::{RouteTable, Rule};
+use crate::http::{Body, PEER_IDENTITY_HEADER, full, reply};
+use crate::resilience::ratelimit::{KeyedLimiter, RateDecision};
+use crate::telemetry::{HandshakeLabels, RequestLabels, ServiceLabel};
+
+/// Body bound when a route validates bodies without saying how large.
+const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
+/// Distinct clients tracked per rate-limited route.
+const MAX_CLIENT_KEYS: usize = 100_000;
+/// Connections per listener; beyond it new ones are reset.
+const MAX_CONNECTIONS: usize = 16 * 1024;
+/// Largest request header block.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often certificate files are checked for changes.
+const CERT_POLL: Duration = Duration::from_secs(1);
+
+/// Which gateway this proxy is, and where its listeners bind.
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    /// `namespace/name` of the `Gateway` resource.
+    pub name: String,
+    pub bind: IpAddr,
+}
+
+/// How a rate-limited route tells clients apart.
+#[derive(Debug, Clone, PartialEq)]
+enum ClientKey {
+    /// The token's subject; the source IP for anonymous callers.
+    Subject,
+    SourceIp,
+    Header(http::HeaderName),
+}
+
+impl ClientKey {
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "subject" => Ok(Self::Subject),
+            "source-ip" => Ok(Self::SourceIp),
+            _ => s
+                .strip_prefix("header:")
+                .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok())
+                .map(Self::Header)
+                .ok_or_else(|| {
+                    format!("rate limit key {s:?}: expected subject, source-ip or header:<name>")
+                }),
+        }
+    }
+
+    fn of(&self, p: Option<&Principal>, h: &http::HeaderMap, ip: IpAddr) -> String {
+        match self {
+            Self::Subject => match p {
+                Some(p) => format!("sub:{}#{}", p.issuer, p.subject),
+                None => format!("ip:{ip}"),
+            },
+            Self::SourceIp => format!("ip:{ip}"),
+            // No header: the caller is limited by address instead of escaping the limit.
+            Self::Header(n) => match h.get(n) {
+                Some(v) => format!("h:{}", String::from_utf8_lossy(v.as_bytes())),
+                None => format!("ip:{ip}"),
+            },
+        }
+    }
+}
+
+struct GwRoute {
+    rule: Rule,
+    hostnames: Vec<String>,
+    authorization: Option<v1::GatewayAuthorization>,
+    limit: Option<(ClientKey, Arc<KeyedLimiter>)>,
+    schema: Option<Arc<BodySchema>>,
+    max_body: Option<u64>,
+}
+
+/// A gateway's config compiled for the request path; replaced whole.
+struct Compiled {
+    name: String,
+    routes: Vec<GwRoute>,
+    auth: Option<Arc<Authenticator>>,
+    /// Headers clients may not set themselves (the gateway sets them).
+    strip: Vec<http::HeaderName>,
+    /// Service (`namespace/name`) -> port used when a backend names none.
+    ports: HashMap<String, u16>,
+}
+
+/// Things worth keeping across config changes when their config did not
+/// change: JWKS caches and the clients' token buckets.
+#[derive(Default)]
+struct Reuse {
+    auth: Option<(Vec<v1::JwtProvider>, Arc<Authenticator>)>,
+    limiters: HashMap<(String, String, u32, u32), Arc<KeyedLimiter>>,
+}
+
+fn compile(
+    gw: &v1::Gateway,
+    auths: &[&v1::RequestAuthentication],
+    snap: &Snapshot,
+    reuse: &mut Reuse,
+) -> Result<Compiled, String> {
+    let providers: Vec<v1::JwtProvider> = auths
+        .iter()
+        .flat_map(|a| a.providers.iter().cloned())
+        .collect();
+    let auth = if providers.is_empty() {
+        None
+    } else {
+        match &reuse.auth {
+            Some((p, a)) if *p == providers => Some(a.clone()),
+            _ => {
+                let a = Arc::new(Authenticator::new(&providers).map_err(|e| e.to_string())?);
+                reuse.auth = Some((providers, a.clone()));
+                Some(a)
+            }
+        }
+    };
+    let mut limiters = HashMap::new();
+    let mut routes = Vec::new();
+    let mut ports = HashMap::new();
+    for (i, r) in gw.routes.iter().enumerate() {
+        let http = r.http.clone().unwrap_or_default();
+        let route_name = if http.name.is_empty() {
+            format!("route-{i}")
+        } else {
+            http.name.clone()
+        };
+        let table = RouteTable::compile(&v1::Route {
+            name: gw.name.clone(),
+            namespace: gw.namespace.clone(),
+            service: http
+                .backends
+                .first()
+                .map(|b| b.service.clone())
+                .unwrap_or_default(),
+            rules: vec![v1::HttpRoute {
+                name: route_name.clone(),
+                ..http
+            }],
+            source: None,
+        })?;
+        let rule = table.rules.into_iter().next().expect("one rule compiled");
+        if rule.backends.iter().any(|b| b.service.ends_with('/')) {
+            return Err(format!("route {route_name}: no backend service"));
+        }
+        for b in rule
+            .backends
+            .iter()
+            .chain(rule.overrides.iter().map(|(_, b)| b))
+        {
+            if let Some(p) = snap.default_port(&b.service) {
+                ports.insert(b.service.clone(), p);
+            }
+        }
+        let limit = match &r.rate_limit {
+            Some(l) if l.requests_per_second > 0 => {
+                let key = ClientKey::parse(&l.key)?;
+                let burst = if l.burst == 0 {
+                    l.requests_per_second
+                } else {
+                    l.burst
+                };
+                let id = (
+                    route_name.clone(),
+                    l.key.clone(),
+                    l.requests_per_second,
+                    burst,
+                );
+                let lim = reuse.limiters.get(&id).cloned().unwrap_or_else(|| {
+                    Arc::new(KeyedLimiter::new(
+                        l.requests_per_second,
+                        burst,
+                        MAX_CLIENT_KEYS,
+                    ))
+                });
+                limiters.insert(id, lim.clone());
+                Some((key, lim))
+            }
+            _ => None,
+        };
+        let (schema, max_body) = match &r.validation {
+            Some(v) => {
+                let schema = if v.json_schema.is_empty() {
+                    None
+                } else {
+                    Some(Arc::new(BodySchema::compile(&v.json_schema).map_err(
+                        |e| format!("route {route_name}: JSON Schema: {e}"),
+                    )?))
+                };
+                let max = if v.max_body_bytes == 0 {
+                    DEFAULT_MAX_BODY
+                } else {
+                    v.max_body_bytes
+                };
+                (schema, Some(max))
+            }
+            None => (None, None),
+        };
+        routes.push(GwRoute {
+            rule,
+            hostnames: r.hostnames.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            authorization: r.authorization.clone(),
+            limit,
+            schema,
+            max_body,
+        });
+    }
+    // Limiters of routes that went away are dropped with the old config.
+    reuse.limiters = limiters;
+    let mut strip: Vec<http::HeaderName> = auth
+        .as_ref()
+        .map(|a| a.forwarded_header_names())
+        .unwrap_or_default();
+    strip.push(http::HeaderName::from_static(PEER_IDENTITY_HEADER));
+    Ok(Compiled {
+        name: format!("{}/{}", gw.namespace, gw.name),
+        routes,
+        auth,
+        strip,
+        ports,
+    })
+}
+
+struct Listener {
+    spec: v1::GatewayListener,
+    certs: Arc<CertSet>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Runs the gateway named in `opts` until the task is dropped: follows the
+/// applied config, opening, re-keying and closing listeners as it changes.
+pub async fn run(proxy: Arc<Proxy>, opts: GatewayOptions) {
+    let mut changes = proxy.config.subscribe();
+    let state: Arc<ArcSwap<Option<Arc<Compiled>>>> = Arc::new(ArcSwap::from_pointee(None));
+    let mut listeners: HashMap<u16, Listener> = HashMap::new();
+    let mut reuse = Reuse::default();
+    let mut poll = tokio::time::interval(CERT_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut applied = None;
+    loop {
+        tokio::select! {
+            _ = poll.tick() => {
+                for l in listeners.values() {
+                    l.certs.reload();
+                }
+            }
+            r = changes.changed() => {
+                if r.is_err() {
+                    return;
+                }
+            }
+        }
+        let Some(snap) = proxy.config.load() else {
+            continue;
+        };
+        if applied.as_ref().is_some_and(|a| Arc::ptr_eq(a, &snap)) {
+            continue;
+        }
+        applied = Some(snap.clone());
+        let (ns, name) = opts.name.split_once('/').unwrap_or(("default", &opts.name));
+        let Some(gw) = snap
+            .resources
+            .gateways
+            .iter()
+            .find(|g| g.name == name && g.namespace == ns)
+        else {
+            if !listeners.is_empty() || state.load().is_some() {
+                tracing::warn!(gateway = %opts.name, "gateway no longer in the config; closing its listeners");
+            }
+            listeners.clear();
+            state.store(Arc::new(None));
+            continue;
+        };
+        let auths: Vec<&v1::RequestAuthentication> = snap
+            .resources
+            .request_authentications
+            .iter()
+            .filter(|a| a.namespace == ns && a.gateway == name)
+            .collect();
+        match compile(gw, &auths, &snap, &mut reuse) {
+            Ok(c) => state.store(Arc::new(Some(Arc::new(c)))),
+            Err(e) => {
+                tracing::error!(gateway = %opts.name, error = %e, "gateway config not usable; keeping the previous one");
+                continue;
+            }
+        }
+        reconcile(&proxy, &opts, gw, &state, &mut listeners).await;
+    }
+}
+
+async fn reconcile(
+    proxy: &Arc<Proxy>,
+    opts: &GatewayOptions,
+    gw: &v1::Gateway,
+    state: &Arc<ArcSwap<Option<Arc<Compiled>>>>,
+    listeners: &mut HashMap<u16, Listener>,
+) {
+    let wanted: HashMap<u16, &v1::GatewayListener> =
+        gw.listeners.iter().map(|l| (l.port as u16, l)).collect();
+    listeners.retain(|port, _| wanted.contains_key(port));
+    for (port, spec) in wanted {
+        if listeners.get(&port).is_some_and(|l| l.spec == *spec) {
+            continue;
+        }
+        let tls = CertSet::load(&spec.certificates)
+            .and_then(|c| certs::server_config(c.clone(), spec).map(|cfg| (c, cfg)));
+        let (certs, tls) = match tls {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(gateway = %opts.name, port, error = %e, "gateway listener not (re)configured");
+                continue;
+            }
+        };
+        // Same port, new settings: swap the TLS config under the open socket.
+        if let Some(l) = listeners.remove(&port) {
+            drop(l);
+        }
+        let addr = SocketAddr::new(opts.bind, port);
+        let socket = match TcpListener::bind(addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(gateway = %opts.name, %addr, error = %e, "cannot listen");
+                continue;
+            }
+        };
+        tracing::info!(gateway = %opts.name, %addr, listener = %spec.name, "gateway listening");
+        let task = tokio::spawn(accept_loop(proxy.clone(), socket, tls, state.clone()));
+        listeners.insert(
+            port,
+            Listener {
+                spec: spec.clone(),
+                certs,
+                task,
+            },
+        );
+    }
+}
+
+async fn accept_loop(
+    proxy: Arc<Proxy>,
+    socket: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    state: Arc<ArcSwap<Option<Arc<Compiled>>>>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, peer) = match socket.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "gateway accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            proxy.metrics.refused("gateway", "overload");
+            crate::reset(stream);
+            continue;
+        };
+        let (proxy, acceptor, state) = (proxy.clone(), acceptor.clone(), state.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = stream.set_nodelay(true);
+            let hs = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+            let result = if matches!(hs, Ok(Ok(_))) {
+                "ok"
+            } else {
+                "error"
+            };
+            proxy
+                .metrics
+                .tls_handshakes
+                .get_or_create(&HandshakeLabels {
+                    direction: "gateway",
+                    result,
+                })
+                .inc();
+            let tls = match hs {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "gateway TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "gateway TLS handshake timed out");
+                    return;
+                }
+            };
+            serve(proxy, tls, peer, state).await;
+        });
+    }
+}
+
+async fn serve(
+    proxy: Arc<Proxy>,
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    peer: SocketAddr,
+    state: Arc<ArcSwap<Option<Arc<Compiled>>>>,
+) {
+    let mut draining = proxy.draining.subscribe();
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (proxy, state) = (proxy.clone(), state.clone());
+        async move {
+            let compiled = state.load_full();
+            Ok::<_, Infallible>(match compiled.as_ref() {
+                Some(c) => handle(&proxy, c, peer, req).await,
+                None => reply(503, "no-config"),
+            })
+        }
+    });
+    let b = crate::http::server_builder(MAX_HEADER_BYTES, 256);
+    let conn = b.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        () = async { let _ = draining.wait_for(|d| *d).await; } => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = r {
+        tracing::debug!(%peer, error = %e, "gateway connection ended with an error");
+    }
+}
+
+fn host_of(req: &Request<Incoming>) -> String {
+    let raw = req
+        .uri()
+        .host()
+        .map(String::from)
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(String::from)
+        })
+        .unwrap_or_default();
+    // Strip a port (not the colons of a bracketed IPv6 literal).
+    match raw.rsplit_once(':') {
+        Some((h, p))
+            if !h.ends_with(']') && p.bytes().all(|b| b.is_ascii_digit()) && !h.contains(':') =>
+        {
+            h.to_ascii_lowercase()
+        }
+        _ => raw.to_ascii_lowercase(),
+    }
+}
+
+/// A response the gateway makes itself: counted and access-logged.
+struct Local<'a> {
+    proxy: &'a Proxy,
+    gateway: &'a str,
+    route: &'a str,
+    client: SocketAddr,
+    subject: &'a str,
+    method: &'a http::Method,
+    path: &'a str,
+    started: Instant,
+}
+
+impl Local<'_> {
+    fn respond(&self, mut resp: Response<Body>) -> Response<Body> {
+        let code = resp.status().as_u16();
+        let labels = RequestLabels {
+            direction: "gateway",
+            service: self.gateway.to_string(),
+            route: self.route.to_string(),
+            src_identity: String::new(),
+            dst_identity: String::new(),
+            code,
+        };
+        let reason = self
+            .proxy
+            .metrics
+            .record_request(&labels, self.started.elapsed(), &resp);
+        tracing::info!(target: "bulwark::access", direction = "gateway", method = %self.method,
+            path = %self.path, service = %self.gateway, route = %self.route, status = code,
+            client_addr = %self.client, client_subject = %self.subject, reason = %reason,
+            duration_us = self.started.elapsed().as_micros() as u64, "request");
+        resp.headers_mut().remove(http::header::CONNECTION);
+        resp
+    }
+
+    fn reply(&self, status: u16, reason: &str) -> Response<Body> {
+        self.respond(reply(status, reason))
+    }
+}
+
+fn with_header(
+    mut r: Response<Body>,
+    name: http::header::HeaderName,
+    v: http::HeaderValue,
+) -> Response<Body> {
+    r.headers_mut().insert(name, v);
+    r
+}
+
+async fn handle(
+    proxy: &Arc<Proxy>,
+    gw: &Compiled,
+    client: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let host = host_of(&req);
+    let mut local = Local {
+        proxy,
+        gateway: &gw.name,
+        route: "none",
+        client,
+        subject: "",
+        method: &method,
+        path: &path,
+        started,
+    };
+    let Some(snap) = proxy.config.load() else {
+        return local.reply(503, "no-config");
+    };
+    let Some(route) = gw.routes.iter().find(|r| {
+        (r.hostnames.is_empty() || r.hostnames.iter().any(|h| certs::host_matches(h, &host)))
+            && (r.rule.matches.is_empty()
+                || r.rule
+                    .matches
+                    .iter()
+                    .any(|m| m.matches(&method, &path, req.headers())))
+    }) else {
+        return local.reply(404, "no-route");
+    };
+    local.route = &route.rule.name;
+
+    // Authentication: a token that is present must be valid.
+    let principal = match &gw.auth {
+        None => None,
+        Some(a) => match a.authenticate(req.headers(), SystemTime::now()).await {
+            AuthOutcome::Anonymous => None,
+            AuthOutcome::Authenticated(p) => Some(p),
+            AuthOutcome::Rejected(f) => {
+                tracing::info!(gateway = %gw.name, reason = f.reason, detail = %f.detail, "token rejected");
+                let r = local.reply(401, "authn-failed");
+                return with_header(r, http::header::WWW_AUTHENTICATE, f.www_authenticate());
+            }
+        },
+    };
+    let subject = principal
+        .as_ref()
+        .map(|p| format!("{}#{}", p.issuer, p.subject))
+        .unwrap_or_default();
+    local.subject = &subject;
+    let scopes = principal
+        .as_ref()
+        .map(|p| p.scopes.clone())
+        .unwrap_or_default();
+    let backend_service = route
+        .rule
+        .backends
+        .first()
+        .map(|b| b.service.clone())
+        .unwrap_or_default();
+
+    if let Err(d) = jwt::authorize(principal.as_ref(), route.authorization.as_ref()) {
+        let reason = match &d {
+            jwt::Denied::Unauthenticated => "token required".to_string(),
+            jwt::Denied::Forbidden { missing } => format!("missing {missing}"),
+        };
+        audit(
+            proxy,
+            gw,
+            &backend_service,
+            &method,
+            &path,
+            &subject,
+            &scopes,
+            false,
+            Some(&reason),
+        );
+        proxy
+            .metrics
+            .authz_denials
+            .get_or_create(&crate::telemetry::DenialLabels {
+                direction: "gateway",
+                src_identity: String::new(),
+            })
+            .inc();
+        let r = local.reply(d.status(), "authz-denied");
+        return with_header(r, http::header::WWW_AUTHENTICATE, d.www_authenticate());
+    }
+
+    let mut rate: Option<RateDecision> = None;
+    if let Some((key, limiter)) = &route.limit {
+        let d = limiter.check(
+            &key.of(principal.as_ref(), req.headers(), client.ip()),
+            Instant::now(),
+        );
+        if !d.allowed {
+            proxy
+                .metrics
+                .ratelimit_rejections
+                .get_or_create(&ServiceLabel {
+                    service: gw.name.clone(),
+                })
+                .inc();
+            let mut r = reply(429, "rate-limited");
+            d.apply_headers(r.headers_mut());
+            return local.respond(r);
+        }
+        rate = Some(d);
+    }
+
+    let (mut parts, body) = req.into_parts();
+    let body: Body = match route.max_body {
+        None => crate::http::boxed_body(body),
+        Some(max) => {
+            let declared = parts
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > max) {
+                return local.reply(413, "body-too-large");
+            }
+            let Some(bytes) =
+                crate::http::collect_limited(crate::http::boxed_body(body), max as usize).await
+            else {
+                return local.reply(413, "body-too-large");
+            };
+            if let Some(schema) = &route.schema
+                && let Err(invalid) = schema.validate(&bytes)
+            {
+                let mut r = local.reply(400, "invalid-body");
+                *r.body_mut() = full(
+                    serde_json::json!({"error": "invalid-body", "reason": invalid.reason})
+                        .to_string(),
+                );
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                return r;
+            }
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+            parts.headers.insert(
+                http::header::CONTENT_LENGTH,
+                http::HeaderValue::from(bytes.len()),
+            );
+            full(bytes)
+        }
+    };
+
+    // What the service is told about the caller: only what the gateway
+    // itself vouches for.
+    for h in &gw.strip {
+        parts.headers.remove(h);
+    }
+    if let Some(p) = &principal {
+        for (name, value) in &p.forward {
+            parts.headers.insert(name.clone(), value.clone());
+        }
+        if !p.forward_token {
+            parts.headers.remove(http::header::AUTHORIZATION);
+        }
+    }
+    let xff = match parts
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(prev) => format!("{prev}, {}", client.ip()),
+        None => client.ip().to_string(),
+    };
+    if let Ok(v) = http::HeaderValue::from_str(&xff) {
+        parts.headers.insert("x-forwarded-for", v);
+    }
+    parts
+        .headers
+        .insert("x-forwarded-proto", http::HeaderValue::from_static("https"));
+
+    let b = route.rule.pick(&parts.headers, crate::balance::rand_unit());
+    let port = if b.port != 0 {
+        b.port
+    } else {
+        gw.ports.get(&b.service).copied().unwrap_or(0)
+    };
+    let plan = Plan {
+        route: route.rule.name.clone(),
+        service: b.service.clone(),
+        upstreams: snap.endpoints_of(&b.service, port, &b.subset),
+        timeout: route.rule.timeout,
+        retry: route.rule.retry.clone(),
+    };
+    audit(
+        proxy,
+        gw,
+        &plan.service,
+        &method,
+        &path,
+        &subject,
+        &scopes,
+        true,
+        None,
+    );
+    let edge = EdgeCaller {
+        addr: client.to_string(),
+        subject: subject.clone(),
+    };
+    let req = Request::from_parts(parts, body);
+    let mut resp = exchange(proxy, &snap, plan, req, "gateway", Some(&edge), started).await;
+    if let Some(d) = rate {
+        d.apply_headers(resp.headers_mut());
+    }
+    resp
+}
+
+#[allow(clippy::too_many_arguments)]
+fn audit(
+    proxy: &Proxy,
+    gw: &Compiled,
+    service: &str,
+    method: &http::Method,
+    path: &str,
+    subject: &str,
+    scopes: &[String],
+    allowed: bool,
+    reason: Option<&str>,
+) {
+    if let Some(log) = proxy.audit.get() {
+        log.record(crate::audit::AuditRecord {
+            time: String::new(),
+            source_identity: String::new(),
+            destination_identity: proxy.identity.identity().to_string(),
+            service: service.to_string(),
+            method: method.to_string(),
+            path: path.to_string(),
+            decision: if allowed {
+                crate::audit::Decision::Allow
+            } else {
+                crate::audit::Decision::Deny
+            },
+            policy: format!("Gateway {}", gw.name),
+            reason: reason.map(String::from),
+            subject: (!subject.is_empty()).then(|| subject.to_string()),
+            scopes: scopes.to_vec(),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_keys_parse_and_fall_back_to_the_address() {
+        let ip: IpAddr = "203.0.113.7".parse().unwrap();
+        let mut h = http::HeaderMap::new();
+        assert_eq!(
+            ClientKey::parse("subject").unwrap().of(None, &h, ip),
+            "ip:203.0.113.7"
+        );
+        let k = ClientKey::parse("header:x-api-key").unwrap();
+        assert_eq!(k.of(None, &h, ip), "ip:203.0.113.7");
+        h.insert("x-api-key", "k1".parse().unwrap());
+        assert_eq!(k.of(None, &h, ip), "h:k1");
+        assert_eq!(
+            ClientKey::parse("source-ip").unwrap().of(None, &h, ip),
+            "ip:203.0.113.7"
+        );
+        assert!(ClientKey::parse("cookie").is_err());
+        assert!(ClientKey::parse("header:bad header").is_err());
+    }
+}

@@ -110,6 +110,48 @@ fn production_overlay_renders_and_validates_against_kubernetes_1_30() {
 }
 
 #[test]
+fn gateway_deployment_renders_validates_and_runs_unprivileged() {
+    let rendered = ok(
+        &tool("kubectl", &["kustomize", "deploy/kubernetes/gateway"], None),
+        "kubectl kustomize",
+    );
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &rendered).unwrap();
+    ok(
+        &tool(
+            "kubernetes-validate",
+            &["-k", "1.30.0", "--strict", "--quiet", file.path().to_str().unwrap()],
+            None,
+        ),
+        "kubernetes-validate of deploy/kubernetes/gateway",
+    );
+    let docs = yaml_docs(&rendered);
+    let dep = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .expect("a gateway Deployment");
+    let pod = &dep["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let c = &pod["containers"][0];
+    assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    let args = args_of(c);
+    assert!(args.iter().any(|a| a == "--mode=gateway"), "{args:?}");
+    // The flags the manifest passes are the CLI's: a bad one would crash-loop.
+    let mut argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    argv.push("--help");
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .args(&argv)
+        .output()
+        .unwrap();
+    assert!(help.status.success(), "{}", String::from_utf8_lossy(&help.stderr));
+    assert!(
+        docs.iter().any(|d| d["kind"] == "Service" && d["spec"]["type"] == "LoadBalancer"),
+        "a public Service"
+    );
+}
+
+#[test]
 fn control_plane_deployments_are_highly_available_and_least_privileged() {
     let rendered = ok(
         &tool("kubectl", &["kustomize", "deploy/kubernetes"], None),

@@ -47,7 +47,7 @@ pub struct Snapshot {
     created: Instant,
     created_at: SystemTime,
     /// Indexed like [`type_url::ALL`].
-    types: [TypeResources; 8],
+    types: [TypeResources; type_url::ALL.len()],
 }
 
 /// The content version of an encoded resource: the first 16 hex digits of
@@ -238,7 +238,7 @@ fn merge_endpoints(
 
 #[derive(Default)]
 struct Builder {
-    types: [TypeResources; 8],
+    types: [TypeResources; type_url::ALL.len()],
 }
 
 impl Builder {

@@ -216,6 +216,10 @@ pub fn compile(documents: &[Document]) -> Resources {
                             DEFAULT_HEALTH_HEALTHY_THRESHOLD,
                         ),
                     }),
+                    max_request_body_bytes: t
+                        .max_request_body_bytes
+                        .as_ref()
+                        .map_or(0, |v| v.value),
                     source,
                 });
             }

@@ -596,6 +596,7 @@ pub struct RetrySpec {
 ///     timeout: 1s                 # default 1s
 ///     unhealthyThreshold: 3       # default 3
 ///     healthyThreshold: 2         # default 2
+///   maxRequestBodyBytes: 1048576  # 413 beyond it, at the inbound sidecar
 /// ```
 #[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -615,6 +616,10 @@ pub struct TrafficPolicySpec {
     pub rate_limit: Option<Located<RateLimitSpec>>,
     #[serde(default)]
     pub health_check: Option<Located<HealthCheckSpec>>,
+    /// Largest request body the service's workloads receive; larger ones
+    /// get 413 from their inbound sidecar.
+    #[serde(default)]
+    pub max_request_body_bytes: Option<Located<u64>>,
 }
 
 /// Concurrency limits; a field left out means no limit from this policy.

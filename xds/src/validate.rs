@@ -772,6 +772,9 @@ fn check_traffic_policy(cx: &mut Cx<'_>, reg: &Registry, t: &TrafficPolicySpec) 
     if let Some(d) = &t.connect_timeout {
         check_duration(cx, "connectTimeout", d);
     }
+    if let Some(v) = &t.max_request_body_bytes {
+        at_least_one(cx, "maxRequestBodyBytes", v);
+    }
     if let Some(rl) = &t.rate_limit {
         at_least_one(cx, "rateLimit.requestsPerSecond", &rl.requests_per_second);
         if let Some(b) = &rl.burst {
@@ -829,8 +832,8 @@ fn check_authorization_policy(cx: &mut Cx<'_>, reg: &Registry, a: &Authorization
     }
 }
 
-fn at_least_one(cx: &mut Cx<'_>, what: &str, v: &Located<u32>) {
-    if v.value == 0 {
+fn at_least_one<T: Copy + Into<u64>>(cx: &mut Cx<'_>, what: &str, v: &Located<T>) {
+    if v.value.into() == 0 {
         cx.err(v.line, format!("{what} must be at least 1"));
     }
 }

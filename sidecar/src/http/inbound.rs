@@ -15,7 +15,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::outbound::MAX_HEADER_BYTES;
-use super::{Body, PEER_IDENTITY_HEADER, reply, strip_hop_headers};
+use super::{Body, PEER_IDENTITY_HEADER, body_limit, reply, strip_hop_headers};
 use crate::Proxy;
 use crate::config::Proto;
 use crate::telemetry::{DenialLabels, RequestLabels, ServiceLabel};
@@ -156,8 +156,13 @@ async fn handle(
         tracing::info!(src_identity = %src, service = %svc, %method, %path, "request denied by authorization policy");
         return finish(reply(403, "authz-denied"));
     }
+    let mut body_limit = None;
     if !service.is_empty() {
         let policy = snap.policy(&service).cloned();
+        body_limit = policy
+            .as_deref()
+            .map(|p| p.max_request_body_bytes)
+            .filter(|&n| n > 0);
         let guards = proxy.guards.for_service(&service, policy.as_deref());
         if let Some(rl) = &guards.rate_limit
             && let Err(wait) = rl.try_acquire()
@@ -175,6 +180,12 @@ async fn handle(
                 .insert(http::header::RETRY_AFTER, secs.into());
             return finish(r);
         }
+    }
+    // A declared length over the limit is refused before any of the body is read.
+    if let Some(limit) = body_limit
+        && body_limit::declared_over(req.headers(), limit)
+    {
+        return finish(reply(413, "body-too-large"));
     }
     let (mut parts, body) = req.into_parts();
     strip_hop_headers(&mut parts.headers);
@@ -209,7 +220,17 @@ async fn handle(
             &proxy.local.h1
         }
     };
-    let body = body.map_err(|e| -> super::BoxError { Box::new(e) }).boxed();
+    // A streamed body is cut off at the limit: the app never sees more.
+    let (body, cut_off) = match body_limit {
+        Some(limit) => {
+            let (b, exceeded) = body_limit::Capped::new(body, limit);
+            (b.boxed(), Some(exceeded))
+        }
+        None => (
+            body.map_err(|e| -> super::BoxError { Box::new(e) }).boxed(),
+            None,
+        ),
+    };
     match client.request(Request::from_parts(parts, body)).await {
         Ok(r) => {
             let (mut p, b) = r.into_parts();
@@ -219,6 +240,10 @@ async fn handle(
                 p,
                 b.map_err(|e| -> super::BoxError { Box::new(e) }).boxed(),
             ))
+        }
+        Err(_) if cut_off.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) => {
+            tracing::info!(port, %service, src_identity = %src, "request body over the service's limit; request aborted");
+            finish(reply(413, "body-too-large"))
         }
         Err(e) => {
             tracing::info!(port, error = %e, "local app request failed");

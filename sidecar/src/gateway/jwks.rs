@@ -221,6 +221,8 @@ struct State {
     /// The bytes of the last document loaded (good or not): an unchanged
     /// document is neither parsed again nor complained about again.
     last_doc: Option<Vec<u8>>,
+    /// Whether `last_doc` parsed.
+    last_doc_ok: bool,
 }
 
 /// Where a provider's keys come from, with the cached set.
@@ -387,7 +389,10 @@ impl JwksSource {
         };
         if st.last_doc.as_deref() == Some(&doc[..]) {
             // Unchanged: whatever it gave last time still stands.
-            st.last_ok = st.keys.is_some();
+            st.last_ok = st.last_doc_ok;
+            if st.last_doc_ok {
+                st.last_error = None;
+            }
             return;
         }
         match KeySet::parse(&doc) {
@@ -404,6 +409,7 @@ impl JwksSource {
                 st.last_error = Some(e.to_string());
             }
         }
+        st.last_doc_ok = st.last_ok;
         st.last_doc = Some(doc);
     }
 }

@@ -248,3 +248,214 @@ fn sigterm_drains_in_flight_requests_before_exiting() {
         "exited within the grace period"
     );
 }
+
+/// Body size limit of `api` in [`request_bodies_over_the_limit_get_413_and_never_reach_the_app`].
+const BODY_LIMIT: usize = 100_000;
+
+/// `curl` in pod `from` with `args`; (status, response headers).
+fn curl_status(mesh: &Mesh, from: &str, args: &[&str]) -> (u16, String) {
+    let ns = &mesh.pod(from).pod.ns;
+    let mut argv = vec![
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "-o",
+        "/dev/null",
+        "-D",
+        "-",
+    ];
+    argv.extend_from_slice(args);
+    let out = mesh.net.exec(ns, &argv);
+    let headers = String::from_utf8_lossy(&out.stdout).into_owned();
+    // The last status line: curl may print a `100 Continue` first.
+    let code = headers
+        .lines()
+        .filter(|l| l.starts_with("HTTP/"))
+        .last()
+        .and_then(|l| l.split(' ').nth(1)?.parse().ok())
+        .unwrap_or(0);
+    (
+        code,
+        format!("{headers}{}", String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+fn check_body_case(mesh: &Mesh, what: &str, code: u16, out: &str, want: u16) {
+    assert_eq!(
+        code,
+        want,
+        "{what}: {out}\n{}\n{}",
+        mesh.sidecar_log("web"),
+        mesh.sidecar_log("api")
+    );
+    if want == 413 {
+        assert!(
+            out.contains("x-bulwark-reason: body-too-large"),
+            "{what}: {out}"
+        );
+    } else {
+        assert!(
+            out.contains(&format!("x-request-body-bytes: {BODY_LIMIT}")),
+            "{what}: {out}"
+        );
+    }
+}
+
+/// POSTs `len` bytes in 16 KiB chunks over HTTP/2 from pod web to the
+/// `api` VIP, with a content-length when `declared`; (status, headers).
+fn h2_post(mesh: &Mesh, len: usize, declared: bool) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
+    std::thread::spawn(move || {
+        netns::enter(&ns);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let tcp = tokio::net::TcpStream::connect(format!("{VIP}:8080"))
+                .await
+                .unwrap();
+            let (mut send, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(tcp),
+            )
+            .await
+            .unwrap();
+            tokio::spawn(conn);
+            let (tx, rx) = tokio::sync::mpsc::channel::<
+                Result<hyper::body::Frame<hyper::body::Bytes>, std::io::Error>,
+            >(4);
+            tokio::spawn(async move {
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(16 * 1024);
+                    left -= n;
+                    let chunk = hyper::body::Bytes::from(vec![b's'; n]);
+                    if tx.send(Ok(hyper::body::Frame::data(chunk))).await.is_err() {
+                        break; // the request was answered and dropped
+                    }
+                }
+            });
+            let body =
+                http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            let mut req = hyper::Request::post(format!("http://{VIP}:8080/upload"));
+            if declared {
+                req = req.header("content-length", len);
+            }
+            let resp = tokio::time::timeout(
+                Duration::from_secs(10),
+                send.send_request(req.body(body).unwrap()),
+            )
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+            let mut out = String::new();
+            for (k, v) in resp.headers() {
+                out.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("")));
+            }
+            let code = resp.status().as_u16();
+            let _ = resp.into_body().collect().await;
+            (code, out)
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn request_bodies_over_the_limit_get_413_and_never_reach_the_app() {
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.add_pod("web");
+    let api = mesh.add_pod("api");
+    let policy = format!(
+        "---\napiVersion: bulwark.dev/v1\nkind: TrafficPolicy\nmetadata:\n  name: api\n  namespace: default\nspec:\n  service: api\n  maxRequestBodyBytes: {BODY_LIMIT}\n"
+    );
+    mesh.write_config(&netns::mesh::http_api_config(&api, &policy));
+    mesh.start_sidecar("web", "web", &[]);
+    mesh.start_sidecar("api", "api", &[]);
+    mesh.wait_ready("web");
+    mesh.wait_ready("api");
+    let under = mesh.net.dir.join("under.bin");
+    let over = mesh.net.dir.join("over.bin");
+    std::fs::write(&under, vec![b'u'; BODY_LIMIT]).unwrap();
+    std::fs::write(&over, vec![b'o'; 3 * BODY_LIMIT]).unwrap();
+    let (under, over) = (
+        format!("@{}", under.display()),
+        format!("@{}", over.display()),
+    );
+    let url = format!("http://{VIP}:8080/upload");
+    let chunked = "transfer-encoding: chunked";
+    let cases: [(&str, Vec<&str>, u16); 3] = [
+        ("HTTP/1.1, at the limit", vec!["--data-binary", &under], 200),
+        ("HTTP/1.1, declared over", vec!["--data-binary", &over], 413),
+        (
+            "HTTP/1.1, chunked over",
+            vec!["-H", chunked, "--data-binary", &over],
+            413,
+        ),
+    ];
+    for (what, mut args, want) in cases {
+        args.push(&url);
+        let (code, out) = curl_status(&mesh, "web", &args);
+        println!("{what}: {code}");
+        check_body_case(&mesh, what, code, &out, want);
+    }
+    // HTTP/2 (prior knowledge) to web's sidecar, from a client that reads
+    // an early answer even while it is still sending.
+    let h2_cases = [
+        ("HTTP/2, at the limit", BODY_LIMIT, true, 200),
+        ("HTTP/2, declared over", 3 * BODY_LIMIT, true, 413),
+        ("HTTP/2, streamed over", 3 * BODY_LIMIT, false, 413),
+    ];
+    for (what, len, declared, want) in h2_cases {
+        let (code, out) = h2_post(&mesh, len, declared);
+        println!("{what}: {code}");
+        check_body_case(&mesh, what, code, &out, want);
+    }
+
+    // A declared length over the limit is answered before any body is sent.
+    let ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
+    let (head, took) = std::thread::spawn(move || {
+        netns::enter(&ns);
+        let mut s = TcpStream::connect(format!("{VIP}:8080")).unwrap();
+        let t = Instant::now();
+        write!(
+            s,
+            "POST /big HTTP/1.1\r\nHost: api\r\nContent-Length: 1000000000\r\n\r\n"
+        )
+        .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).unwrap_or(0);
+        (String::from_utf8_lossy(&buf[..n]).into_owned(), t.elapsed())
+    })
+    .join()
+    .unwrap();
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    println!("413 for a declared 1 GB body, none of it sent, in {took:?}");
+
+    // Whatever was cut off mid-way, the app never received more than the limit.
+    let app_log = mesh.net.log_of(mesh.pod("api").app.unwrap());
+    for line in app_log
+        .lines()
+        .filter(|l| l.contains("request body ended early"))
+    {
+        let bytes: usize = line
+            .split("bytes=")
+            .nth(1)
+            .and_then(|b| b.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no byte count in {line}"));
+        assert!(bytes <= BODY_LIMIT, "the app got {bytes} bytes: {line}");
+    }
+    let m = mesh.metrics("api");
+    let counted = metric_sum(
+        &m,
+        "bulwark_local_responses_total",
+        &["reason=\"body-too-large\""],
+    );
+    assert!(counted >= 5.0, "{m}");
+}

@@ -20,7 +20,8 @@ use crate::model::{
     Backend, Document, HeaderMatch, LbAlgorithm, Located, MeshLocation, MtlsMode, OutboundPolicy,
     PortSpec, Protocol, RetrySpec, Spec, StringMatch,
 };
-use crate::validate::resolve;
+use crate::model::{GatewayListenerSpec, GatewayRouteSpec, JwtProviderSpec, RuleCore};
+use crate::validate::{JWT_ALGORITHMS, resolve};
 
 pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(25);
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_millis(250);
@@ -42,6 +43,8 @@ pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_HEALTH_UNHEALTHY_THRESHOLD: u32 = 3;
 pub const DEFAULT_HEALTH_HEALTHY_THRESHOLD: u32 = 2;
 pub const DEFAULT_ENDPOINT_WEIGHT: u32 = 1;
+pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(300);
+pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(60);
 
 /// Compiles documents that passed [`crate::validate::validate`]. Resources
 /// keep the documents' order. On documents that did not pass, the output is
@@ -124,37 +127,7 @@ pub fn compile(documents: &[Document]) -> Resources {
                 rules: r
                     .rules
                     .iter()
-                    .map(|rule| pb::HttpRoute {
-                        name: rule
-                            .name
-                            .as_ref()
-                            .map(|n| n.value.clone())
-                            .unwrap_or_default(),
-                        matches: rule
-                            .matches
-                            .iter()
-                            .map(|m| pb::RouteMatch {
-                                path: m.path.as_ref().map(|p| string_match(p)),
-                                methods: strings(&m.methods),
-                                headers: m.headers.iter().map(|h| header_match(h)).collect(),
-                            })
-                            .collect(),
-                        backends: rule
-                            .backends
-                            .iter()
-                            .map(|b| backend(b, doc.namespace(), 100))
-                            .collect(),
-                        timeout_ms: rule.timeout.as_ref().map_or(0, |t| ms(t)),
-                        retry: rule.retry.as_ref().map(|r| retry(r)),
-                        overrides: rule
-                            .overrides
-                            .iter()
-                            .map(|o| pb::HeaderOverride {
-                                header: Some(header_match(&o.header)),
-                                backend: Some(backend(&o.backend, doc.namespace(), 100)),
-                            })
-                            .collect(),
-                    })
+                    .map(|rule| http_route(&rule.core(), doc.namespace()))
                     .collect(),
                 source,
             }),
@@ -240,9 +213,158 @@ pub fn compile(documents: &[Document]) -> Resources {
                     source,
                 })
             }
+            Spec::Gateway(g) => out.gateways.push(pb::Gateway {
+                name,
+                namespace,
+                listeners: g.listeners.iter().map(gateway_listener).collect(),
+                routes: g
+                    .routes
+                    .iter()
+                    .map(|r| gateway_route(r, doc.namespace()))
+                    .collect(),
+                source,
+            }),
+            Spec::RequestAuthentication(a) => {
+                out.request_authentications.push(pb::RequestAuthentication {
+                    name,
+                    namespace,
+                    gateway: a.gateway.value.clone(),
+                    providers: a.providers.iter().map(|p| jwt_provider(p)).collect(),
+                    source,
+                })
+            }
         }
     }
     out
+}
+
+/// A Route rule's or Gateway route's shared part. A Route rule's local
+/// rate limit is its own (set by the caller); a gateway route limits per
+/// client instead, in [`pb::GatewayRoute`].
+fn http_route(rule: &RuleCore<'_>, namespace: &str) -> pb::HttpRoute {
+    pb::HttpRoute {
+        name: rule.name.map(|n| n.value.clone()).unwrap_or_default(),
+        matches: rule
+            .matches
+            .iter()
+            .map(|m| pb::RouteMatch {
+                path: m.path.as_ref().map(|p| string_match(p)),
+                methods: strings(&m.methods),
+                headers: m.headers.iter().map(|h| header_match(h)).collect(),
+            })
+            .collect(),
+        backends: rule
+            .backends
+            .iter()
+            .map(|b| backend(b, namespace, 100))
+            .collect(),
+        timeout_ms: rule.timeout.map_or(0, |t| ms(t)),
+        retry: rule.retry.map(|r| retry(r)),
+        overrides: rule
+            .overrides
+            .iter()
+            .map(|o| pb::HeaderOverride {
+                header: Some(header_match(&o.header)),
+                backend: Some(backend(&o.backend, namespace, 100)),
+            })
+            .collect(),
+        rate_limit: None,
+    }
+}
+
+fn gateway_listener(l: &GatewayListenerSpec) -> pb::GatewayListener {
+    pb::GatewayListener {
+        name: l.name.value.clone(),
+        port: l.port.value,
+        certificates: l
+            .certificates
+            .iter()
+            .map(|c| pb::GatewayCertificate {
+                hostnames: strings(&c.hostnames),
+                cert_file: c.cert_file.value.clone(),
+                key_file: c.key_file.value.clone(),
+            })
+            .collect(),
+        client_ca_file: l
+            .client_ca_file
+            .as_ref()
+            .map(|f| f.value.clone())
+            .unwrap_or_default(),
+        require_client_cert: flag(&l.require_client_cert),
+    }
+}
+
+fn gateway_route(r: &GatewayRouteSpec, namespace: &str) -> pb::GatewayRoute {
+    pb::GatewayRoute {
+        http: Some(http_route(&r.core(), namespace)),
+        hostnames: strings(&r.hostnames),
+        authorization: r.authorization.as_ref().map(|a| pb::GatewayAuthorization {
+            require_authenticated: flag(&a.require_authenticated),
+            scopes: strings(&a.scopes),
+            claims: a
+                .claims
+                .iter()
+                .map(|c| pb::ClaimRequirement {
+                    claim: c.claim.value.clone(),
+                    values: strings(&c.values),
+                })
+                .collect(),
+        }),
+        rate_limit: r.rate_limit.as_ref().map(|rl| pb::ClientRateLimit {
+            // Header names are case-insensitive; the proxy's maps use lower case.
+            key: match rl.key.strip_prefix("header:") {
+                Some(h) => format!("header:{}", h.to_ascii_lowercase()),
+                None => rl.key.value.clone(),
+            },
+            requests_per_second: rl.requests_per_second.value,
+            burst: or(&rl.burst, rl.requests_per_second.value),
+        }),
+        validation: r.validation.as_ref().map(|v| pb::RequestValidation {
+            json_schema: v
+                .json_schema
+                .as_ref()
+                .map(|s| s.value.to_string())
+                .unwrap_or_default(),
+            max_body_bytes: v.max_body_bytes.as_ref().map_or(0, |m| m.value),
+        }),
+    }
+}
+
+fn jwt_provider(p: &JwtProviderSpec) -> pb::JwtProvider {
+    let opt = |v: &Option<Located<String>>| v.as_ref().map(|v| v.value.clone()).unwrap_or_default();
+    pb::JwtProvider {
+        issuer: p.issuer.value.clone(),
+        audiences: strings(&p.audiences),
+        jwks_file: opt(&p.jwks_file),
+        jwks_uri: opt(&p.jwks_uri),
+        jwks_ca_file: opt(&p.jwks_ca_file),
+        jwks_refresh_ms: ms_or(&p.jwks_refresh, DEFAULT_JWKS_REFRESH),
+        algorithms: if p.algorithms.is_empty() {
+            JWT_ALGORITHMS.iter().map(|a| a.to_string()).collect()
+        } else {
+            strings(&p.algorithms)
+        },
+        // Zero is a valid skew, so not `ms_or` (which reads 0 as unset).
+        clock_skew_ms: p
+            .clock_skew
+            .as_ref()
+            .map_or(DEFAULT_CLOCK_SKEW, |d| {
+                duration::parse(d).unwrap_or_default()
+            })
+            .as_millis()
+            .try_into()
+            .unwrap_or(u64::MAX),
+        forward_claims: p
+            .forward_claims
+            .iter()
+            .map(|(claim, header)| (claim.clone(), header.to_ascii_lowercase()))
+            .collect(),
+        forward_token: flag(&p.forward_token),
+    }
+}
+
+fn flag(v: &Option<Located<bool>>) -> bool {
+    v.as_ref().is_some_and(|v| v.value)
 }
 
 /// Where a document came from, as carried in every resource.

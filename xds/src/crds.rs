@@ -46,6 +46,8 @@ pub fn names(kind: Kind) -> (&'static str, &'static str) {
         Kind::Route => ("routes", "brt"),
         Kind::TrafficPolicy => ("trafficpolicies", "btp"),
         Kind::AuthorizationPolicy => ("authorizationpolicies", "bap"),
+        Kind::Gateway => ("gateways", "bgw"),
+        Kind::RequestAuthentication => ("requestauthentications", "bra"),
     }
 }
 
@@ -67,6 +69,8 @@ pub fn spec_schema(kind: Kind) -> Value {
         Kind::Route => g.root_schema_for::<model::RouteSpec>(),
         Kind::TrafficPolicy => g.root_schema_for::<model::TrafficPolicySpec>(),
         Kind::AuthorizationPolicy => g.root_schema_for::<model::AuthorizationPolicySpec>(),
+        Kind::Gateway => g.root_schema_for::<model::GatewaySpec>(),
+        Kind::RequestAuthentication => g.root_schema_for::<model::RequestAuthenticationSpec>(),
     };
     let mut v = schema.to_value();
     structural(&mut v);

@@ -104,6 +104,11 @@ pub fn document_counts(resources: &Resources) -> Vec<(model::Kind, usize)> {
             Kind::AuthorizationPolicy,
             resources.authorization_policies.len(),
         ),
+        (Kind::Gateway, resources.gateways.len()),
+        (
+            Kind::RequestAuthentication,
+            resources.request_authentications.len(),
+        ),
     ];
     counts.into_iter().filter(|(_, n)| *n > 0).collect()
 }

@@ -420,6 +420,8 @@ fn parse_document(file: &Path, chunk: &Chunk<'_>, loading: &mut Loading) {
         Kind::Route => typed(chunk, Spec::Route),
         Kind::TrafficPolicy => typed(chunk, |s| Spec::TrafficPolicy(Box::new(s))),
         Kind::AuthorizationPolicy => typed(chunk, Spec::AuthorizationPolicy),
+        Kind::Gateway => typed(chunk, Spec::Gateway),
+        Kind::RequestAuthentication => typed(chunk, Spec::RequestAuthentication),
     };
     match parsed {
         Ok((api_version, metadata, spec)) => loading.documents.push(Document {

@@ -5,6 +5,7 @@
 //! ```yaml
 //! apiVersion: bulwark.dev/v1
 //! kind: Service            # MeshConfig | Service | ServiceEntry | Route | TrafficPolicy | AuthorizationPolicy
+//!                          # | Gateway | RequestAuthentication
 //! metadata:
 //!   name: api              # DNS-1123 label
 //!   namespace: shop        # default: "default"
@@ -113,16 +114,20 @@ pub enum Kind {
     Route,
     TrafficPolicy,
     AuthorizationPolicy,
+    Gateway,
+    RequestAuthentication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 8] = [
         Kind::MeshConfig,
         Kind::Service,
         Kind::ServiceEntry,
         Kind::Route,
         Kind::TrafficPolicy,
         Kind::AuthorizationPolicy,
+        Kind::Gateway,
+        Kind::RequestAuthentication,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -133,6 +138,8 @@ impl Kind {
             Kind::Route => "Route",
             Kind::TrafficPolicy => "TrafficPolicy",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::Gateway => "Gateway",
+            Kind::RequestAuthentication => "RequestAuthentication",
         }
     }
 
@@ -167,6 +174,8 @@ impl Document {
             Spec::Route(_) => Kind::Route,
             Spec::TrafficPolicy(_) => Kind::TrafficPolicy,
             Spec::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Spec::Gateway(_) => Kind::Gateway,
+            Spec::RequestAuthentication(_) => Kind::RequestAuthentication,
         }
     }
 
@@ -189,6 +198,8 @@ pub enum Spec {
     // Boxed: by far the largest spec.
     TrafficPolicy(Box<TrafficPolicySpec>),
     AuthorizationPolicy(AuthorizationPolicySpec),
+    Gateway(GatewaySpec),
+    RequestAuthentication(RequestAuthenticationSpec),
 }
 
 /// The envelope as written, for one kind's spec type. The loader reads `kind`
@@ -477,6 +488,32 @@ pub struct RouteRule {
     pub retry: Option<Located<RetrySpec>>,
 }
 
+/// What a Route rule and a Gateway route share: matching, where traffic
+/// goes, timeout and retries. Both are checked and compiled through it, so
+/// the two cannot drift apart.
+#[derive(Clone, Copy, Debug)]
+pub struct RuleCore<'a> {
+    pub name: Option<&'a Located<String>>,
+    pub matches: &'a [RouteMatch],
+    pub backends: &'a [Backend],
+    pub overrides: &'a [Override],
+    pub timeout: Option<&'a Located<String>>,
+    pub retry: Option<&'a Located<RetrySpec>>,
+}
+
+impl RouteRule {
+    pub fn core(&self) -> RuleCore<'_> {
+        RuleCore {
+            name: self.name.as_ref(),
+            matches: &self.matches,
+            backends: &self.backends,
+            overrides: &self.overrides,
+            timeout: self.timeout.as_ref(),
+            retry: self.retry.as_ref(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteMatch {
@@ -733,6 +770,250 @@ pub struct AuthorizationRule {
     pub paths: Vec<Located<StringMatch>>,
     #[serde(default)]
     pub methods: Vec<Located<String>>,
+}
+
+/// `kind: Gateway`: an edge gateway, the proxy that takes requests from
+/// outside the mesh. Listeners terminate public TLS (certificates chosen by
+/// SNI, re-read from their files when they change); routes send requests
+/// into mesh services over mTLS. A route matches, splits by weight, applies
+/// overrides, timeout and retries exactly as a Route rule does, and adds who
+/// may call it (`authorization`, with tokens checked by the gateway's
+/// RequestAuthentication), a per-client rate limit and request validation.
+/// Routes are tried in order; the first that matches the request's host and
+/// `matches` decides.
+///
+/// ```yaml
+/// apiVersion: bulwark.dev/v1
+/// kind: Gateway
+/// metadata:
+///   name: edge
+///   namespace: ingress
+/// spec:
+///   listeners:
+///     - name: https                   # DNS-1123 label, unique in the gateway
+///       port: 8443                    # unique; not 15000-15021 (the proxy's own)
+///       certificates:                 # at least one; the first also answers without SNI
+///         - hostnames: [api.example.com, "*.example.com"]
+///           certFile: /etc/bulwark/gw/tls.crt
+///           keyFile: /etc/bulwark/gw/tls.key
+///       clientCaFile: /etc/bulwark/gw/partners.pem   # optional: verify partners' certificates
+///       requireClientCert: false      # true needs clientCaFile
+///   routes:
+///     - name: orders                  # optional, unique in the gateway
+///       hostnames: [api.example.com]  # optional: any host when left out
+///       matches:                      # as in a Route rule
+///         - path: {prefix: /orders}
+///           methods: [GET, POST]
+///       backends:                     # as in a Route rule; at least one
+///         - service: shop/orders
+///           weight: 90
+///         - service: shop/orders
+///           subset: {version: v2}
+///           weight: 10
+///       overrides:                    # as in a Route rule
+///         - header: {name: x-canary, exact: always}
+///           backend: {service: shop/orders, subset: {version: v2}}
+///       timeout: 2s                   # as in a Route rule
+///       retry: {attempts: 2}          # as in a Route rule
+///       authorization:                # optional: anyone when left out
+///         requireAuthenticated: true  # no valid token: 401
+///         scopes: ["orders:write"]    # all of them (`scope`/`scp` claim), else 403
+///         claims:                     # all of them, else 403
+///           - claim: tier
+///             values: [gold, silver]  # the claim equals (or contains) one of these
+///       rateLimit:                    # token bucket per client; 429 beyond it
+///         key: subject                # subject | source-ip | header:<name>
+///         requestsPerSecond: 10
+///         burst: 20                   # default = requestsPerSecond
+///       validation:
+///         jsonSchema:                 # JSON bodies must validate, else 400
+///           type: object
+///           required: [item]
+///           properties:
+///             item: {type: string}
+///         maxBodyBytes: 65536         # default 1 MiB
+/// ```
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GatewaySpec {
+    pub listeners: Located<Vec<GatewayListenerSpec>>,
+    pub routes: Located<Vec<Located<GatewayRouteSpec>>>,
+}
+
+/// One public TLS listener of a gateway.
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GatewayListenerSpec {
+    pub name: Located<String>,
+    pub port: Located<u32>,
+    #[serde(default)]
+    pub certificates: Located<Vec<Located<GatewayCertificateSpec>>>,
+    #[serde(default)]
+    pub client_ca_file: Option<Located<String>>,
+    #[serde(default)]
+    pub require_client_cert: Option<Located<bool>>,
+}
+
+/// A server certificate and key (PEM files) for some SNI names.
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GatewayCertificateSpec {
+    #[serde(default)]
+    pub hostnames: Vec<Located<String>>,
+    pub cert_file: Located<String>,
+    pub key_file: Located<String>,
+}
+
+/// A route from the edge into the mesh: a Route rule's fields plus the
+/// edge's own (`hostnames`, `authorization`, `rateLimit`, `validation`).
+/// The shared fields are repeated rather than `#[serde(flatten)]`ed:
+/// flattening loses unknown-field errors and value lines. [`RuleCore`]
+/// keeps their checks and compilation in one place.
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GatewayRouteSpec {
+    #[serde(default)]
+    pub name: Option<Located<String>>,
+    #[serde(default)]
+    pub hostnames: Vec<Located<String>>,
+    #[serde(default)]
+    pub matches: Vec<RouteMatch>,
+    #[serde(default)]
+    pub backends: Vec<Backend>,
+    #[serde(default)]
+    pub overrides: Vec<Override>,
+    #[serde(default)]
+    pub timeout: Option<Located<String>>,
+    #[serde(default)]
+    pub retry: Option<Located<RetrySpec>>,
+    #[serde(default)]
+    pub authorization: Option<Located<GatewayAuthorizationSpec>>,
+    #[serde(default)]
+    pub rate_limit: Option<Located<ClientRateLimitSpec>>,
+    #[serde(default)]
+    pub validation: Option<Located<RequestValidationSpec>>,
+}
+
+impl GatewayRouteSpec {
+    pub fn core(&self) -> RuleCore<'_> {
+        RuleCore {
+            name: self.name.as_ref(),
+            matches: &self.matches,
+            backends: &self.backends,
+            overrides: &self.overrides,
+            timeout: self.timeout.as_ref(),
+            retry: self.retry.as_ref(),
+        }
+    }
+}
+
+/// Who may use a gateway route; left out, anyone may.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GatewayAuthorizationSpec {
+    #[serde(default)]
+    pub require_authenticated: Option<Located<bool>>,
+    #[serde(default)]
+    pub scopes: Vec<Located<String>>,
+    #[serde(default)]
+    pub claims: Vec<Located<ClaimRequirementSpec>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClaimRequirementSpec {
+    pub claim: Located<String>,
+    pub values: Located<Vec<Located<String>>>,
+}
+
+/// A token bucket per client of the route.
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClientRateLimitSpec {
+    /// `subject`, `source-ip` or `header:<name>`.
+    pub key: Located<String>,
+    pub requests_per_second: Located<u32>,
+    #[serde(default)]
+    pub burst: Option<Located<u32>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestValidationSpec {
+    /// A JSON Schema, written inline as YAML (or JSON).
+    #[serde(default)]
+    #[schemars(schema_with = "any_json_object")]
+    pub json_schema: Option<Located<serde_json::Value>>,
+    #[serde(default)]
+    pub max_body_bytes: Option<Located<u64>>,
+}
+
+/// Any JSON object, kept as written: a structural schema cannot describe a
+/// JSON Schema, so Kubernetes is told to keep its fields unchecked.
+fn any_json_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}
+
+/// `kind: RequestAuthentication`: the JWT (OAuth2 bearer token) issuers a
+/// gateway trusts. A request's token, when it has one, must be valid for one
+/// of the providers, else 401; whether a token is required at all is the
+/// route's `authorization`. At most one per gateway.
+///
+/// ```yaml
+/// apiVersion: bulwark.dev/v1
+/// kind: RequestAuthentication
+/// metadata:
+///   name: edge-jwt
+///   namespace: ingress
+/// spec:
+///   gateway: edge                     # a Gateway in the same namespace
+///   providers:
+///     - issuer: https://issuer.example.com   # the token's `iss`; unique
+///       audiences: [orders-api]       # `aud` must contain one; empty = not checked
+///       jwksFile: /etc/bulwark/gw/jwks.json  # re-read when it changes; or:
+///       # jwksUri: https://issuer.example.com/.well-known/jwks.json   # https only
+///       # jwksCaFile: /etc/bulwark/gw/issuer-ca.pem  # roots for jwksUri; default system roots
+///       jwksRefresh: 5m               # default 5m; also refetched for an unknown kid
+///       algorithms: [RS256, ES256]    # default all of RS256 RS384 RS512 PS256 PS384 PS512 ES256 ES384 EdDSA
+///       clockSkew: 60s                # default 60s, for exp/nbf/iat
+///       forwardClaims:                # claim: request header the service receives it in
+///         sub: x-user-id
+///         scope: x-user-scopes
+///       forwardToken: false           # keep the Authorization header (default false)
+/// ```
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestAuthenticationSpec {
+    pub gateway: Located<String>,
+    pub providers: Located<Vec<Located<JwtProviderSpec>>>,
+}
+
+/// One trusted JWT issuer and where its keys come from.
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwtProviderSpec {
+    pub issuer: Located<String>,
+    #[serde(default)]
+    pub audiences: Vec<Located<String>>,
+    #[serde(default)]
+    pub jwks_file: Option<Located<String>>,
+    #[serde(default)]
+    pub jwks_uri: Option<Located<String>>,
+    #[serde(default)]
+    pub jwks_ca_file: Option<Located<String>>,
+    #[serde(default)]
+    pub jwks_refresh: Option<Located<String>>,
+    #[serde(default)]
+    pub algorithms: Vec<Located<String>>,
+    #[serde(default)]
+    pub clock_skew: Option<Located<String>>,
+    #[serde(default)]
+    pub forward_claims: Located<BTreeMap<String, Located<String>>>,
+    #[serde(default)]
+    pub forward_token: Option<Located<bool>>,
 }
 
 #[cfg(test)]

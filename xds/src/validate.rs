@@ -16,8 +16,12 @@ use crate::duration;
 use crate::load::{ConfigError, ConfigErrors, Unparsed};
 use crate::model::{
     API_VERSION, AuthorizationPolicySpec, Backend, DEFAULT_TRUST_DOMAIN, Document, EndpointSpec,
-    HeaderMatch, Kind, Labels, Located, MeshLocation, PortSpec, Protocol, RetrySpec, RouteRule,
-    RouteSpec, ServiceEntrySpec, ServiceSpec, Spec, StringMatch, TrafficPolicySpec,
+    HeaderMatch, Kind, Labels, Located, MeshLocation, PortSpec, Protocol, RetrySpec, RouteSpec,
+    ServiceEntrySpec, ServiceSpec, Spec, StringMatch, TrafficPolicySpec,
+};
+use crate::model::{
+    GatewayAuthorizationSpec, GatewayListenerSpec, GatewayRouteSpec, GatewaySpec, JwtProviderSpec,
+    RequestAuthenticationSpec, RuleCore,
 };
 
 /// Most retry attempts a route may ask for: more only multiplies load on a
@@ -55,6 +59,7 @@ pub(crate) fn check(documents: &[Document], unparsed: &[Unparsed]) -> Vec<Config
     let registry = Registry::build(documents, unparsed, &mut errors);
     let mut routed: HashMap<ServiceKey, (PathBuf, u32)> = HashMap::new();
     let mut policed: HashMap<ServiceKey, (PathBuf, u32)> = HashMap::new();
+    let mut authenticated: HashMap<ServiceKey, (PathBuf, u32)> = HashMap::new();
     for (i, doc) in documents.iter().enumerate() {
         // A duplicate is reported once, as such, not again as a second
         // Route or TrafficPolicy for its service.
@@ -89,6 +94,16 @@ pub(crate) fn check(documents: &[Document], unparsed: &[Unparsed]) -> Vec<Config
                 }
             }
             Spec::AuthorizationPolicy(a) => check_authorization_policy(&mut cx, &registry, a),
+            Spec::Gateway(g) => {
+                let key = (doc.namespace().to_string(), doc.name().to_string());
+                check_gateway(&mut cx, &registry, &key, g);
+            }
+            Spec::RequestAuthentication(a) => {
+                check_request_authentication(&mut cx, &registry, a);
+                if !duplicate {
+                    one_per_gateway(&mut cx, &registry, &mut authenticated, &a.gateway);
+                }
+            }
         }
     }
     errors
@@ -124,6 +139,13 @@ struct Registry {
     services: HashMap<ServiceKey, ServiceInfo>,
     /// Indices of documents that repeat an earlier kind/namespace/name.
     duplicates: HashSet<usize>,
+    /// Gateways, parsed or not: what RequestAuthentications may name.
+    gateways: HashSet<ServiceKey>,
+    /// Gateways a RequestAuthentication applies to.
+    authenticated: HashSet<ServiceKey>,
+    /// Namespaces with a RequestAuthentication that did not parse (its
+    /// gateway unknown), so no gateway there is said to lack one.
+    unparsed_authentication_in: HashSet<String>,
 }
 
 impl Registry {
@@ -134,6 +156,9 @@ impl Registry {
         let mut seen: HashMap<(Kind, &str, &str), (&Path, u32)> = HashMap::new();
         let mut services: HashMap<ServiceKey, ServiceInfo> = HashMap::new();
         let mut duplicates = HashSet::new();
+        let mut gateways = HashSet::new();
+        let mut authenticated = HashSet::new();
+        let mut unparsed_authentication_in = HashSet::new();
         for (i, doc) in documents.iter().enumerate() {
             let line = line_or(doc.metadata.name.line, doc.line);
             let key = (doc.kind(), doc.namespace(), doc.name());
@@ -183,21 +208,39 @@ impl Registry {
                 }
                 Spec::Service(s) => add_ports(&mut services, doc, &s.ports),
                 Spec::ServiceEntry(s) => add_ports(&mut services, doc, &s.ports),
+                Spec::Gateway(_) => {
+                    gateways.insert((doc.namespace().to_string(), doc.name().to_string()));
+                }
+                Spec::RequestAuthentication(a) => {
+                    authenticated.insert((doc.namespace().to_string(), a.gateway.value.clone()));
+                }
                 _ => {}
             }
         }
         for u in unparsed {
-            if matches!(u.kind, Kind::Service | Kind::ServiceEntry) {
-                services
-                    .entry((u.namespace.clone(), u.name.clone()))
-                    .or_default()
-                    .ports = None;
+            match u.kind {
+                Kind::Service | Kind::ServiceEntry => {
+                    services
+                        .entry((u.namespace.clone(), u.name.clone()))
+                        .or_default()
+                        .ports = None;
+                }
+                Kind::Gateway => {
+                    gateways.insert((u.namespace.clone(), u.name.clone()));
+                }
+                Kind::RequestAuthentication => {
+                    unparsed_authentication_in.insert(u.namespace.clone());
+                }
+                _ => {}
             }
         }
         Registry {
             trust_domain,
             services,
             duplicates,
+            gateways,
+            authenticated,
+            unparsed_authentication_in,
         }
     }
 }
@@ -493,11 +536,24 @@ fn one_per_service(
         return;
     }
     let line = line_or(service.line, cx.doc_line);
+    claim_once(cx, claimed, key, line, "service", kind);
+}
+
+/// Records that `owner` `key` has its `kind` at `line`, or reports the one
+/// it already has.
+fn claim_once(
+    cx: &mut Cx<'_>,
+    claimed: &mut HashMap<ServiceKey, (PathBuf, u32)>,
+    key: ServiceKey,
+    line: u32,
+    owner: &str,
+    kind: &str,
+) {
     if let Some((file, first)) = claimed.get(&key) {
         cx.err(
             line,
             format!(
-                "service {}/{} already has a {kind} (at {}:{}); merge them into one",
+                "{owner} {}/{} already has a {kind} (at {}:{}); merge them into one",
                 key.0,
                 key.1,
                 file.display(),
@@ -507,6 +563,22 @@ fn one_per_service(
     } else {
         claimed.insert(key, (cx.file.to_path_buf(), line));
     }
+}
+
+/// One RequestAuthentication per gateway: two would leave which providers
+/// apply to the order they are read in.
+fn one_per_gateway(
+    cx: &mut Cx<'_>,
+    reg: &Registry,
+    claimed: &mut HashMap<ServiceKey, (PathBuf, u32)>,
+    gateway: &Located<String>,
+) {
+    let key = (cx.namespace.to_string(), gateway.value.clone());
+    if !reg.gateways.contains(&key) {
+        return;
+    }
+    let line = line_or(gateway.line, cx.doc_line);
+    claim_once(cx, claimed, key, line, "gateway", "RequestAuthentication");
 }
 
 fn check_route(cx: &mut Cx<'_>, reg: &Registry, r: &RouteSpec) {
@@ -526,19 +598,30 @@ fn check_route(cx: &mut Cx<'_>, reg: &Registry, r: &RouteSpec) {
     }
     let mut names = BTreeSet::new();
     for rule in r.rules.iter() {
-        if let Some(name) = &rule.name {
-            if let Err(e) = dns_label(name) {
-                cx.err(name.line, format!("rule name: {e}"));
-            } else if !names.insert(name.value.as_str()) {
-                cx.err(name.line, format!("rule name {} is used twice", name.value));
-            }
-        }
-        check_rule(cx, reg, rule);
+        check_rule(cx, reg, &mut names, "rule", &rule.core());
     }
 }
 
-fn check_rule(cx: &mut Cx<'_>, reg: &Registry, rule: &RouteRule) {
-    for m in &rule.matches {
+/// The checks a Route rule and a Gateway route share. `names` collects the
+/// rule names seen so far in the document (`what` names them in messages).
+fn check_rule<'a>(
+    cx: &mut Cx<'_>,
+    reg: &Registry,
+    names: &mut BTreeSet<&'a str>,
+    what: &str,
+    rule: &RuleCore<'a>,
+) {
+    if let Some(name) = rule.name {
+        if let Err(e) = dns_label(name) {
+            cx.err(name.line, format!("{what} name: {e}"));
+        } else if !names.insert(name.value.as_str()) {
+            cx.err(
+                name.line,
+                format!("{what} name {} is used twice", name.value),
+            );
+        }
+    }
+    for m in rule.matches {
         if let Some(path) = &m.path {
             check_path_match(cx, "matches.path", path);
         }
@@ -549,8 +632,8 @@ fn check_rule(cx: &mut Cx<'_>, reg: &Registry, rule: &RouteRule) {
             check_header_match(cx, h);
         }
     }
-    check_backends(cx, reg, rule);
-    for o in &rule.overrides {
+    check_backends(cx, reg, rule.backends);
+    for o in rule.overrides {
         check_header_match(cx, &o.header);
         check_backend(cx, reg, &o.backend);
         if let Some(w) = &o.backend.weight {
@@ -560,19 +643,16 @@ fn check_rule(cx: &mut Cx<'_>, reg: &Registry, rule: &RouteRule) {
             );
         }
     }
-    let timeout = rule
-        .timeout
-        .as_ref()
-        .and_then(|t| check_duration(cx, "timeout", t));
-    if let Some(retry) = &rule.retry {
+    let timeout = rule.timeout.and_then(|t| check_duration(cx, "timeout", t));
+    if let Some(retry) = rule.retry {
         check_retry(cx, retry, timeout);
     }
 }
 
-fn check_backends(cx: &mut Cx<'_>, reg: &Registry, rule: &RouteRule) {
+fn check_backends(cx: &mut Cx<'_>, reg: &Registry, backends: &[Backend]) {
     let mut sum: u64 = 0;
     let mut all_weighted = true;
-    for b in &rule.backends {
+    for b in backends {
         check_backend(cx, reg, b);
         match &b.weight {
             Some(w) if w.value > 100 => {
@@ -583,7 +663,7 @@ fn check_backends(cx: &mut Cx<'_>, reg: &Registry, rule: &RouteRule) {
                 all_weighted = false; // the sum would only repeat this error
             }
             Some(w) => sum += u64::from(w.value),
-            None if rule.backends.len() > 1 => {
+            None if backends.len() > 1 => {
                 cx.err(
                     b.service.line,
                     "backend weight is required when a rule has more than one backend",
@@ -593,11 +673,11 @@ fn check_backends(cx: &mut Cx<'_>, reg: &Registry, rule: &RouteRule) {
             None => sum += 100,
         }
     }
-    if !rule.backends.is_empty() && all_weighted && sum != 100 {
-        let line = rule.backends[0]
+    if !backends.is_empty() && all_weighted && sum != 100 {
+        let line = backends[0]
             .weight
             .as_ref()
-            .map_or(rule.backends[0].service.line, |w| w.line);
+            .map_or(backends[0].service.line, |w| w.line);
         cx.err(
             line,
             format!("backend weights sum to {sum}, they must sum to 100"),
@@ -829,6 +909,458 @@ fn check_authorization_policy(cx: &mut Cx<'_>, reg: &Registry, a: &Authorization
         for m in &rule.methods {
             check_method(cx, m);
         }
+    }
+}
+
+/// Ports a gateway listener may not use: the proxy's own (admin, metrics
+/// and health, capture).
+pub const RESERVED_PROXY_PORTS: std::ops::RangeInclusive<u32> = 15000..=15021;
+/// JWT signature algorithms a provider may allow: the asymmetric ones. HMAC
+/// is left out on purpose (see [`check_algorithm`]).
+pub const JWT_ALGORITHMS: [&str; 9] = [
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
+/// Rate-limit client keys besides `header:<name>`.
+pub const CLIENT_KEYS: [&str; 2] = ["subject", "source-ip"];
+
+fn check_gateway(cx: &mut Cx<'_>, reg: &Registry, gateway: &ServiceKey, g: &GatewaySpec) {
+    if g.listeners.is_empty() {
+        cx.err(
+            g.listeners.line,
+            "listeners: a Gateway needs at least one listener",
+        );
+    }
+    let mut names = BTreeSet::new();
+    let mut ports = BTreeSet::new();
+    for l in g.listeners.iter() {
+        check_listener(cx, l);
+        if dns_label(&l.name).is_ok() && !names.insert(l.name.value.as_str()) {
+            cx.err(
+                l.name.line,
+                format!("listener name {} is used twice", l.name.value),
+            );
+        }
+        if !ports.insert(l.port.value) {
+            cx.err(
+                l.port.line,
+                format!("listener port {} is used twice", l.port.value),
+            );
+        }
+    }
+    if g.routes.is_empty() {
+        cx.err(g.routes.line, "routes: a Gateway needs at least one route");
+    }
+    let mut names = BTreeSet::new();
+    for route in g.routes.iter() {
+        check_gateway_route(cx, reg, gateway, &mut names, route);
+    }
+}
+
+fn check_listener(cx: &mut Cx<'_>, l: &GatewayListenerSpec) {
+    if let Err(e) = dns_label(&l.name) {
+        cx.err(l.name.line, format!("listener name: {e}"));
+    }
+    check_port_number(cx, "listener port", &l.port);
+    if RESERVED_PROXY_PORTS.contains(&l.port.value) {
+        cx.err(
+            l.port.line,
+            format!(
+                "listener port {} is reserved: {}-{} are the proxy's own ports",
+                l.port.value,
+                RESERVED_PROXY_PORTS.start(),
+                RESERVED_PROXY_PORTS.end()
+            ),
+        );
+    }
+    if l.certificates.is_empty() {
+        cx.err(
+            line_or(l.certificates.line, l.name.line),
+            format!(
+                "listener {}: at least one certificate is required",
+                l.name.value
+            ),
+        );
+    }
+    let mut hostnames = BTreeSet::new();
+    for c in l.certificates.iter() {
+        for (what, file) in [("certFile", &c.cert_file), ("keyFile", &c.key_file)] {
+            non_empty(cx, &format!("certificates.{what}"), file);
+        }
+        for h in &c.hostnames {
+            if let Err(e) = hostname(h) {
+                cx.err(h.line, format!("certificates.hostnames: {e}"));
+            } else if !hostnames.insert(h.value.as_str()) {
+                cx.err(
+                    h.line,
+                    format!(
+                        "certificates.hostnames: {} has two certificates in listener {}",
+                        h.value, l.name.value
+                    ),
+                );
+            }
+        }
+    }
+    if let Some(f) = &l.client_ca_file {
+        non_empty(cx, "clientCaFile", f);
+    }
+    if let Some(r) = &l.require_client_cert
+        && r.value
+        && l.client_ca_file.as_ref().is_none_or(|f| f.is_empty())
+    {
+        cx.err(
+            r.line,
+            "requireClientCert needs clientCaFile: the roots client certificates are verified against",
+        );
+    }
+}
+
+fn check_gateway_route<'a>(
+    cx: &mut Cx<'_>,
+    reg: &Registry,
+    gateway: &ServiceKey,
+    names: &mut BTreeSet<&'a str>,
+    route: &'a Located<GatewayRouteSpec>,
+) {
+    check_rule(cx, reg, names, "route", &route.core());
+    if route.backends.is_empty() {
+        cx.err(
+            route.line,
+            "a gateway route needs at least one backend: at the edge there is no service of its own to default to",
+        );
+    }
+    // The gateway speaks HTTP to its backends.
+    let backends = route
+        .backends
+        .iter()
+        .chain(route.overrides.iter().map(|o| &o.backend.value));
+    for b in backends {
+        if let Some(key) = resolve(&b.service, cx.namespace)
+            && reg.services.get(&key).is_some_and(|s| s.tcp_only)
+        {
+            cx.err(
+                b.service.line,
+                format!(
+                    "backend service {}/{} has only tcp ports: a gateway routes HTTP",
+                    key.0, key.1
+                ),
+            );
+        }
+    }
+    for h in &route.hostnames {
+        if let Err(e) = hostname(h) {
+            cx.err(h.line, format!("hostnames: {e}"));
+        }
+    }
+    if let Some(a) = &route.authorization {
+        check_gateway_authorization(cx, reg, gateway, a);
+    }
+    if let Some(rl) = &route.rate_limit {
+        check_client_key(cx, &rl.key);
+        at_least_one(cx, "rateLimit.requestsPerSecond", &rl.requests_per_second);
+        if let Some(b) = &rl.burst {
+            at_least_one(cx, "rateLimit.burst", b);
+        }
+    }
+    if let Some(v) = &route.validation {
+        if let Some(schema) = &v.json_schema {
+            check_json_schema(cx, schema);
+        }
+        if let Some(max) = &v.max_body_bytes {
+            at_least_one(cx, "validation.maxBodyBytes", max);
+        }
+    }
+}
+
+fn check_gateway_authorization(
+    cx: &mut Cx<'_>,
+    reg: &Registry,
+    gateway: &ServiceKey,
+    a: &Located<GatewayAuthorizationSpec>,
+) {
+    for s in &a.scopes {
+        if s.is_empty() || s.contains(char::is_whitespace) {
+            cx.err(
+                s.line,
+                format!(
+                    "authorization.scopes: {:?} is not a scope (a non-empty string without spaces: \
+                     tokens list scopes separated by spaces)",
+                    s.value
+                ),
+            );
+        }
+    }
+    for c in &a.claims {
+        non_empty(cx, "authorization.claims.claim", &c.claim);
+        if c.values.is_empty() {
+            cx.err(
+                line_or(c.values.line, c.line),
+                format!(
+                    "authorization.claims: claim {} needs at least one value",
+                    c.claim.value
+                ),
+            );
+        }
+        for v in c.values.iter() {
+            non_empty(cx, "authorization.claims.values", v);
+        }
+    }
+    let needs_token = a.require_authenticated.as_ref().is_some_and(|r| r.value)
+        || !a.scopes.is_empty()
+        || !a.claims.is_empty();
+    if needs_token
+        && !reg.authenticated.contains(gateway)
+        && !reg.unparsed_authentication_in.contains(&gateway.0)
+    {
+        cx.err(
+            a.line,
+            format!(
+                "authorization needs a token, but no RequestAuthentication applies to gateway {}/{}: \
+                 every request would be refused",
+                gateway.0, gateway.1
+            ),
+        );
+    }
+}
+
+/// `subject`, `source-ip` or `header:<name>`.
+fn check_client_key(cx: &mut Cx<'_>, key: &Located<String>) {
+    if CLIENT_KEYS.contains(&key.value.as_str()) {
+        return;
+    }
+    match key.strip_prefix("header:") {
+        Some(name) => {
+            if let Err(e) = http::HeaderName::from_bytes(name.as_bytes()) {
+                cx.err(
+                    key.line,
+                    format!("rateLimit.key: header name {name:?}: {e}"),
+                );
+            }
+        }
+        None => cx.err(
+            key.line,
+            format!(
+                "rateLimit.key: unknown key {:?}, expected subject, source-ip or header:<name>",
+                key.value
+            ),
+        ),
+    }
+}
+
+/// The schema must compile, and on its own: the gateway fetches nothing,
+/// so a reference outside the document could never resolve.
+fn check_json_schema(cx: &mut Cx<'_>, schema: &Located<serde_json::Value>) {
+    // As the gateway compiles it (formats asserted), so what passes here
+    // compiles there.
+    let Err(e) = jsonschema::options()
+        .offline()
+        .should_validate_formats(true)
+        .build(&schema.value)
+    else {
+        return;
+    };
+    let message = match e.kind() {
+        jsonschema::error::ValidationErrorKind::Referencing(
+            jsonschema::ReferencingError::Unretrievable { uri, .. },
+        ) => format!(
+            "validation.jsonSchema: remote reference {uri}: schemas must be self-contained \
+             (the gateway fetches nothing); put the definition under $defs and refer to #/$defs/..."
+        ),
+        _ => {
+            let at = e.instance_path().as_str();
+            let at = if at.is_empty() {
+                String::new()
+            } else {
+                format!(" at {at}")
+            };
+            format!("validation.jsonSchema: invalid JSON Schema{at}: {e}")
+        }
+    };
+    cx.err(schema.line, message);
+}
+
+fn check_request_authentication(cx: &mut Cx<'_>, reg: &Registry, a: &RequestAuthenticationSpec) {
+    if a.gateway.contains('/') {
+        cx.err(
+            a.gateway.line,
+            format!(
+                "gateway: {:?}: name a Gateway in this document's namespace ({}), without a namespace/",
+                a.gateway.value, cx.namespace
+            ),
+        );
+    } else if let Err(e) = dns_label(&a.gateway) {
+        cx.err(a.gateway.line, format!("gateway: {e}"));
+    } else if !reg
+        .gateways
+        .contains(&(cx.namespace.to_string(), a.gateway.value.clone()))
+    {
+        cx.err(
+            a.gateway.line,
+            format!(
+                "gateway: unknown gateway {}/{}: no Gateway has that name in this namespace",
+                cx.namespace, a.gateway.value
+            ),
+        );
+    }
+    if a.providers.is_empty() {
+        cx.err(
+            a.providers.line,
+            "providers: a RequestAuthentication needs at least one provider",
+        );
+    }
+    let mut issuers = BTreeSet::new();
+    for p in a.providers.iter() {
+        check_jwt_provider(cx, p);
+        if !p.issuer.is_empty() && !issuers.insert(p.issuer.value.as_str()) {
+            cx.err(
+                p.issuer.line,
+                format!("issuer {} is listed twice", p.issuer.value),
+            );
+        }
+    }
+}
+
+fn check_jwt_provider(cx: &mut Cx<'_>, p: &Located<JwtProviderSpec>) {
+    non_empty(cx, "issuer", &p.issuer);
+    for a in &p.audiences {
+        non_empty(cx, "audiences", a);
+    }
+    match (&p.jwks_file, &p.jwks_uri) {
+        (Some(_), Some(uri)) => cx.err(
+            uri.line,
+            "give exactly one of jwksFile, jwksUri: where the keys come from must be unambiguous",
+        ),
+        (None, None) => cx.err(
+            line_or(p.issuer.line, p.line),
+            format!("provider {}: give one of jwksFile, jwksUri", p.issuer.value),
+        ),
+        (Some(f), None) => non_empty(cx, "jwksFile", f),
+        (None, Some(uri)) => check_jwks_uri(cx, uri),
+    }
+    if let Some(ca) = &p.jwks_ca_file {
+        non_empty(cx, "jwksCaFile", ca);
+        if p.jwks_uri.is_none() {
+            cx.err(ca.line, "jwksCaFile applies only with jwksUri");
+        }
+    }
+    if let Some(d) = &p.jwks_refresh {
+        check_duration(cx, "jwksRefresh", d);
+    }
+    if let Some(d) = &p.clock_skew
+        && let Err(e) = duration::parse(d)
+    {
+        // Zero is allowed: no leeway.
+        cx.err(d.line, format!("clockSkew: {e}"));
+    }
+    let mut seen = BTreeSet::new();
+    for alg in &p.algorithms {
+        check_algorithm(cx, alg);
+        if !seen.insert(alg.value.as_str()) {
+            cx.err(alg.line, format!("algorithm {} is listed twice", alg.value));
+        }
+    }
+    let mut headers: HashMap<String, &str> = HashMap::new();
+    for (claim, header) in p.forward_claims.iter() {
+        let line = line_or(header.line, p.forward_claims.line);
+        if claim.is_empty() {
+            cx.err(line, "forwardClaims: a claim name must not be empty");
+        }
+        if let Some(why) = check_forward_header(&header.value) {
+            cx.err(
+                line,
+                format!("forwardClaims: {claim}: header {:?} {why}", header.value),
+            );
+        } else if let Some(other) = headers.insert(header.to_ascii_lowercase(), claim) {
+            cx.err(
+                line,
+                format!(
+                    "forwardClaims: claims {other} and {claim} both go to header {}",
+                    header.value
+                ),
+            );
+        }
+    }
+}
+
+fn check_jwks_uri(cx: &mut Cx<'_>, uri: &Located<String>) {
+    match uri.parse::<http::Uri>() {
+        Ok(u) if u.scheme_str() == Some("https") && u.host().is_some_and(|h| !h.is_empty()) => {}
+        Ok(u) if u.scheme().is_some() && u.scheme_str() != Some("https") => cx.err(
+            uri.line,
+            format!(
+                "jwksUri {:?} must be https: keys fetched in the clear could be swapped in transit",
+                uri.value
+            ),
+        ),
+        _ => cx.err(
+            uri.line,
+            format!("jwksUri {:?} is not an absolute https URL", uri.value),
+        ),
+    }
+}
+
+/// Only asymmetric algorithms: with `none` a token proves nothing, and an
+/// HMAC algorithm lets anyone holding the (public) verification key sign,
+/// the classic algorithm-confusion attack.
+fn check_algorithm(cx: &mut Cx<'_>, alg: &Located<String>) {
+    if JWT_ALGORITHMS.contains(&alg.value.as_str()) {
+        return;
+    }
+    let message = if alg.eq_ignore_ascii_case("none") {
+        format!(
+            "algorithm {:?} is not allowed: an unsigned token proves nothing",
+            alg.value
+        )
+    } else if alg.to_ascii_uppercase().starts_with("HS") {
+        format!(
+            "algorithm {} is not allowed: HMAC uses a shared secret, and accepting it next to \
+             public keys lets anyone who has a public key sign tokens (algorithm confusion)",
+            alg.value
+        )
+    } else {
+        format!(
+            "unknown algorithm {:?}, expected one of {}",
+            alg.value,
+            JWT_ALGORITHMS.join(", ")
+        )
+    };
+    cx.err(alg.line, message);
+}
+
+/// Why a request header cannot carry a forwarded claim, if it cannot.
+fn check_forward_header(name: &str) -> Option<String> {
+    if name.starts_with(':') {
+        return Some("is a pseudo-header, set by the protocol".to_string());
+    }
+    let h = match http::HeaderName::from_bytes(name.as_bytes()) {
+        Ok(h) => h,
+        Err(e) => return Some(format!("is not a valid header name: {e}")),
+    };
+    const HOP_BY_HOP: [&str; 9] = [
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ];
+    let h = h.as_str();
+    if HOP_BY_HOP.contains(&h) {
+        Some("is hop-by-hop: it does not reach the service".to_string())
+    } else if ["host", "content-length", "content-type", "authorization"].contains(&h) {
+        Some("carries the request itself and cannot be replaced by a claim".to_string())
+    } else if h.starts_with("x-bulwark-") {
+        Some("is reserved for the mesh's own headers".to_string())
+    } else {
+        None
+    }
+}
+
+fn non_empty(cx: &mut Cx<'_>, what: &str, v: &Located<String>) {
+    if v.trim().is_empty() {
+        cx.err(v.line, format!("{what} must not be empty"));
     }
 }
 

@@ -109,7 +109,7 @@ fn the_example_mesh_validates_and_compiles() {
         ]
     );
     let counts = bulwark_xds::document_counts(r);
-    assert_eq!(counts.iter().map(|(_, n)| n).sum::<usize>(), 8);
+    assert_eq!(counts.iter().map(|(_, n)| n).sum::<usize>(), 10);
 }
 
 #[test]
@@ -726,6 +726,485 @@ fn external_service_entry_needs_something_to_dial() {
     );
 }
 
+// ---------------------------------------------------------------------------
+// Gateway and RequestAuthentication
+
+/// A gateway in `ingress` routing to `default/api` (from [`SERVICES`]), and
+/// its JWT providers. Tests below edit one line of it at a time.
+const GATEWAY: &str = r#"apiVersion: bulwark.dev/v1
+kind: Gateway
+metadata: {name: edge, namespace: ingress}
+spec:
+  listeners:
+    - name: https
+      port: 8443
+      certificates:
+        - hostnames: [api.example.com, "*.example.com"]
+          certFile: /etc/gw/tls.crt
+          keyFile: /etc/gw/tls.key
+      clientCaFile: /etc/gw/partners.pem
+      requireClientCert: false
+  routes:
+    - name: orders
+      hostnames: [api.example.com]
+      matches: [{path: {prefix: /orders}, methods: [GET, POST]}]
+      backends: [{service: default/api, weight: 90}, {service: default/api, subset: {version: v2}, weight: 10}]
+      overrides: [{header: {name: X-Canary, exact: always}, backend: {service: default/api, subset: {version: v2}}}]
+      timeout: 2s
+      retry: {attempts: 2}
+      authorization: {requireAuthenticated: true, scopes: ["orders:write"], claims: [{claim: tier, values: [gold]}]}
+      rateLimit: {key: "header:X-Api-Key", requestsPerSecond: 10, burst: 20}
+      validation:
+        jsonSchema:
+          type: object
+          required: [item]
+          properties: {item: {type: string}}
+        maxBodyBytes: 65536
+---
+apiVersion: bulwark.dev/v1
+kind: RequestAuthentication
+metadata: {name: edge-jwt, namespace: ingress}
+spec:
+  gateway: edge
+  providers:
+    - issuer: https://issuer.example.com
+      audiences: [orders-api]
+      jwksFile: /etc/gw/jwks.json
+      algorithms: [RS256, ES256]
+      clockSkew: 30s
+      forwardClaims: {sub: X-User-Id, scope: x-user-scopes}
+      forwardToken: true
+"#;
+
+/// Errors for [`GATEWAY`] with `from` replaced by `to` (which must occur).
+fn gateway_errors(from: &str, to: &str) -> Vec<(String, u32, String)> {
+    assert!(GATEWAY.contains(from), "{from:?} is not in GATEWAY");
+    errors(&[
+        ("a.yaml", SERVICES),
+        ("gw.yaml", &GATEWAY.replacen(from, to, 1)),
+    ])
+}
+
+/// Asserts that the edit gives exactly one error, at `gw.yaml:line`,
+/// mentioning `needle`.
+fn assert_gateway_error(from: &str, to: &str, line: u32, needle: &str) {
+    let errs = gateway_errors(from, to);
+    assert_eq!(
+        errs.len(),
+        1,
+        "{from:?} -> {to:?}: expected one error, got {errs:#?}"
+    );
+    let (f, l, m) = &errs[0];
+    assert_eq!(
+        (f.as_str(), *l),
+        ("gw.yaml", line),
+        "{from:?} -> {to:?}: wrong place for {m:?}"
+    );
+    assert!(m.contains(needle), "{m:?} should mention {needle:?}");
+}
+
+#[test]
+fn a_gateway_compiles_with_route_semantics_and_edge_policies() {
+    let dir = config_dir(&[("a.yaml", SERVICES), ("gw.yaml", GATEWAY)]);
+    let r = load_and_compile(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let mut g = r.gateways[0].clone();
+    let source = g.source.take().unwrap();
+    assert_eq!((source.kind.as_str(), source.line), ("Gateway", 1));
+    let backend = |version: Option<&str>, weight| pb::WeightedBackend {
+        service: "default/api".into(),
+        subset: version
+            .map(|v| [("version".to_string(), v.to_string())].into())
+            .unwrap_or_default(),
+        weight,
+        port: 0,
+    };
+    let string_match = |k| Some(pb::StringMatch { kind: Some(k) });
+    use pb::string_match::Kind::{Exact, Prefix};
+    let expected = pb::Gateway {
+        name: "edge".into(),
+        namespace: "ingress".into(),
+        listeners: vec![pb::GatewayListener {
+            name: "https".into(),
+            port: 8443,
+            certificates: vec![pb::GatewayCertificate {
+                hostnames: vec!["api.example.com".into(), "*.example.com".into()],
+                cert_file: "/etc/gw/tls.crt".into(),
+                key_file: "/etc/gw/tls.key".into(),
+            }],
+            client_ca_file: "/etc/gw/partners.pem".into(),
+            require_client_cert: false,
+        }],
+        routes: vec![pb::GatewayRoute {
+            http: Some(pb::HttpRoute {
+                name: "orders".into(),
+                matches: vec![pb::RouteMatch {
+                    path: string_match(Prefix("/orders".into())),
+                    methods: vec!["GET".into(), "POST".into()],
+                    headers: vec![],
+                }],
+                backends: vec![backend(None, 90), backend(Some("v2"), 10)],
+                timeout_ms: 2000,
+                // The Route defaults, filled in the same way.
+                retry: Some(pb::RetryPolicy {
+                    attempts: 2,
+                    per_try_timeout_ms: 0,
+                    backoff_base_ms: 25,
+                    backoff_max_ms: 250,
+                    retry_on: vec![
+                        "gateway-error".into(),
+                        "connect-failure".into(),
+                        "reset".into(),
+                    ],
+                    retriable_status_codes: vec![],
+                    budget_ratio: 0.2,
+                    budget_min_per_second: 10,
+                }),
+                overrides: vec![pb::HeaderOverride {
+                    header: Some(pb::HeaderMatch {
+                        name: "x-canary".into(),
+                        value: string_match(Exact("always".into())),
+                        absent: false,
+                    }),
+                    backend: Some(backend(Some("v2"), 100)),
+                }],
+                rate_limit: None,
+            }),
+            hostnames: vec!["api.example.com".into()],
+            authorization: Some(pb::GatewayAuthorization {
+                require_authenticated: true,
+                scopes: vec!["orders:write".into()],
+                claims: vec![pb::ClaimRequirement {
+                    claim: "tier".into(),
+                    values: vec!["gold".into()],
+                }],
+            }),
+            rate_limit: Some(pb::ClientRateLimit {
+                key: "header:x-api-key".into(),
+                requests_per_second: 10,
+                burst: 20,
+            }),
+            validation: Some(pb::RequestValidation {
+                json_schema: r#"{"properties":{"item":{"type":"string"}},"required":["item"],"type":"object"}"#.into(),
+                max_body_bytes: 65536,
+            }),
+        }],
+        source: None,
+    };
+    assert_eq!(g, expected);
+    assert_eq!(
+        bulwark_xds::document_counts(&r)
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect::<Vec<_>>(),
+        ["2 Service", "1 Gateway", "1 RequestAuthentication"]
+    );
+}
+
+#[test]
+fn request_authentication_compiles_with_explicit_defaults() {
+    let dir = config_dir(&[("a.yaml", SERVICES), ("gw.yaml", GATEWAY)]);
+    let r = load_and_compile(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let mut a = r.request_authentications[0].clone();
+    assert_eq!(a.source.take().unwrap().line, 31);
+    let expected = pb::RequestAuthentication {
+        name: "edge-jwt".into(),
+        namespace: "ingress".into(),
+        gateway: "edge".into(),
+        providers: vec![pb::JwtProvider {
+            issuer: "https://issuer.example.com".into(),
+            audiences: vec!["orders-api".into()],
+            jwks_file: "/etc/gw/jwks.json".into(),
+            jwks_uri: String::new(),
+            jwks_ca_file: String::new(),
+            jwks_refresh_ms: 300_000,
+            algorithms: vec!["RS256".into(), "ES256".into()],
+            clock_skew_ms: 30_000,
+            forward_claims: [
+                ("sub".to_string(), "x-user-id".to_string()),
+                ("scope".to_string(), "x-user-scopes".to_string()),
+            ]
+            .into(),
+            forward_token: true,
+        }],
+        source: None,
+    };
+    assert_eq!(a, expected);
+
+    // Left out: every asymmetric algorithm, a minute of skew; a URL source.
+    let minimal = GATEWAY
+        .replace("      algorithms: [RS256, ES256]\n      clockSkew: 30s\n", "")
+        .replace(
+            "jwksFile: /etc/gw/jwks.json",
+            "jwksUri: https://issuer.example.com/jwks\n      jwksCaFile: /etc/gw/ca.pem\n      jwksRefresh: 90s",
+        );
+    let dir = config_dir(&[("a.yaml", SERVICES), ("gw.yaml", &minimal)]);
+    let r = load_and_compile(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let p = &r.request_authentications[0].providers[0];
+    assert_eq!(
+        p.algorithms,
+        [
+            "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"
+        ]
+    );
+    assert_eq!((p.clock_skew_ms, p.jwks_refresh_ms), (60_000, 90_000));
+    assert_eq!(
+        (
+            p.jwks_uri.as_str(),
+            p.jwks_ca_file.as_str(),
+            p.jwks_file.as_str()
+        ),
+        ("https://issuer.example.com/jwks", "/etc/gw/ca.pem", "")
+    );
+}
+
+#[test]
+fn gateway_listener_mistakes_are_reported_with_their_lines() {
+    assert_gateway_error(
+        "port: 8443",
+        "port: 15006",
+        7,
+        "15000-15021 are the proxy's own",
+    );
+    assert_gateway_error("port: 8443", "port: 70000", 7, "out of range 1..=65535");
+    assert_gateway_error(
+        "\"*.example.com\"",
+        "\"api.*.com\"",
+        9,
+        "is not a host name",
+    );
+    assert_gateway_error(
+        "certFile: /etc/gw/tls.crt",
+        "certFile: \"\"",
+        10,
+        "certFile must not be empty",
+    );
+    assert_gateway_error(
+        "      certificates:\n        - hostnames: [api.example.com, \"*.example.com\"]\n          certFile: /etc/gw/tls.crt\n          keyFile: /etc/gw/tls.key\n",
+        "      certificates: []\n",
+        8,
+        "at least one certificate",
+    );
+    assert_gateway_error(
+        "      clientCaFile: /etc/gw/partners.pem\n      requireClientCert: false\n",
+        "      requireClientCert: true\n",
+        12,
+        "requireClientCert needs clientCaFile",
+    );
+    assert_gateway_error(
+        "  routes:\n",
+        "    - name: http\n      port: 8443\n      certificates: [{certFile: /a, keyFile: /b}]\n  routes:\n",
+        15,
+        "listener port 8443 is used twice",
+    );
+    assert_gateway_error(
+        "kind: Gateway\n",
+        "kind: Gateway\nextra: 1\n",
+        3,
+        "unknown field `extra`",
+    );
+}
+
+#[test]
+fn gateway_route_mistakes_are_reported_with_their_lines() {
+    // Route semantics, checked by the same code as Route rules.
+    assert_gateway_error(
+        "default/api, weight: 90",
+        "default/nope, weight: 90",
+        18,
+        "unknown service default/nope",
+    );
+    assert_gateway_error("weight: 90", "weight: 80", 18, "sum to 90");
+    assert_gateway_error(
+        "methods: [GET, POST]",
+        "methods: [get]",
+        17,
+        "did you mean GET?",
+    );
+    assert_gateway_error("timeout: 2s", "timeout: 2 parsecs", 20, "timeout");
+    assert_gateway_error(
+        "retry: {attempts: 2}",
+        "retry: {attempts: 20}",
+        21,
+        "retry attempts 20",
+    );
+    assert_gateway_error(
+        "      backends: [{service: default/api, weight: 90}, {service: default/api, subset: {version: v2}, weight: 10}]\n",
+        "",
+        15,
+        "needs at least one backend",
+    );
+    // The edge's own.
+    assert_gateway_error(
+        "hostnames: [api.example.com]\n      matches",
+        "hostnames: [API]\n      matches",
+        16,
+        "is not a host name",
+    );
+    assert_gateway_error(
+        "scopes: [\"orders:write\"]",
+        "scopes: [\"\"]",
+        22,
+        "authorization.scopes",
+    );
+    assert_gateway_error(
+        "values: [gold]",
+        "values: []",
+        22,
+        "claim tier needs at least one value",
+    );
+    assert_gateway_error(
+        "key: \"header:X-Api-Key\"",
+        "key: cookie",
+        23,
+        "expected subject, source-ip or header:<name>",
+    );
+    assert_gateway_error(
+        "key: \"header:X-Api-Key\"",
+        "key: \"header:bad header\"",
+        23,
+        "rateLimit.key: header name",
+    );
+    assert_gateway_error(
+        "requestsPerSecond: 10",
+        "requestsPerSecond: 0",
+        23,
+        "rateLimit.requestsPerSecond must be at least 1",
+    );
+    assert_gateway_error(
+        "maxBodyBytes: 65536",
+        "maxBodyBytes: 0",
+        29,
+        "validation.maxBodyBytes must be at least 1",
+    );
+}
+
+#[test]
+fn json_schemas_must_compile_and_be_self_contained() {
+    let errs = gateway_errors("type: object\n", "type: objekt\n");
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert_eq!((errs[0].0.as_str(), errs[0].1), ("gw.yaml", 26));
+    assert!(
+        errs[0]
+            .2
+            .contains("validation.jsonSchema: invalid JSON Schema"),
+        "{}",
+        errs[0].2
+    );
+    assert_gateway_error(
+        "          type: object\n",
+        "          $ref: https://schemas.example.com/order.json\n",
+        26,
+        "remote reference https://schemas.example.com/order.json",
+    );
+    // Local references resolve without fetching anything.
+    let local = GATEWAY.replace(
+        "          type: object\n",
+        "          $ref: \"#/$defs/order\"\n          $defs: {order: {type: object}}\n",
+    );
+    assert_eq!(errors(&[("a.yaml", SERVICES), ("gw.yaml", &local)]), []);
+}
+
+#[test]
+fn request_authentication_mistakes_are_reported_with_their_lines() {
+    assert_gateway_error(
+        "issuer: https://issuer.example.com",
+        "issuer: \"\"",
+        37,
+        "issuer must not be empty",
+    );
+    assert_gateway_error(
+        "jwksFile: /etc/gw/jwks.json\n",
+        "jwksFile: /etc/gw/jwks.json\n      jwksUri: https://issuer.example.com/jwks\n",
+        40,
+        "exactly one of jwksFile, jwksUri",
+    );
+    assert_gateway_error(
+        "      jwksFile: /etc/gw/jwks.json\n",
+        "",
+        37,
+        "give one of jwksFile, jwksUri",
+    );
+    assert_gateway_error(
+        "jwksFile: /etc/gw/jwks.json",
+        "jwksUri: http://issuer.example.com/jwks",
+        39,
+        "must be https",
+    );
+    assert_gateway_error(
+        "jwksFile: /etc/gw/jwks.json",
+        "jwksUri: /jwks",
+        39,
+        "not an absolute https URL",
+    );
+    assert_gateway_error(
+        "audiences: [orders-api]",
+        "jwksCaFile: /ca.pem",
+        38,
+        "jwksCaFile applies only with jwksUri",
+    );
+    assert_gateway_error(
+        "[RS256, ES256]",
+        "[RS256, none]",
+        40,
+        "an unsigned token proves nothing",
+    );
+    assert_gateway_error(
+        "[RS256, ES256]",
+        "[RS256, HS256]",
+        40,
+        "algorithm confusion",
+    );
+    assert_gateway_error("[RS256, ES256]", "[RS256, XS1]", 40, "unknown algorithm");
+    assert_gateway_error("clockSkew: 30s", "clockSkew: soon", 41, "clockSkew");
+    assert_gateway_error(
+        "clockSkew: 30s",
+        "jwksRefresh: 0s",
+        41,
+        "jwksRefresh must be longer than 0",
+    );
+    assert_gateway_error("sub: X-User-Id", "sub: Connection", 42, "hop-by-hop");
+    assert_gateway_error("sub: X-User-Id", "sub: \":path\"", 42, "pseudo-header");
+    assert_gateway_error(
+        "sub: X-User-Id",
+        "sub: x-bulwark-peer-identity",
+        42,
+        "reserved",
+    );
+    assert_gateway_error(
+        "sub: X-User-Id",
+        "sub: X-User-Scopes",
+        42,
+        "both go to header",
+    );
+    // A gateway elsewhere: the reference, and the routes that now have no
+    // token to check.
+    let errs = gateway_errors("gateway: edge", "gateway: edgy");
+    let shown: Vec<(u32, bool)> = errs
+        .iter()
+        .map(|(_, l, m)| {
+            (
+                *l,
+                m.contains("unknown gateway ingress/edgy")
+                    || m.contains("no RequestAuthentication applies to gateway ingress/edge"),
+            )
+        })
+        .collect();
+    assert_eq!(shown, [(22, true), (35, true)], "{errs:#?}");
+    let second = format!(
+        "{GATEWAY}---\n{}",
+        &GATEWAY[GATEWAY
+            .find("apiVersion: bulwark.dev/v1\nkind: RequestAuthentication")
+            .unwrap()..]
+            .replace("name: edge-jwt", "name: more-jwt")
+    );
+    assert_one_error(
+        &[("a.yaml", SERVICES), ("gw.yaml", &second)],
+        "gw.yaml",
+        49,
+        "already has a RequestAuthentication",
+    );
+}
+
 #[test]
 fn defaults_are_filled_in_when_compiling() {
     let text = r#"apiVersion: bulwark.dev/v1
@@ -810,3 +1289,4 @@ fn errors_display_one_per_line_as_file_line_message() {
         "{shown}"
     );
 }
+

@@ -182,3 +182,136 @@ fn network_partition_times_out_opens_the_breaker_and_recovers() {
         assert_eq!(get(&mesh, "web").0, 200);
     }
 }
+
+/// One GET through web's sidecar per call, on a fresh connection: (ok, took).
+fn load_until(
+    ns: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<(Instant, bool, Duration)> {
+    netns::enter(&ns);
+    let target: SocketAddr = format!("{VIP}:8080").parse().unwrap();
+    let mut out = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let t = Instant::now();
+        let ok = netns::http_get(target, "/")
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"));
+        out.push((t, ok, t.elapsed()));
+    }
+    out
+}
+
+/// Three endpoints, idempotent GETs with retries; one pod is killed
+/// (app and sidecar, SIGKILL) mid-traffic: retries and outlier ejection
+/// keep success at 99.9% or better.
+#[test]
+fn upstream_pod_killed_mid_traffic_loses_no_more_than_one_request_in_a_thousand() {
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.add_pod("web");
+    let pods: Vec<Pod> = ["api-1", "api-2", "api-3"]
+        .iter()
+        .map(|p| mesh.add_pod(p))
+        .collect();
+    // The first endpoint comes from the shared config; two more follow it.
+    let more: String = pods[1..]
+        .iter()
+        .map(|p| {
+            format!(
+                "    - address: {}\n      identity: {}\n",
+                p.ip,
+                spiffe("api")
+            )
+        })
+        .collect();
+    let extra = format!(
+        "{more}---\napiVersion: bulwark.dev/v1\nkind: Route\nmetadata:\n  name: api\n  namespace: default\nspec:\n  service: api\n  rules:\n    - timeout: 2s\n      retry:\n        attempts: 3\n        perTryTimeout: 500ms\n        retryOn: [gateway-error, connect-failure, reset]\n---\napiVersion: bulwark.dev/v1\nkind: TrafficPolicy\nmetadata:\n  name: api\n  namespace: default\nspec:\n  service: api\n  outlierDetection:\n    consecutive5xx: 2\n    interval: 1s\n    baseEjectionTime: 30s\n    maxEjectionPercent: 50\n"
+    );
+    mesh.write_config(&config(&pods[0], &extra));
+    mesh.start_sidecar("web", "web", &[]);
+    for p in &pods {
+        mesh.start_sidecar(&p.name, "api", &[]);
+    }
+    for p in ["web", "api-1", "api-2", "api-3"] {
+        mesh.wait_ready(p);
+    }
+    // Every endpoint serves before the fault.
+    let mut seen = std::collections::HashSet::new();
+    wait_for(
+        "all three endpoints to serve",
+        Duration::from_secs(10),
+        || {
+            let (code, body, _) = get(&mesh, "web");
+            if code == 200
+                && let Some(name) = body
+                    .lines()
+                    .find_map(|l| l.split(' ').find(|w| w.starts_with("api-")))
+            {
+                seen.insert(name.to_string());
+            }
+            (seen.len() == 3).then_some(())
+        },
+    );
+    let retries0 = metric_sum(&mesh.metrics("web"), "bulwark_retries_total", &[]);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (ns, stop) = (ns.clone(), stop.clone());
+            std::thread::spawn(move || load_until(ns, stop))
+        })
+        .collect();
+    // Traffic flows, then api-2 dies: app and sidecar, SIGKILL.
+    wait_for("traffic before the fault", Duration::from_secs(10), || {
+        (metric_sum(&mesh.metrics("web"), "bulwark_requests_total", &[]) >= 200.0).then_some(())
+    });
+    let killed = Instant::now();
+    for i in [
+        mesh.pod("api-2").sidecar.unwrap(),
+        mesh.pod("api-2").app.unwrap(),
+    ] {
+        mesh.net.proc_mut(i).kill();
+    }
+    // Keep going until well after the fault: 600 more requests, at least 3 s.
+    let before = metric_sum(&mesh.metrics("web"), "bulwark_requests_total", &[]);
+    wait_for("traffic after the fault", Duration::from_secs(30), || {
+        let n = metric_sum(&mesh.metrics("web"), "bulwark_requests_total", &[]);
+        (n >= before + 600.0 && killed.elapsed() >= Duration::from_secs(3)).then_some(())
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results: Vec<_> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+
+    let sent = results.len();
+    let failed = results.iter().filter(|r| !r.1).count();
+    let retries = metric_sum(&mesh.metrics("web"), "bulwark_retries_total", &[]) - retries0;
+    // Recovered: the last request after the kill that failed or took more
+    // than 250 ms (a retry or a timeout), measured from the kill.
+    let recovered = results
+        .iter()
+        .filter(|(t, ok, took)| *t + *took > killed && (!ok || *took > Duration::from_millis(250)))
+        .map(|(t, _, took)| (*t + *took).duration_since(killed))
+        .max()
+        .unwrap_or_default();
+    let after = results.iter().filter(|(t, _, _)| *t >= killed).count();
+    let slowest = results
+        .iter()
+        .filter(|(t, _, _)| *t >= killed)
+        .map(|r| r.2)
+        .max()
+        .unwrap_or_default();
+    println!("slowest request after the kill: {slowest:?}");
+    println!(
+        "| upstream pod killed (SIGKILL app+sidecar), 3 endpoints, retries | success >= 99.9% | sent {sent} ({after} after the kill), failed {failed}, retries {retries}, recovered {recovered:?} |"
+    );
+    assert!(after >= 600, "enough traffic after the kill: {after}");
+    assert!(
+        (failed as f64) <= sent as f64 * 0.001,
+        "{failed} of {sent} failed\n{}",
+        mesh.sidecar_log("web")
+    );
+    assert!(retries >= 1.0, "the kill was noticed and retried");
+}

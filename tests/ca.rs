@@ -869,3 +869,44 @@ fn ca_signing_throughput() {
         );
     }
 }
+
+/// The CA decodes messages up to `MAX_MESSAGE` bytes: a request of exactly
+/// that size is read and refused for its content (not a CSR); one byte more
+/// is refused by its size with tonic's OUT_OF_RANGE, before the CA looks at
+/// it. Either way the CA goes on issuing to everyone else.
+#[test]
+fn sign_requests_at_the_size_limit_are_read_and_one_byte_over_is_refused() {
+    use bulwark_ca::server::MAX_MESSAGE;
+    let work = tempdir();
+    let ca = Ca::start(work.path(), &[], &[]);
+    let c = client(&ca);
+    let web = id(WEB);
+    let token = ca.token(WEB);
+    let rt = rt();
+    // SignRequest { csr_pem: s }: one tag byte, a 3-byte length, then s.
+    let csr_of = |size: usize| "x".repeat(size - 4);
+
+    let (code, msg) = refused(rt.block_on(c.sign_once(
+        &web,
+        &csr_of(MAX_MESSAGE),
+        &Credential::Token(&token),
+        None,
+    )));
+    assert_eq!(code, Code::InvalidArgument, "{msg}");
+
+    let (code, msg) = refused(rt.block_on(c.sign_once(
+        &web,
+        &csr_of(MAX_MESSAGE + 1),
+        &Credential::Token(&token),
+        None,
+    )));
+    assert_eq!(code, Code::OutOfRange, "{msg}");
+    assert!(msg.contains("message length too large"), "{msg}");
+
+    // Still serving: the same client and a new one both get certificates.
+    let (_, csr) = new_csr(&web).unwrap();
+    rt.block_on(c.sign_once(&web, &csr, &Credential::Token(&token), None))
+        .unwrap();
+    rt.block_on(client(&ca).issue(&web, Credential::Token(&ca.token(WEB)), None))
+        .unwrap();
+}

@@ -545,3 +545,64 @@ async fn sidecars_failing_over_keep_their_endpoints_until_the_new_replica_has_th
     .await;
     assert_eq!(status.system_version, with_api.system_version());
 }
+
+/// The first request of a stream, padded (in a node label) to exactly
+/// `size` encoded bytes.
+fn request_of_size(size: usize) -> bulwark_proto::xds::v1::DeltaDiscoveryRequest {
+    let mut req = subscriptions(client_node(), &[type_url::MESH_CONFIG], &Held::new()).remove(0);
+    let mut pad = size.saturating_sub(req.encoded_len() + 16);
+    loop {
+        let node = req.node.as_mut().unwrap();
+        node.labels.insert("pad".into(), "x".repeat(pad));
+        match req.encoded_len().cmp(&size) {
+            std::cmp::Ordering::Equal => return req,
+            std::cmp::Ordering::Less => pad += 1,
+            std::cmp::Ordering::Greater => pad -= 1,
+        }
+    }
+}
+
+/// Messages are decoded up to `MAX_MESSAGE` bytes (4 MiB): one of exactly
+/// that size is read and judged on its content; one byte more ends that
+/// stream with tonic's OUT_OF_RANGE before it is read, and the server goes
+/// on serving everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_messages_at_the_size_limit_are_read_and_one_byte_over_is_refused() {
+    use bulwark_xds::server::MAX_MESSAGE;
+    let mesh = Mesh::new();
+    let server = mesh.start().await;
+    let cert = || Some(mesh.svid(CLIENT.0, CLIENT.1));
+
+    let at = request_of_size(MAX_MESSAGE);
+    assert_eq!(at.encoded_len(), MAX_MESSAGE);
+    // Read whole, then judged on its content: a label this long is invalid.
+    let judged = match Client::open(&server, &mesh, cert(), vec![at]).await {
+        Err(s) => s,
+        Ok(mut c) => c.closed().await.expect("the stream ends with a status"),
+    };
+    assert_eq!(judged.code(), Code::InvalidArgument, "{judged}");
+    assert!(judged.message().contains("node label"), "{judged}");
+    let mut c = Client::subscribe_all(&server, &mesh, client_node(), Held::new())
+        .await
+        .unwrap();
+    let first = c.recv().await;
+
+    let over = request_of_size(MAX_MESSAGE + 1);
+    let refused = match Client::open(&server, &mesh, cert(), vec![over]).await {
+        Err(s) => s,
+        Ok(mut c) => c.closed().await.expect("the stream ends with a status"),
+    };
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused}");
+    assert!(
+        refused.message().contains("message length too large"),
+        "{refused}"
+    );
+
+    // The earlier stream and new ones are still served.
+    c.ack(&first).await;
+    let mut other = Client::subscribe_all(&server, &mesh, client_node(), Held::new())
+        .await
+        .unwrap();
+    assert_eq!(other.sync_all().await.len(), type_url::ALL.len());
+    server.stop().await;
+}

@@ -648,3 +648,126 @@ fn an_app_failing_its_health_check_leaves_every_clients_pool_and_returns() {
             .then_some(())
     });
 }
+
+/// Peak resident memory of this process's finished children, in kB.
+fn children_peak_rss_kb() -> i64 {
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) };
+    u.ru_maxrss
+}
+
+/// A 100 MB file (sparse: nothing is written) and a document nested
+/// 100,000 `[` deep. Both are refused with a clear error by `xds validate`
+/// and by a running control plane, which keeps its last good snapshot; no
+/// stack overflow, no memory beyond the 1 MiB file bound.
+#[test]
+fn oversized_and_deeply_nested_yaml_are_refused_and_the_last_good_config_kept() {
+    let work = common::tempdir();
+    let (config, ca) = (work.path().join("config"), work.path().join("ca"));
+    std::fs::create_dir(&config).unwrap();
+    common::run_ok(&["ca", "init", "--dir", ca.to_str().unwrap()]);
+    std::fs::write(config.join("mesh.yaml"), mesh_yaml(TD)).unwrap();
+    let huge = std::fs::File::create(work.path().join("huge.yaml")).unwrap();
+    huge.set_len(100 * 1024 * 1024).unwrap();
+    let deep = format!(
+        "apiVersion: bulwark.dev/v1\nkind: Service\nmetadata:\n  name: deep\nspec: {}\n",
+        "[".repeat(100_000)
+    );
+    std::fs::write(work.path().join("deep.yaml"), &deep).unwrap();
+
+    // Offline: each file on its own, then both in a directory.
+    for (file, line, message) in [
+        ("huge.yaml", 1, "larger than the 1024 KiB limit"),
+        ("deep.yaml", 5, "nested deeper than 32 levels"),
+    ] {
+        let path = work.path().join(file);
+        let out = common::run(&["xds", "validate", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{file}: {err}");
+        assert!(
+            err.contains(&format!("{file}:{line}: ")) && err.contains(message),
+            "{file}: {err}"
+        );
+        assert!(err.lines().count() <= 3, "one clear line: {err}");
+    }
+    let peak = children_peak_rss_kb();
+    println!("xds validate peak RSS: {peak} kB");
+    assert!(peak < 100_000, "validate used {peak} kB");
+
+    // Running: a good first load, then the two files arrive.
+    let port = common::free_port();
+    let admin: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let mut cp = common::spawn(
+        work.path(),
+        "cp",
+        &[
+            "xds",
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--ca-dir",
+            ca.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            &admin.to_string(),
+        ],
+    );
+    common::wait_listening(admin, &mut cp);
+    let status = || -> serde_json::Value {
+        let r = netns::http_get(admin, "/status").unwrap_or_default();
+        serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap_or("null")).unwrap_or_default()
+    };
+    let good = status()["system_version"].as_str().unwrap().to_string();
+    let rss0 = rss_kb(cp.pid());
+    for f in ["huge.yaml", "deep.yaml"] {
+        std::fs::rename(work.path().join(f), config.join(f)).unwrap();
+    }
+    let errors = wait_for("both files to be rejected", Duration::from_secs(10), || {
+        let s = status();
+        let errors: Vec<String> = s["config_rejected"]["errors"]
+            .as_array()?
+            .iter()
+            .map(|e| e.as_str().unwrap_or_default().to_string())
+            .collect();
+        (errors
+            .iter()
+            .any(|e| e.contains("huge.yaml:1: file is larger"))
+            && errors
+                .iter()
+                .any(|e| e.contains("deep.yaml:5: document is nested deeper")))
+        .then_some(errors)
+    });
+    println!("control plane reports: {errors:?}");
+    assert_eq!(
+        status()["system_version"],
+        good.as_str(),
+        "last good snapshot kept"
+    );
+    assert!(cp.child.try_wait().unwrap().is_none(), "still running");
+    assert!(cp.log_text().contains("huge.yaml"), "{}", cp.log_text());
+    let rss1 = rss_kb(cp.pid());
+    println!("control plane RSS {rss0} kB -> {rss1} kB");
+    assert!(rss1 < rss0 + 30_000, "memory grew by {} kB", rss1 - rss0);
+
+    // Removing them lets the next edit through.
+    for f in ["huge.yaml", "deep.yaml"] {
+        std::fs::remove_file(config.join(f)).unwrap();
+    }
+    std::fs::write(config.join("api.yaml"), SERVICES).unwrap();
+    wait_for("the next good edit", Duration::from_secs(10), || {
+        let s = status();
+        (s["config_rejected"].is_null() && s["system_version"] != good.as_str()).then_some(())
+    });
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}

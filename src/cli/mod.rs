@@ -22,7 +22,13 @@ struct Cli {
     #[arg(long, global = true, env = "BULWARK_LOG", default_value = "info")]
     log: String,
     /// Log format.
-    #[arg(long, global = true, value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "BULWARK_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     log_format: LogFormat,
     /// Access log: one JSON line per request/connection on stdout, or off.
     #[arg(long, global = true, value_enum, default_value = "stdout")]

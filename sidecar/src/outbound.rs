@@ -183,30 +183,75 @@ fn is_mesh(snap: &Snapshot, t: &Target) -> bool {
     }
 }
 
+/// How many of the client's first bytes [`sniff`] looks at.
+pub const SNIFF_BYTES: usize = 16;
+
+/// What the first bytes of a connection say about its protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sniffed {
+    /// An HTTP/1 request line or the HTTP/2 preface.
+    Http,
+    /// Anything else.
+    Opaque,
+    /// A prefix of a request line (upper-case method so far): wait for more.
+    NeedMore,
+}
+
+/// Classifies the client's first bytes (at most [`SNIFF_BYTES`] are looked
+/// at; with that many and still undecided, the answer is opaque).
+pub fn sniff(first: &[u8]) -> Sniffed {
+    let b = &first[..first.len().min(SNIFF_BYTES)];
+    if b.starts_with(b"PRI * HTTP/2") {
+        return Sniffed::Http;
+    }
+    if let Some(sp) = b.iter().position(|c| *c == b' ') {
+        return if sp > 0 && b[..sp].iter().all(|c| c.is_ascii_uppercase()) {
+            Sniffed::Http
+        } else {
+            Sniffed::Opaque
+        };
+    }
+    if b.is_empty() || b.len() == SNIFF_BYTES || !b.iter().all(|c| c.is_ascii_uppercase()) {
+        return Sniffed::Opaque;
+    }
+    Sniffed::NeedMore
+}
+
 /// Protocol detection for `auto` ports: HTTP if the client's first bytes
 /// are an HTTP/1 request line or the HTTP/2 preface. If the client sends
 /// nothing for a moment (a server-speaks-first protocol such as MySQL or
 /// SMTP), it is opaque TCP: never stall waiting for a client that will not
 /// speak.
 async fn sniff_http(s: &TcpStream) -> bool {
-    let mut buf = [0u8; 16];
+    let mut buf = [0u8; SNIFF_BYTES];
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(300);
     loop {
         let n = match tokio::time::timeout_at(deadline, s.peek(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => n,
             _ => return false,
         };
-        let b = &buf[..n];
-        if b.starts_with(b"PRI * HTTP/2") {
-            return true;
+        match sniff(&buf[..n]) {
+            Sniffed::Http => return true,
+            Sniffed::Opaque => return false,
+            // Part of a request line so far: wait briefly for the rest.
+            Sniffed::NeedMore => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
         }
-        if let Some(sp) = b.iter().position(|c| *c == b' ') {
-            return sp > 0 && b[..sp].iter().all(|c| c.is_ascii_uppercase());
-        }
-        if n == buf.len() || !b.iter().all(|c| c.is_ascii_uppercase()) {
-            return false;
-        }
-        // Part of a request line so far: wait briefly for the rest.
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniff_tells_http_from_opaque_and_waits_on_a_partial_method() {
+        assert_eq!(sniff(b"GET / HTTP/1.1\r\n"), Sniffed::Http);
+        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n\r\nSM"), Sniffed::Http);
+        assert_eq!(sniff(b"GE"), Sniffed::NeedMore);
+        assert_eq!(sniff(b"\x16\x03\x01"), Sniffed::Opaque);
+        assert_eq!(sniff(b" GET"), Sniffed::Opaque);
+        assert_eq!(sniff(b"get / HTTP/1.1"), Sniffed::Opaque);
+        assert_eq!(sniff(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"), Sniffed::Opaque);
+        assert_eq!(sniff(b""), Sniffed::Opaque);
     }
 }

@@ -37,6 +37,9 @@ pub mod compile;
 pub mod crds;
 pub mod credentials;
 pub mod duration;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod inject;
 pub mod load;
 pub mod metrics;

@@ -24,8 +24,8 @@ pub const CA_METRICS_PORT: u16 = 15014;
 pub const XDS_PORT: u16 = 15010;
 pub const XDS_ADMIN_PORT: u16 = 15011;
 pub const SIDECAR_METRICS_PORT: u16 = 15020;
-/// Leaf lifetime: short, so the view shows certificates that really expire.
-const SVID_TTL: &str = "1h";
+/// Bootstrap token lifetime: a token is used once, at a sidecar's start.
+const TOKEN_TTL: &str = "1h";
 /// How long to wait for each stage of bring-up (a debug build on two busy
 /// cores is slow to start five sidecars).
 const STAGE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -39,6 +39,8 @@ pub struct Options {
     pub config_dir: PathBuf,
     pub state_dir: PathBuf,
     pub tether: Tether,
+    /// Leaf certificate lifetime the CA issues.
+    pub svid_ttl: Duration,
 }
 
 pub struct Mesh {
@@ -110,7 +112,7 @@ impl Mesh {
                 "--trust-domain",
                 &plan.trust_domain,
                 "--default-ttl",
-                SVID_TTL,
+                &format!("{}s", o.svid_ttl.as_secs()),
             ],
         )?;
         m.procs.spawn(
@@ -178,7 +180,7 @@ impl Mesh {
                     "--identity",
                     &identity,
                     "--ttl",
-                    SVID_TTL,
+                    TOKEN_TTL,
                 ],
             )?;
             let token_file = write_secret(

@@ -67,6 +67,10 @@ pub struct UpArgs {
     /// Requests per second the load generator sends from the web pod.
     #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..=2000))]
     rps: u32,
+    /// Lifetime of the certificates the CA issues; sidecars renew at
+    /// about half of it (e.g. 1m for a rotation every ~30 s in a soak).
+    #[arg(long, default_value = "1h", value_parser = super::parse_duration)]
+    svid_ttl: Duration,
 }
 
 pub fn run(a: UpArgs) -> anyhow::Result<()> {
@@ -97,6 +101,7 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
         } else {
             procs::Tether::DieWithUp
         },
+        svid_ttl: a.svid_ttl,
     };
     let mut mesh = Mesh::start(&plan, &opts, &stop)?;
     let outcome = measure(&mut mesh, &plan, &a, &config_dir, canary, &stop);

@@ -375,6 +375,131 @@ spec:
     assert!(retry_after, "429 carries Retry-After");
 }
 
+/// A Route for `api` whose rules `search` and `public` carry rate limits
+/// (sent to api-v1 only, so one sidecar enforces them) and whose last rule
+/// has none.
+fn limited_route() -> String {
+    r#"---
+apiVersion: bulwark.dev/v1
+kind: Route
+metadata:
+  name: api
+  namespace: default
+spec:
+  service: api
+  rules:
+    - name: search
+      matches:
+        - path:
+            prefix: /search
+      backends:
+        - service: api
+          subset:
+            version: v1
+      rateLimit:
+        requestsPerSecond: 1
+        burst: 2
+    - name: public
+      matches:
+        - path:
+            prefix: /public
+      backends:
+        - service: api
+          subset:
+            version: v1
+      rateLimit:
+        requestsPerSecond: 1
+        burst: 3
+        perSourceIdentity: true
+    - name: rest
+      backends:
+        - service: api
+          subset:
+            version: v1
+"#
+    .to_string()
+}
+
+/// The value of header `name` in a raw HTTP/1.1 response.
+fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
+    let head = response.split("\r\n\r\n").next()?;
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+#[test]
+fn route_rate_limit_refuses_one_route_with_ratelimit_headers_and_spares_the_others() {
+    let _serial = serial();
+    let Some((mesh, _)) = start(&limited_route(), "", &[]) else {
+        return;
+    };
+    // 1/s with a burst of 2 on /search: of 12 quick requests most are refused.
+    let started = Instant::now();
+    let search: Vec<(u16, String)> = (0..12)
+        .map(|_| get(&mesh, "web", "/search?q=x", &[]))
+        .collect();
+    let refill = started.elapsed().as_secs() + 1;
+    let refused: Vec<&String> = search.iter().filter(|r| r.0 == 429).map(|r| &r.1).collect();
+    let ok = search.iter().filter(|r| r.0 == 200).count();
+    assert_eq!(ok + refused.len(), 12, "only 200 or 429: {search:?}");
+    assert!(
+        ok as u64 <= 2 + refill && refused.len() >= 4,
+        "{ok} allowed, {} refused",
+        refused.len()
+    );
+    let r = refused[0];
+    assert_eq!(header(r, "x-bulwark-reason"), Some("rate-limited"), "{r}");
+    assert_eq!(header(r, "ratelimit-limit"), Some("2"), "{r}");
+    assert_eq!(header(r, "ratelimit-remaining"), Some("0"), "{r}");
+    let reset: u64 = header(r, "ratelimit-reset").unwrap().parse().unwrap();
+    assert!((1..=2).contains(&reset), "{r}");
+    assert_eq!(header(r, "retry-after"), Some("1"), "{r}");
+    // Another route of the same service, same caller, same moment: no limit.
+    for _ in 0..12 {
+        let (code, body) = get(&mesh, "web", "/other", &[]);
+        assert_eq!(code, 200, "{body}");
+    }
+    assert_eq!(
+        metric_sum(
+            &mesh.metrics("api-v1"),
+            "bulwark_ratelimit_rejections_total",
+            &["service=\"default/api\""]
+        ),
+        refused.len() as f64
+    );
+    // The bucket refills: after the advertised wait, /search answers again.
+    wait_for(
+        "the /search bucket to refill",
+        Duration::from_secs(5),
+        || (get(&mesh, "web", "/search", &[]).0 == 200).then_some(()),
+    );
+}
+
+#[test]
+fn per_source_identity_rate_limit_refuses_the_noisy_caller_only() {
+    let _serial = serial();
+    let Some((mesh, _)) = start(&limited_route(), "", &[]) else {
+        return;
+    };
+    // web floods /public (1/s, burst 3 per caller); db calls it now and then.
+    let (mut web_refused, mut db_codes) = (0, Vec::new());
+    for i in 0..15 {
+        if get(&mesh, "web", "/public/x", &[]).0 == 429 {
+            web_refused += 1;
+        }
+        if i % 5 == 4 {
+            db_codes.push(get(&mesh, "db", "/public/x", &[]).0);
+        }
+    }
+    assert!(
+        web_refused >= 8,
+        "web was refused {web_refused} of 15 times"
+    );
+    assert_eq!(db_codes, [200, 200, 200], "db has its own bucket");
+}
+
 /// A service `name` at `vip` (HTTP :8080) served by `pods` (identity = name).
 fn service_doc(name: &str, vip: &str, pods: &[&Pod], extra: &str) -> String {
     let eps: String = pods
@@ -706,6 +831,8 @@ fn websocket_style_upgrade_passes_through_the_mesh() {
 mod grpc_app {
     use std::pin::Pin;
 
+    use bulwark_proto::ca::v1::certificate_service_server::CertificateService;
+    use bulwark_proto::ca::v1::{SignRequest, SignResponse};
     use bulwark_proto::xds::v1::discovery_service_server::DiscoveryService;
     use bulwark_proto::xds::v1::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
     use tonic::{Request, Response, Status, Streaming};
@@ -755,18 +882,39 @@ mod grpc_app {
             )))
         }
     }
+
+    /// A unary gRPC app for the test: answers UNAVAILABLE (trailers-only,
+    /// as servers do when they cannot take a call) until `failures` calls
+    /// have failed, then answers with the number of calls it saw.
+    pub struct Flaky {
+        pub failures: u32,
+        pub calls: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    }
+
+    #[tonic::async_trait]
+    impl CertificateService for Flaky {
+        async fn sign(&self, req: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
+            let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            if n <= self.failures {
+                return Err(Status::unavailable("warming up"));
+            }
+            Ok(Response::new(SignResponse {
+                serial: n.to_string(),
+                cert_chain_pem: req.into_inner().csr_pem,
+                ..Default::default()
+            }))
+        }
+    }
 }
 
-#[test]
-fn grpc_bidirectional_streaming_keeps_messages_trailers_and_status() {
-    let _serial = serial();
-    let Some(mut mesh) = Mesh::start(&[]) else {
-        return;
-    };
+/// A mesh with `web` and a gRPC service `grpc` (198.18.100.7:9000) served
+/// by pod `api`, whose app `app` runs inside it; `extra` is more config.
+fn grpc_mesh(extra: &str, app: tonic::transport::server::Router) -> Option<Mesh> {
+    let mut mesh = Mesh::start(&[])?;
     mesh.add_pod("web");
     let api = mesh.add_pod("api");
     let cfg = format!(
-        "{MESH}---\napiVersion: bulwark.dev/v1\nkind: Service\nmetadata:\n  name: grpc\n  namespace: default\nspec:\n  ports:\n    - port: 9000\n      protocol: grpc\n  identities:\n    - {id}\n  addresses:\n    - 198.18.100.7\n---\napiVersion: bulwark.dev/v1\nkind: ServiceEntry\nmetadata:\n  name: grpc\n  namespace: default\nspec:\n  location: MESH_INTERNAL\n  ports:\n    - port: 9000\n      protocol: grpc\n  endpoints:\n    - address: {ip}\n      identity: {id}\n",
+        "{MESH}---\napiVersion: bulwark.dev/v1\nkind: Service\nmetadata:\n  name: grpc\n  namespace: default\nspec:\n  ports:\n    - port: 9000\n      protocol: grpc\n  identities:\n    - {id}\n  addresses:\n    - 198.18.100.7\n---\napiVersion: bulwark.dev/v1\nkind: ServiceEntry\nmetadata:\n  name: grpc\n  namespace: default\nspec:\n  location: MESH_INTERNAL\n  ports:\n    - port: 9000\n      protocol: grpc\n  endpoints:\n    - address: {ip}\n      identity: {id}\n{extra}",
         id = spiffe("api"),
         ip = api.ip
     );
@@ -775,7 +923,6 @@ fn grpc_bidirectional_streaming_keeps_messages_trailers_and_status() {
     mesh.start_sidecar("api", "api", &[]);
     mesh.wait_ready("web");
     mesh.wait_ready("api");
-    // The gRPC app, inside the api pod.
     let api_ns = format!("/run/netns/{}", api.ns);
     std::thread::spawn(move || {
         netns::enter(&api_ns);
@@ -784,60 +931,87 @@ fn grpc_bidirectional_streaming_keeps_messages_trailers_and_status() {
             .build()
             .unwrap();
         rt.block_on(async {
-            tonic::transport::Server::builder()
-                .add_service(
-                    bulwark_proto::xds::v1::discovery_service_server::DiscoveryServiceServer::new(
-                        grpc_app::Echo,
-                    ),
-                )
-                .serve("0.0.0.0:9000".parse().unwrap())
-                .await
-                .unwrap();
+            app.serve("0.0.0.0:9000".parse().unwrap()).await.unwrap();
         });
     });
-    let web_ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
-    let (replies, status) = std::thread::spawn(move || {
-        netns::enter(&web_ns);
+    Some(mesh)
+}
+
+/// Runs `call` inside `pod` with a channel to the `grpc` service.
+fn grpc_call<T, F>(
+    mesh: &Mesh,
+    pod: &str,
+    call: impl FnOnce(tonic::transport::Channel) -> F + Send + 'static,
+) -> T
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T>,
+{
+    let ns = format!("/run/netns/{}", mesh.pod(pod).pod.ns);
+    std::thread::spawn(move || {
+        netns::enter(&ns);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async {
+            let deadline = Instant::now() + Duration::from_secs(10);
             let ch = loop {
                 match tonic::transport::Endpoint::from_static("http://198.18.100.7:9000")
                     .connect()
                     .await
                 {
                     Ok(c) => break c,
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await, // app starting
+                    // The app is starting.
+                    Err(e) if Instant::now() < deadline => {
+                        let _ = e;
+                        tokio::time::sleep(Duration::from_millis(50)).await
+                    }
+                    Err(e) => panic!("gRPC channel: {e}"),
                 }
             };
-            let mut client =
-                bulwark_proto::xds::v1::discovery_service_client::DiscoveryServiceClient::new(ch);
-            let reqs: Vec<_> = ["one", "two", "three"]
-                .iter()
-                .map(|t| bulwark_proto::xds::v1::DeltaDiscoveryRequest {
-                    type_url: t.to_string(),
-                    ..Default::default()
-                })
-                .collect();
-            let mut stream = client
-                .delta_stream(tokio_stream::iter(reqs))
-                .await
-                .unwrap()
-                .into_inner();
-            let mut replies = Vec::new();
-            loop {
-                match stream.message().await {
-                    Ok(Some(m)) => replies.push((m.nonce, m.system_version_info)),
-                    Ok(None) => return (replies, None),
-                    Err(s) => return (replies, Some((s.code(), s.message().to_string()))),
-                }
-            }
+            call(ch).await
         })
     })
     .join()
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn grpc_bidirectional_streaming_keeps_messages_trailers_and_status() {
+    let _serial = serial();
+    let app = tonic::transport::Server::builder().add_service(
+        bulwark_proto::xds::v1::discovery_service_server::DiscoveryServiceServer::new(
+            grpc_app::Echo,
+        ),
+    );
+    let Some(mesh) = grpc_mesh("", app) else {
+        return;
+    };
+    type Client = bulwark_proto::xds::v1::discovery_service_client::DiscoveryServiceClient<
+        tonic::transport::Channel,
+    >;
+    let request = |t: &str| bulwark_proto::xds::v1::DeltaDiscoveryRequest {
+        type_url: t.to_string(),
+        ..Default::default()
+    };
+    // All messages sent at once, then the replies read.
+    let reqs: Vec<_> = ["one", "two", "three"].iter().map(|t| request(t)).collect();
+    let (replies, status) = grpc_call(&mesh, "web", move |ch| async move {
+        let mut stream = Client::new(ch)
+            .delta_stream(tokio_stream::iter(reqs))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut replies = Vec::new();
+        loop {
+            match stream.message().await {
+                Ok(Some(m)) => replies.push((m.nonce, m.system_version_info)),
+                Ok(None) => return (replies, None),
+                Err(s) => return (replies, Some((s.code(), s.message().to_string()))),
+            }
+        }
+    });
     let names: Vec<&str> = replies.iter().map(|r| r.0.as_str()).collect();
     assert_eq!(names, ["one", "two", "three"]);
     assert!(
@@ -850,6 +1024,76 @@ fn grpc_bidirectional_streaming_keeps_messages_trailers_and_status() {
             tonic::Code::ResourceExhausted,
             "enough for today".to_string()
         ))
+    );
+    // Ping-pong: each message waits for the previous reply, so the request
+    // body stays open between messages (a proxy that waited for its end
+    // before forwarding would hang here).
+    let pongs = grpc_call(&mesh, "web", move |ch| async move {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let mut stream = Client::new(ch)
+            .delta_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut pongs = Vec::new();
+        for t in ["ping-1", "ping-2", "ping-3"] {
+            tx.send(request(t)).await.unwrap();
+            let reply = tokio::time::timeout(Duration::from_secs(5), stream.message())
+                .await
+                .unwrap_or_else(|_| panic!("no reply to {t} within 5 s"));
+            pongs.push(reply.unwrap().unwrap().nonce);
+        }
+        let end = stream.message().await;
+        (pongs, end.err().map(|s| s.code()))
+    });
+    assert_eq!(
+        pongs,
+        (
+            vec!["ping-1".to_string(), "ping-2".into(), "ping-3".into()],
+            Some(tonic::Code::ResourceExhausted)
+        )
+    );
+}
+
+#[test]
+fn grpc_unary_call_answered_unavailable_succeeds_through_retries() {
+    let _serial = serial();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let app = tonic::transport::Server::builder().add_service(
+        bulwark_proto::ca::v1::certificate_service_server::CertificateServiceServer::new(
+            grpc_app::Flaky {
+                failures: 2,
+                calls: calls.clone(),
+            },
+        ),
+    );
+    let route = "---\napiVersion: bulwark.dev/v1\nkind: Route\nmetadata:\n  name: grpc\n  namespace: default\nspec:\n  service: grpc\n  rules:\n    - retry:\n        attempts: 3\n        retryOn: [unavailable]\n        backoffBase: 5ms\n        backoffMax: 20ms\n";
+    let Some(mesh) = grpc_mesh(route, app) else {
+        return;
+    };
+    let csr = "a request body the retries must replay".repeat(50);
+    let sent = csr.clone();
+    let answer = grpc_call(&mesh, "web", move |ch| async move {
+        bulwark_proto::ca::v1::certificate_service_client::CertificateServiceClient::new(ch)
+            .sign(bulwark_proto::ca::v1::SignRequest {
+                csr_pem: sent,
+                requested_ttl_seconds: 0,
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| (s.code(), s.message().to_string()))
+    });
+    let answer = answer.expect("the third attempt succeeds");
+    assert_eq!(answer.serial, "3", "two UNAVAILABLE answers, then success");
+    assert_eq!(answer.cert_chain_pem, csr, "the body was replayed intact");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(
+        metric_sum(
+            &mesh.metrics("web"),
+            "bulwark_retries_total",
+            &["service=\"default/grpc\""]
+        ),
+        2.0
     );
 }
 

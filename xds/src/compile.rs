@@ -18,7 +18,7 @@ use bulwark_proto::config::v1 as pb;
 use crate::duration;
 use crate::model::{
     Backend, Document, HeaderMatch, LbAlgorithm, Located, MeshLocation, MtlsMode, OutboundPolicy,
-    PortSpec, Protocol, RetrySpec, Spec, StringMatch,
+    PortSpec, Protocol, RateLimitSpec, RetrySpec, Spec, StringMatch,
 };
 use crate::model::{GatewayListenerSpec, GatewayRouteSpec, JwtProviderSpec, RuleCore};
 use crate::validate::{JWT_ALGORITHMS, resolve};
@@ -127,7 +127,10 @@ pub fn compile(documents: &[Document]) -> Resources {
                 rules: r
                     .rules
                     .iter()
-                    .map(|rule| http_route(&rule.core(), doc.namespace()))
+                    .map(|rule| pb::HttpRoute {
+                        rate_limit: rule.rate_limit.as_ref().map(|rl| rate_limit(rl)),
+                        ..http_route(&rule.core(), doc.namespace())
+                    })
                     .collect(),
                 source,
             }),
@@ -172,10 +175,7 @@ pub fn compile(documents: &[Document]) -> Resources {
                         LbAlgorithm::PeakEwma => pb::LbAlgorithm::PeakEwma,
                     } as i32,
                     connect_timeout_ms: t.connect_timeout.as_ref().map_or(0, |d| ms(d)),
-                    rate_limit: t.rate_limit.as_ref().map(|rl| pb::RateLimit {
-                        requests_per_second: rl.requests_per_second.value,
-                        burst: or(&rl.burst, rl.requests_per_second.value),
-                    }),
+                    rate_limit: t.rate_limit.as_ref().map(|rl| rate_limit(rl)),
                     health_check: t.health_check.as_ref().map(|hc| pb::HealthCheck {
                         path: hc.path.value.clone(),
                         interval_ms: ms_or(&hc.interval, DEFAULT_HEALTH_INTERVAL),
@@ -463,6 +463,14 @@ fn backend(b: &Backend, namespace: &str, default_weight: u32) -> pb::WeightedBac
         subset: labels(&b.subset),
         weight: or(&b.weight, default_weight),
         port: or(&b.port, 0),
+    }
+}
+
+fn rate_limit(rl: &RateLimitSpec) -> pb::RateLimit {
+    pb::RateLimit {
+        requests_per_second: rl.requests_per_second.value,
+        burst: or(&rl.burst, rl.requests_per_second.value),
+        per_source_identity: rl.per_source_identity.as_ref().is_some_and(|v| v.value),
     }
 }
 

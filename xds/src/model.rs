@@ -463,6 +463,10 @@ pub struct EndpointSpec {
 ///         retriableStatusCodes: [409] # needs retryOn: retriable-status-codes
 ///         budgetRatio: 0.2            # default 0.2
 ///         budgetMinPerSecond: 10      # default 10
+///       rateLimit:                    # 429 beyond it, at the service's inbound sidecars
+///         requestsPerSecond: 50
+///         burst: 100                  # default = requestsPerSecond
+///         perSourceIdentity: true     # a bucket per calling workload; default false (one shared)
 /// ```
 #[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -486,6 +490,10 @@ pub struct RouteRule {
     pub timeout: Option<Located<String>>,
     #[serde(default)]
     pub retry: Option<Located<RetrySpec>>,
+    /// Token buckets for requests matching this rule, enforced by the
+    /// inbound sidecars of the route's service.
+    #[serde(default)]
+    pub rate_limit: Option<Located<RateLimitSpec>>,
 }
 
 /// What a Route rule and a Gateway route share: matching, where traffic
@@ -624,9 +632,10 @@ pub struct RetrySpec {
 ///     maxEjectionPercent: 10      # default 10
 ///   lb: P2C_LEAST_REQUEST         # P2C_LEAST_REQUEST (default) | ROUND_ROBIN | PEAK_EWMA
 ///   connectTimeout: 1s
-///   rateLimit:
+///   rateLimit:                    # at the service's inbound sidecars
 ///     requestsPerSecond: 100
 ///     burst: 200                  # default = requestsPerSecond
+///     perSourceIdentity: false    # default false: one bucket for all callers
 ///   healthCheck:
 ///     path: /healthz
 ///     interval: 10s               # default 10s
@@ -718,6 +727,10 @@ pub struct RateLimitSpec {
     pub requests_per_second: Located<u32>,
     #[serde(default)]
     pub burst: Option<Located<u32>>,
+    /// One bucket per calling workload (its verified SPIFFE ID) instead of
+    /// one shared by every caller.
+    #[serde(default)]
+    pub per_source_identity: Option<Located<bool>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]

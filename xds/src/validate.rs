@@ -16,8 +16,8 @@ use crate::duration;
 use crate::load::{ConfigError, ConfigErrors, Unparsed};
 use crate::model::{
     API_VERSION, AuthorizationPolicySpec, Backend, DEFAULT_TRUST_DOMAIN, Document, EndpointSpec,
-    HeaderMatch, Kind, Labels, Located, MeshLocation, PortSpec, Protocol, RetrySpec, RouteSpec,
-    ServiceEntrySpec, ServiceSpec, Spec, StringMatch, TrafficPolicySpec,
+    HeaderMatch, Kind, Labels, Located, MeshLocation, PortSpec, Protocol, RateLimitSpec, RetrySpec,
+    RouteSpec, ServiceEntrySpec, ServiceSpec, Spec, StringMatch, TrafficPolicySpec,
 };
 use crate::model::{
     GatewayAuthorizationSpec, GatewayListenerSpec, GatewayRouteSpec, GatewaySpec, JwtProviderSpec,
@@ -32,13 +32,19 @@ pub const MAX_REGEX_LEN: usize = 1024;
 /// Bound on a compiled regex's memory, so a pattern like `(a{1000}){1000}`
 /// is rejected here rather than costing memory in every sidecar.
 pub const REGEX_SIZE_LIMIT: usize = 256 * 1024;
-/// `retryOn` conditions the sidecar implements.
-pub const RETRY_ON: [&str; 5] = [
+/// `retryOn` conditions the sidecar implements. The gRPC ones (named as
+/// Envoy names them) match a trailers-only response's `grpc-status`.
+pub const RETRY_ON: [&str; 10] = [
     "5xx",
     "gateway-error",
     "reset",
     "connect-failure",
     "retriable-status-codes",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
 ];
 
 /// Checks documents that parsed; returns every problem found.
@@ -596,9 +602,37 @@ fn check_route(cx: &mut Cx<'_>, reg: &Registry, r: &RouteSpec) {
     if r.rules.is_empty() {
         cx.err(r.rules.line, "rules: a Route needs at least one rule");
     }
+    let own = resolve(&r.service.value, cx.namespace);
     let mut names = BTreeSet::new();
     for rule in r.rules.iter() {
         check_rule(cx, reg, &mut names, "rule", &rule.core());
+        if let Some(rl) = &rule.rate_limit {
+            check_rate_limit(cx, rl);
+            // The limit is enforced where the caller's identity is verified:
+            // the inbound sidecars of the route's own service.
+            let other = rule
+                .backends
+                .iter()
+                .chain(rule.overrides.iter().map(|o| &o.backend.value))
+                .map(|b| &b.service)
+                .find(|s| own.is_some() && resolve(&s.value, cx.namespace) != own);
+            if let (Some(other), Some(own)) = (other, &own) {
+                cx.err(
+                    rl.line,
+                    format!(
+                        "rateLimit is enforced by the inbound sidecars of {}/{}, but this rule also sends to `{}`, where it would not apply; give that service its own Route or TrafficPolicy limit",
+                        own.0, own.1, other.value
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn check_rate_limit(cx: &mut Cx<'_>, rl: &RateLimitSpec) {
+    at_least_one(cx, "rateLimit.requestsPerSecond", &rl.requests_per_second);
+    if let Some(b) = &rl.burst {
+        at_least_one(cx, "rateLimit.burst", b);
     }
 }
 
@@ -856,10 +890,7 @@ fn check_traffic_policy(cx: &mut Cx<'_>, reg: &Registry, t: &TrafficPolicySpec) 
         at_least_one(cx, "maxRequestBodyBytes", v);
     }
     if let Some(rl) = &t.rate_limit {
-        at_least_one(cx, "rateLimit.requestsPerSecond", &rl.requests_per_second);
-        if let Some(b) = &rl.burst {
-            at_least_one(cx, "rateLimit.burst", b);
-        }
+        check_rate_limit(cx, rl);
     }
     if let Some(hc) = &t.health_check {
         if !hc.path.starts_with('/') || hc.path.parse::<http::uri::PathAndQuery>().is_err() {

@@ -1290,3 +1290,110 @@ fn errors_display_one_per_line_as_file_line_message() {
     );
 }
 
+#[test]
+fn route_rate_limits_compile_per_rule_and_bad_values_are_reported() {
+    let route = r#"apiVersion: bulwark.dev/v1
+kind: Route
+metadata:
+  name: api
+spec:
+  service: api
+  rules:
+    - name: search
+      matches:
+        - path: {prefix: /search}
+      rateLimit:
+        requestsPerSecond: 5
+        perSourceIdentity: true
+    - name: rest
+      retry:
+        attempts: 2
+        retryOn: [unavailable, resource-exhausted, 5xx]
+"#;
+    let dir = config_dir(&[("a.yaml", SERVICES), ("route.yaml", route)]);
+    let r = load_and_compile(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let rules = &r.routes[0].rules;
+    assert_eq!(
+        rules[0].rate_limit,
+        Some(pb::RateLimit {
+            requests_per_second: 5,
+            burst: 5,
+            per_source_identity: true,
+        }),
+        "burst defaults to the rate"
+    );
+    assert_eq!(rules[1].rate_limit, None);
+    assert_eq!(
+        rules[1].retry.as_ref().unwrap().retry_on,
+        ["unavailable", "resource-exhausted", "5xx"]
+    );
+
+    // (what to change, into what) → the one error, at route.yaml:line.
+    let mistakes = [
+        (
+            "requestsPerSecond: 5",
+            "requestsPerSecond: 0",
+            12,
+            "rateLimit.requestsPerSecond must be at least 1",
+        ),
+        (
+            "perSourceIdentity: true",
+            "burst: 0",
+            13,
+            "rateLimit.burst must be at least 1",
+        ),
+        (
+            "perSourceIdentity",
+            "perSourceIdentiy",
+            13,
+            "unknown field `perSourceIdentiy`",
+        ),
+        (
+            "unavailable,",
+            "unavailble,",
+            17,
+            "unknown condition `unavailble`",
+        ),
+    ];
+    for (from, to, line, needle) in mistakes {
+        let bad = route.replace(from, to);
+        assert_one_error(
+            &[("a.yaml", SERVICES), ("route.yaml", &bad)],
+            "route.yaml",
+            line,
+            needle,
+        );
+    }
+    // The limit lives at the route's own service: a rule sending elsewhere
+    // could not enforce it.
+    let elsewhere = route.replace(
+        "      rateLimit:\n",
+        "      backends:\n        - service: web\n      rateLimit:\n",
+    );
+    assert_one_error(
+        &[("a.yaml", SERVICES), ("route.yaml", &elsewhere)],
+        "route.yaml",
+        14,
+        "also sends to `web`",
+    );
+}
+
+#[test]
+fn traffic_policy_rate_limit_may_be_per_source_identity() {
+    let policy = r#"apiVersion: bulwark.dev/v1
+kind: TrafficPolicy
+metadata:
+  name: api
+spec:
+  service: api
+  rateLimit:
+    requestsPerSecond: 100
+    burst: 20
+    perSourceIdentity: true
+"#;
+    let dir = config_dir(&[("a.yaml", SERVICES), ("p.yaml", policy)]);
+    let r = load_and_compile(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let rl = r.traffic_policies[0].rate_limit.unwrap();
+    assert_eq!((rl.requests_per_second, rl.burst), (100, 20));
+    assert!(rl.per_source_identity);
+}

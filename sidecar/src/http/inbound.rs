@@ -17,7 +17,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use super::outbound::MAX_HEADER_BYTES;
 use super::{Body, PEER_IDENTITY_HEADER, body_limit, reply, strip_hop_headers};
 use crate::Proxy;
-use crate::config::Proto;
+use crate::config::{Proto, Snapshot};
+use crate::resilience::state::ServiceGuards;
 use crate::telemetry::{DenialLabels, RequestLabels, ServiceLabel};
 
 /// Clients towards the local app, one per protocol, pooled.
@@ -40,6 +41,48 @@ impl Default for LocalClients {
                 .build(c),
         }
     }
+}
+
+/// Applies the local rate limits to a request from `src`: its Route rule's
+/// (matched against `service`'s routes), then the service's own. Returns
+/// the 429 to send when one refuses.
+fn rate_limit(
+    proxy: &Proxy,
+    snap: &Snapshot,
+    service: &str,
+    guards: &ServiceGuards,
+    src: &str,
+    req: &Request<Incoming>,
+) -> Option<Response<Body>> {
+    let now = Instant::now();
+    let rule = snap.route(service).and_then(|table| {
+        let rule = table.find(req.method(), req.uri().path(), req.headers())?;
+        Some((
+            rule.name.as_str(),
+            proxy.guards.for_rule(service, table, rule)?,
+        ))
+    });
+    // The rule's limit first: a request it refuses takes no token from the service's.
+    let mut refused = rule
+        .map(|(name, limit)| (limit.check(src, now), name))
+        .filter(|(d, _)| !d.allowed);
+    if refused.is_none()
+        && let Some(limit) = &guards.rate_limit
+    {
+        refused = Some((limit.check(src, now), "")).filter(|(d, _)| !d.allowed);
+    }
+    let (decision, rule) = refused?;
+    proxy
+        .metrics
+        .ratelimit_rejections
+        .get_or_create(&ServiceLabel {
+            service: service.to_string(),
+        })
+        .inc();
+    tracing::debug!(%service, rule, src_identity = %src, retry_after_ms = decision.retry_after.as_millis() as u64, "request refused by a local rate limit");
+    let mut r = reply(429, "rate-limited");
+    decision.apply_headers(r.headers_mut());
+    Some(r)
 }
 
 /// Serves one mTLS connection from a peer sidecar as HTTP/2.
@@ -164,21 +207,8 @@ async fn handle(
             .map(|p| p.max_request_body_bytes)
             .filter(|&n| n > 0);
         let guards = proxy.guards.for_service(&service, policy.as_deref());
-        if let Some(rl) = &guards.rate_limit
-            && let Err(wait) = rl.try_acquire()
-        {
-            proxy
-                .metrics
-                .ratelimit_rejections
-                .get_or_create(&ServiceLabel {
-                    service: service.clone(),
-                })
-                .inc();
-            let mut r = reply(429, "rate-limited");
-            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-            r.headers_mut()
-                .insert(http::header::RETRY_AFTER, secs.into());
-            return finish(r);
+        if let Some(refusal) = rate_limit(&proxy, &snap, &service, &guards, &src, &req) {
+            return finish(refusal);
         }
     }
     // A declared length over the limit is refused before any of the body is read.

@@ -289,8 +289,8 @@ async fn send_with_retries(
         .unwrap_or_else(|_| http::Uri::from_static("http://invalid/"));
     parts.version = http::Version::HTTP_2;
 
-    // Keep the body for retries when it is small and already here; never
-    // wait for the end of a stream (see `replay`).
+    // Keep the body for retries within the bound, never holding back a
+    // stream (see `replay`).
     let mut buffered = match super::replay::read(body, &parts.headers, REPLAY_LIMIT).await {
         Ok(b) => b,
         Err(e @ super::replay::ReadError::TooLarge(_)) => {
@@ -360,10 +360,6 @@ async fn send_with_retries(
             .identity
             .clone()
             .expect("L7 upstreams are mesh workloads");
-        let body = buffered
-            .take()
-            .expect("a streamed body is sent once: no retry without replay");
-        let req = Request::from_parts(parts.clone(), body);
         let inflight = ep.start();
         // Each attempt gets the per-try timeout, and never more than what is
         // left of the route's timeout: a timed-out attempt is a failure the
@@ -382,7 +378,14 @@ async fn send_with_retries(
                 .get(proxy, up.addr, &identity)
                 .await
                 .map_err(|e| (true, e.to_string()))?;
-            match sender.send_request(req).await {
+            // Taken only now: a failed connect leaves the body for the next try.
+            let body = buffered
+                .take()
+                .expect("retried only while the body can be sent");
+            match sender
+                .send_request(Request::from_parts(parts.clone(), body))
+                .await
+            {
                 Ok(r) => Ok(r),
                 Err(e) => {
                     proxy.pool.evict(up.addr, &identity).await;
@@ -448,7 +451,7 @@ async fn send_with_retries(
         let grpc_retry = result
             .as_ref()
             .ok()
-            .and_then(|r| grpc_trailers_only_status(r))
+            .and_then(grpc_trailers_only_status)
             .is_some_and(|code| grpc_retriable(&retry.retry_on, code));
         let can_retry = (grpc_retry
             || (!success

@@ -162,6 +162,8 @@ pub struct Rule {
     pub overrides: Vec<(HeaderRule, Backend)>,
     pub timeout: Option<std::time::Duration>,
     pub retry: Option<v1::RetryPolicy>,
+    /// Enforced by the inbound sidecars of the table's service.
+    pub rate_limit: Option<v1::RateLimit>,
 }
 
 /// The compiled routing table of one service.
@@ -232,6 +234,7 @@ impl RouteTable {
                 timeout: (rule.timeout_ms > 0)
                     .then(|| std::time::Duration::from_millis(rule.timeout_ms)),
                 retry: rule.retry.clone(),
+                rate_limit: rule.rate_limit.filter(|r| r.requests_per_second > 0),
             });
         }
         Ok(Self { service, rules })

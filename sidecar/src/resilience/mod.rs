@@ -1,7 +1,7 @@
-//! Resilience: circuit breakers and bulkheads (rate limits reuse the CA's
-//! token bucket, `bulwark_ca::admission::TokenBucket`).
+//! Resilience: circuit breakers, bulkheads, retry budgets and rate limits.
 
 pub mod breaker;
 pub mod budget;
 pub mod bulkhead;
+pub mod ratelimit;
 pub mod state;

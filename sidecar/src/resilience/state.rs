@@ -4,12 +4,50 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use bulwark_ca::admission::TokenBucket;
 use bulwark_proto::config::v1;
 
 use super::breaker::{Breaker, BreakerConfig};
 use super::bulkhead::Bulkhead;
+use super::ratelimit::{KeyedLimiter, RateDecision};
+use crate::http::route::{RouteTable, Rule};
+
+/// Most callers a per-source-identity limit tracks at once (beyond it, the
+/// least useful buckets are forgotten).
+const MAX_TRACKED_IDENTITIES: usize = 10_000;
+
+/// A local rate limit: one bucket shared by every caller, or one per
+/// calling workload.
+#[derive(Debug)]
+pub struct LocalRateLimit {
+    limiter: KeyedLimiter,
+    per_source_identity: bool,
+}
+
+impl LocalRateLimit {
+    /// `None` when the limit does not limit (no rate).
+    pub fn from_proto(r: &v1::RateLimit) -> Option<Self> {
+        (r.requests_per_second > 0).then(|| Self {
+            limiter: KeyedLimiter::new(
+                r.requests_per_second,
+                r.burst.max(1),
+                if r.per_source_identity {
+                    MAX_TRACKED_IDENTITIES
+                } else {
+                    1
+                },
+            ),
+            per_source_identity: r.per_source_identity,
+        })
+    }
+
+    /// Takes a token for a request from `source` (a verified SPIFFE ID).
+    pub fn check(&self, source: &str, now: Instant) -> RateDecision {
+        let key = if self.per_source_identity { source } else { "" };
+        self.limiter.check(key, now)
+    }
+}
 
 #[derive(Debug)]
 pub struct ServiceGuards {
@@ -20,7 +58,7 @@ pub struct ServiceGuards {
     pub connections: Option<Arc<tokio::sync::Semaphore>>,
     pub bulkhead: Option<Bulkhead>,
     pub breaker: Option<Breaker>,
-    pub rate_limit: Option<TokenBucket>,
+    pub rate_limit: Option<LocalRateLimit>,
     /// What they were built from, to notice changes.
     source: Option<v1::TrafficPolicy>,
 }
@@ -45,11 +83,7 @@ impl ServiceGuards {
             .as_ref()
             .filter(|c| c.consecutive_failures > 0 || c.failure_ratio > 0.0)
             .map(|c| Breaker::new(BreakerConfig::from_proto(c)));
-        let rate_limit = p
-            .rate_limit
-            .as_ref()
-            .filter(|r| r.requests_per_second > 0)
-            .map(|r| TokenBucket::new(f64::from(r.requests_per_second), r.burst.max(1)));
+        let rate_limit = p.rate_limit.as_ref().and_then(LocalRateLimit::from_proto);
         let mut source = p.clone();
         source.source = None;
         let connections = (p.max_connections > 0)
@@ -66,9 +100,20 @@ impl ServiceGuards {
     }
 }
 
+/// A Route rule's limiter and the limit it was built from.
+#[derive(Debug)]
+struct RuleLimit {
+    rule: String,
+    limit: v1::RateLimit,
+    limiter: Arc<LocalRateLimit>,
+}
+
 #[derive(Debug, Default)]
 pub struct Guards {
     by_service: Mutex<HashMap<String, Arc<ServiceGuards>>>,
+    /// Service → limiters of its Route rules, kept across snapshots while
+    /// the rule's limit is unchanged (so a config push does not refill them).
+    by_rule: Mutex<HashMap<String, Vec<RuleLimit>>>,
 }
 
 impl Guards {
@@ -100,5 +145,38 @@ impl Guards {
         let g = Arc::new(ServiceGuards::build(policy));
         m.insert(service.to_string(), g.clone());
         g
+    }
+
+    /// The limiter of `rule` (a rule of `table`, the routes of `service`),
+    /// if the rule has a rate limit.
+    pub fn for_rule(
+        &self,
+        service: &str,
+        table: &RouteTable,
+        rule: &Rule,
+    ) -> Option<Arc<LocalRateLimit>> {
+        let limit = rule.rate_limit.as_ref()?;
+        let mut m = self.by_rule.lock().unwrap_or_else(|p| p.into_inner());
+        let limits = m.entry(service.to_string()).or_default();
+        if let Some(l) = limits
+            .iter()
+            .find(|l| l.rule == rule.name && l.limit == *limit)
+        {
+            return Some(l.limiter.clone());
+        }
+        let limiter = Arc::new(LocalRateLimit::from_proto(limit)?);
+        // Forget limiters of rules the table no longer has (or has changed).
+        limits.retain(|l| {
+            table
+                .rules
+                .iter()
+                .any(|r| r.name == l.rule && r.rate_limit.as_ref() == Some(&l.limit))
+        });
+        limits.push(RuleLimit {
+            rule: rule.name.clone(),
+            limit: *limit,
+            limiter: limiter.clone(),
+        });
+        Some(limiter)
     }
 }

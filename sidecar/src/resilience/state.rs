@@ -180,3 +180,47 @@ impl Guards {
         Some(limiter)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(requests_per_second: u32) -> RouteTable {
+        RouteTable::compile(&v1::Route {
+            name: "api".into(),
+            namespace: "default".into(),
+            service: "default/api".into(),
+            rules: vec![v1::HttpRoute {
+                name: "search".into(),
+                rate_limit: Some(v1::RateLimit {
+                    requests_per_second,
+                    burst: 1,
+                    per_source_identity: true,
+                }),
+                ..Default::default()
+            }],
+            source: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn rule_limiters_outlive_snapshots_and_start_afresh_when_the_limit_changes() {
+        let g = Guards::default();
+        let t0 = Instant::now();
+        let t = table(1);
+        let l = g.for_rule("default/api", &t, &t.rules[0]).unwrap();
+        assert!(l.check("spiffe://td/ns/a/sa/a", t0).allowed);
+        assert!(!l.check("spiffe://td/ns/a/sa/a", t0).allowed);
+        assert!(l.check("spiffe://td/ns/b/sa/b", t0).allowed, "per identity");
+        // A new snapshot with the same limit: the same buckets.
+        let t = table(1);
+        let l = g.for_rule("default/api", &t, &t.rules[0]).unwrap();
+        assert!(!l.check("spiffe://td/ns/a/sa/a", t0).allowed);
+        // A changed limit: new buckets, and the old limiter is let go.
+        let t = table(5);
+        let l = g.for_rule("default/api", &t, &t.rules[0]).unwrap();
+        assert!(l.check("spiffe://td/ns/a/sa/a", t0).allowed);
+        assert_eq!(g.by_rule.lock().unwrap()["default/api"].len(), 1);
+    }
+}

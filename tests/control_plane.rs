@@ -8,7 +8,7 @@ mod netns;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::wait_for;
+use common::{rss_kb, wait_for};
 use netns::mesh::{Mesh, TD, metric_sum, spiffe};
 
 const CP1: &str = "198.18.0.1:15010";
@@ -761,13 +761,4 @@ fn oversized_and_deeply_nested_yaml_are_refused_and_the_last_good_config_kept() 
         let s = status();
         (s["config_rejected"].is_null() && s["system_version"] != good.as_str()).then_some(())
     });
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
 }

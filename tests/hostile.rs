@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::wait_for;
+use common::{rss_kb, wait_for};
 use netns::Pod;
 use netns::mesh::{Mesh, metric_sum};
 
@@ -21,15 +21,6 @@ fn config(api: &Pod) -> String {
 fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0)
 }
 
@@ -271,8 +262,7 @@ fn curl_status(mesh: &Mesh, from: &str, args: &[&str]) -> (u16, String) {
     // The last status line: curl may print a `100 Continue` first.
     let code = headers
         .lines()
-        .filter(|l| l.starts_with("HTTP/"))
-        .last()
+        .rfind(|l| l.starts_with("HTTP/"))
         .and_then(|l| l.split(' ').nth(1)?.parse().ok())
         .unwrap_or(0);
     (

@@ -596,7 +596,7 @@ fn gateway_throughput_with_and_without_jwt() {
         out.lines()
             .find(|l| l.starts_with("finished in"))
             .and_then(|l| l.split(',').nth(1))
-            .and_then(|r| r.trim().split_whitespace().next())
+            .and_then(|r| r.split_whitespace().next())
             .and_then(|r| r.parse().ok())
             .unwrap_or_else(|| panic!("no rate in {out}"))
     };

@@ -120,7 +120,13 @@ fn gateway_deployment_renders_validates_and_runs_unprivileged() {
     ok(
         &tool(
             "kubernetes-validate",
-            &["-k", "1.30.0", "--strict", "--quiet", file.path().to_str().unwrap()],
+            &[
+                "-k",
+                "1.30.0",
+                "--strict",
+                "--quiet",
+                file.path().to_str().unwrap(),
+            ],
             None,
         ),
         "kubernetes-validate of deploy/kubernetes/gateway",
@@ -138,15 +144,25 @@ fn gateway_deployment_renders_validates_and_runs_unprivileged() {
     let args = args_of(c);
     assert!(args.iter().any(|a| a == "--mode=gateway"), "{args:?}");
     // The flags the manifest passes are the CLI's: a bad one would crash-loop.
+    // The kubelet expands $(POD_IP); here any address does.
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| a.replace("$(POD_IP)", "10.0.0.7"))
+        .collect();
     let mut argv: Vec<&str> = args.iter().map(String::as_str).collect();
     argv.push("--help");
     let help = std::process::Command::new(env!("CARGO_BIN_EXE_bulwark"))
         .args(&argv)
         .output()
         .unwrap();
-    assert!(help.status.success(), "{}", String::from_utf8_lossy(&help.stderr));
     assert!(
-        docs.iter().any(|d| d["kind"] == "Service" && d["spec"]["type"] == "LoadBalancer"),
+        help.status.success(),
+        "{}",
+        String::from_utf8_lossy(&help.stderr)
+    );
+    assert!(
+        docs.iter()
+            .any(|d| d["kind"] == "Service" && d["spec"]["type"] == "LoadBalancer"),
         "a public Service"
     );
 }

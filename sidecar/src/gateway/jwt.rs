@@ -282,6 +282,75 @@ struct Provider {
 /// (`Arc`) by every request.
 pub struct Authenticator {
     providers: HashMap<String, Arc<Provider>>,
+    verified: VerifiedCache,
+}
+
+/// Tokens verified recently: a client sends the same token on every
+/// request until it expires, and a signature check costs far more than the
+/// proxying. An entry holds until the token's `exp`, at most
+/// [`VERIFIED_TTL`], and only while its issuer's key set is the one it was
+/// verified with (a rotation that withdraws a key takes effect at once).
+#[derive(Default)]
+struct VerifiedCache {
+    hasher: std::hash::RandomState,
+    map: std::sync::Mutex<HashMap<u64, Verified>>,
+    hits: std::sync::atomic::AtomicU64,
+}
+
+struct Verified {
+    token: Arc<str>,
+    principal: Arc<Principal>,
+    until: SystemTime,
+    keys: Arc<KeySet>,
+}
+
+/// How long a verified token is trusted without checking it again.
+pub const VERIFIED_TTL: Duration = Duration::from_secs(30);
+/// Tokens remembered at most (about 1 KiB each).
+const VERIFIED_MAX: usize = 8192;
+
+impl VerifiedCache {
+    fn get(&self, token: &str, now: SystemTime) -> Option<(Arc<Principal>, Arc<KeySet>)> {
+        use std::hash::BuildHasher;
+        let h = self.hasher.hash_one(token);
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(&h) {
+            Some(v) if &*v.token == token && now < v.until => {
+                Some((v.principal.clone(), v.keys.clone()))
+            }
+            _ => None,
+        }
+    }
+
+    fn put(&self, token: &str, p: &Principal, keys: Arc<KeySet>, now: SystemTime) {
+        use std::hash::BuildHasher;
+        let exp = p
+            .claims
+            .get("exp")
+            .and_then(Value::as_u64)
+            .map(|e| UNIX_EPOCH + Duration::from_secs(e));
+        let until = match exp {
+            Some(e) => e.min(now + VERIFIED_TTL),
+            None => return,
+        };
+        let h = self.hasher.hash_one(token);
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= VERIFIED_MAX {
+            map.retain(|_, v| now < v.until);
+            if map.len() >= VERIFIED_MAX {
+                map.clear();
+            }
+        }
+        map.insert(
+            h,
+            Verified {
+                token: token.into(),
+                principal: Arc::new(p.clone()),
+                until,
+                keys,
+            },
+        );
+    }
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -309,7 +378,10 @@ impl Authenticator {
                 return Err(AuthConfigError::DuplicateIssuer { issuer });
             }
         }
-        Ok(Self { providers: out })
+        Ok(Self {
+            providers: out,
+            verified: VerifiedCache::default(),
+        })
     }
 
     /// Reads a bearer token from `Authorization: Bearer <t>` (scheme
@@ -321,8 +393,28 @@ impl Authenticator {
             Ok(Some(t)) => t,
             Err(f) => return AuthOutcome::Rejected(f),
         };
+        if let Some((p, keys)) = self.verified.get(token, now)
+            && let Some(provider) = self.providers.get(&p.issuer)
+            && provider
+                .keys
+                .keys()
+                .await
+                .is_ok_and(|current| Arc::ptr_eq(&current, &keys))
+        {
+            self.verified
+                .hits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return AuthOutcome::Authenticated((*p).clone());
+        }
         match self.verify(token, now).await {
-            Ok(p) => AuthOutcome::Authenticated(p),
+            Ok(p) => {
+                if let Some(provider) = self.providers.get(&p.issuer)
+                    && let Ok(keys) = provider.keys.keys().await
+                {
+                    self.verified.put(token, &p, keys, now);
+                }
+                AuthOutcome::Authenticated(p)
+            }
             Err(f) => {
                 tracing::debug!(reason = f.reason, detail = %f.detail, "bearer token refused");
                 AuthOutcome::Rejected(f)
@@ -892,6 +984,57 @@ mod tests {
             f.auth.forwarded_header_names(),
             ["x-missing", "x-roles", "x-tenant", "x-user"]
         );
+    }
+
+    #[tokio::test]
+    async fn a_verified_token_is_remembered_while_its_keys_and_time_last() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let f = fixture();
+        f.auth.set_jwks_timing(Timing {
+            every: Duration::ZERO,
+            min_interval: Duration::ZERO,
+        });
+        let hits = || f.auth.verified.hits.load(Relaxed);
+        let token = rs256(&claims());
+        let t0 = now();
+        let p = accepted(&f.auth, &token).await;
+        for i in 1..=3 {
+            let out = f
+                .auth
+                .authenticate(&bearer(&token), t0 + Duration::from_secs(i))
+                .await;
+            assert!(
+                matches!(out, AuthOutcome::Authenticated(ref q) if *q == p),
+                "{out:?}"
+            );
+        }
+        assert_eq!(hits(), 3, "verified once, remembered after");
+        // Not beyond VERIFIED_TTL: then the signature is checked again.
+        let later = t0 + VERIFIED_TTL + Duration::from_secs(1);
+        accepted_at(&f.auth, &token, later).await;
+        assert_eq!(hits(), 3);
+        // A tampered token is never taken for the remembered one.
+        let mut bad = token.clone();
+        bad.push('x');
+        assert!(matches!(
+            f.auth.authenticate(&bearer(&bad), later).await,
+            AuthOutcome::Rejected(_)
+        ));
+        // The key is withdrawn: refused at once, remembered or not.
+        std::fs::write(
+            f.path(),
+            jwks_doc(&[jwk_json(&keys().rsa2, Algorithm::RS256, "r2")]),
+        )
+        .unwrap();
+        let out = f.auth.authenticate(&bearer(&token), later).await;
+        assert!(matches!(out, AuthOutcome::Rejected(_)), "{out:?}");
+    }
+
+    async fn accepted_at(auth: &Authenticator, token: &str, at: SystemTime) -> Principal {
+        match auth.authenticate(&bearer(token), at).await {
+            AuthOutcome::Authenticated(p) => p,
+            other => panic!("expected success, got {other:?}"),
+        }
     }
 
     #[tokio::test]

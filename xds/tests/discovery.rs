@@ -54,6 +54,8 @@ async fn sidecar_gets_every_resource_in_type_order_and_converges_after_acking() 
             ("AuthorizationPolicy", vec!["shop/api-callers"]),
             ("TrafficPolicy", vec!["shop/api"]),
             ("Route", vec!["shop/api"]),
+            ("RequestAuthentication", vec![]),
+            ("Gateway", vec![]),
         ]
     );
     let snap = server.handle.snapshot();
@@ -83,7 +85,7 @@ async fn sidecar_gets_every_resource_in_type_order_and_converges_after_acking() 
     assert_eq!(sidecar.address, "10.0.0.100");
     assert!(sidecar.types.iter().all(|t| t.state == TypeState::Applied
         && t.acked_system_version.as_deref() == Some(snap.system_version())));
-    assert_eq!(sidecar.types_summary(), "8/8 applied");
+    assert_eq!(sidecar.types_summary(), "10/10 applied");
     assert_eq!(
         status.convergence_line(),
         format!("converged: yes (version {})", snap.system_version())
@@ -96,7 +98,7 @@ async fn sidecar_gets_every_resource_in_type_order_and_converges_after_acking() 
         "{metrics}"
     );
     assert!(
-        metrics.contains("bulwark_xds_config_apply_seconds_count 8"),
+        metrics.contains("bulwark_xds_config_apply_seconds_count 10"),
         "{metrics}"
     );
     server.stop().await;
@@ -211,7 +213,7 @@ async fn nack_is_recorded_in_status_and_the_same_versions_are_not_resent() {
         .find(|t| t.type_url == type_url::ROUTE)
         .unwrap();
     assert_eq!(route_state.state, TypeState::Nacked);
-    assert_eq!(sidecar.types_summary(), "7/8 applied, NACKed: Route");
+    assert_eq!(sidecar.types_summary(), "9/10 applied, NACKed: Route");
     assert_eq!(
         status.convergence_line(),
         format!(
@@ -519,7 +521,7 @@ async fn sidecars_failing_over_keep_their_endpoints_until_the_new_replica_has_th
     let mut observer = Client::subscribe_all(&b, &mesh, client_node(), observer_held)
         .await
         .unwrap();
-    for _ in 0..7 {
+    for _ in 0..type_url::ALL.len() - 1 {
         let r = observer.recv().await;
         assert_ne!(r.type_url, type_url::SERVICE_ENDPOINTS);
         assert!(r.resources.is_empty() && r.removed_resources.is_empty());

@@ -684,6 +684,14 @@ fn parse_line(line: &[u8]) -> Result<Parsed, Problem> {
         && line[n - MAC_SUFFIX_LEN..].starts_with(b",\"mac\":\"")
         && line.ends_with(b"\"}")
         && line[n - 66..n - 2] == *l.mac.as_bytes();
+    // No successor to u64::MAX: a line claiming it would make the chain
+    // check and the writer's next seq overflow.
+    if l.seq == u64::MAX {
+        return Err(Problem::Malformed(format!(
+            "`seq` {} is out of range",
+            l.seq
+        )));
+    }
     let mac = decode_hex(&l.mac).filter(|m| m.len() == 32);
     match mac {
         Some(mac) if suffix_ok => Ok(Parsed {
@@ -1210,6 +1218,35 @@ mod tests {
             }) => (file, line, problem),
             other => panic!("expected a verification problem, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn audit_line_with_the_largest_seq_is_malformed_not_an_overflow() {
+        // A line with seq u64::MAX followed by any line overflowed `seq + 1`
+        // in the chain check (a panic with overflow checks, as under the
+        // audit_verify fuzz target), and resuming from it the writer's next seq.
+        let d = Dir::new();
+        std::fs::create_dir_all(&d.0).unwrap();
+        let key = hmac::Key::new(hmac::HMAC_SHA256, KEY);
+        let entry = Entry::Access(rec(1, "2025-05-01T12:00:00.000Z"));
+        let first = encode_line(&key, u64::MAX, GENESIS, &entry);
+        let second = encode_line(&key, 1, &sha256_hex(&first), &entry);
+        let lines = [first, second].map(|l| String::from_utf8(l).unwrap());
+        write_lines(&d.file(1), &lines);
+
+        for key in [Some(KEY), None] {
+            let (_, line, problem) = problem_at(verify(&d.files(), key));
+            assert_eq!(line, 1);
+            assert!(matches!(problem, Problem::Malformed(m) if m.contains("out of range")));
+        }
+        write_lines(&d.file(1), &lines[..1]);
+        assert!(matches!(
+            AuditLog::open(&d.0, KEY, AuditOptions::default()),
+            Err(AuditError::Damaged {
+                problem: Problem::Malformed(_),
+                ..
+            })
+        ));
     }
 
     #[test]

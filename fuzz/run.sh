@@ -8,7 +8,8 @@
 # toolchain: RUSTC_BOOTSTRAP=1 lets cargo fuzz pass its nightly-only
 # flags, and --sanitizer none skips AddressSanitizer (safe Rust does not
 # need it; panics, overflows and aborts are still caught). Corpora grow in
-# fuzz/corpus/<target> (seeded from fuzz/seeds/<target>), crashes land in
+# fuzz/corpus/<target> (seeded from fuzz/seeds/<target>, with the tokens of
+# fuzz/dicts/<target>.dict where there is one), crashes land in
 # fuzz/artifacts/<target>; both are git-ignored. libFuzzer runs in-process,
 # one target at a time (no -jobs/-workers, which fork more processes), so the
 # machine stays usable. Exit status: 1 if any target crashed.
@@ -37,11 +38,13 @@ for t in "${targets[@]}"; do
     mkdir -p "corpus/$t" "artifacts/$t"
     seeds=()
     [ -d "seeds/$t" ] && seeds=("seeds/$t")
+    dict=()
+    [ -f "dicts/$t.dict" ] && dict=("-dict=dicts/$t.dict")
     log="logs/$t.log"
     start=$(date +%s)
     set +e
     cargo fuzz run "${flags[@]}" "$t" "corpus/$t" "${seeds[@]}" -- \
-        -max_total_time="$secs" -print_final_stats=1 \
+        "${dict[@]}" -max_total_time="$secs" -print_final_stats=1 \
         -rss_limit_mb=2048 -timeout=10 \
         -artifact_prefix="artifacts/$t/" >"$log" 2>&1
     rc=$?

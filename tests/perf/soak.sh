@@ -50,7 +50,7 @@ cp -r deploy/examples "$cfg"
 route=$cfg/api-traffic.yaml
 grep -q 'weight: 90$' "$route" || { echo "soak: $route has no 'weight: 90' to flip" >&2; exit 2; }
 csv=$OUT/samples.csv
-echo "t_s,pod,pid,rss_kb,fds" >"$csv"
+echo "t_s,pod,pid,rss_kb,fds,svids_installed" >"$csv"
 
 echo "soak: ${minutes} min, ${RPS} rps, SVID TTL ${SVID_TTL}, config flip every ${FLIP_SECS}s, output in $OUT"
 "$BULWARK" up --config "$cfg" --duration "${minutes}m" --rps "$RPS" --svid-ttl "$SVID_TTL" \
@@ -115,7 +115,9 @@ while kill -0 "$up" 2>/dev/null; do
         rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
         [ -n "$rss" ] || continue
         fds=$(ls "/proc/$pid/fd" 2>/dev/null | wc -l)
-        echo "$t,$pod,$pid,$rss,$fds" >>"$csv"
+        # Certificates the sidecar has installed so far (the first + renewals).
+        svids=$(grep -c -F 'SVID installed' "$STATE_DIR/logs/$pod-sidecar.log" 2>/dev/null || true)
+        echo "$t,$pod,$pid,$rss,$fds,${svids:-0}" >>"$csv"
     done
     # Sleep in short steps so the end of the run is noticed promptly.
     for _ in $(seq 1 $((SAMPLE_SECS * 2))); do
@@ -133,22 +135,17 @@ summary=$(grep '^summary: window_s=' "$OUT/up.log" || true)
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$summary"; }
 requests=$(field requests)
 failed=$(field failed)
-rotations=0
-for pod in "${!sidecar[@]}"; do
-    n=$(grep -c 'SVID installed' "$STATE_DIR/logs/$pod-sidecar.log" 2>/dev/null || true)
-    rotations=$((rotations + ${n:-0}))
-done
 
 echo
-echo "soak: finished after $(( ($(date +%s) - start) / 60 )) min; bulwark up exit $up_rc; samples in $csv"
+echo "soak: sampled for $(($(date +%s) - start)) s; bulwark up exit $up_rc; samples in $csv"
 growth_rc=0
 verdict=$(awk -F, -v warm=$WARMUP_SECS -v rp=$RSS_MARGIN_PCT -v rk=$RSS_MARGIN_KB -v fm=$FD_MARGIN '
     NR == 1 { next }
-    { pods[$2] = 1; n[$2]++; t[$2, n[$2]] = $1; r[$2, n[$2]] = $4; f[$2, n[$2]] = $5 }
+    { pods[$2] = 1; n[$2]++; t[$2, n[$2]] = $1; r[$2, n[$2]] = $4; f[$2, n[$2]] = $5; c[$2] = $6 }
     function avg(a, p, i, j,   s, k) { s = 0; for (k = i; k <= j; k++) s += a[p, k]; return j >= i ? s / (j - i + 1) : 0 }
     END {
         bad = 0
-        printf "%-8s %9s %9s %9s %9s %6s %6s %6s %6s %s\n", "pod", "rss0_kb", "rss_end", "rss_1/3", "rss_3/3", "fd0", "fd_end", "fd_1/3", "fd_3/3", "verdict"
+        printf "%-8s %9s %9s %9s %9s %6s %6s %6s %6s %6s %s\n", "pod", "rss0_kb", "rss_end", "rss_1/3", "rss_3/3", "fd0", "fd_end", "fd_1/3", "fd_3/3", "renews", "verdict"
         for (p in pods) {
             s = 1; while (s <= n[p] && t[p, s] < warm) s++
             m = n[p] - s + 1
@@ -162,12 +159,12 @@ verdict=$(awk -F, -v warm=$WARMUP_SECS -v rp=$RSS_MARGIN_PCT -v rk=$RSS_MARGIN_K
             v = "ok"
             if (rl > rf * (1 + rp / 100) + rk && rrise) { v = "RSS GROWING"; bad = 1 }
             if (fl > ff + fm && frise) { v = (v == "ok" ? "" : v ", ") "FDS GROWING"; bad = 1 }
-            printf "%-8s %9d %9d %9.0f %9.0f %6d %6d %6.1f %6.1f %s\n", p, r[p, 1], r[p, n[p]], rf, rl, f[p, 1], f[p, n[p]], ff, fl, v
+            printf "%-8s %9d %9d %9.0f %9.0f %6d %6d %6.1f %6.1f %6d %s\n", p, r[p, 1], r[p, n[p]], rf, rl, f[p, 1], f[p, n[p]], ff, fl, c[p] - 1, v
         }
         exit bad
     }' "$csv") || growth_rc=$?
 echo "$verdict"
-echo "soak: requests=${requests:-?} failed=${failed:-?} cert_installs=$rotations (incl. first per sidecar) config_changes=$flips"
+echo "soak: requests=${requests:-?} failed=${failed:-?} config_changes=$flips (renews: certificates installed after the first)"
 grep '^summary: result=' "$OUT/up.log" || true
 
 fail=0

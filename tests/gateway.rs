@@ -244,6 +244,11 @@ fn start() -> Option<Edge> {
     mesh.start_sidecar("orders", "orders", &[]);
     let audit_key = dir.join("audit.key");
     std::fs::write(&audit_key, "00112233445566778899aabbccddeeff").unwrap();
+    std::fs::set_permissions(
+        &audit_key,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let audit_dir = dir.join("audit");
     // The gateway pod captures only its app port: 8443 is the gateway's own.
     mesh.start_sidecar_with(

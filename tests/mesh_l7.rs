@@ -1259,6 +1259,7 @@ fn inbound_decisions_land_in_a_verifiable_audit_log() {
         "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
     )
     .unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let audit_dir = mesh.net.dir.join("audit");
     let (k, d) = (
         key.to_str().unwrap().to_string(),

@@ -480,6 +480,11 @@ fn audit_verify_prints_ok_or_the_first_problem_by_file_and_line() {
         "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
     )
     .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = bulwark_sidecar::audit::read_key_file(&key_file).unwrap_err();
+    assert!(refused.to_string().contains("chmod 600"), "{refused}");
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let key = bulwark_sidecar::audit::read_key_file(&key_file).unwrap();
     assert_eq!(key.len(), 32);
     {

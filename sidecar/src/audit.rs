@@ -195,6 +195,8 @@ pub enum AuditError {
     Damaged { path: PathBuf, problem: Problem },
     #[error("the audit writer has stopped")]
     WriterGone,
+    #[error("{}: the audit key is readable by group or others (mode {mode:o}); chmod 600 it", path.display())]
+    KeyFileMode { path: PathBuf, mode: u32 },
 }
 
 /// What is wrong with a line.
@@ -419,8 +421,13 @@ pub fn read_key_file(path: &Path) -> Result<Vec<u8>, AuditError> {
         error,
     };
     let meta = std::fs::metadata(path).map_err(io_err)?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        tracing::warn!(path = %path.display(), "audit key file is readable by group or others");
+    // Anyone who can read the key can forge a consistent log.
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(AuditError::KeyFileMode {
+            path: path.to_path_buf(),
+            mode,
+        });
     }
     Ok(parse_key(&std::fs::read(path).map_err(io_err)?))
 }

@@ -401,7 +401,11 @@ async fn send_with_retries(
         };
         drop(inflight);
         let status = result.as_ref().ok().map(|r| r.status().as_u16());
-        let success = status.is_some_and(|s| s < 500);
+        // A trailers-only UNAVAILABLE is gRPC's 503: a failure for the
+        // breaker and outlier detection although the HTTP status is 200.
+        let grpc_unavailable =
+            result.as_ref().ok().and_then(grpc_trailers_only_status) == Some(GRPC_UNAVAILABLE);
+        let success = status.is_some_and(|s| s < 500) && !grpc_unavailable;
         if let Some(b) = &guards.breaker {
             b.record(&admit, success, Instant::now());
             publish_breaker(proxy, &plan.service, b);
@@ -519,6 +523,9 @@ async fn send_with_retries(
 
 /// The `grpc-status` of a trailers-only gRPC response (HTTP 200 with the
 /// status in the headers: the call failed before any message).
+/// gRPC status code 14.
+const GRPC_UNAVAILABLE: u32 = 14;
+
 fn grpc_trailers_only_status<B>(r: &Response<B>) -> Option<u32> {
     if r.status() != http::StatusCode::OK {
         return None;

@@ -105,6 +105,29 @@ fn write_public_cert(dir: &Path, ca_name: &str) -> PathBuf {
     ca_file
 }
 
+/// A partner CA (`partner-ca.pem`) and a client certificate it signed
+/// (`partner.crt`, `partner.key`), plus one from a stranger's CA.
+fn write_partner_pki(dir: &Path) {
+    let client = |ca_name: &str, prefix: &str| {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, ca_name);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut leaf = rcgen::CertificateParams::new(vec!["partner.example.net".into()]).unwrap();
+        leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = leaf.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.join(format!("{prefix}.crt")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{prefix}.key")), key.serialize_pem()).unwrap();
+        ca_cert.pem()
+    };
+    std::fs::write(dir.join("partner-ca.pem"), client("Partner CA", "partner")).unwrap();
+    client("Stranger CA", "stranger");
+}
+
 fn write_atomic(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).unwrap();
@@ -170,6 +193,14 @@ spec:
         - hostnames: [{HOST}]
           certFile: {d}/tls.crt
           keyFile: {d}/tls.key
+    - name: partners
+      port: 9443
+      certificates:
+        - hostnames: [{HOST}]
+          certFile: {d}/tls.crt
+          keyFile: {d}/tls.key
+      clientCaFile: {d}/partner-ca.pem
+      requireClientCert: true
   routes:
     - name: public
       matches: [{{path: {{prefix: /public}}}}]
@@ -225,6 +256,7 @@ fn start() -> Option<Edge> {
     let public_ca = write_public_cert(&dir, "public-ca");
     let key1 = SigningKey::new("k1");
     write_jwks(&dir.join("jwks.json"), &[&key1]);
+    write_partner_pki(&dir);
 
     let api = mesh.add_pod("orders");
     let gw = mesh.add_pod("gw");
@@ -321,6 +353,46 @@ impl Edge {
 
     fn call(&self, path: &str, token: Option<&str>, extra: &[&str]) -> (u16, String) {
         self.curl(&self.public_ca, path, token, extra)
+    }
+
+    /// A call to the partners' listener (9443), with the client
+    /// certificate `prefix`.crt if any.
+    fn partner_call(&self, prefix: Option<&str>) -> (u16, String) {
+        let resolve = format!("{HOST}:9443:{}", self.gw_ip);
+        let url = format!("https://{HOST}:9443/public/partner");
+        let (cert, key) = match prefix {
+            Some(p) => (
+                self.dir.join(format!("{p}.crt")).display().to_string(),
+                self.dir.join(format!("{p}.key")).display().to_string(),
+            ),
+            None => (String::new(), String::new()),
+        };
+        let mut args = vec![
+            "curl",
+            "-sS",
+            "-i",
+            "--max-time",
+            "10",
+            "--cacert",
+            self.public_ca.to_str().unwrap(),
+            "--resolve",
+            &resolve,
+        ];
+        if prefix.is_some() {
+            args.extend_from_slice(&["--cert", &cert, "--key", &key]);
+        }
+        args.push(&url);
+        let o = self.mesh.net.exec(&self.mesh.pod("outside").pod.ns, &args);
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (
+            status,
+            format!("{text}{}", String::from_utf8_lossy(&o.stderr)),
+        )
     }
 }
 
@@ -562,6 +634,51 @@ fn gateway_limits_each_client_and_validates_bodies() {
     assert!(
         served <= (ok + 5) as f64,
         "refused requests must not reach the service: {served}"
+    );
+}
+
+#[test]
+fn partners_need_a_client_certificate_and_garbage_does_not_hurt_the_gateway() {
+    let _g = serial();
+    let Some(edge) = start() else { return };
+    let (code, text) = edge.partner_call(Some("partner"));
+    assert_eq!(code, 200, "a partner certificate is accepted: {text}");
+    let (code, text) = edge.partner_call(None);
+    assert_eq!(code, 0, "no client certificate, no connection: {text}");
+    let (code, text) = edge.partner_call(Some("stranger"));
+    assert_eq!(code, 0, "a certificate from another CA is refused: {text}");
+
+    // Plain-text garbage and a half-open connection on the public port:
+    // closed, counted as failed handshakes, and the gateway keeps serving.
+    let ns = edge.mesh.pod("outside").pod.ns.clone();
+    let addr: std::net::SocketAddr = format!("{}:8443", edge.gw_ip).parse().unwrap();
+    let closed = edge.mesh.net.in_ns(&ns, move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00\xff garbage")
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut buf = [0u8; 512];
+        // Whatever alert comes back, the gateway must end the connection.
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(_) => return false,
+            }
+        }
+    });
+    assert!(closed, "the gateway closes a connection that speaks no TLS");
+    let (code, text) = edge.call("/public/after", None, &[]);
+    assert_eq!(code, 200, "{text}");
+    let m = edge.mesh.metrics("gw");
+    assert!(
+        metric_sum(
+            &m,
+            "bulwark_tls_handshakes_total",
+            &["direction=\"gateway\"", "result=\"error\""]
+        ) >= 3.0,
+        "failed handshakes are counted: {m}"
     );
 }
 

@@ -337,11 +337,12 @@ impl Sidecar {
         }
         let cert_task = tokio::spawn(self.proxy.identity.clone().run());
         let health_task = tokio::spawn(http::health::run(self.proxy.clone()));
+        let gw_slots = Arc::new(Semaphore::new(gateway::server::MAX_CONNECTIONS));
         let gateway_task = self
             .opts
             .gateway
             .clone()
-            .map(|g| tokio::spawn(gateway::run(self.proxy.clone(), g)));
+            .map(|g| tokio::spawn(gateway::run(self.proxy.clone(), g, gw_slots.clone())));
         tracing::info!(identity = %self.proxy.identity.identity(), outbound = %self.opts.outbound_listen,
             inbound = %self.opts.inbound_listen, "sidecar listening");
 
@@ -375,6 +376,9 @@ impl Sidecar {
         let drained = tokio::time::timeout(self.opts.drain_grace, async {
             let _a = out_sem.acquire_many(limit).await;
             let _b = in_sem.acquire_many(limit).await;
+            let _c = gw_slots
+                .acquire_many(gateway::server::MAX_CONNECTIONS as u32)
+                .await;
         })
         .await;
         if drained.is_err() {

@@ -38,8 +38,8 @@ use crate::telemetry::{HandshakeLabels, RequestLabels, ServiceLabel};
 const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
 /// Distinct clients tracked per rate-limited route.
 const MAX_CLIENT_KEYS: usize = 100_000;
-/// Connections per listener; beyond it new ones are reset.
-const MAX_CONNECTIONS: usize = 16 * 1024;
+/// Connections across the gateway's listeners; beyond it new ones are reset.
+pub const MAX_CONNECTIONS: usize = 16 * 1024;
 /// Largest request header block.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -264,7 +264,9 @@ impl Drop for Listener {
 
 /// Runs the gateway named in `opts` until the task is dropped: follows the
 /// applied config, opening, re-keying and closing listeners as it changes.
-pub async fn run(proxy: Arc<Proxy>, opts: GatewayOptions) {
+/// Every connection holds one of `slots` ([`MAX_CONNECTIONS`] of them), so
+/// that a drain can wait for them.
+pub async fn run(proxy: Arc<Proxy>, opts: GatewayOptions, slots: Arc<Semaphore>) {
     let mut changes = proxy.config.subscribe();
     let state: Arc<ArcSwap<Option<Arc<Compiled>>>> = Arc::new(ArcSwap::from_pointee(None));
     let mut listeners: HashMap<u16, Listener> = HashMap::new();
@@ -319,7 +321,7 @@ pub async fn run(proxy: Arc<Proxy>, opts: GatewayOptions) {
                 continue;
             }
         }
-        reconcile(&proxy, &opts, gw, &state, &mut listeners).await;
+        reconcile(&proxy, &opts, gw, &state, &slots, &mut listeners).await;
     }
 }
 
@@ -328,6 +330,7 @@ async fn reconcile(
     opts: &GatewayOptions,
     gw: &v1::Gateway,
     state: &Arc<ArcSwap<Option<Arc<Compiled>>>>,
+    slots: &Arc<Semaphore>,
     listeners: &mut HashMap<u16, Listener>,
 ) {
     let wanted: HashMap<u16, &v1::GatewayListener> =
@@ -359,7 +362,13 @@ async fn reconcile(
             }
         };
         tracing::info!(gateway = %opts.name, %addr, listener = %spec.name, "gateway listening");
-        let task = tokio::spawn(accept_loop(proxy.clone(), socket, tls, state.clone()));
+        let task = tokio::spawn(accept_loop(
+            proxy.clone(),
+            socket,
+            tls,
+            state.clone(),
+            slots.clone(),
+        ));
         listeners.insert(
             port,
             Listener {
@@ -376,9 +385,9 @@ async fn accept_loop(
     socket: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     state: Arc<ArcSwap<Option<Arc<Compiled>>>>,
+    slots: Arc<Semaphore>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = match socket.accept().await {
             Ok(c) => c,

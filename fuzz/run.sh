@@ -54,6 +54,8 @@ for t in "${targets[@]}"; do
         "corpus/$t" "${seeds[@]}" >"$log" 2>&1
     rc=$?
     set -e
+    # audit_verify's scratch directory (libFuzzer exits without unwinding).
+    rm -rf /dev/shm/bulwark-fuzz-audit-* "${TMPDIR:-/tmp}"/bulwark-fuzz-audit-*
     took=$(( $(date +%s) - start ))
     # A crash ends the run without final stats: then the last status line's count.
     execs=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1 || true)

@@ -1377,3 +1377,137 @@ fn round_robin_alternates_and_max_connections_caps_tcp_to_a_service() {
         ) >= 1.0
     );
 }
+
+#[test]
+fn adaptive_concurrency_sheds_load_when_upstream_latency_rises_and_keeps_admitted_latency_bounded()
+{
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.add_pod("web");
+    let busy = mesh.add_pod("busy");
+    // Two requests at a time, 40 ms each: beyond two in flight, requests
+    // queue in the app and latency grows with the load.
+    const INITIAL: f64 = 12.0;
+    let policy = "---\napiVersion: bulwark.dev/v1\nkind: TrafficPolicy\nmetadata:\n  name: busy\n  namespace: default\nspec:\n  service: busy\n  adaptiveConcurrency:\n    minLimit: 1\n    maxLimit: 40\n    initialLimit: 12\n    latencyTolerance: 2.0\n    sampleWindow: 200ms\n";
+    let authz = "---\napiVersion: bulwark.dev/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: any\n  namespace: default\nspec:\n  service: busy\n  rules:\n    - from:\n        - spiffe://cluster.local/ns/default/sa/*\n";
+    let cfg = format!(
+        "{MESH}{}{policy}{authz}",
+        service_doc("busy", "198.18.100.4", &[&busy], "")
+    );
+    mesh.write_config(&cfg);
+    mesh.start_sidecar("web", "web", &[]);
+    mesh.set_app_args("busy", &["--latency", "40ms", "--capacity", "2"]);
+    mesh.start_sidecar("busy", "busy", &[]);
+    for p in ["web", "busy"] {
+        mesh.wait_ready(p);
+    }
+    let limit = |mesh: &Mesh| {
+        metric_sum(
+            &mesh.metrics("web"),
+            "bulwark_adaptive_concurrency_limit",
+            &["service=\"default/busy\""],
+        )
+    };
+
+    // Light load first: one request at a time shows the unqueued latency.
+    let light = hammer(&mesh, "web", "198.18.100.4", "/", 30, Duration::ZERO);
+    assert!(light.iter().all(|(c, _)| *c == 200), "{light:?}");
+    let mut light: Vec<Duration> = light.into_iter().map(|r| r.1).collect();
+    light.sort();
+    let unloaded = light[light.len() / 2];
+    assert_eq!(limit(&mesh), INITIAL, "the gauge starts at initialLimit");
+
+    // Then 24 clients at once: unlimited, each request would wait for 11
+    // others in the app (~480 ms).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let adapted = std::sync::Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let mut clients = Vec::new();
+    for _ in 0..24 {
+        let ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
+        let (stop, adapted) = (stop.clone(), adapted.clone());
+        clients.push(std::thread::spawn(move || {
+            netns::enter(&ns);
+            let target: SocketAddr = "198.18.100.4:8080".parse().unwrap();
+            let mut out = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let (code, text) = raw_http(
+                    target,
+                    "GET / HTTP/1.1\r\nHost: busy\r\nConnection: close\r\n\r\n",
+                );
+                let after_adapting = adapted.lock().unwrap().is_some_and(|a| t >= a);
+                let limited = header(&text, "x-bulwark-reason") == Some("concurrency-limited");
+                out.push((code, t.elapsed(), limited, after_adapting));
+                std::thread::sleep(Duration::from_millis(20)); // pacing
+            }
+            out
+        }));
+    }
+    let lowest = wait_for(
+        "concurrency-limited refusals and the limit below its initial value",
+        Duration::from_secs(20),
+        || {
+            let m = mesh.metrics("web");
+            let refused = metric_sum(&m, "bulwark_adaptive_concurrency_rejections_total", &[]);
+            let now = metric_sum(&m, "bulwark_adaptive_concurrency_limit", &[]);
+            (refused > 0.0 && now < INITIAL).then_some(now)
+        },
+    );
+    *adapted.lock().unwrap() = Some(Instant::now());
+    // Keep the load on until enough requests were admitted under the
+    // adapted limit to judge their latency.
+    let admitted_after = || {
+        metric_sum(
+            &mesh.metrics("web"),
+            "bulwark_requests_total",
+            &["service=\"default/busy\"", "code=\"200\""],
+        )
+    };
+    let before = admitted_after();
+    wait_for(
+        "requests admitted under the adapted limit",
+        Duration::from_secs(30),
+        || (admitted_after() >= before + 150.0).then_some(()),
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results: Vec<(u16, Duration, bool, bool)> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    let refused: Vec<_> = results.iter().filter(|r| r.2).collect();
+    let mut admitted: Vec<Duration> = results
+        .iter()
+        .filter(|r| r.3 && r.0 == 200)
+        .map(|r| r.1)
+        .collect();
+    admitted.sort();
+    let median = admitted[admitted.len() / 2];
+    let p90 = admitted[admitted.len() * 9 / 10];
+    println!(
+        "unloaded median {unloaded:?}; limit fell to {lowest}; {} refused; admitted under load: {} median {median:?} p90 {p90:?}",
+        refused.len(),
+        admitted.len()
+    );
+    assert!(
+        refused
+            .iter()
+            .all(|r| r.0 == 503 && r.1 < Duration::from_millis(200)),
+        "refusals are fast 503s"
+    );
+    assert!(
+        results.iter().all(|r| r.0 == 200 || r.2),
+        "every request is served or refused as concurrency-limited"
+    );
+    // Unlimited, the median would be ~12x the unloaded latency; the limit
+    // keeps it near the tolerance (2x) plus the limit's probing.
+    assert!(
+        median <= unloaded * 4,
+        "admitted median {median:?} vs unloaded {unloaded:?}"
+    );
+    assert!(
+        p90 <= unloaded * 6,
+        "admitted p90 {p90:?} vs unloaded {unloaded:?}"
+    );
+}

@@ -51,6 +51,10 @@ pub struct DemoArgs {
     /// Added latency per request.
     #[arg(long, default_value = "0s", value_parser = super::parse_duration_ms)]
     latency: Duration,
+    /// Serve at most this many requests at once (the rest wait their
+    /// turn), so latency grows with load the way a saturated server's does.
+    #[arg(long)]
+    capacity: Option<usize>,
     /// Fraction of requests answered 503 (0.0-1.0).
     #[arg(long, default_value_t = 0.0)]
     error_rate: f64,
@@ -102,6 +106,8 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
 struct App {
     name: String,
     latency: Duration,
+    /// `--capacity`: places for requests being served.
+    capacity: Option<tokio::sync::Semaphore>,
     /// Answer every n-th request 503 (0: never).
     every: u64,
     counter: AtomicU64,
@@ -137,6 +143,7 @@ async fn serve_http(listener: tokio::net::TcpListener, a: DemoArgs) -> anyhow::R
     let app = Arc::new(App {
         name: a.name,
         latency: a.latency,
+        capacity: a.capacity.map(|n| tokio::sync::Semaphore::new(n.max(1))),
         every: if a.error_rate > 0.0 {
             (1.0 / a.error_rate).round() as u64
         } else {
@@ -195,6 +202,11 @@ impl App {
                     .body(Full::new(Bytes::new()))
                     .expect("valid response");
             }
+        };
+        // Held until the answer is ready: the wait for a place is the queueing.
+        let _place = match &self.capacity {
+            Some(c) => c.acquire().await.ok(),
+            None => None,
         };
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;

@@ -42,6 +42,11 @@ pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_HEALTH_UNHEALTHY_THRESHOLD: u32 = 3;
 pub const DEFAULT_HEALTH_HEALTHY_THRESHOLD: u32 = 2;
+pub const DEFAULT_ADAPTIVE_MIN_LIMIT: u32 = 1;
+pub const DEFAULT_ADAPTIVE_MAX_LIMIT: u32 = 1000;
+pub const DEFAULT_ADAPTIVE_INITIAL_LIMIT: u32 = 20;
+pub const DEFAULT_ADAPTIVE_LATENCY_TOLERANCE: f64 = 2.0;
+pub const DEFAULT_ADAPTIVE_SAMPLE_WINDOW: Duration = Duration::from_millis(100);
 pub const DEFAULT_ENDPOINT_WEIGHT: u32 = 1;
 pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(300);
 pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(60);
@@ -193,6 +198,25 @@ pub fn compile(documents: &[Document]) -> Resources {
                         .max_request_body_bytes
                         .as_ref()
                         .map_or(0, |v| v.value),
+                    adaptive_concurrency: t.adaptive_concurrency.as_ref().map(|a| {
+                        let min_limit = or(&a.min_limit, DEFAULT_ADAPTIVE_MIN_LIMIT);
+                        // Validation rejects max < min; never panic in `clamp` anyway.
+                        let max_limit = or(&a.max_limit, DEFAULT_ADAPTIVE_MAX_LIMIT).max(min_limit);
+                        pb::AdaptiveConcurrency {
+                            min_limit,
+                            max_limit,
+                            initial_limit: or(&a.initial_limit, DEFAULT_ADAPTIVE_INITIAL_LIMIT)
+                                .clamp(min_limit, max_limit),
+                            latency_tolerance: a
+                                .latency_tolerance
+                                .as_ref()
+                                .map_or(DEFAULT_ADAPTIVE_LATENCY_TOLERANCE, |r| r.value),
+                            sample_window_ms: ms_or(
+                                &a.sample_window,
+                                DEFAULT_ADAPTIVE_SAMPLE_WINDOW,
+                            ),
+                        }
+                    }),
                     source,
                 });
             }

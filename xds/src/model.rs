@@ -643,6 +643,12 @@ pub struct RetrySpec {
 ///     unhealthyThreshold: 3       # default 3
 ///     healthyThreshold: 2         # default 2
 ///   maxRequestBodyBytes: 1048576  # 413 beyond it, at the inbound sidecar
+///   adaptiveConcurrency:          # a limit that follows latency, on top of the bulkhead
+///     minLimit: 1                 # default 1
+///     maxLimit: 1000              # default 1000
+///     initialLimit: 20            # default 20 (clamped into min..=max)
+///     latencyTolerance: 2.0       # default 2.0: latency up to 2x the measured minimum
+///     sampleWindow: 100ms         # default 100ms
 /// ```
 #[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -666,6 +672,30 @@ pub struct TrafficPolicySpec {
     /// get 413 from their inbound sidecar.
     #[serde(default)]
     pub max_request_body_bytes: Option<Located<u64>>,
+    /// A concurrency limit for calls to the service that adapts to their
+    /// latency: requests beyond it get a fast 503 `concurrency-limited`.
+    #[serde(default)]
+    pub adaptive_concurrency: Option<Located<AdaptiveConcurrencySpec>>,
+}
+
+/// Adaptive concurrency (AIMD on latency): once per sample window, the
+/// limit grows by one while the window's median latency stays within
+/// `latencyTolerance` times the lowest latency measured, and shrinks
+/// multiplicatively when it rises above that.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AdaptiveConcurrencySpec {
+    #[serde(default)]
+    pub min_limit: Option<Located<u32>>,
+    #[serde(default)]
+    pub max_limit: Option<Located<u32>>,
+    #[serde(default)]
+    pub initial_limit: Option<Located<u32>>,
+    /// Ratio over the minimum latency (above 1).
+    #[serde(default)]
+    pub latency_tolerance: Option<Located<f64>>,
+    #[serde(default)]
+    pub sample_window: Option<Located<String>>,
 }
 
 /// Concurrency limits; a field left out means no limit from this policy.

@@ -14,6 +14,7 @@ use bulwark_ca::SpiffeId;
 
 use crate::duration;
 use crate::load::{ConfigError, ConfigErrors, Unparsed};
+use crate::model::AdaptiveConcurrencySpec;
 use crate::model::{
     API_VERSION, AuthorizationPolicySpec, Backend, DEFAULT_TRUST_DOMAIN, Document, EndpointSpec,
     HeaderMatch, Kind, Labels, Located, MeshLocation, PortSpec, Protocol, RateLimitSpec, RetrySpec,
@@ -925,6 +926,71 @@ fn check_traffic_policy(cx: &mut Cx<'_>, reg: &Registry, t: &TrafficPolicySpec) 
         if let Some(v) = &hc.healthy_threshold {
             at_least_one(cx, "healthCheck.healthyThreshold", v);
         }
+    }
+    if let Some(a) = &t.adaptive_concurrency {
+        check_adaptive_concurrency(cx, a);
+    }
+}
+
+fn check_adaptive_concurrency(cx: &mut Cx<'_>, a: &Located<AdaptiveConcurrencySpec>) {
+    use crate::compile::{DEFAULT_ADAPTIVE_MAX_LIMIT, DEFAULT_ADAPTIVE_MIN_LIMIT};
+    for (what, v) in [
+        ("adaptiveConcurrency.minLimit", &a.min_limit),
+        ("adaptiveConcurrency.maxLimit", &a.max_limit),
+        ("adaptiveConcurrency.initialLimit", &a.initial_limit),
+    ] {
+        if let Some(v) = v {
+            at_least_one(cx, what, v);
+        }
+    }
+    let min = a
+        .min_limit
+        .as_ref()
+        .map_or(DEFAULT_ADAPTIVE_MIN_LIMIT, |v| v.value);
+    let max = a
+        .max_limit
+        .as_ref()
+        .map_or(DEFAULT_ADAPTIVE_MAX_LIMIT, |v| v.value);
+    if min > max {
+        let (line, which) = match &a.max_limit {
+            Some(v) => (v.line, ""),
+            None => (
+                a.min_limit.as_ref().map_or(a.line, |v| v.line),
+                " (the default)",
+            ),
+        };
+        cx.err(
+            line,
+            format!("adaptiveConcurrency.minLimit {min} is above maxLimit {max}{which}"),
+        );
+    }
+    if let Some(v) = &a.initial_limit
+        && v.value != 0
+        && !(min..=max).contains(&v.value)
+    {
+        cx.err(
+            v.line,
+            format!(
+                "adaptiveConcurrency.initialLimit {} is outside minLimit..=maxLimit ({min}..={max})",
+                v.value
+            ),
+        );
+    }
+    // A tolerance of 1 or less would call the minimum itself too slow and
+    // pin the limit at minLimit.
+    if let Some(r) = &a.latency_tolerance
+        && !(r.value.is_finite() && r.value > 1.0)
+    {
+        cx.err(
+            r.line,
+            format!(
+                "adaptiveConcurrency.latencyTolerance {} must be a ratio above 1 (e.g. 2.0: twice the minimum latency)",
+                r.value
+            ),
+        );
+    }
+    if let Some(d) = &a.sample_window {
+        check_duration(cx, "adaptiveConcurrency.sampleWindow", d);
     }
 }
 

@@ -1397,3 +1397,88 @@ spec:
     assert_eq!((rl.requests_per_second, rl.burst), (100, 20));
     assert!(rl.per_source_identity);
 }
+
+fn adaptive_policy(body: &str) -> String {
+    format!(
+        "apiVersion: bulwark.dev/v1\nkind: TrafficPolicy\nmetadata:\n  name: api\nspec:\n  service: api\n  adaptiveConcurrency:\n{body}"
+    )
+}
+
+/// The compiled `adaptiveConcurrency` of a policy with this body.
+fn compiled_adaptive(body: &str) -> pb::AdaptiveConcurrency {
+    let dir = config_dir(&[("a.yaml", SERVICES), ("p.yaml", &adaptive_policy(body))]);
+    let r = load_and_compile(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    r.traffic_policies[0].adaptive_concurrency.unwrap()
+}
+
+#[test]
+fn adaptive_concurrency_compiles_with_explicit_defaults() {
+    let cases = [
+        ("    maxLimit: 64\n", (1, 64, 20, 100), 2.0),
+        // The default initial limit is brought within a narrower range.
+        (
+            "    minLimit: 2\n    maxLimit: 8\n    latencyTolerance: 1.5\n    sampleWindow: 250ms\n",
+            (2, 8, 8, 250),
+            1.5,
+        ),
+    ];
+    for (body, limits, tolerance) in cases {
+        let a = compiled_adaptive(body);
+        assert_eq!(
+            (
+                a.min_limit,
+                a.max_limit,
+                a.initial_limit,
+                a.sample_window_ms
+            ),
+            limits,
+            "{body}"
+        );
+        assert_eq!(a.latency_tolerance, tolerance, "{body}");
+    }
+}
+
+#[test]
+fn adaptive_concurrency_mistakes_are_reported_with_their_lines() {
+    let cases: [(&str, u32, &str); 7] = [
+        (
+            "    minLimit: 0\n",
+            8,
+            "adaptiveConcurrency.minLimit must be at least 1",
+        ),
+        (
+            "    minLimit: 10\n    maxLimit: 5\n",
+            9,
+            "minLimit 10 is above maxLimit 5",
+        ),
+        (
+            "    minLimit: 2000\n",
+            8,
+            "above maxLimit 1000 (the default)",
+        ),
+        (
+            "    minLimit: 4\n    initialLimit: 2\n",
+            9,
+            "initialLimit 2 is outside minLimit..=maxLimit (4..=1000)",
+        ),
+        (
+            "    latencyTolerance: 1.0\n",
+            8,
+            "latencyTolerance 1 must be a ratio above 1",
+        ),
+        (
+            "    sampleWindow: 0s\n",
+            8,
+            "adaptiveConcurrency.sampleWindow must be longer than 0",
+        ),
+        ("    samplewindow: 1s\n", 8, "samplewindow"),
+    ];
+    for (body, line, needle) in cases {
+        assert_one_error(
+            &[("a.yaml", SERVICES), ("p.yaml", &adaptive_policy(body))],
+            "p.yaml",
+            line,
+            needle,
+        );
+    }
+}

@@ -238,7 +238,48 @@ fn retriable(
 
 type Outcome = (Response<Body>, Option<SocketAddr>, String, u32);
 
+/// [`send_guarded`] within the service's adaptive concurrency limit, if it
+/// has one: refused at once beyond the limit, and the latency of answered
+/// requests fed back into it.
 async fn send_with_retries(
+    proxy: &Proxy,
+    plan: &Plan,
+    guards: &crate::resilience::state::ServiceGuards,
+    policy: Option<&v1::TrafficPolicy>,
+    req: Request<Body>,
+) -> Outcome {
+    let Some(limiter) = &guards.adaptive else {
+        return send_guarded(proxy, plan, guards, policy, req).await;
+    };
+    let label = ServiceLabel {
+        service: plan.service.clone(),
+    };
+    if limiter.announce() {
+        let gauge = proxy.metrics.adaptive_limit.get_or_create(&label);
+        gauge.set(limiter.limit() as i64);
+    }
+    let permit = match limiter.try_acquire(Instant::now()) {
+        Ok(p) => p,
+        Err(_) => {
+            let m = &proxy.metrics;
+            m.adaptive_rejections.get_or_create(&label).inc();
+            return (reply(503, "concurrency-limited"), None, String::new(), 0);
+        }
+    };
+    let out = send_guarded(proxy, plan, guards, policy, req).await;
+    // Latency says something about the upstream only when it answered (or
+    // ran out of time); local refusals and connect failures are dropped.
+    let reason = out.0.headers().get(super::REASON_HEADER);
+    if (reason.is_none() || reason.is_some_and(|r| r == "timeout"))
+        && let Some(limit) = permit.finish(Instant::now())
+    {
+        let gauge = proxy.metrics.adaptive_limit.get_or_create(&label);
+        gauge.set(limit as i64);
+    }
+    out
+}
+
+async fn send_guarded(
     proxy: &Proxy,
     plan: &Plan,
     guards: &crate::resilience::state::ServiceGuards,

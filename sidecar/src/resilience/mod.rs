@@ -1,5 +1,7 @@
-//! Resilience: circuit breakers, bulkheads, retry budgets and rate limits.
+//! Resilience: circuit breakers, bulkheads, adaptive concurrency, retry
+//! budgets and rate limits.
 
+pub mod adaptive;
 pub mod breaker;
 pub mod budget;
 pub mod bulkhead;

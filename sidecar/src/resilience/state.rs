@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use bulwark_proto::config::v1;
 
+use super::adaptive::{AdaptiveConfig, AdaptiveLimiter};
 use super::breaker::{Breaker, BreakerConfig};
 use super::bulkhead::Bulkhead;
 use super::ratelimit::{KeyedLimiter, RateDecision};
@@ -59,6 +60,8 @@ pub struct ServiceGuards {
     pub bulkhead: Option<Bulkhead>,
     pub breaker: Option<Breaker>,
     pub rate_limit: Option<LocalRateLimit>,
+    /// Adaptive concurrency limit (`adaptiveConcurrency`).
+    pub adaptive: Option<Arc<AdaptiveLimiter>>,
     /// What they were built from, to notice changes.
     source: Option<v1::TrafficPolicy>,
 }
@@ -73,6 +76,7 @@ impl ServiceGuards {
                 bulkhead: None,
                 breaker: None,
                 rate_limit: None,
+                adaptive: None,
                 source: None,
             };
         };
@@ -84,6 +88,10 @@ impl ServiceGuards {
             .filter(|c| c.consecutive_failures > 0 || c.failure_ratio > 0.0)
             .map(|c| Breaker::new(BreakerConfig::from_proto(c)));
         let rate_limit = p.rate_limit.as_ref().and_then(LocalRateLimit::from_proto);
+        let adaptive = p
+            .adaptive_concurrency
+            .as_ref()
+            .map(|a| Arc::new(AdaptiveLimiter::new(AdaptiveConfig::from_proto(a))));
         let mut source = p.clone();
         source.source = None;
         let connections = (p.max_connections > 0)
@@ -95,6 +103,7 @@ impl ServiceGuards {
             bulkhead,
             breaker,
             rate_limit,
+            adaptive,
             source: Some(source),
         }
     }
@@ -142,7 +151,17 @@ impl Guards {
         {
             return g.clone();
         }
-        let g = Arc::new(ServiceGuards::build(policy));
+        let mut g = ServiceGuards::build(policy);
+        // A push that changes other parts of the policy keeps the learned
+        // limit: starting over would let a burst through.
+        if let (Some(old), Some(new)) = (
+            m.get(service).and_then(|o| o.adaptive.as_ref()),
+            &g.adaptive,
+        ) && old.config() == new.config()
+        {
+            g.adaptive = Some(old.clone());
+        }
+        let g = Arc::new(g);
         m.insert(service.to_string(), g.clone());
         g
     }
@@ -202,6 +221,47 @@ mod tests {
             source: None,
         })
         .unwrap()
+    }
+
+    fn adaptive_policy(max_requests: u32, initial_limit: u32) -> v1::TrafficPolicy {
+        v1::TrafficPolicy {
+            service: "default/api".into(),
+            max_requests,
+            adaptive_concurrency: Some(v1::AdaptiveConcurrency {
+                min_limit: 1,
+                max_limit: 100,
+                initial_limit,
+                latency_tolerance: 2.0,
+                sample_window_ms: 100,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn adaptive_limit_outlives_pushes_that_keep_its_config() {
+        let g = Guards::default();
+        let first = g
+            .for_service("default/api", Some(&adaptive_policy(10, 20)))
+            .adaptive
+            .clone()
+            .unwrap();
+        let _held = first.try_acquire(Instant::now()).unwrap();
+        // The same policy again, then one with another bulkhead: same limiter.
+        for p in [adaptive_policy(10, 20), adaptive_policy(50, 20)] {
+            let a = g.for_service("default/api", Some(&p)).adaptive.clone();
+            assert!(Arc::ptr_eq(&first, a.as_ref().unwrap()));
+        }
+        // A changed adaptive config starts afresh; none removes it.
+        let changed = g.for_service("default/api", Some(&adaptive_policy(50, 30)));
+        assert!(!Arc::ptr_eq(&first, changed.adaptive.as_ref().unwrap()));
+        let mut without = adaptive_policy(50, 30);
+        without.adaptive_concurrency = None;
+        assert!(
+            g.for_service("default/api", Some(&without))
+                .adaptive
+                .is_none()
+        );
     }
 
     #[test]

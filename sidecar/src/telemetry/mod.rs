@@ -81,6 +81,8 @@ pub struct Metrics {
     pub request_duration: HistogramFamily,
     pub retries: Family<ServiceLabel, Counter>,
     pub bulkhead_rejections: Family<ServiceLabel, Counter>,
+    pub adaptive_limit: Family<ServiceLabel, Gauge<i64, AtomicI64>>,
+    pub adaptive_rejections: Family<ServiceLabel, Counter>,
     pub ratelimit_rejections: Family<ServiceLabel, Counter>,
     pub breaker_state: Family<ServiceLabel, Gauge<i64, AtomicI64>>,
     pub breaker_transitions: Family<ServiceLabel, Counter>,
@@ -118,6 +120,8 @@ impl Default for Metrics {
             request_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             retries: Family::default(),
             bulkhead_rejections: Family::default(),
+            adaptive_limit: Family::default(),
+            adaptive_rejections: Family::default(),
             ratelimit_rejections: Family::default(),
             breaker_state: Family::default(),
             breaker_transitions: Family::default(),
@@ -161,6 +165,16 @@ impl Default for Metrics {
             "bulwark_bulkhead_rejections",
             "Requests rejected because the service's bulkhead was full",
             m.bulkhead_rejections.clone(),
+        );
+        registry.register(
+            "bulwark_adaptive_concurrency_limit",
+            "The current adaptive concurrency limit of calls to a service",
+            m.adaptive_limit.clone(),
+        );
+        registry.register(
+            "bulwark_adaptive_concurrency_rejections",
+            "Requests refused because the service's adaptive concurrency limit was reached",
+            m.adaptive_rejections.clone(),
         );
         registry.register(
             "bulwark_ratelimit_rejections",

@@ -21,6 +21,7 @@ const HOST: &str = "api.example.com";
 const ISSUER: &str = "https://issuer.example.com";
 const AUDIENCE: &str = "orders-api";
 const ORDERS_VIP: &str = "198.18.100.9";
+const XDS: &str = "198.18.0.1:15010";
 
 /// Two cores: one mesh at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -250,6 +251,12 @@ struct Edge {
 /// CA, the `orders` service (app echoing what reached it), the gateway, and
 /// an outside pod with no sidecar.
 fn start() -> Option<Edge> {
+    start_with(false)
+}
+
+/// [`start`], with the config served by a control plane (`xds`) or read
+/// from a local file by each proxy.
+fn start_with(xds: bool) -> Option<Edge> {
     let mut mesh = Mesh::start(&[])?;
     let dir = mesh.net.dir.join("edge");
     std::fs::create_dir_all(&dir).unwrap();
@@ -261,7 +268,13 @@ fn start() -> Option<Edge> {
     let api = mesh.add_pod("orders");
     let gw = mesh.add_pod("gw");
     mesh.add_pod("outside");
-    mesh.write_config(&config(&api.ip.to_string(), &dir));
+    let yaml = config(&api.ip.to_string(), &dir);
+    if xds {
+        mesh.write_cp_file("mesh.yaml", &yaml);
+        mesh.start_control_plane("cp", 15010);
+    } else {
+        mesh.write_config(&yaml);
+    }
     mesh.set_app_args(
         "orders",
         &[
@@ -273,7 +286,11 @@ fn start() -> Option<Edge> {
             "x-forwarded-proto",
         ],
     );
-    mesh.start_sidecar("orders", "orders", &[]);
+    if xds {
+        mesh.start_sidecar_xds_with("orders", "orders", XDS, &[], &[]);
+    } else {
+        mesh.start_sidecar("orders", "orders", &[]);
+    }
     let audit_key = dir.join("audit.key");
     std::fs::write(&audit_key, "00112233445566778899aabbccddeeff").unwrap();
     std::fs::set_permissions(
@@ -283,21 +300,22 @@ fn start() -> Option<Edge> {
     .unwrap();
     let audit_dir = dir.join("audit");
     // The gateway pod captures only its app port: 8443 is the gateway's own.
-    mesh.start_sidecar_with(
-        "gw",
-        "edge-gateway",
-        &["--inbound-ports", "8080"],
-        &[
-            "--mode",
-            "gateway",
-            "--gateway",
-            "edge",
-            "--audit-dir",
-            audit_dir.to_str().unwrap(),
-            "--audit-key-file",
-            audit_key.to_str().unwrap(),
-        ],
-    );
+    let init = ["--inbound-ports", "8080"];
+    let gw_args = [
+        "--mode",
+        "gateway",
+        "--gateway",
+        "edge",
+        "--audit-dir",
+        audit_dir.to_str().unwrap(),
+        "--audit-key-file",
+        audit_key.to_str().unwrap(),
+    ];
+    if xds {
+        mesh.start_sidecar_xds_with("gw", "edge-gateway", XDS, &init, &gw_args);
+    } else {
+        mesh.start_sidecar_with("gw", "edge-gateway", &init, &gw_args);
+    }
     mesh.wait_ready("orders");
     mesh.wait_ready("gw");
     let edge = Edge {
@@ -680,6 +698,49 @@ fn partners_need_a_client_certificate_and_garbage_does_not_hurt_the_gateway() {
         ) >= 3.0,
         "failed handshakes are counted: {m}"
     );
+}
+
+#[test]
+fn gateway_config_comes_from_the_control_plane_and_changes_live() {
+    let _g = serial();
+    let Some(edge) = start_with(true) else { return };
+    let alice = edge.key1.sign(&claims("alice", "orders:read"));
+    let (code, text) = edge.call("/orders/1", Some(&alice), &[]);
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("x-user-id=alice"), "{text}");
+
+    // Rename the public route's prefix in the control plane's directory:
+    // the gateway follows without a restart.
+    let dir = edge.mesh.config_dir().join("mesh.yaml");
+    let yaml = std::fs::read_to_string(&dir).unwrap();
+    let moved = yaml.replace("{prefix: /public}", "{prefix: /open}");
+    assert_ne!(moved, yaml);
+    edge.mesh.write_cp_file("mesh.yaml", &moved);
+    wait_for("the pushed gateway route", Duration::from_secs(15), || {
+        (edge.call("/open/x", None, &[]).0 == 200).then_some(())
+    });
+    let (code, text) = edge.call("/public/x", None, &[]);
+    assert_eq!(code, 404, "the old prefix is gone: {text}");
+    assert!(text.contains("no-route"), "{text}");
+
+    // A Gateway the control plane refuses (bad rate-limit key) is not
+    // pushed: the gateway keeps serving the last good config.
+    let broken = moved.replace("key: subject", "key: cookie");
+    edge.mesh.write_cp_file("mesh.yaml", &broken);
+    let status = wait_for(
+        "the control plane to report the error",
+        Duration::from_secs(15),
+        || {
+            let s = edge.mesh.xds_status("198.18.0.1:15011");
+            s.contains("cookie").then_some(s)
+        },
+    );
+    assert!(
+        status.contains("serving the last good config") && status.contains("rateLimit.key"),
+        "{status}"
+    );
+    let (code, text) = edge.call("/open/y", None, &[]);
+    assert_eq!(code, 200, "last good config keeps serving: {text}");
 }
 
 /// Requests/s through the gateway, with and without JWT validation, in one

@@ -281,6 +281,20 @@ impl Mesh {
         self.start_sidecar_inner(name, sa, &[], &args, false);
     }
 
+    /// [`Mesh::start_sidecar_xds`] with extra `bulwark init` arguments.
+    pub fn start_sidecar_xds_with(
+        &mut self,
+        name: &str,
+        sa: &str,
+        xds: &str,
+        init_args: &[&str],
+        extra: &[&str],
+    ) {
+        let mut args = vec!["--xds", xds, "--ports", "8080"];
+        args.extend_from_slice(extra);
+        self.start_sidecar_inner(name, sa, init_args, &args, false);
+    }
+
     /// `bulwark xds status` against the replica whose admin port is `admin`.
     pub fn xds_status(&self, admin: &str) -> String {
         let o = self

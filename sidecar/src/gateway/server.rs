@@ -468,7 +468,7 @@ async fn serve(
     }
 }
 
-fn host_of(req: &Request<Incoming>) -> String {
+fn host_of(req: &Request<()>) -> String {
     let raw = req
         .uri()
         .host()
@@ -540,11 +540,54 @@ fn with_header(
     r
 }
 
+/// Request body read (and dropped) after the gateway answered on its own,
+/// at most: a client still sending (an HTTP/2 upload refused early) gets
+/// its stream ended normally instead of reset, which some clients report
+/// as an error instead of showing the answer.
+const DRAIN_MAX: usize = 256 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+
 async fn handle(
     proxy: &Arc<Proxy>,
     gw: &Compiled,
     client: SocketAddr,
     req: Request<Incoming>,
+) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let mut body = Some(body);
+    let resp = decide(proxy, gw, client, Request::from_parts(parts, ()), &mut body).await;
+    if let Some(mut rest) = body
+        && !hyper::body::Body::is_end_stream(&rest)
+    {
+        let _ = tokio::time::timeout(DRAIN_TIME, read_up_to(&mut rest, DRAIN_MAX)).await;
+    }
+    resp
+}
+
+/// Reads `body` until it ends (`Some` with the bytes) or passes `limit`
+/// (`None`; the body is left part-read).
+async fn read_up_to(body: &mut Incoming, limit: usize) -> Option<hyper::body::Bytes> {
+    use http_body_util::BodyExt;
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.ok()?.into_data() {
+            if buf.len() + data.len() > limit {
+                return None;
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Some(buf.into())
+}
+
+/// The pipeline. `body` is taken when the request goes on; left in place
+/// when the gateway answers itself (the caller then drains it).
+async fn decide(
+    proxy: &Arc<Proxy>,
+    gw: &Compiled,
+    client: SocketAddr,
+    req: Request<()>,
+    body_slot: &mut Option<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
@@ -653,9 +696,9 @@ async fn handle(
         rate = Some(d);
     }
 
-    let (mut parts, body) = req.into_parts();
+    let (mut parts, ()) = req.into_parts();
     let body: Body = match route.max_body {
-        None => crate::http::boxed_body(body),
+        None => crate::http::boxed_body(body_slot.take().expect("body not taken yet")),
         Some(max) => {
             let declared = parts
                 .headers
@@ -665,11 +708,11 @@ async fn handle(
             if declared.is_some_and(|n| n > max) {
                 return local.reply(413, "body-too-large");
             }
-            let Some(bytes) =
-                crate::http::collect_limited(crate::http::boxed_body(body), max as usize).await
+            let Some(bytes) = read_up_to(body_slot.as_mut().expect("body"), max as usize).await
             else {
                 return local.reply(413, "body-too-large");
             };
+            *body_slot = None;
             if let Some(schema) = &route.schema
                 && let Err(invalid) = schema.validate(&bytes)
             {

@@ -21,6 +21,7 @@ use bulwark_sidecar::http::strip_hop_headers;
 use bulwark_sidecar::resilience::breaker::{Breaker, BreakerConfig};
 use bulwark_sidecar::resilience::bulkhead::Bulkhead;
 use bulwark_sidecar::resilience::ratelimit::KeyedLimiter;
+use bulwark_sidecar::telemetry::{Metrics, RequestKey};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
 fn string_match(kind: Kind) -> Option<v1::StringMatch> {
@@ -280,12 +281,35 @@ fn rate_limit(c: &mut Criterion) {
     g.finish();
 }
 
+fn metrics(c: &mut Criterion) {
+    let mut g = c.benchmark_group("metrics");
+    let m = Metrics::default();
+    let resp = http::Response::new(());
+    // What a request handler does at its end: count the request and
+    // observe its duration under its labels.
+    g.bench_function("record_request", |b| {
+        b.iter(|| {
+            let key = RequestKey {
+                direction: "outbound",
+                service: black_box("default/api"),
+                route: "canary",
+                src_identity: "spiffe://cluster.local/ns/default/sa/web",
+                dst_identity: "spiffe://cluster.local/ns/default/sa/api",
+                code: 200,
+            };
+            black_box(m.record_request(key, Duration::from_micros(250), &resp))
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     routing,
     load_balancing,
     admission,
     headers,
-    rate_limit
+    rate_limit,
+    metrics
 );
 criterion_main!(benches);

@@ -52,6 +52,13 @@ pub struct SidecarArgs {
     /// Renew after this fraction of the remaining SVID lifetime (plus up to 20% of it, at random).
     #[arg(long, default_value_t = 0.5)]
     renew_fraction: f64,
+    /// Threads that run the proxy: 1 runs everything on one thread (no
+    /// hand-off between threads within a request: the least CPU and latency
+    /// per request, see tests/perf/RESULTS.md); N > 1 spreads connections
+    /// over N worker threads. Default: 1 as a sidecar (it shares the pod's
+    /// cores with its app), one per core as a gateway.
+    #[arg(long, env = "BULWARK_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    worker_threads: Option<u16>,
     #[arg(long, default_value = "0.0.0.0:15001")]
     outbound_listen: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:15006")]
@@ -198,7 +205,21 @@ pub fn run(a: SidecarArgs) -> anyhow::Result<()> {
             .with_context(|| format!("--audit-dir {}", dir.display()))?;
     }
     let handle = sidecar.config_handle();
-    let rt = super::runtime()?;
+    let threads = match (a.worker_threads, a.mode) {
+        (Some(n), _) => Some(n),
+        (None, Mode::Sidecar) => Some(1),
+        (None, Mode::Gateway) => None,
+    };
+    let rt = match threads {
+        None => super::runtime()?,
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(n))
+            .enable_all()
+            .build()?,
+    };
     let source = match a.config {
         Some(path) => {
             // The first config must be valid: a sidecar that starts on a

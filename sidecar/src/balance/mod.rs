@@ -40,9 +40,10 @@ impl EndpointState {
     }
 
     pub fn available(&self, now: Instant) -> bool {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        // Never ejected (the usual case): no clock arithmetic on every pick.
         !self.unhealthy.load(Ordering::Relaxed)
-            && (now.duration_since(self.epoch).as_millis() as u64)
-                >= self.ejected_until_ms.load(Ordering::Relaxed)
+            && (until == 0 || (now.duration_since(self.epoch).as_millis() as u64) >= until)
     }
 
     pub fn set_unhealthy(&self, unhealthy: bool) {
@@ -108,26 +109,59 @@ pub fn p2c(
     now: Instant,
     rand: impl Fn(usize) -> usize,
 ) -> Option<&Arc<EndpointState>> {
-    let avail: Vec<&Arc<EndpointState>> = eps.iter().filter(|e| e.available(now)).collect();
-    let pool: Vec<&Arc<EndpointState>> = if avail.is_empty() {
-        eps.iter().collect()
-    } else {
-        avail
-    };
-    match pool.len() {
+    let pool = Pool::new(eps, now);
+    match pool.len {
         0 => None,
-        1 => Some(pool[0]),
+        1 => Some(pool.nth(0)),
         n => {
             let a = rand(n);
             let mut b = rand(n - 1);
             if b >= a {
                 b += 1;
             }
-            Some(if pool[a].outstanding() <= pool[b].outstanding() {
-                pool[a]
+            let (a, b) = (pool.nth(a), pool.nth(b));
+            Some(if a.outstanding() <= b.outstanding() {
+                a
             } else {
-                pool[b]
+                b
             })
+        }
+    }
+}
+
+/// The endpoints a pick chooses among, without collecting them: a pick is
+/// on every request, and when every endpoint is available (the usual case)
+/// the n-th one is found by index.
+struct Pool<'a> {
+    eps: &'a [Arc<EndpointState>],
+    now: Instant,
+    len: usize,
+    /// Only some endpoints are available: skip the others.
+    filtered: bool,
+}
+
+impl<'a> Pool<'a> {
+    fn new(eps: &'a [Arc<EndpointState>], now: Instant) -> Self {
+        let avail = eps.iter().filter(|e| e.available(now)).count();
+        // None available: all of them (the panic threshold above).
+        let filtered = avail != 0 && avail != eps.len();
+        Self {
+            eps,
+            now,
+            len: if avail == 0 { eps.len() } else { avail },
+            filtered,
+        }
+    }
+
+    fn nth(&self, i: usize) -> &'a Arc<EndpointState> {
+        if self.filtered {
+            self.eps
+                .iter()
+                .filter(|e| e.available(self.now))
+                .nth(i)
+                .expect("i < number available")
+        } else {
+            &self.eps[i]
         }
     }
 }
@@ -138,16 +172,11 @@ pub fn round_robin<'a>(
     now: Instant,
     next: &AtomicUsize,
 ) -> Option<&'a Arc<EndpointState>> {
-    let avail: Vec<&Arc<EndpointState>> = eps.iter().filter(|e| e.available(now)).collect();
-    let pool: Vec<&Arc<EndpointState>> = if avail.is_empty() {
-        eps.iter().collect()
-    } else {
-        avail
-    };
-    if pool.is_empty() {
+    let pool = Pool::new(eps, now);
+    if pool.len == 0 {
         return None;
     }
-    Some(pool[next.fetch_add(1, Ordering::Relaxed) % pool.len()])
+    Some(pool.nth(next.fetch_add(1, Ordering::Relaxed) % pool.len))
 }
 
 /// A uniform random index below `n`, from a cheap thread-local generator

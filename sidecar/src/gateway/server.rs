@@ -32,7 +32,7 @@ use crate::http::outbound::{EdgeCaller, Plan, exchange};
 use crate::http::route::{RouteTable, Rule};
 use crate::http::{Body, PEER_IDENTITY_HEADER, full, reply};
 use crate::resilience::ratelimit::{KeyedLimiter, RateDecision};
-use crate::telemetry::{HandshakeLabels, RequestLabels, ServiceLabel};
+use crate::telemetry::{HandshakeLabels, RequestKey, ServiceLabel};
 
 /// Body bound when a route validates bodies without saying how large.
 const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
@@ -506,18 +506,18 @@ struct Local<'a> {
 impl Local<'_> {
     fn respond(&self, mut resp: Response<Body>) -> Response<Body> {
         let code = resp.status().as_u16();
-        let labels = RequestLabels {
+        let key = RequestKey {
             direction: "gateway",
-            service: self.gateway.to_string(),
-            route: self.route.to_string(),
-            src_identity: String::new(),
-            dst_identity: String::new(),
+            service: self.gateway,
+            route: self.route,
+            src_identity: "",
+            dst_identity: "",
             code,
         };
         let reason = self
             .proxy
             .metrics
-            .record_request(&labels, self.started.elapsed(), &resp);
+            .record_request(key, self.started.elapsed(), &resp);
         tracing::info!(target: "bulwark::access", direction = "gateway", method = %self.method,
             path = %self.path, service = %self.gateway, route = %self.route, status = code,
             client_addr = %self.client, client_subject = %self.subject, reason = %reason,

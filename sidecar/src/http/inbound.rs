@@ -19,7 +19,7 @@ use super::{Body, PEER_IDENTITY_HEADER, body_limit, reply, strip_hop_headers};
 use crate::Proxy;
 use crate::config::{Proto, Snapshot};
 use crate::resilience::state::ServiceGuards;
-use crate::telemetry::{DenialLabels, RequestLabels, ServiceLabel};
+use crate::telemetry::{DenialLabels, RequestKey, ServiceLabel};
 
 /// Clients towards the local app, one per protocol, pooled.
 pub struct LocalClients {
@@ -144,17 +144,15 @@ async fn handle(
         ],
     )));
     let finish = |resp: Response<Body>| {
-        let labels = RequestLabels {
+        let key = RequestKey {
             direction: "inbound",
-            service: service.clone(),
-            route: String::new(),
-            src_identity: src.clone(),
-            dst_identity: me.clone(),
+            service: &service,
+            route: "",
+            src_identity: &src,
+            dst_identity: &me,
             code: resp.status().as_u16(),
         };
-        let reason = proxy
-            .metrics
-            .record_request(&labels, started.elapsed(), &resp);
+        let reason = proxy.metrics.record_request(key, started.elapsed(), &resp);
         let mut trace_id = String::new();
         if let Some(sp) = span.lock().ok().and_then(|mut s| s.take()) {
             trace_id = sp.trace_id();

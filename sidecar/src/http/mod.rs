@@ -85,28 +85,33 @@ pub fn reply(status: u16, reason: &str) -> hyper::Response<Body> {
 
 /// Headers that belong to one hop and must not be forwarded.
 pub fn strip_hop_headers(h: &mut http::HeaderMap) {
-    if let Some(c) = h
-        .get(http::header::CONNECTION)
-        .and_then(|v| v.to_str().ok())
-        .map(String::from)
+    use http::HeaderName;
+    use http::header::{
+        CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE,
+    };
+    // Typed names: removing by `&str` would parse each name on every request.
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    // Owned, so the names it lists need no copy while they are removed.
+    if let Some(c) = h.remove(CONNECTION)
+        && let Ok(c) = c.to_str()
     {
         for name in c.split(',') {
             h.remove(name.trim());
         }
     }
     for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authenticate",
-        "proxy-authorization",
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &TRANSFER_ENCODING,
+        &UPGRADE,
+        &PROXY_AUTHENTICATE,
+        &PROXY_AUTHORIZATION,
     ] {
         h.remove(name);
     }
     // `te: trailers` is the one TE value allowed (and needed by gRPC) in HTTP/2.
-    if h.get(http::header::TE).is_some_and(|v| v != "trailers") {
-        h.remove(http::header::TE);
+    if h.get(TE).is_some_and(|v| v != "trailers") {
+        h.remove(TE);
     }
 }

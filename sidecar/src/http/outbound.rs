@@ -19,7 +19,7 @@ use crate::Proxy;
 use crate::balance::{p2c, rand_below, rand_unit};
 use crate::config::{Snapshot, Target, Upstream};
 use crate::resilience::breaker::{Admit, State as BreakerState};
-use crate::telemetry::{RequestLabels, ServiceLabel};
+use crate::telemetry::{RequestKey, ServiceLabel};
 
 /// Request bodies up to this size are buffered so they can be retried.
 const REPLAY_LIMIT: usize = 64 * 1024;
@@ -179,17 +179,15 @@ pub(crate) async fn exchange(
         }
     };
     let code = resp.status().as_u16();
-    let labels = RequestLabels {
+    let key = RequestKey {
         direction,
-        service: plan.service.clone(),
-        route: plan.route.clone(),
-        src_identity: me.clone(),
-        dst_identity: dst_identity.clone(),
+        service: &plan.service,
+        route: &plan.route,
+        src_identity: &me,
+        dst_identity: &dst_identity,
         code,
     };
-    let reason = proxy
-        .metrics
-        .record_request(&labels, started.elapsed(), &resp);
+    let reason = proxy.metrics.record_request(key, started.elapsed(), &resp);
     let trace_id = span.trace_id();
     let upstream = upstream
         .map(|u: SocketAddr| u.to_string())

@@ -2,6 +2,9 @@
 
 pub mod trace;
 
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::RwLock;
 use std::sync::atomic::AtomicI64;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -68,6 +71,57 @@ pub struct ServiceLabel {
     pub service: String,
 }
 
+/// The labels of one request, borrowed from the config snapshot and the
+/// connection: recording a request allocates nothing once its label set
+/// has been seen.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct RequestKey<'a> {
+    pub direction: &'static str,
+    pub service: &'a str,
+    pub route: &'a str,
+    pub src_identity: &'a str,
+    pub dst_identity: &'a str,
+    pub code: u16,
+}
+
+impl RequestKey<'_> {
+    fn labels(&self) -> RequestLabels {
+        RequestLabels {
+            direction: self.direction,
+            service: self.service.to_string(),
+            route: self.route.to_string(),
+            src_identity: self.src_identity.to_string(),
+            dst_identity: self.dst_identity.to_string(),
+            code: self.code,
+        }
+    }
+
+    fn is(&self, l: &RequestLabels) -> bool {
+        self.code == l.code
+            && self.direction == l.direction
+            && self.service == l.service
+            && self.route == l.route
+            && self.src_identity == l.src_identity
+            && self.dst_identity == l.dst_identity
+    }
+}
+
+/// One label set's series, resolved once (`Counter` and `Histogram` are
+/// shared handles: these are the series the families export).
+struct RequestSeries {
+    labels: RequestLabels,
+    count: Counter,
+    duration: Histogram,
+}
+
+/// Series by a hash of their borrowed [`RequestKey`]: one look-up per
+/// request instead of two family look-ups of owned labels.
+#[derive(Default)]
+struct RequestSeriesCache {
+    hasher: RandomState,
+    by_hash: RwLock<HashMap<u64, Vec<RequestSeries>>>,
+}
+
 type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -105,6 +159,7 @@ pub struct Metrics {
     pub config_stale: Gauge<i64, AtomicI64>,
     pub xds_connected: Gauge<i64, AtomicI64>,
     pub xds_nacks: Counter,
+    request_series: RequestSeriesCache,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -144,6 +199,7 @@ impl Default for Metrics {
             config_stale: Gauge::default(),
             xds_connected: Gauge::default(),
             xds_nacks: Counter::default(),
+            request_series: RequestSeriesCache::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -297,14 +353,40 @@ impl Metrics {
     /// reason) and returns its `x-bulwark-reason`, if any.
     pub fn record_request<B>(
         &self,
-        labels: &RequestLabels,
+        key: RequestKey<'_>,
         elapsed: std::time::Duration,
         resp: &http::Response<B>,
     ) -> String {
-        self.requests.get_or_create(labels).inc();
-        self.request_duration
-            .get_or_create(labels)
-            .observe(elapsed.as_secs_f64());
+        let cache = &self.request_series;
+        let hash = cache.hasher.hash_one(key);
+        let seen = {
+            let map = cache.by_hash.read().unwrap_or_else(|p| p.into_inner());
+            map.get(&hash)
+                .and_then(|v| v.iter().find(|s| key.is(&s.labels)))
+                .map(|s| {
+                    s.count.inc();
+                    s.duration.observe(elapsed.as_secs_f64());
+                })
+                .is_some()
+        };
+        if !seen {
+            // First request with these labels: create the family series and
+            // keep their handles.
+            let labels = key.labels();
+            let count = self.requests.get_or_create(&labels).clone();
+            let duration = self.request_duration.get_or_create(&labels).clone();
+            count.inc();
+            duration.observe(elapsed.as_secs_f64());
+            let mut map = cache.by_hash.write().unwrap_or_else(|p| p.into_inner());
+            let v = map.entry(hash).or_default();
+            if !v.iter().any(|s| key.is(&s.labels)) {
+                v.push(RequestSeries {
+                    labels,
+                    count,
+                    duration,
+                });
+            }
+        }
         self.count_local(resp);
         resp.headers()
             .get("x-bulwark-reason")
@@ -346,5 +428,55 @@ impl Metrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(code: u16) -> RequestKey<'static> {
+        RequestKey {
+            direction: "outbound",
+            service: "default/api",
+            route: "canary",
+            src_identity: "spiffe://cluster.local/ns/default/sa/web",
+            dst_identity: "spiffe://cluster.local/ns/default/sa/api",
+            code,
+        }
+    }
+
+    fn count_line(m: &Metrics, code: u16) -> Option<String> {
+        m.encode()
+            .lines()
+            .find(|l| {
+                l.starts_with("bulwark_requests_total{") && l.contains(&format!("code=\"{code}\""))
+            })
+            .map(String::from)
+    }
+
+    #[test]
+    fn requests_with_the_same_labels_count_in_one_exported_series() {
+        let m = Metrics::default();
+        let ok = http::Response::new(());
+        for _ in 0..3 {
+            m.record_request(key(200), std::time::Duration::from_millis(1), &ok);
+        }
+        m.record_request(key(503), std::time::Duration::from_millis(1), &ok);
+
+        let line = count_line(&m, 200).expect("a 200 series");
+        assert!(line.ends_with(" 3"), "{line}");
+        assert!(line.contains("route=\"canary\""), "{line}");
+        assert!(count_line(&m, 503).expect("a 503 series").ends_with(" 1"));
+        let hist = m
+            .encode()
+            .lines()
+            .find(|l| {
+                l.starts_with("bulwark_request_duration_seconds_count{")
+                    && l.contains("code=\"200\"")
+            })
+            .map(String::from)
+            .expect("a duration series");
+        assert!(hist.ends_with(" 3"), "{hist}");
     }
 }

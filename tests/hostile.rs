@@ -394,6 +394,23 @@ fn request_bodies_over_the_limit_get_413_and_never_reach_the_app() {
         println!("{what}: {code}");
         check_body_case(&mesh, what, code, &out, want);
     }
+    // curl over HTTP/2 (prior knowledge) stops reading the answer if its
+    // stream is reset while it is still uploading: the sidecar must let it
+    // finish sending and show it the 413.
+    for round in 0..5 {
+        for (what, extra) in [
+            ("curl HTTP/2, declared over", None),
+            ("curl HTTP/2, streamed over", Some(chunked)),
+        ] {
+            let mut args = vec!["--http2-prior-knowledge", "--data-binary", &over];
+            if let Some(h) = extra {
+                args.extend_from_slice(&["-H", h]);
+            }
+            args.push(&url);
+            let (code, out) = curl_status(&mesh, "web", &args);
+            assert_eq!(code, 413, "{what} (round {round}): {out}");
+        }
+    }
     // HTTP/2 (prior knowledge) to web's sidecar, from a client that reads
     // an early answer even while it is still sending.
     let h2_cases = [

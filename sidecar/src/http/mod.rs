@@ -28,12 +28,79 @@ pub fn full(b: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
-/// An incoming body as a [`Body`].
+/// An incoming body as a [`Body`], read to its end (bounded) if it is
+/// dropped unfinished; see [`DrainOnDrop`].
 pub fn boxed_body(b: hyper::body::Incoming) -> Body {
     fn boxed(e: hyper::Error) -> BoxError {
         Box::new(e)
     }
-    b.map_err(boxed).boxed()
+    DrainOnDrop(Some(b)).map_err(boxed).boxed()
+}
+
+/// Most of a dropped request body read and discarded, and for how long.
+const DRAIN_MAX: usize = 1024 * 1024;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A client's request body that, when dropped before its end (an upstream
+/// or the proxy answered early: 413, 403, a reset), is read to the end in
+/// the background, up to [`DRAIN_MAX`] bytes and [`DRAIN_TIME`]. Dropping
+/// it would reset the client's stream, and HTTP/2 clients that are still
+/// uploading (curl among them) then report the reset instead of the answer
+/// they were already sent.
+pub struct DrainOnDrop(Option<hyper::body::Incoming>);
+
+impl hyper::body::Body for DrainOnDrop {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        match self.0.as_mut() {
+            Some(b) => std::pin::Pin::new(b).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(hyper::body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.0
+            .as_ref()
+            .map(hyper::body::Body::size_hint)
+            .unwrap_or_else(|| hyper::body::SizeHint::with_exact(0))
+    }
+}
+
+impl Drop for DrainOnDrop {
+    fn drop(&mut self) {
+        let Some(mut body) = self.0.take() else {
+            return;
+        };
+        if hyper::body::Body::is_end_stream(&body) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let drain = async {
+                let mut seen = 0usize;
+                while let Some(Ok(frame)) = body.frame().await {
+                    if let Some(d) = frame.data_ref() {
+                        seen += d.len();
+                        if seen > DRAIN_MAX {
+                            break;
+                        }
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+        });
+    }
 }
 
 /// The HTTP/1.1 + HTTP/2 server settings of the proxy's listeners: bounded

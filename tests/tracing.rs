@@ -265,7 +265,11 @@ fn a_dead_collector_does_not_slow_requests() {
     mesh.add_pod("plain");
     let api = mesh.add_pod("api");
     mesh.write_config(&config(&api));
-    // Nothing listens on :4318: every export fails.
+    // Nothing listens on :4318: every export fails. Sampling 5% of new
+    // traces (five times the default) still sends a batch to the dead
+    // collector every few seconds of the run; at 100% the cost of building
+    // every span on a one-thread sidecar (10-25% of p99 here) would be
+    // measured instead of the collector's absence.
     mesh.start_sidecar(
         "traced",
         "web",
@@ -273,7 +277,7 @@ fn a_dead_collector_does_not_slow_requests() {
             "--otlp-endpoint",
             "http://198.18.0.1:4318",
             "--trace-sample-ratio",
-            "1.0",
+            "0.05",
         ],
     );
     mesh.start_sidecar("plain", "web", &[]);

@@ -30,7 +30,7 @@ use crate::Proxy;
 use crate::config::Snapshot;
 use crate::http::outbound::{EdgeCaller, Plan, exchange};
 use crate::http::route::{RouteTable, Rule};
-use crate::http::{Body, PEER_IDENTITY_HEADER, full, reply};
+use crate::http::{Body, DrainOnDrop, PEER_IDENTITY_HEADER, full, reply};
 use crate::resilience::ratelimit::{KeyedLimiter, RateDecision};
 use crate::telemetry::{HandshakeLabels, RequestKey, ServiceLabel};
 
@@ -540,13 +540,6 @@ fn with_header(
     r
 }
 
-/// Request body read (and dropped) after the gateway answered on its own,
-/// at most: a client still sending (an HTTP/2 upload refused early) gets
-/// its stream ended normally instead of reset, which some clients report
-/// as an error instead of showing the answer.
-const DRAIN_MAX: usize = 256 * 1024;
-const DRAIN_TIME: Duration = Duration::from_secs(2);
-
 async fn handle(
     proxy: &Arc<Proxy>,
     gw: &Compiled,
@@ -554,40 +547,20 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<Body> {
     let (parts, body) = req.into_parts();
-    let mut body = Some(body);
-    let resp = decide(proxy, gw, client, Request::from_parts(parts, ()), &mut body).await;
-    if let Some(mut rest) = body
-        && !hyper::body::Body::is_end_stream(&rest)
-    {
-        let _ = tokio::time::timeout(DRAIN_TIME, read_up_to(&mut rest, DRAIN_MAX)).await;
-    }
-    resp
+    // A body the gateway refuses before reading it all is read to its end
+    // in the background when dropped (see DrainOnDrop).
+    let mut body = Some(DrainOnDrop::new(body));
+    decide(proxy, gw, client, Request::from_parts(parts, ()), &mut body).await
 }
 
-/// Reads `body` until it ends (`Some` with the bytes) or passes `limit`
-/// (`None`; the body is left part-read).
-async fn read_up_to(body: &mut Incoming, limit: usize) -> Option<hyper::body::Bytes> {
-    use http_body_util::BodyExt;
-    let mut buf = Vec::new();
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame.ok()?.into_data() {
-            if buf.len() + data.len() > limit {
-                return None;
-            }
-            buf.extend_from_slice(&data);
-        }
-    }
-    Some(buf.into())
-}
-
-/// The pipeline. `body` is taken when the request goes on; left in place
-/// when the gateway answers itself (the caller then drains it).
+/// The pipeline. `body_slot` is taken when the request goes on; left in place
+/// when the gateway answers itself (dropping it then drains it).
 async fn decide(
     proxy: &Arc<Proxy>,
     gw: &Compiled,
     client: SocketAddr,
     req: Request<()>,
-    body_slot: &mut Option<Incoming>,
+    body_slot: &mut Option<DrainOnDrop>,
 ) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
@@ -698,7 +671,7 @@ async fn decide(
 
     let (mut parts, ()) = req.into_parts();
     let body: Body = match route.max_body {
-        None => crate::http::boxed_body(body_slot.take().expect("body not taken yet")),
+        None => body_slot.take().expect("body not taken yet").boxed(),
         Some(max) => {
             let declared = parts
                 .headers
@@ -708,7 +681,8 @@ async fn decide(
             if declared.is_some_and(|n| n > max) {
                 return local.reply(413, "body-too-large");
             }
-            let Some(bytes) = read_up_to(body_slot.as_mut().expect("body"), max as usize).await
+            let Some(bytes) =
+                crate::http::collect_limited(body_slot.as_mut().expect("body"), max as usize).await
             else {
                 return local.reply(413, "body-too-large");
             };

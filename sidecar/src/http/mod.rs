@@ -31,10 +31,7 @@ pub fn full(b: impl Into<Bytes>) -> Body {
 /// An incoming body as a [`Body`], read to its end (bounded) if it is
 /// dropped unfinished; see [`DrainOnDrop`].
 pub fn boxed_body(b: hyper::body::Incoming) -> Body {
-    fn boxed(e: hyper::Error) -> BoxError {
-        Box::new(e)
-    }
-    DrainOnDrop(Some(b)).map_err(boxed).boxed()
+    DrainOnDrop::new(b).boxed()
 }
 
 /// Most of a dropped request body read and discarded, and for how long.
@@ -48,6 +45,20 @@ const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 /// uploading (curl among them) then report the reset instead of the answer
 /// they were already sent.
 pub struct DrainOnDrop(Option<hyper::body::Incoming>);
+
+impl DrainOnDrop {
+    pub fn new(b: hyper::body::Incoming) -> Self {
+        Self(Some(b))
+    }
+
+    /// As a [`Body`] (still drained if dropped unfinished).
+    pub fn boxed(self) -> Body {
+        fn boxed(e: hyper::Error) -> BoxError {
+            Box::new(e)
+        }
+        BodyExt::map_err(self, boxed).boxed()
+    }
+}
 
 impl hyper::body::Body for DrainOnDrop {
     type Data = Bytes;
@@ -121,8 +132,11 @@ pub fn server_builder(
 }
 
 /// Reads a whole body of at most `limit` bytes (`None` beyond it, or on a
-/// read error). Trailers are not kept.
-pub async fn collect_limited(mut body: Body, limit: usize) -> Option<Bytes> {
+/// read error, leaving the body part-read). Trailers are not kept.
+pub async fn collect_limited<B>(body: &mut B, limit: usize) -> Option<Bytes>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
     let mut buf = Vec::new();
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame.ok()?.into_data() {

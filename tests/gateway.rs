@@ -336,8 +336,19 @@ fn start_with(xds: bool) -> Option<Edge> {
 /// One curl from the outside pod; (status, headers and body).
 impl Edge {
     fn curl(&self, ca: &Path, path: &str, token: Option<&str>, extra: &[&str]) -> (u16, String) {
-        let resolve = format!("{HOST}:8443:{}", self.gw_ip);
-        let url = format!("https://{HOST}:8443{path}");
+        self.curl_port(8443, ca, path, token, extra)
+    }
+
+    fn curl_port(
+        &self,
+        port: u16,
+        ca: &Path,
+        path: &str,
+        token: Option<&str>,
+        extra: &[&str],
+    ) -> (u16, String) {
+        let resolve = format!("{HOST}:{port}:{}", self.gw_ip);
+        let url = format!("https://{HOST}:{port}{path}");
         let auth = token.map(|t| format!("authorization: Bearer {t}"));
         let mut args = vec![
             "curl",
@@ -376,41 +387,15 @@ impl Edge {
     /// A call to the partners' listener (9443), with the client
     /// certificate `prefix`.crt if any.
     fn partner_call(&self, prefix: Option<&str>) -> (u16, String) {
-        let resolve = format!("{HOST}:9443:{}", self.gw_ip);
-        let url = format!("https://{HOST}:9443/public/partner");
-        let (cert, key) = match prefix {
-            Some(p) => (
-                self.dir.join(format!("{p}.crt")).display().to_string(),
-                self.dir.join(format!("{p}.key")).display().to_string(),
-            ),
-            None => (String::new(), String::new()),
+        let files = prefix.map(|p| {
+            let f = |ext: &str| self.dir.join(format!("{p}.{ext}")).display().to_string();
+            (f("crt"), f("key"))
+        });
+        let extra: Vec<&str> = match &files {
+            Some((cert, key)) => vec!["--cert", cert, "--key", key],
+            None => Vec::new(),
         };
-        let mut args = vec![
-            "curl",
-            "-sS",
-            "-i",
-            "--max-time",
-            "10",
-            "--cacert",
-            self.public_ca.to_str().unwrap(),
-            "--resolve",
-            &resolve,
-        ];
-        if prefix.is_some() {
-            args.extend_from_slice(&["--cert", &cert, "--key", &key]);
-        }
-        args.push(&url);
-        let o = self.mesh.net.exec(&self.mesh.pod("outside").pod.ns, &args);
-        let text = String::from_utf8_lossy(&o.stdout).to_string();
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        (
-            status,
-            format!("{text}{}", String::from_utf8_lossy(&o.stderr)),
-        )
+        self.curl_port(9443, &self.public_ca, "/public/partner", None, &extra)
     }
 }
 

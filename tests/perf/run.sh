@@ -43,7 +43,9 @@
 # QUIET_WAIT (0: seconds to wait for the 1-minute load average to fall
 # below QUIET_LOAD=0.8 first), BULWARK_ACCESS_LOG (off | stdout), PROFILE=1
 # (after the rounds, `perf record` both sidecars under wrk and print the
-# top symbols), SKIP_BUILD=1, KEEP=1 (leave logs in $WORK).
+# top symbols), SKIP_BUILD=1, KEEP=1 (leave logs in $WORK), MEASURE (which
+# data-plane figures to take, a subset of "latency wrk h2load close iperf
+# memory"; default all: a subset is for trying a change, not for the record).
 # Options: --record appends the results to tests/perf/RESULTS.md.
 set -euo pipefail
 
@@ -61,6 +63,8 @@ SIDECAR_THREADS=${SIDECAR_THREADS:-}
 QUIET_LOAD=${QUIET_LOAD:-0.8}
 BULWARK_ACCESS_LOG=${BULWARK_ACCESS_LOG:-off}
 PROFILE=${PROFILE:-0}
+MEASURE=${MEASURE:-latency wrk h2load close iperf memory}
+measuring() { [[ " $MEASURE " == *" $1 "* ]]; }
 BODY=1024
 RECORD=0
 for arg in "$@"; do
@@ -482,19 +486,25 @@ for r in $(seq 0 $((ROUNDS - 1))); do
     for i in 0 1 2; do
         s=${ORDER[$(((i + r) % 3))]}
         log "round $((r + 1))/$ROUNDS: $s"
-        loadgen "$r" "$s" 1000
-        loadgen "$r" "$s" 5000
-        wrk_run "$r" "$s"
-        h2load_run "$r" "$s"
-        if [ "$s" = bulwark ]; then
-            hs0=$(srv_handshakes)
-            close_run "$r" "$s"
-            put "$r" "$s" close_handshakes $(($(srv_handshakes) - hs0))
-        else
-            close_run "$r" "$s"
+        if measuring latency; then
+            loadgen "$r" "$s" 1000
+            loadgen "$r" "$s" 5000
         fi
-        iperf_run "$r" "$s" 1
-        iperf_run "$r" "$s" 4
+        measuring wrk && wrk_run "$r" "$s"
+        measuring h2load && h2load_run "$r" "$s"
+        if measuring close; then
+            if [ "$s" = bulwark ]; then
+                hs0=$(srv_handshakes)
+                close_run "$r" "$s"
+                put "$r" "$s" close_handshakes $(($(srv_handshakes) - hs0))
+            else
+                close_run "$r" "$s"
+            fi
+        fi
+        if measuring iperf; then
+            iperf_run "$r" "$s" 1
+            iperf_run "$r" "$s" 4
+        fi
     done
 done
 
@@ -527,10 +537,13 @@ idle_conns() { # setup pid
     wait "$ip" 2>/dev/null || true
     awk -v a="$after" -v b="$before" -v n="$IDLE_CONNS" 'BEGIN{printf "%.2f", (a - b) / n}'
 }
-log "memory: $IDLE_CONNS idle client connections through each proxy pair"
-CONN_KB_BULWARK=$(idle_conns bulwark "$SC_CLI")
-sleep 1
-CONN_KB_HAPROXY=$(idle_conns haproxy "$HAP_CLI")
+CONN_KB_BULWARK=nan CONN_KB_HAPROXY=nan
+if measuring memory; then
+    log "memory: $IDLE_CONNS idle client connections through each proxy pair"
+    CONN_KB_BULWARK=$(idle_conns bulwark "$SC_CLI")
+    sleep 1
+    CONN_KB_HAPROXY=$(idle_conns haproxy "$HAP_CLI")
+fi
 
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 log "load average at end: $LOAD_END"

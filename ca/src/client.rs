@@ -252,7 +252,7 @@ impl CaClient {
             .max_decoding_message_size(crate::server::MAX_MESSAGE))
     }
 
-    /// One Sign call, no retries.
+    /// One Sign call on a new connection, no retries.
     pub async fn sign_once(
         &self,
         identity: &SpiffeId,
@@ -260,46 +260,39 @@ impl CaClient {
         cred: &Credential<'_>,
         ttl: Option<Duration>,
     ) -> Result<bulwark_proto::ca::v1::SignResponse, (ClientError, Option<Duration>)> {
+        let mut session = self.session(identity, cred).await.map_err(|e| (e, None))?;
+        session.sign(csr_pem, ttl).await
+    }
+
+    /// A connection authenticated with `cred`, for one or more Sign calls
+    /// (a sidecar renews on a new connection each time: renewals are hours
+    /// apart; an agent signing for many workloads can keep one).
+    pub async fn session(
+        &self,
+        identity: &SpiffeId,
+        cred: &Credential<'_>,
+    ) -> Result<Session, ClientError> {
         let (cert, token) = match cred {
             Credential::Token(t) => (None, Some(*t)),
             Credential::Svid(s, t) => (
                 Some(
                     s.certified_key()
-                        .map_err(|e| (ClientError::Local(e.to_string()), None))?,
+                        .map_err(|e| ClientError::Local(e.to_string()))?,
                 ),
                 *t,
             ),
         };
-        let mut client = self.connect(identity, cert).await.map_err(|e| (e, None))?;
-        let mut req = tonic::Request::new(SignRequest {
-            csr_pem: csr_pem.to_string(),
-            requested_ttl_seconds: ttl.map(|t| t.as_secs()).unwrap_or(0),
-        });
-        if let Some(t) = token {
-            let v = format!("Bearer {}", t.trim())
-                .parse()
-                .map_err(|_| (ClientError::Local("token is not valid ASCII".into()), None))?;
-            req.metadata_mut().insert("authorization", v);
-        }
-        client.sign(req).await.map(|r| r.into_inner()).map_err(|s| {
-            let hint = s
-                .metadata()
-                .get(RETRY_AFTER_MS)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
-                .map(Duration::from_millis);
-            let err = if s.code() == Code::Unavailable {
-                ClientError::Connect {
-                    addr: self.addr.clone(),
-                    message: s.message().to_string(),
-                }
-            } else {
-                ClientError::Refused {
-                    code: s.code(),
-                    message: s.message().to_string(),
-                }
-            };
-            (err, hint)
+        let authorization = token
+            .map(|t| {
+                format!("Bearer {}", t.trim())
+                    .parse()
+                    .map_err(|_| ClientError::Local("token is not valid ASCII".into()))
+            })
+            .transpose()?;
+        Ok(Session {
+            client: self.connect(identity, cert).await?,
+            authorization,
+            addr: self.addr.clone(),
         })
     }
 
@@ -432,6 +425,54 @@ impl Backoff {
         // without ever retrying immediately.
         let half = exp / 2;
         half + jitter(half, 1.0).saturating_sub(half)
+    }
+}
+
+/// An open connection to the CA (see [`CaClient::session`]).
+pub struct Session {
+    client: CertificateServiceClient<tonic::transport::Channel>,
+    authorization: Option<tonic::metadata::AsciiMetadataValue>,
+    addr: String,
+}
+
+impl Session {
+    /// One Sign call, no retries. On refusal, the CA's retry-after hint.
+    pub async fn sign(
+        &mut self,
+        csr_pem: &str,
+        ttl: Option<Duration>,
+    ) -> Result<bulwark_proto::ca::v1::SignResponse, (ClientError, Option<Duration>)> {
+        let mut req = tonic::Request::new(SignRequest {
+            csr_pem: csr_pem.to_string(),
+            requested_ttl_seconds: ttl.map(|t| t.as_secs()).unwrap_or(0),
+        });
+        if let Some(v) = &self.authorization {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        self.client
+            .sign(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| {
+                let hint = s
+                    .metadata()
+                    .get(RETRY_AFTER_MS)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(Duration::from_millis);
+                let err = if s.code() == Code::Unavailable {
+                    ClientError::Connect {
+                        addr: self.addr.clone(),
+                        message: s.message().to_string(),
+                    }
+                } else {
+                    ClientError::Refused {
+                        code: s.code(),
+                        message: s.message().to_string(),
+                    }
+                };
+                (err, hint)
+            })
     }
 }
 

@@ -99,6 +99,33 @@ impl TrustBundle {
         Ok(Self { anchors, ders })
     }
 
+    /// The bundle, plus `issuer` (an intermediate CA certificate whose key
+    /// the caller holds) as a trust anchor: chains it signed then verify with
+    /// one signature check instead of two. Only for the CA itself, and only
+    /// for an issuer whose own issuer is one of the bundle's roots.
+    pub fn with_own_issuer(mut self, issuer: &CertificateDer<'_>) -> Result<Self, VerifyError> {
+        let anchor = webpki::anchor_from_trusted_cert(issuer)
+            .map_err(|e| VerifyError::Chain(format!("bad issuer certificate: {e}")))?
+            .to_owned();
+        fn parse(der: &[u8]) -> Result<x509_parser::certificate::X509Certificate<'_>, VerifyError> {
+            x509_parser::parse_x509_certificate(der)
+                .map(|(_, c)| c)
+                .map_err(|e| VerifyError::Chain(format!("bad certificate: {e}")))
+        }
+        let issued = parse(issuer)?;
+        let mut chains = false;
+        for root in &self.ders {
+            chains |= parse(root)?.subject().as_raw() == issued.issuer().as_raw();
+        }
+        if !chains {
+            return Err(VerifyError::Chain(
+                "the issuer certificate does not chain to a root of the trust bundle".into(),
+            ));
+        }
+        self.anchors.push(anchor);
+        Ok(self)
+    }
+
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.ders
     }

@@ -125,6 +125,13 @@ spec:
             service: api
             subset:
               version: v2
+        - header:
+            name: x-canary
+            exact: v3
+          backend:
+            service: api
+            subset:
+              version: v3
 "#,
         100 - v2_weight
     )
@@ -157,8 +164,6 @@ fn start(route: &str, policy: &str, app_args: &[(&str, &[&str])]) -> Option<(Mes
 
 /// GET `path` from inside `pod` with a new connection each time; returns (status, body).
 fn get(mesh: &Mesh, pod: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
-    let ns = format!("/run/netns/{}", mesh.pod(pod).pod.ns);
-    let target: SocketAddr = format!("{VIP}:8080").parse().unwrap();
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: api.default\r\nConnection: close\r\n{}\r\n",
         headers
@@ -166,6 +171,13 @@ fn get(mesh: &Mesh, pod: &str, path: &str, headers: &[(&str, &str)]) -> (u16, St
             .map(|(k, v)| format!("{k}: {v}\r\n"))
             .collect::<String>()
     );
+    raw_http_from(mesh, pod, &format!("{VIP}:8080"), &req)
+}
+
+/// [`raw_http`] from inside `pod`.
+fn raw_http_from(mesh: &Mesh, pod: &str, target: &str, req: &str) -> (u16, String) {
+    let ns = format!("/run/netns/{}", mesh.pod(pod).pod.ns);
+    let (target, req): (SocketAddr, String) = (target.parse().unwrap(), req.to_string());
     std::thread::spawn(move || {
         netns::enter(&ns);
         raw_http(target, &req)
@@ -310,6 +322,14 @@ fn canary_split_follows_weights_live_and_the_header_override_wins() {
     assert!((0.07..=0.13).contains(&share), "v2 share {share}");
     let (_, v2o, bad) = split(&mesh, "web", 50, &[("x-canary", "always")]);
     assert_eq!((v2o, bad), (50, 0), "override sends everything to v2");
+    // A subset no workload serves: a fast 503 that says why.
+    let (code, text) = get(&mesh, "web", "/", &[("x-canary", "v3")]);
+    assert_eq!(code, 503, "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("x-bulwark-reason: no-healthy-endpoint"),
+        "{text}"
+    );
     // Change the weight in the config: the running sidecars follow.
     mesh.write_config(&l7_config(
         &[(&pods[0], "api", "v1"), (&pods[1], "api", "v2")],
@@ -706,6 +726,18 @@ fn breaker_caps_attempts_on_a_failing_upstream_and_closes_after_recovery() {
         metric_sum(&m, "bulwark_breaker_state", &["service=\"default/bad\""]),
         1.0,
         "open\n{m}"
+    );
+    let (code, text) = raw_http_from(
+        &mesh,
+        "web",
+        "198.18.100.4:8080",
+        "GET / HTTP/1.1\r\nHost: bad\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(code, 503);
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("x-bulwark-reason: breaker-open"),
+        "{text}"
     );
     // The upstream recovers: traffic returns within the open interval (+ a probe).
     let i = mesh.pod("bad").app.unwrap();
@@ -1509,5 +1541,173 @@ fn adaptive_concurrency_sheds_load_when_upstream_latency_rises_and_keeps_admitte
     assert!(
         p90 <= unloaded * 6,
         "admitted p90 {p90:?} vs unloaded {unloaded:?}"
+    );
+}
+
+#[test]
+fn auto_ports_detect_http_and_never_stall_a_server_that_speaks_first() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.add_pod("web");
+    let api = mesh.add_pod("api");
+    let smtp = mesh.add_pod("smtp");
+    let authz = |svc: &str| {
+        format!(
+            "---\napiVersion: bulwark.dev/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {svc}\n  namespace: default\nspec:\n  service: {svc}\n  rules:\n    - from:\n        - {}\n",
+            spiffe("web")
+        )
+    };
+    let cfg = format!(
+        "{MESH}{}{}{}{}",
+        service_doc("api", "198.18.100.21", &[&api], "")
+            .replace("protocol: http", "protocol: auto"),
+        service_doc("smtp", "198.18.100.22", &[&smtp], "")
+            .replace("protocol: http", "protocol: auto"),
+        authz("api"),
+        authz("smtp"),
+    );
+    mesh.write_config(&cfg);
+    mesh.set_app_args("smtp", &["--tcp-echo", "--banner", "220 smtp ready"]);
+    mesh.start_sidecar("web", "web", &[]);
+    mesh.start_sidecar("api", "api", &[]);
+    mesh.start_sidecar("smtp", "smtp", &[]);
+    for p in ["web", "api", "smtp"] {
+        mesh.wait_ready(p);
+    }
+
+    // HTTP on an auto port is detected and proxied at L7 (counted as a request).
+    let (code, body) = raw_http_from(
+        &mesh,
+        "web",
+        "198.18.100.21:8080",
+        "GET /hello HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(code, 200, "{body}");
+    let web = mesh.metrics("web");
+    assert_eq!(
+        metric_sum(
+            &web,
+            "bulwark_protocol_detections_total",
+            &["result=\"http\""]
+        ),
+        1.0,
+        "{web}"
+    );
+    assert!(metric_sum(&web, "bulwark_requests_total", &["direction=\"outbound\""]) >= 1.0);
+
+    // A server that speaks first: the client says nothing and must still
+    // get the greeting (then the line protocol works both ways); a client
+    // that speaks first with something else is opaque TCP too.
+    let ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
+    let (greeting, waited, echo, client_first) = std::thread::spawn(move || {
+        use std::io::{BufRead, BufReader, Write};
+        netns::enter(&ns);
+        let target: SocketAddr = "198.18.100.22:8080".parse().unwrap();
+        let t = Instant::now();
+        let mut c = std::net::TcpStream::connect(target).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut r = BufReader::new(c.try_clone().unwrap());
+        let mut greeting = String::new();
+        r.read_line(&mut greeting).unwrap();
+        let waited = t.elapsed();
+        c.write_all(b"EHLO web\n").unwrap();
+        let mut echo = String::new();
+        r.read_line(&mut echo).unwrap();
+
+        let mut c = std::net::TcpStream::connect(target).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"\x00\x01binary hello\n").unwrap();
+        let mut r = BufReader::new(c);
+        let mut first = String::new();
+        r.read_line(&mut first).unwrap();
+        let mut second = String::new();
+        r.read_line(&mut second).unwrap();
+        (greeting, waited, echo, first + &second)
+    })
+    .join()
+    .unwrap();
+    println!("server-first greeting after {waited:?}");
+    assert_eq!(greeting, "220 smtp ready\n");
+    assert_eq!(echo, "smtp EHLO web\n");
+    assert!(
+        client_first.starts_with("220 smtp ready\n") && client_first.contains("binary hello"),
+        "{client_first:?}"
+    );
+    // The upstream connection starts after a 10 ms window (~15 ms in all
+    // here), not after giving up on the client (300 ms before).
+    assert!(
+        waited < Duration::from_millis(250),
+        "greeting took {waited:?}"
+    );
+    let web = mesh.metrics("web");
+    for (result, n) in [("server_first", 1.0), ("tcp", 1.0), ("http", 1.0)] {
+        assert_eq!(
+            metric_sum(
+                &web,
+                "bulwark_protocol_detections_total",
+                &[&format!("result=\"{result}\"")]
+            ),
+            n,
+            "{result}: {web}"
+        );
+    }
+}
+
+#[test]
+fn non_idempotent_requests_are_retried_only_when_the_route_says_so() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.add_pod("web");
+    let flaky = mesh.add_pod("flaky");
+    // Every second request is answered 503.
+    mesh.set_app_args("flaky", &["--error-rate", "0.5"]);
+    let route = |non_idempotent: bool| {
+        format!(
+            "---\napiVersion: bulwark.dev/v1\nkind: Route\nmetadata:\n  name: flaky\n  namespace: default\nspec:\n  service: flaky\n  rules:\n    - name: all\n      backends:\n        - service: flaky\n      retry:\n        attempts: 2\n        retryOn: [5xx]\n        budgetRatio: 1.0\n        retryNonIdempotent: {non_idempotent}\n"
+        )
+    };
+    let config = |non_idempotent: bool| {
+        format!(
+            "{MESH}{}{}",
+            service_doc("flaky", "198.18.100.5", &[&flaky], ""),
+            route(non_idempotent)
+        )
+    };
+    mesh.write_config(&config(false));
+    mesh.start_sidecar("web", "web", &[]);
+    mesh.start_sidecar("flaky", "flaky", &[]);
+    mesh.wait_ready("web");
+    mesh.wait_ready("flaky");
+    let ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
+    let run = move |method: &'static str| {
+        let ns = ns.clone();
+        std::thread::spawn(move || {
+            netns::enter(&ns);
+            let req = format!(
+                "{method} /order HTTP/1.1\r\nHost: flaky\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+            );
+            (0..20)
+                .filter(|_| raw_http("198.18.100.5:8080".parse().unwrap(), &req).0 == 200)
+                .count()
+        })
+        .join()
+        .unwrap()
+    };
+    // GET is retried: every request succeeds. POST is not: half fail.
+    assert_eq!(run("GET"), 20);
+    let posts = run("POST");
+    assert!(
+        (8..=12).contains(&posts),
+        "POST without retryNonIdempotent: {posts} of 20 ok"
+    );
+    mesh.write_config(&config(true));
+    wait_for(
+        "the route to allow POST retries",
+        Duration::from_secs(15),
+        || (run("POST") == 20).then_some(()),
     );
 }

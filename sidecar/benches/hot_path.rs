@@ -203,7 +203,11 @@ fn admission(c: &mut Criterion) {
     });
     // The uncontended path: a free slot, taken and given back. The future
     // completes on its first poll, so no runtime is needed.
-    let bulkhead = Bulkhead::new(1024, 128);
+    let bulkhead = Bulkhead::new(
+        1024,
+        128,
+        bulwark_sidecar::resilience::bulkhead::QUEUE_TIMEOUT,
+    );
     let mut cx = Context::from_waker(Waker::noop());
     g.bench_function("bulkhead/acquire+release", |b| {
         b.iter(|| {

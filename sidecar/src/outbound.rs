@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::{Decision, Proto, Snapshot, Target};
@@ -33,6 +34,7 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
         return reset(down);
     };
     let _ = down.set_nodelay(true);
+    let mut early = None;
     if let Some(target) = snap.target(dst)
         && is_mesh(&snap, &target)
     {
@@ -40,15 +42,26 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
             Proto::Http1 | Proto::Http2 => true,
             Proto::Tcp => false,
             Proto::Auto => {
-                let t = std::time::Instant::now();
-                let http = sniff_http(&down).await;
-                let m = &proxy.metrics;
+                let t = Instant::now();
+                let detected = detect(&proxy, &snap, &down, dst).await;
+                let result = match &detected {
+                    Detected::Http => "http",
+                    Detected::Opaque(None) => "tcp",
+                    Detected::Opaque(Some(_)) => "server_first",
+                    Detected::Failed => "tcp",
+                };
                 m.detection_duration.observe(t.elapsed().as_secs_f64());
-                let result = if http { "http" } else { "tcp" };
                 m.detections
                     .get_or_create(&crate::telemetry::ResultLabel { result })
                     .inc();
-                http
+                match detected {
+                    Detected::Http => true,
+                    Detected::Opaque(e) => {
+                        early = e;
+                        false
+                    }
+                    Detected::Failed => return reset(down),
+                }
             }
         };
         if l7 {
@@ -76,58 +89,18 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
                 },
                 None => None,
             };
-            let tcp = match tokio::time::timeout(
-                proxy.connect_timeout,
-                connect_marked(up.addr, proxy.mark),
-            )
-            .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::info!(dst = %up.addr, error = %e, "upstream connect failed");
-                    m.refused("outbound", "connect_failed");
-                    return reset(down);
+            // An `auto` port whose server spoke first has its connection
+            // already, with the server's first bytes read from it.
+            let (tls, greeting) = match early {
+                Some(e) => {
+                    let Early { tls, greeting } = *e;
+                    (tls, greeting)
                 }
-                Err(_) => {
-                    m.refused("outbound", "connect_timeout");
-                    return reset(down);
-                }
+                None => match connect_mesh(&proxy, up.addr, &peer_id).await {
+                    Some(t) => (t, Vec::new()),
+                    None => return reset(down),
+                },
             };
-            let connector =
-                tokio_rustls::TlsConnector::from(proxy.client_configs.for_peer(&peer_id));
-            let tls = match tokio::time::timeout(
-                proxy.connect_timeout,
-                connector.connect(ServerName::IpAddress(up.addr.ip().into()), tcp),
-            )
-            .await
-            {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    m.tls_handshakes
-                        .get_or_create(&HandshakeLabels {
-                            direction: "outbound",
-                            result: "error",
-                        })
-                        .inc();
-                    tracing::warn!(dst = %up.addr, expected = %peer_id, error = %e, "mTLS handshake with upstream failed");
-                    return reset(down);
-                }
-                Err(_) => {
-                    m.tls_handshakes
-                        .get_or_create(&HandshakeLabels {
-                            direction: "outbound",
-                            result: "timeout",
-                        })
-                        .inc();
-                    return reset(down);
-                }
-            };
-            m.tls_handshakes
-                .get_or_create(&HandshakeLabels {
-                    direction: "outbound",
-                    result: "ok",
-                })
-                .inc();
             let me = proxy.identity.identity().to_string();
             m.tcp_connections
                 .get_or_create(&ConnLabels {
@@ -136,7 +109,12 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
                     dst_identity: peer_id.to_string(),
                 })
                 .inc();
+            let mut down = down;
+            if !greeting.is_empty() && down.write_all(&greeting).await.is_err() {
+                return;
+            }
             let (bytes_sent, bytes_received) = crate::relay::relay(m, "outbound", down, tls).await;
+            let bytes_received = bytes_received + greeting.len() as u64;
             tracing::info!(target: "bulwark::access", bytes_sent, bytes_received, direction = "outbound", src = %peer, dst = %dst,
                 upstream = %up.addr, service = %up.service, src_identity = %me, dst_identity = %peer_id,
                 mtls = true, duration_ms = started.elapsed().as_millis() as u64, "connection closed");
@@ -217,17 +195,144 @@ pub fn sniff(first: &[u8]) -> Sniffed {
     Sniffed::NeedMore
 }
 
-/// Protocol detection for `auto` ports: HTTP if the client's first bytes
-/// are an HTTP/1 request line or the HTTP/2 preface. If the client sends
-/// nothing for a moment (a server-speaks-first protocol such as MySQL or
-/// SMTP), it is opaque TCP: never stall waiting for a client that will not
-/// speak.
-async fn sniff_http(s: &TcpStream) -> bool {
-    let mut buf = [0u8; SNIFF_BYTES];
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(300);
+/// An mTLS connection to a peer sidecar, counted by outcome.
+async fn connect_mesh(
+    proxy: &Proxy,
+    addr: SocketAddr,
+    peer_id: &bulwark_ca::SpiffeId,
+) -> Option<MeshStream> {
+    let m = &proxy.metrics;
+    let tcp =
+        match tokio::time::timeout(proxy.connect_timeout, connect_marked(addr, proxy.mark)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::info!(dst = %addr, error = %e, "upstream connect failed");
+                m.refused("outbound", "connect_failed");
+                return None;
+            }
+            Err(_) => {
+                m.refused("outbound", "connect_timeout");
+                return None;
+            }
+        };
+    let connector = tokio_rustls::TlsConnector::from(proxy.client_configs.for_peer(peer_id));
+    let result = match tokio::time::timeout(
+        proxy.connect_timeout,
+        connector.connect(ServerName::IpAddress(addr.ip().into()), tcp),
+    )
+    .await
+    {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => {
+            tracing::warn!(dst = %addr, expected = %peer_id, error = %e, "mTLS handshake with upstream failed");
+            Err("error")
+        }
+        Err(_) => Err("timeout"),
+    };
+    m.tls_handshakes
+        .get_or_create(&HandshakeLabels {
+            direction: "outbound",
+            result: result.as_ref().err().copied().unwrap_or("ok"),
+        })
+        .inc();
+    result.ok()
+}
+
+type MeshStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// How long an `auto` port waits for the client's first bytes before it
+/// also connects upstream. Clients of client-first protocols (HTTP, TLS)
+/// send at once; waiting this long first spares them a connection made for
+/// nothing, and a server-speaks-first protocol is delayed by no more.
+const CLIENT_FIRST_WINDOW: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Largest server greeting read while detecting (the rest is relayed).
+const GREETING_BYTES: usize = 4096;
+
+/// What protocol detection on an `auto` port found.
+enum Detected {
+    /// The client sent an HTTP/1 request line or the HTTP/2 preface.
+    Http,
+    /// Opaque TCP: the client sent something else or closed (`None`), or
+    /// the server spoke first (its connection and first bytes).
+    Opaque(Option<Box<Early>>),
+    /// The server could not be reached while the client stayed silent.
+    Failed,
+}
+
+/// A connection made upstream during detection, on which the server spoke first.
+struct Early {
+    tls: MeshStream,
+    greeting: Vec<u8>,
+}
+
+/// Protocol detection for `auto` ports, without stalling server-speaks-first
+/// protocols (MySQL, SMTP): if the client says nothing within
+/// [`CLIENT_FIRST_WINDOW`], the sidecar connects upstream at once, and
+/// whichever side speaks first decides: the client's bytes are sniffed
+/// (HTTP or opaque), the server's make it opaque and are passed on.
+async fn detect(proxy: &Proxy, snap: &Snapshot, down: &TcpStream, dst: SocketAddr) -> Detected {
+    if let Ok(http) = tokio::time::timeout(CLIENT_FIRST_WINDOW, client_speaks_http(down)).await {
+        return if http {
+            Detected::Http
+        } else {
+            Detected::Opaque(None)
+        };
+    }
+    let Decision::Mesh(up) = snap.outbound(dst) else {
+        return Detected::Opaque(None);
+    };
+    let peer_id = up.identity.clone().expect("mesh upstream has an identity");
+    let connect = connect_mesh(proxy, up.addr, &peer_id);
+    tokio::pin!(connect);
+    let mut tls: Option<MeshStream> = None;
+    let mut buf = vec![0u8; GREETING_BYTES];
     loop {
-        let n = match tokio::time::timeout_at(deadline, s.peek(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => n,
+        tokio::select! {
+            http = client_speaks_http(down) => {
+                if http {
+                    // The connection made for nothing (or still being made) is dropped.
+                    return Detected::Http;
+                }
+                let tls = match tls {
+                    Some(t) => t,
+                    None => match connect.await {
+                        Some(t) => t,
+                        None => return Detected::Failed,
+                    },
+                };
+                return Detected::Opaque(Some(Box::new(Early { tls, greeting: Vec::new() })));
+            }
+            c = &mut connect, if tls.is_none() => match c {
+                Some(t) => tls = Some(t),
+                None => return Detected::Failed,
+            },
+            n = read_some(tls.as_mut(), &mut buf) => {
+                let Some(tls) = tls.take() else { unreachable!("read_some waits without a stream") };
+                buf.truncate(n);
+                return Detected::Opaque(Some(Box::new(Early { tls, greeting: buf })));
+            }
+        }
+    }
+}
+
+/// Reads the server's first bytes (0 at its end or on error); without a
+/// stream yet, waits forever.
+async fn read_some(tls: Option<&mut MeshStream>, buf: &mut [u8]) -> usize {
+    match tls {
+        Some(t) => t.read(buf).await.unwrap_or(0),
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for the client's first bytes: true if they are an HTTP/1 request
+/// line or the HTTP/2 preface, false for anything else or the client's
+/// end. Only peeks, so it can be abandoned at any point.
+async fn client_speaks_http(s: &TcpStream) -> bool {
+    let mut buf = [0u8; SNIFF_BYTES];
+    loop {
+        let n = match s.peek(&mut buf).await {
+            Ok(n) if n > 0 => n,
             _ => return false,
         };
         match sniff(&buf[..n]) {

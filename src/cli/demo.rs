@@ -69,6 +69,10 @@ pub struct DemoArgs {
     /// Serve a line protocol instead of HTTP: each line gets `<name> <line>` back.
     #[arg(long)]
     tcp_echo: bool,
+    /// With `--tcp-echo`: greet every connection with this line before the
+    /// client says anything, the way SMTP or MySQL servers speak first.
+    #[arg(long, requires = "tcp_echo")]
+    banner: Option<String>,
     /// Answer every HTTP request with exactly this many bytes of body (a
     /// fixed filler, built once) instead of the short text; for benchmarks.
     #[arg(long, conflicts_with_all = ["tcp_echo", "upstream", "tcp_upstream"])]
@@ -95,7 +99,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(a.listen).await?;
         tracing::info!(addr = %a.listen, name = %a.name, tcp_echo = a.tcp_echo, "demo app listening");
         if a.tcp_echo {
-            serve_lines(listener, a.name.into(), a.latency).await
+            serve_lines(listener, a.name.into(), a.latency, a.banner).await
         } else {
             serve_http(listener, a).await
         }
@@ -440,12 +444,20 @@ async fn serve_lines(
     listener: tokio::net::TcpListener,
     name: Arc<str>,
     latency: Duration,
+    banner: Option<String>,
 ) -> anyhow::Result<()> {
+    let banner: Option<Arc<str>> = banner.map(|b| format!("{b}\n").into());
     loop {
         let (mut stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         let name = name.clone();
+        let banner = banner.clone();
         tokio::spawn(async move {
+            if let Some(b) = banner
+                && stream.write_all(b.as_bytes()).await.is_err()
+            {
+                return;
+            }
             let mut buf = Vec::new();
             while let Ok(Some(line)) = read_line(&mut stream, &mut buf).await {
                 if !latency.is_zero() {

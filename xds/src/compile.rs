@@ -151,6 +151,9 @@ pub fn compile(documents: &[Document]) -> Resources {
                     max_connections: limit(|b| &b.max_connections),
                     max_requests: limit(|b| &b.max_requests),
                     max_pending: limit(|b| &b.max_pending),
+                    queue_timeout_ms: bulkhead
+                        .and_then(|b| b.queue_timeout.as_ref())
+                        .map_or(0, |d| ms(d)),
                     circuit_breaker: t.circuit_breaker.as_ref().map(|cb| pb::CircuitBreaker {
                         consecutive_failures: or(&cb.consecutive_failures, 0),
                         failure_ratio: cb.failure_ratio.as_ref().map_or(0.0, |r| r.value),
@@ -526,6 +529,7 @@ fn retry(r: &RetrySpec) -> pb::RetryPolicy {
             .as_ref()
             .map_or(DEFAULT_BUDGET_RATIO, |v| v.value),
         budget_min_per_second: or(&r.budget_min_per_second, DEFAULT_BUDGET_MIN_PER_SECOND),
+        retry_non_idempotent: r.retry_non_idempotent.as_ref().is_some_and(|v| v.value),
     }
 }
 

@@ -463,6 +463,7 @@ pub struct EndpointSpec {
 ///         retriableStatusCodes: [409] # needs retryOn: retriable-status-codes
 ///         budgetRatio: 0.2            # default 0.2
 ///         budgetMinPerSecond: 10      # default 10
+///         retryNonIdempotent: false   # default: POST/PATCH are retried only if nothing reached the upstream
 ///       rateLimit:                    # 429 beyond it, at the service's inbound sidecars
 ///         requestsPerSecond: 50
 ///         burst: 100                  # default = requestsPerSecond
@@ -602,6 +603,10 @@ pub struct RetrySpec {
     pub budget_ratio: Option<Located<f64>>,
     #[serde(default)]
     pub budget_min_per_second: Option<Located<u32>>,
+    /// Also retry non-idempotent methods (POST, PATCH) once they may have
+    /// reached the upstream; default false.
+    #[serde(default)]
+    pub retry_non_idempotent: Option<Located<bool>>,
 }
 
 /// `kind: TrafficPolicy`: resilience settings for calls to one service; at
@@ -618,6 +623,7 @@ pub struct RetrySpec {
 ///     maxConnections: 100
 ///     maxRequests: 200
 ///     maxPending: 50              # queue bound
+///     queueTimeout: 1s            # longest wait in the queue; default 5s
 ///   circuitBreaker:               # consecutiveFailures and/or failureRatio
 ///     consecutiveFailures: 5
 ///     failureRatio: 0.5
@@ -708,6 +714,9 @@ pub struct Bulkhead {
     pub max_requests: Option<Located<u32>>,
     #[serde(default)]
     pub max_pending: Option<Located<u32>>,
+    /// Longest a queued request waits for a slot (default 5s).
+    #[serde(default)]
+    pub queue_timeout: Option<Located<String>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, JsonSchema)]

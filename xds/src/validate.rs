@@ -832,6 +832,9 @@ fn check_traffic_policy(cx: &mut Cx<'_>, reg: &Registry, t: &TrafficPolicySpec) 
                 at_least_one(cx, what, v);
             }
         }
+        if let Some(d) = &b.queue_timeout {
+            check_duration(cx, "bulkhead.queueTimeout", d);
+        }
     }
     if let Some(cb) = &t.circuit_breaker {
         if cb.consecutive_failures.is_none() && cb.failure_ratio.is_none() {

@@ -858,6 +858,7 @@ fn a_gateway_compiles_with_route_semantics_and_edge_policies() {
                     retriable_status_codes: vec![],
                     budget_ratio: 0.2,
                     budget_min_per_second: 10,
+                    retry_non_idempotent: false,
                 }),
                 overrides: vec![pb::HeaderOverride {
                     header: Some(pb::HeaderMatch {

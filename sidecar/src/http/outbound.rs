@@ -498,7 +498,7 @@ async fn send_guarded(
             .is_some_and(|code| grpc_retriable(&retry.retry_on, code));
         let can_retry = (grpc_retry
             || (!success
-                && (idempotent || connect_failure)
+                && (idempotent || connect_failure || retry.retry_non_idempotent)
                 && retriable(
                     &retry.retry_on,
                     &retry.retriable_status_codes,

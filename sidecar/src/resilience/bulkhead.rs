@@ -4,17 +4,19 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Longest a request waits in a bulkhead queue.
-pub const QUEUE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Longest a request waits in a bulkhead queue unless configured.
+pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 pub struct Bulkhead {
     active: Arc<Semaphore>,
     pending: AtomicUsize,
     max_pending: usize,
+    queue_timeout: Duration,
 }
 
 /// Why a request was not admitted.
@@ -22,8 +24,9 @@ pub struct Bulkhead {
 pub struct Full;
 
 impl Bulkhead {
-    /// `max_active == 0` means unlimited.
-    pub fn new(max_active: usize, max_pending: usize) -> Self {
+    /// `max_active == 0` means unlimited; queued requests wait at most
+    /// `queue_timeout`.
+    pub fn new(max_active: usize, max_pending: usize, queue_timeout: Duration) -> Self {
         let n = if max_active == 0 {
             Semaphore::MAX_PERMITS
         } else {
@@ -33,6 +36,7 @@ impl Bulkhead {
             active: Arc::new(Semaphore::new(n)),
             pending: AtomicUsize::new(0),
             max_pending,
+            queue_timeout,
         }
     }
 
@@ -47,7 +51,8 @@ impl Bulkhead {
         }
         // Bounded wait too: a queued request that cannot start soon is
         // better answered now than after its caller gave up.
-        let r = match tokio::time::timeout(QUEUE_TIMEOUT, self.active.clone().acquire_owned()).await
+        let r = match tokio::time::timeout(self.queue_timeout, self.active.clone().acquire_owned())
+            .await
         {
             Ok(Ok(p)) => Ok(p),
             _ => Err(Full),
@@ -63,7 +68,7 @@ mod tests {
 
     #[tokio::test]
     async fn rejects_beyond_active_plus_pending() {
-        let b = Arc::new(Bulkhead::new(1, 1));
+        let b = Arc::new(Bulkhead::new(1, 1, QUEUE_TIMEOUT));
         let first = b.acquire().await.unwrap();
         let b2 = b.clone();
         let waiter = tokio::spawn(async move { b2.acquire().await.map(|_| ()) });
@@ -74,5 +79,19 @@ mod tests {
         assert_eq!(b.acquire().await.err(), Some(Full), "queue is full");
         drop(first);
         waiter.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_request_gives_up_after_the_queue_timeout() {
+        let b = Bulkhead::new(1, 1, Duration::from_millis(250));
+        let _held = b.acquire().await.unwrap();
+        let t = tokio::time::Instant::now();
+        assert_eq!(b.acquire().await.err(), Some(Full));
+        assert_eq!(t.elapsed(), Duration::from_millis(250));
+        assert_eq!(
+            b.pending.load(Ordering::Acquire),
+            0,
+            "the queue place is given back"
+        );
     }
 }

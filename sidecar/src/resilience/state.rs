@@ -80,8 +80,17 @@ impl ServiceGuards {
                 source: None,
             };
         };
-        let bulkhead = (p.max_requests > 0)
-            .then(|| Bulkhead::new(p.max_requests as usize, p.max_pending as usize));
+        let bulkhead = (p.max_requests > 0).then(|| {
+            let queue_timeout = match p.queue_timeout_ms {
+                0 => super::bulkhead::QUEUE_TIMEOUT,
+                ms => std::time::Duration::from_millis(ms),
+            };
+            Bulkhead::new(
+                p.max_requests as usize,
+                p.max_pending as usize,
+                queue_timeout,
+            )
+        });
         let breaker = p
             .circuit_breaker
             .as_ref()

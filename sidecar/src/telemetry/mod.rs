@@ -269,7 +269,7 @@ impl Default for Metrics {
         );
         registry.register(
             "bulwark_protocol_detections",
-            "Protocol detection on auto ports, by outcome (http, tcp)",
+            "Protocol detection on auto ports, by outcome (http, tcp, server_first)",
             m.detections.clone(),
         );
         registry.register(

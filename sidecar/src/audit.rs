@@ -56,12 +56,30 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # The keyed head
+//!
+//! Nothing follows the last line, so the chain alone cannot show that lines
+//! were cut off the end. After every write the writer also records the head
+//! of the log in [`HEAD_FILE`] (one line, rewritten in place):
+//!
+//! ```text
+//! {"seq":9,"hash":"<hex SHA-256 of line 9>","file":"audit-000002.jsonl","mac":"<hex HMAC-SHA256>"}
+//! ```
+//!
+//! where `mac` is the HMAC, under the log's key, of `seq`, `hash` and `file`.
+//! [`verify`] reads the head beside the newest file given: a log that ends
+//! before the head's `seq`, or whose line at that `seq` hashes differently,
+//! was cut or rewritten. Without the key the head cannot be forged, only
+//! deleted, which the report shows ([`VerifyReport::head`]). Reopening a log
+//! whose head is ahead of its files refuses to resume (it would overwrite
+//! the evidence).
+//!
 //! # Limits
 //!
-//! Removing whole lines from the end of the newest file cannot be detected
-//! from the files alone (nothing follows them); compare the last `seq` with
-//! an independent copy (e.g. shipped logs) for that. Strings longer than
-//! [`MAX_FIELD_BYTES`] are cut to keep lines bounded.
+//! A write that lands in a file but not (yet) in the head leaves the head
+//! one batch behind; that is not a problem, only the lines up to the head
+//! are protected against removal. Strings longer than [`MAX_FIELD_BYTES`]
+//! are cut to keep lines bounded.
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
@@ -78,6 +96,11 @@ use serde::{Deserialize, Serialize};
 
 /// `prev` of the very first line.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// The keyed head beside the log files (see the module documentation).
+pub const HEAD_FILE: &str = "audit.head";
+/// The head is rewritten in place as one block of this size (space-padded),
+/// so a reader never sees half of an old and half of a new head.
+const HEAD_BYTES: usize = 256;
 /// Shortest key [`AuditLog::open`] accepts.
 pub const MIN_KEY_BYTES: usize = 16;
 /// Longest string kept in a record field; longer ones are cut (at a char boundary).
@@ -218,6 +241,16 @@ pub enum Problem {
         "the log starts at seq {seq} but no retention record accounts for the records before it: records were removed"
     )]
     UnaccountedStart { seq: u64 },
+    #[error(
+        "the log ends at seq {last} but its keyed head ({HEAD_FILE}) says seq {head} was written: records at the end were removed (or the newest files were not given)"
+    )]
+    TailRemoved { last: u64, head: u64 },
+    #[error(
+        "the line at seq {seq} is not the one the keyed head ({HEAD_FILE}) recorded: the log was rewritten"
+    )]
+    HeadMismatch { seq: u64 },
+    #[error("{HEAD_FILE} is not a valid head: {0}")]
+    BadHead(String),
 }
 
 fn seq_hint(found: &u64, expected: &u64) -> &'static str {
@@ -256,6 +289,9 @@ pub struct VerifyReport {
     pub mac_checked: bool,
     /// Whether the log starts after files deleted by retention.
     pub starts_after_retention: bool,
+    /// The keyed head's seq, when [`HEAD_FILE`] was found beside the newest
+    /// file and the log reaches it (its mac checked when a key was given).
+    pub head_seq: Option<u64>,
 }
 
 enum Msg {
@@ -294,6 +330,31 @@ impl AuditLog {
         let files = list_log_files(dir).map_err(io_err)?;
         let (seq, head) = resume(&files, &key)?;
         let index = files.last().map(|(i, _)| *i).unwrap_or(1);
+        let head_path = dir.join(HEAD_FILE);
+        let damaged = |problem| AuditError::Damaged {
+            path: head_path.clone(),
+            problem,
+        };
+        // A head ahead of the files means records were cut off the end while
+        // the log was closed: resuming would overwrite that evidence.
+        if let Some(h) = read_head(&head_path, Some(&key)).map_err(damaged)? {
+            if h.seq > seq {
+                return Err(damaged(Problem::TailRemoved {
+                    last: seq,
+                    head: h.seq,
+                }));
+            }
+            if h.seq == seq && h.hash != head {
+                return Err(damaged(Problem::HeadMismatch { seq }));
+            }
+        }
+        let head_file = open_head(dir).map_err(io_err)?;
+        let last_file = files
+            .iter()
+            .rev()
+            .find(|(_, p)| p.metadata().is_ok_and(|m| m.len() > 0))
+            .map_or_else(|| file_name(index), |(i, _)| file_name(*i));
+        write_head(&head_file, &key, seq, &head, &last_file).map_err(io_err)?;
         let path = dir.join(file_name(index));
         let file = open_append(&path).map_err(|error| AuditError::Io {
             path: path.clone(),
@@ -323,6 +384,7 @@ impl AuditLog {
             pending: Vec::new(),
             pending_records: 0,
             retention_due: true,
+            head_file,
         };
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
@@ -463,7 +525,18 @@ pub fn verify(files: &[PathBuf], key: Option<&[u8]>) -> Result<VerifyReport, Ver
         (log_index(&name).unwrap_or(u32::MAX), name, p.clone())
     });
     let mut chain = Chain::default();
+    // Checked after the lines: a wrong key is reported at the first line.
+    let head = files.last().map(|newest| {
+        let path = newest.parent().unwrap_or(Path::new(".")).join(HEAD_FILE);
+        let head = read_head(&path, key.as_ref());
+        (path, head)
+    });
+    chain.want = match &head {
+        Some((_, Ok(Some(h)))) => Some(h.seq),
+        _ => None,
+    };
     let mut first_error: Option<VerifyError> = None;
+    let mut end = (PathBuf::new(), 0u64);
     for file in &files {
         let io_err = |error| VerifyError::Io {
             file: file.clone(),
@@ -495,6 +568,7 @@ pub fn verify(files: &[PathBuf], key: Option<&[u8]>) -> Result<VerifyReport, Ver
                 chain.broken = true;
             }
         }
+        end = (file.clone(), line_no + 1);
     }
     let mut starts_after_retention = false;
     if let Some(start) = &chain.start
@@ -517,6 +591,37 @@ pub fn verify(files: &[PathBuf], key: Option<&[u8]>) -> Result<VerifyReport, Ver
     if let Some(e) = first_error {
         return Err(e);
     }
+    let last_seq = chain.last.as_ref().map(|(s, _)| *s).unwrap_or(0);
+    let head = match head {
+        Some((file, Err(problem))) => {
+            return Err(VerifyError::Invalid {
+                file,
+                line: 1,
+                problem,
+            });
+        }
+        Some((_, Ok(h))) => h,
+        None => None,
+    };
+    if let Some(h) = &head {
+        let problem = if last_seq < h.seq {
+            Some(Problem::TailRemoved {
+                last: last_seq,
+                head: h.seq,
+            })
+        } else if chain.found.as_deref().is_some_and(|f| f != h.hash) {
+            Some(Problem::HeadMismatch { seq: h.seq })
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(VerifyError::Invalid {
+                file: end.0,
+                line: end.1,
+                problem,
+            });
+        }
+    }
     Ok(VerifyReport {
         files: files.len(),
         records: chain.records,
@@ -528,7 +633,75 @@ pub fn verify(files: &[PathBuf], key: Option<&[u8]>) -> Result<VerifyReport, Ver
             .unwrap_or_else(|| GENESIS.to_string()),
         mac_checked: key.is_some(),
         starts_after_retention,
+        head_seq: head.map(|h| h.seq),
     })
+}
+
+/// The keyed head on disk.
+#[derive(Serialize, Deserialize)]
+struct Head {
+    seq: u64,
+    hash: String,
+    file: String,
+    mac: String,
+}
+
+fn head_mac(key: &hmac::Key, seq: u64, hash: &str, file: &str) -> String {
+    hex(hmac::sign(key, format!("{seq}\n{hash}\n{file}").as_bytes()).as_ref())
+}
+
+/// Reads [`HEAD_FILE`] (None when there is none), checking its mac with `key`.
+fn read_head(path: &Path, key: Option<&hmac::Key>) -> Result<Option<Head>, Problem> {
+    let raw = match std::fs::read(path) {
+        Ok(r) => r,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Problem::BadHead(e.to_string())),
+    };
+    let h: Head =
+        serde_json::from_slice(raw.trim_ascii()).map_err(|e| Problem::BadHead(e.to_string()))?;
+    if let Some(k) = key {
+        let mac = decode_hex(&h.mac).ok_or_else(|| Problem::BadHead("mac is not hex".into()))?;
+        hmac::verify(
+            k,
+            format!("{}\n{}\n{}", h.seq, h.hash, h.file).as_bytes(),
+            &mac,
+        )
+        .map_err(|_| {
+            Problem::BadHead("mac does not match: the head was edited, or the key is wrong".into())
+        })?;
+    }
+    Ok(Some(h))
+}
+
+/// Rewrites [`HEAD_FILE`] in place (one fixed-size write).
+fn write_head(
+    file: &File,
+    key: &hmac::Key,
+    seq: u64,
+    hash: &str,
+    log_file: &str,
+) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let head = Head {
+        seq,
+        hash: hash.to_string(),
+        file: log_file.to_string(),
+        mac: head_mac(key, seq, hash, log_file),
+    };
+    let mut block = serde_json::to_vec(&head).map_err(io::Error::other)?;
+    block.resize(HEAD_BYTES - 1, b' ');
+    block.push(b'\n');
+    file.write_all_at(&block, 0)
+}
+
+fn open_head(dir: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(dir.join(HEAD_FILE))
 }
 
 /// RFC 3339 in UTC with milliseconds, e.g. `2025-05-01T12:00:00.000Z`.
@@ -606,6 +779,9 @@ struct Chain {
     records: u64,
     /// After the first problem, lines are only scanned for retention markers.
     broken: bool,
+    /// The keyed head's seq, and the hash of the line found there.
+    want: Option<u64>,
+    found: Option<String>,
 }
 
 impl Chain {
@@ -652,7 +828,11 @@ impl Chain {
             self.markers
                 .insert((m.removed_last_seq, m.removed_last_hash));
         }
-        self.last = Some((parsed.seq, sha256_hex(line)));
+        let hash = sha256_hex(line);
+        if self.want == Some(parsed.seq) {
+            self.found = Some(hash.clone());
+        }
+        self.last = Some((parsed.seq, hash));
         self.records += 1;
         Ok(())
     }
@@ -751,6 +931,8 @@ struct Writer {
     pending: Vec<u8>,
     pending_records: u64,
     retention_due: bool,
+    /// [`HEAD_FILE`], rewritten after every write.
+    head_file: File,
 }
 
 impl Writer {
@@ -833,6 +1015,16 @@ impl Writer {
             Ok(()) => {
                 self.size += self.pending.len() as u64;
                 self.committed = (self.seq, self.head.clone());
+                if let Err(e) = write_head(
+                    &self.head_file,
+                    &self.key,
+                    self.seq,
+                    &self.head,
+                    &file_name(self.index),
+                ) {
+                    tracing::error!(dir = %self.dir.display(), error = %e,
+                        "cannot update the audit head; removal of the newest records would go unnoticed");
+                }
             }
             Err(e) => {
                 tracing::error!(file = %self.path().display(), error = %e, records = self.pending_records,
@@ -1596,5 +1788,89 @@ mod tests {
         let now = SystemTime::now();
         let secs = now.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
         assert_eq!(parse_rfc3339(&rfc3339(now)), Some(secs));
+    }
+
+    #[test]
+    fn audit_records_cut_off_the_end_are_caught_by_the_keyed_head() {
+        let d = Dir::new();
+        // Recent records (an empty time is now): no file is old enough for retention.
+        write(&d.0, small_files(), 0..30, "");
+        let report = verify(&d.files(), Some(KEY)).unwrap();
+        let total = report.last_seq;
+        assert_eq!((report.head_seq, total), (Some(30), 30));
+
+        // Whole lines removed from the end of the newest file: every line
+        // left is intact, only the head knows there were more.
+        let newest = d.files().pop().unwrap();
+        let mut kept = lines(&newest);
+        let n = kept.len() as u64;
+        kept.truncate(kept.len() - 2);
+        write_lines(&newest, &kept);
+        for key in [Some(KEY), None] {
+            let (file, line, problem) = problem_at(verify(&d.files(), key));
+            assert_eq!((file, line), (newest.clone(), n - 1));
+            assert_eq!(
+                problem,
+                Problem::TailRemoved {
+                    last: total - 2,
+                    head: total
+                }
+            );
+        }
+        // ... and the whole newest file removed too.
+        std::fs::remove_file(&newest).unwrap();
+        let (_, _, problem) = problem_at(verify(&d.files(), Some(KEY)));
+        assert!(
+            matches!(problem, Problem::TailRemoved { head, .. } if head == total),
+            "{problem:?}"
+        );
+
+        // Reopening refuses to resume over the evidence.
+        match AuditLog::open(&d.0, KEY, small_files()) {
+            Err(AuditError::Damaged { path, problem }) => {
+                assert_eq!(path, d.0.join(HEAD_FILE));
+                assert!(matches!(problem, Problem::TailRemoved { head, .. } if head == total));
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn audit_head_lowered_without_the_key_fails_its_mac() {
+        let d = Dir::new();
+        write(
+            &d.0,
+            AuditOptions::default(),
+            0..5,
+            "2025-05-01T12:00:00.000Z",
+        );
+        let f = d.0.join(HEAD_FILE);
+        let head = std::fs::read_to_string(&f).unwrap();
+        assert_eq!(head.len(), HEAD_BYTES);
+        std::fs::write(&f, head.replacen("\"seq\":5", "\"seq\":3", 1)).unwrap();
+        let (file, line, problem) = problem_at(verify(&d.files(), Some(KEY)));
+        assert_eq!((file, line), (f, 1));
+        assert!(matches!(problem, Problem::BadHead(m) if m.contains("mac does not match")));
+    }
+
+    #[test]
+    fn audit_head_survives_reopening_and_a_missing_head_is_reported_not_invented() {
+        let d = Dir::new();
+        write(
+            &d.0,
+            AuditOptions::default(),
+            0..3,
+            "2025-05-01T12:00:00.000Z",
+        );
+        write(
+            &d.0,
+            AuditOptions::default(),
+            3..6,
+            "2025-05-01T12:00:00.000Z",
+        );
+        assert_eq!(verify(&d.files(), Some(KEY)).unwrap().head_seq, Some(6));
+        std::fs::remove_file(d.0.join(HEAD_FILE)).unwrap();
+        let r = verify(&d.files(), Some(KEY)).unwrap();
+        assert_eq!((r.last_seq, r.head_seq), (6, None));
     }
 }

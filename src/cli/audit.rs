@@ -46,6 +46,13 @@ fn verify(key_file: Option<PathBuf>, files: &[PathBuf]) -> anyhow::Result<()> {
             r.first_seq
         );
     }
+    match r.head_seq {
+        Some(seq) => println!("keyed head: seq {seq} ({})", audit::HEAD_FILE),
+        None => println!(
+            "note: no {} beside the newest file: records removed from the end would not be detected",
+            audit::HEAD_FILE
+        ),
+    }
     if !r.mac_checked {
         eprintln!("warning: no --key-file: macs not checked, only the hash chain");
     }

@@ -556,7 +556,8 @@ struct ControlPlane {
     _work: tempfile::TempDir,
     ca_dir: PathBuf,
     webhook: SocketAddr,
-    _proc: Proc,
+    admin: SocketAddr,
+    proc: Proc,
 }
 
 fn control_plane() -> ControlPlane {
@@ -601,7 +602,8 @@ fn control_plane() -> ControlPlane {
         _work: work,
         ca_dir,
         webhook,
-        _proc: proc,
+        admin: admin.parse().unwrap(),
+        proc,
     }
 }
 
@@ -658,6 +660,162 @@ fn webhook_serves_admission_reviews_over_tls_from_xds_serve() {
     // And the server is still up.
     let (code, _) = curl_webhook(&cp, "/inject", &serde_json::to_vec(&input).unwrap());
     assert_eq!(code, 200);
+}
+
+#[test]
+fn webhook_port_refuses_garbage_foreign_tls_half_open_and_slowloris_and_keeps_serving() {
+    use rustls_pki_types::pem::PemObject;
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+    let cp = control_plane();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", cp.proc.pid()))
+            .unwrap()
+            .count()
+    };
+    let fds_before = fds();
+    let closed_within = |s: &mut dyn Read, limit: Duration| {
+        let t = Instant::now();
+        let mut buf = [0u8; 256];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return t.elapsed() < limit,
+                Ok(_) => {}
+            }
+        }
+    };
+    // Half-open: a TCP connection that never starts its handshake.
+    let mut idle = TcpStream::connect(cp.webhook).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    // Slowloris: a TLS connection sending one header line a second.
+    let bundle = std::fs::read(cp.ca_dir.join("bundle.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&bundle) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let client = Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let name = rustls_pki_types::ServerName::try_from("bulwark-xds.bulwark-system.svc").unwrap();
+    let tcp = TcpStream::connect(cp.webhook).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_millis(900)))
+        .unwrap();
+    let conn = rustls::ClientConnection::new(client, name).unwrap();
+    let mut slow = rustls::StreamOwned::new(conn, tcp);
+    let loris = std::thread::spawn(move || {
+        let t = Instant::now();
+        let mut buf = [0u8; 64];
+        let _ = slow.write_all(b"POST /inject HTTP/1.1\r\nHost: x\r\n");
+        // Until the server hangs up (or 15 s): a header line a second.
+        while t.elapsed() < Duration::from_secs(15) {
+            if slow.write_all(b"X-Slow: 1\r\n").is_err() {
+                break;
+            }
+            match slow.read(&mut buf) {
+                Ok(0) => break,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Ok(_) | Err(_) => break,
+            }
+        }
+        t.elapsed()
+    });
+    // Garbage instead of a ClientHello.
+    let mut g = TcpStream::connect(cp.webhook).unwrap();
+    g.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    g.write_all(b"\x00\xff GET / HTTP/1.1\r\n\r\n").unwrap();
+    assert!(
+        closed_within(&mut g, Duration::from_secs(2)),
+        "garbage connection left open"
+    );
+    // A TLS client that does not trust the server (another CA) aborts its
+    // handshake.
+    let foreign = tempdir();
+    let ca = foreign.path().join("ca.pem");
+    ok(
+        &tool(
+            "openssl",
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                foreign.path().join("ca.key").to_str().unwrap(),
+                "-out",
+                ca.to_str().unwrap(),
+                "-subj",
+                "/CN=foreign",
+                "-days",
+                "1",
+            ],
+            None,
+        ),
+        "openssl req",
+    );
+    let out = tool(
+        "openssl",
+        &[
+            "s_client",
+            "-connect",
+            &cp.webhook.to_string(),
+            "-servername",
+            "bulwark-xds.bulwark-system.svc",
+            "-CAfile",
+            ca.to_str().unwrap(),
+            "-verify_return_error",
+        ],
+        Some(""),
+    );
+    assert!(
+        !out.status.success(),
+        "the foreign-CA client must fail to verify the webhook"
+    );
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(8)),
+        "half-open connection kept past the handshake timeout"
+    );
+    let loris_held = loris.join().unwrap();
+    assert!(
+        loris_held < Duration::from_secs(8),
+        "slowloris held the connection {loris_held:?}"
+    );
+    // Still serving, and each abuse was counted.
+    let input = fixture("deployment-pod.json");
+    let (code, _) = curl_webhook(&cp, "/inject", &serde_json::to_vec(&input).unwrap());
+    assert_eq!(code, 200);
+    // Counted when each connection ends (the last as curl hangs up).
+    let count = |metrics: &str, result: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "bulwark_xds_webhook_connections_total{{result=\"{result}\"}}"
+                ))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    wait_for("every abuse counted", Duration::from_secs(5), || {
+        let m = http_get(cp.admin, "/metrics");
+        (count(&m, "tls_error") >= 2.0
+            && count(&m, "tls_timeout") >= 1.0
+            && count(&m, "timeout") >= 1.0
+            && count(&m, "served") >= 1.0)
+            .then_some(())
+    });
+    wait_for(
+        "descriptors back to where they were",
+        Duration::from_secs(5),
+        || (fds() <= fds_before + 1).then_some(()),
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -27,6 +27,11 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
 /// Every metric of the control plane, and the registry that renders them.
 pub struct XdsMetrics {
     /// `bulwark_xds_connected_sidecars`: streams past the node check.
@@ -50,6 +55,10 @@ pub struct XdsMetrics {
     pub streams_refused: Family<ReasonLabel, Counter>,
     /// `bulwark_xds_tls_handshake_failures_total`.
     pub tls_handshake_failures: Counter,
+    /// `bulwark_xds_webhook_connections_total{result}`: connections to the
+    /// injection webhook by how they ended (`served`, `tls_error`,
+    /// `tls_timeout`, `timeout`, `http_error`, `over_limit`).
+    pub webhook_connections: Family<ResultLabel, Counter>,
     registry: Registry,
 }
 
@@ -66,6 +75,7 @@ impl Default for XdsMetrics {
         let snapshots = Counter::default();
         let streams_refused = Family::<ReasonLabel, Counter>::default();
         let tls_handshake_failures = Counter::default();
+        let webhook_connections = Family::<ResultLabel, Counter>::default();
         let mut registry = Registry::default();
         registry.register(
             "bulwark_xds_connected_sidecars",
@@ -112,6 +122,11 @@ impl Default for XdsMetrics {
             "TLS handshakes on the discovery port that failed",
             tls_handshake_failures.clone(),
         );
+        registry.register(
+            "bulwark_xds_webhook_connections",
+            "Connections to the injection webhook, by how they ended",
+            webhook_connections.clone(),
+        );
         Self {
             connected_sidecars,
             push_duration,
@@ -122,6 +137,7 @@ impl Default for XdsMetrics {
             snapshots,
             streams_refused,
             tls_handshake_failures,
+            webhook_connections,
             registry,
         }
     }

@@ -338,6 +338,7 @@ impl ControlPlane {
                 l,
                 wtls,
                 Arc::new(opts.inject.clone()),
+                shared.metrics.clone(),
             ));
         }
         tracing::info!(

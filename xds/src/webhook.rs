@@ -23,13 +23,25 @@ pub const MAX_BODY: usize = 4 * 1024 * 1024;
 pub const MAX_CONNECTIONS: usize = 256;
 /// A connection is closed after this long, whatever it is doing.
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client that has not finished its TLS handshake by then is dropped
+/// (half-open connections do not hold a place for long).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a request's headers (slowloris).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves `listener` until the task is dropped.
 pub(crate) async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     cfg: Arc<InjectConfig>,
+    metrics: Arc<crate::metrics::XdsMetrics>,
 ) {
+    let count = move |result: &'static str| {
+        metrics
+            .webhook_connections
+            .get_or_create(&crate::metrics::ResultLabel { result })
+            .inc();
+    };
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -43,30 +55,42 @@ pub(crate) async fn serve(
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "webhook connection limit reached; closing");
+            count("over_limit");
             continue;
         };
-        let (acceptor, cfg) = (acceptor.clone(), cfg.clone());
+        let (acceptor, cfg, count) = (acceptor.clone(), cfg.clone(), count.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let work = async {
-                let tls = match acceptor.accept(tcp).await {
-                    Ok(t) => t,
-                    Err(e) => {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
-                        return;
+                        return "tls_error";
                     }
+                    Err(_) => return "tls_timeout",
                 };
                 let svc = hyper::service::service_fn(move |req| {
                     let cfg = cfg.clone();
                     async move { Ok::<_, std::convert::Infallible>(respond(req, &cfg).await) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
+                match hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
+                    .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                    .await;
+                    .await
+                {
+                    Ok(()) => "served",
+                    Err(e) if e.is_timeout() => "timeout",
+                    Err(_) => "http_error",
+                }
             };
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, work).await;
+            count(
+                tokio::time::timeout(CONNECTION_TIMEOUT, work)
+                    .await
+                    .unwrap_or("timeout"),
+            );
         });
     }
 }

@@ -203,6 +203,12 @@ spec:
       clientCaFile: {d}/partner-ca.pem
       requireClientCert: true
   routes:
+    - name: split
+      matches: [{{path: {{prefix: /split}}}}]
+      backends:
+        - {{service: orders, weight: 50}}
+        - {{service: orders, subset: {{version: v9}}, weight: 50}}
+      timeout: 5s
     - name: public
       matches: [{{path: {{prefix: /public}}}}]
       backends: [{{service: orders}}]
@@ -561,6 +567,26 @@ fn gateway_authenticates_outside_callers_and_routes_them_into_the_mesh() {
         ) >= 9.0,
         "{m}"
     );
+
+    // Route semantics inside the mesh are the sidecar's: a 50/50 split
+    // between the service and a subset nobody serves (a fast 503 that says
+    // why) lands near half and half.
+    let (mut served, mut unserved) = (0, 0);
+    for _ in 0..60 {
+        let (code, text) = edge.curl(&new_ca, "/split/x", None, &[]);
+        match code {
+            200 => served += 1,
+            503 if text
+                .to_ascii_lowercase()
+                .contains("x-bulwark-reason: no-healthy-endpoint") =>
+            {
+                unserved += 1
+            }
+            _ => panic!("unexpected answer: {text}"),
+        }
+    }
+    println!("gateway 50/50 split: {served} served, {unserved} to the empty subset");
+    assert!((15..=45).contains(&served), "{served} of 60 served");
 }
 
 #[test]

@@ -240,6 +240,145 @@ fn sigterm_drains_in_flight_requests_before_exiting() {
     );
 }
 
+#[test]
+fn sigterm_on_one_of_two_upstream_sidecars_under_load_fails_no_request() {
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.add_pod("web");
+    let api1 = mesh.add_pod("api-1");
+    let api2 = mesh.add_pod("api-2");
+    let second = format!(
+        "    - address: {}\n      identity: {}\n",
+        api2.ip,
+        netns::mesh::spiffe("api")
+    );
+    mesh.write_config(&netns::mesh::http_api_config(&api1, &second));
+    for p in ["api-1", "api-2"] {
+        mesh.set_app_args(p, &["--latency", "300ms"]);
+    }
+    mesh.start_sidecar("web", "web", &[]);
+    mesh.start_sidecar("api-1", "api", &["--drain-grace", "10s"]);
+    mesh.start_sidecar("api-2", "api", &[]);
+    for p in ["web", "api-1", "api-2"] {
+        mesh.wait_ready(p);
+    }
+    // Four clients in web, each request on a new connection; a refused
+    // connection is retried (up to 3 times), any other failure counts.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (ns, stop) = (ns.clone(), stop.clone());
+            std::thread::spawn(move || {
+                netns::enter(&ns);
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let addr: SocketAddr = format!("{VIP}:8080").parse().unwrap();
+                    let answer = (0..3)
+                        .find_map(|_| {
+                            match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                                Ok(mut s) => {
+                                    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+                                    let _ = s.write_all(
+                                        b"GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n",
+                                    );
+                                    let mut out = String::new();
+                                    let _ = s.read_to_string(&mut out);
+                                    Some(out)
+                                }
+                                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => None,
+                                Err(e) => Some(e.to_string()),
+                            }
+                        })
+                        .unwrap_or_else(|| "refused 3 times".into());
+                    if answer.starts_with("HTTP/1.1 200") {
+                        ok += 1;
+                    } else {
+                        failed.push(answer.lines().next().unwrap_or("").to_string());
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    // Load on both endpoints, then SIGTERM to api-1's sidecar.
+    wait_for("load on api-1", Duration::from_secs(10), || {
+        (metric_sum(
+            &mesh.metrics("api-1"),
+            "bulwark_requests_total",
+            &["direction=\"inbound\""],
+        ) >= 8.0)
+            .then_some(())
+    });
+    let i = mesh.pod("api-1").sidecar.unwrap();
+    let pid = mesh.net.proc_mut(i).pid() as i32;
+    let t = Instant::now();
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    // Draining: new connections to api-1 are refused at once while the
+    // process is still finishing what it has.
+    let sw = mesh.net.switch.clone();
+    let target: SocketAddr = format!("{}:8080", api1.ip).parse().unwrap();
+    let refused = mesh.net.in_ns(&sw, move || {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
+                _ if Instant::now() > deadline => return false,
+                _ => std::thread::sleep(Duration::from_millis(20)), // polling
+            }
+        }
+    });
+    let alive_while_refusing = mesh.net.proc_mut(i).child.try_wait().unwrap().is_none();
+    wait_for("api-1's sidecar to exit", Duration::from_secs(15), || {
+        mesh.net.proc_mut(i).child.try_wait().unwrap().map(|_| ())
+    });
+    let exited = t.elapsed();
+    // Keep the load on a little longer: everything now goes to api-2.
+    let after = metric_sum(
+        &mesh.metrics("api-2"),
+        "bulwark_requests_total",
+        &["direction=\"inbound\""],
+    );
+    wait_for(
+        "requests served by api-2 after the drain",
+        Duration::from_secs(10),
+        || {
+            (metric_sum(
+                &mesh.metrics("api-2"),
+                "bulwark_requests_total",
+                &["direction=\"inbound\""],
+            ) >= after + 8.0)
+                .then_some(())
+        },
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for c in clients {
+        let (o, f) = c.join().unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    println!(
+        "drain under load: {ok} ok, {} failed; api-1's sidecar exited {exited:?} after SIGTERM",
+        failed.len()
+    );
+    assert!(
+        refused,
+        "api-1 still accepted new connections while draining"
+    );
+    assert!(
+        alive_while_refusing,
+        "the refusal came only after the process had exited"
+    );
+    assert!(
+        exited < Duration::from_secs(10),
+        "exited within the grace period: {exited:?}"
+    );
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    assert!(ok >= 20, "only {ok} requests");
+}
+
 /// Body size limit of `api` in [`request_bodies_over_the_limit_get_413_and_never_reach_the_app`].
 const BODY_LIMIT: usize = 100_000;
 

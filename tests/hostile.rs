@@ -128,6 +128,119 @@ fn garbage_half_open_and_slowloris_on_every_port_leave_the_mesh_serving() {
     );
 }
 
+/// Holds a connection to `addr` from inside `ns`, silent (half-open) or
+/// sending `slow` and then a byte every 500 ms (slowloris), until the server
+/// closes it or `limit` passes; how long the server took, if it closed it.
+fn held_until_closed(
+    ns: &str,
+    addr: SocketAddr,
+    slow: Option<&'static [u8]>,
+    limit: Duration,
+) -> Option<Duration> {
+    let ns = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        netns::enter(&ns);
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let t = Instant::now();
+        if let Some(start) = slow {
+            let _ = s.write_all(start);
+        }
+        let mut buf = [0u8; 512];
+        while t.elapsed() < limit {
+            match s.read(&mut buf) {
+                Ok(0) => return Some(t.elapsed()),
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return Some(t.elapsed()),
+            }
+            if slow.is_some() && s.write_all(b"a").is_err() {
+                return Some(t.elapsed());
+            }
+        }
+        None
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn half_open_and_slowloris_connections_are_closed_by_every_port_within_its_deadline() {
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.add_pod("web");
+    let api = mesh.add_pod("api");
+    mesh.add_pod("attacker");
+    std::fs::create_dir_all(mesh.config_dir()).unwrap();
+    mesh.write_cp_file("mesh.yaml", &config(&api));
+    mesh.start_control_plane("cp1", 15010);
+    mesh.write_config(&config(&api));
+    mesh.start_sidecar("web", "web", &[]);
+    mesh.start_sidecar("api", "api", &[]);
+    mesh.wait_ready("web");
+    mesh.wait_ready("api");
+    let attacker = mesh.pod("attacker").pod.ns.clone();
+    let web = mesh.pod("web").pod.ns.clone();
+    let s = Duration::from_secs;
+    // A request line and an unfinished header; a TLS record header
+    // announcing a 512-byte ClientHello that then trickles in.
+    const HTTP: Option<&[u8]> = Some(b"GET / HTTP/1.1\r\nX-Slow: ");
+    const TLS: Option<&[u8]> = Some(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]);
+    // (who, where, slowloris start or half-open, the server's deadline)
+    let cases: Vec<(String, String, Option<&'static [u8]>, Duration)> = vec![
+        (attacker.clone(), format!("{}:8080", api.ip), None, s(5)), // inbound 15006: first byte
+        (attacker.clone(), format!("{}:8080", api.ip), TLS, s(5)),  // ... then its TLS handshake
+        (attacker.clone(), format!("{}:15020", api.ip), None, s(10)), // metrics: headers
+        (attacker.clone(), format!("{}:15020", api.ip), HTTP, s(10)),
+        (attacker.clone(), "198.18.0.1:15010".into(), None, s(10)), // control plane: TLS handshake
+        (attacker.clone(), "198.18.0.1:15010".into(), TLS, s(10)),
+        (attacker.clone(), "198.18.0.1:15012".into(), None, s(10)), // CA: TLS handshake
+        (attacker.clone(), "198.18.0.1:15012".into(), TLS, s(10)),
+        (web.clone(), format!("{VIP}:8080"), None, s(30)), // outbound 15001, HTTP: headers
+        (web.clone(), format!("{VIP}:8080"), HTTP, s(30)),
+    ];
+    let held: Vec<_> = cases
+        .iter()
+        .map(|(ns, addr, slow, deadline)| {
+            let (ns, addr, slow, limit) =
+                (ns.clone(), addr.parse().unwrap(), *slow, *deadline + s(4));
+            std::thread::spawn(move || held_until_closed(&ns, addr, slow, limit))
+        })
+        .collect();
+    let mut report = Vec::new();
+    for ((_, addr, slow, deadline), h) in cases.iter().zip(held) {
+        let took = h.join().unwrap();
+        let kind = if slow.is_some() {
+            "slowloris"
+        } else {
+            "half-open"
+        };
+        println!("{kind} to {addr}: closed after {took:?} (deadline {deadline:?})");
+        report.push((addr.clone(), kind, took, *deadline));
+    }
+    for (addr, kind, took, deadline) in &report {
+        let took = took
+            .unwrap_or_else(|| panic!("{kind} connection to {addr} was never closed: {report:?}"));
+        assert!(
+            took <= *deadline + s(3),
+            "{kind} to {addr} held {took:?}: {report:?}"
+        );
+    }
+    // And the mesh still serves.
+    let out = mesh.curl("web", &format!("http://{VIP}:8080/after"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn oversized_headers_get_431_and_a_connection_flood_is_refused_fast() {
     let Some(mut mesh) = Mesh::start(&[]) else {

@@ -22,6 +22,11 @@ fn reply(status: u16, content_type: &str, body: String) -> Response<Body> {
         .expect("static response parts are valid")
 }
 
+/// Connections served at once per port (probes, scrapes, an operator).
+pub const MAX_CONNECTIONS: usize = 64;
+/// Longest wait for a request's headers.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Which set of endpoints a listener serves.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Port {
@@ -230,20 +235,31 @@ pub async fn serve(
     port: Port,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(addr).await?;
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     Ok(tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             };
+            // Probes and scrapes need a handful; beyond that, close at once.
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                proxy.metrics.refused("admin", "over_limit");
+                continue;
+            };
             let proxy = proxy.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let resp = route(&proxy, port, &req);
                     async move { Ok::<_, Infallible>(resp) }
                 });
+                // A client that does not send its headers in time (half-open,
+                // slowloris) is dropped.
                 let _ = hyper::server::conn::http1::Builder::new()
                     .max_buf_size(64 * 1024)
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                     .await;
             });

@@ -305,6 +305,30 @@ async fn client_without_a_certificate_gets_no_stream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_with_a_certificate_from_another_ca_gets_no_stream() {
+    let mesh = Mesh::new();
+    let server = mesh.start().await;
+    // Same trust domain and identity, but signed by another CA's root.
+    let foreign = Mesh::new().svid(CLIENT.0, CLIENT.1);
+    let first = subscriptions(client_node(), &type_url::ALL, &Held::new());
+    assert!(
+        Client::open(&server, &mesh, Some(foreign), first)
+            .await
+            .is_err()
+    );
+    eventually("the handshake failure to be counted", || async {
+        (server.handle.metrics().tls_handshake_failures.get() >= 1).then_some(())
+    })
+    .await;
+    assert!(server.handle.status().sidecars.is_empty());
+    // The genuine SVID still gets its stream.
+    let mut ok = Client::subscribe_all(&server, &mesh, client_node(), Held::new())
+        .await
+        .unwrap();
+    ok.sync_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnecting_with_initial_versions_resends_nothing() {
     let mesh = Mesh::new();
     let server = mesh.start().await;

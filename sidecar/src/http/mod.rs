@@ -114,6 +114,10 @@ impl Drop for DrainOnDrop {
     }
 }
 
+/// Longest wait for a request's headers, and for a new connection's first
+/// byte (before it, the protocol is not known and hyper sets no deadline).
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The HTTP/1.1 + HTTP/2 server settings of the proxy's listeners: bounded
 /// header blocks, a header read timeout against slowloris, and a stream cap.
 pub fn server_builder(
@@ -124,7 +128,7 @@ pub fn server_builder(
     b.http1()
         .max_buf_size(max_header_bytes)
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(std::time::Duration::from_secs(30));
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     b.http2()
         .max_header_list_size(max_header_bytes as u32)
         .max_concurrent_streams(max_streams);

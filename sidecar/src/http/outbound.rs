@@ -28,6 +28,15 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Serves one intercepted app connection as HTTP (1.1 or 2).
 pub async fn serve(proxy: Arc<Proxy>, down: TcpStream, client: SocketAddr, target: Target) {
+    // A connection that never says anything is closed like a slow request.
+    let mut first = [0u8; 1];
+    if !matches!(
+        tokio::time::timeout(super::HEADER_READ_TIMEOUT, down.peek(&mut first)).await,
+        Ok(Ok(1..))
+    ) {
+        proxy.metrics.refused("outbound", "no_request");
+        return;
+    }
     let proxy_draining = proxy.draining.subscribe();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let proxy = proxy.clone();

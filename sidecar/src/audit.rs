@@ -516,7 +516,12 @@ pub fn parse_key(raw: &[u8]) -> Vec<u8> {
 /// or leave out the current file.
 pub fn verify(files: &[PathBuf], key: Option<&[u8]>) -> Result<VerifyReport, VerifyError> {
     let key = key.map(|k| hmac::Key::new(hmac::HMAC_SHA256, k));
-    let mut files = files.to_vec();
+    // `DIR/*` names the head too: it is read beside the newest file anyway.
+    let mut files: Vec<PathBuf> = files
+        .iter()
+        .filter(|p| p.file_name().is_none_or(|n| n != HEAD_FILE))
+        .cloned()
+        .collect();
     files.sort_by_key(|p| {
         let name = p
             .file_name()

@@ -137,10 +137,32 @@ fn write_atomic(path: &Path, text: &str) {
 
 const SCHEMA: &str = r#"{type: object, required: [item, quantity], additionalProperties: false, properties: {item: {type: string, minLength: 1}, quantity: {type: integer, minimum: 1}}}"#;
 
-fn config(api_ip: &str, dir: &Path) -> String {
+/// More mesh services behind the gateway: (name, pod IP), each callable by
+/// the gateway; `routes` are Gateway route entries for them.
+struct Backends<'a> {
+    services: Vec<(&'a str, String)>,
+    routes: &'a str,
+}
+
+fn backend_docs(services: &[(&str, String)]) -> String {
+    let gw = spiffe("edge-gateway");
+    services
+        .iter()
+        .map(|(name, ip)| {
+            let id = spiffe(name);
+            format!(
+                "---\napiVersion: bulwark.dev/v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  ports:\n    - port: 8080\n      protocol: http\n  identities: [{id}]\n---\napiVersion: bulwark.dev/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\nspec:\n  location: MESH_INTERNAL\n  ports:\n    - port: 8080\n      protocol: http\n  endpoints:\n    - address: {ip}\n      identity: {id}\n---\napiVersion: bulwark.dev/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}-from-the-edge\nspec:\n  service: {name}\n  rules:\n    - from: [{gw}]\n"
+            )
+        })
+        .collect()
+}
+
+fn config(api_ip: &str, dir: &Path, more: &Backends<'_>) -> String {
     let api = spiffe("orders");
     let gw = spiffe("edge-gateway");
     let d = dir.display();
+    let more_routes = more.routes;
+    let more_docs = backend_docs(&more.services);
     format!(
         r#"apiVersion: bulwark.dev/v1
 kind: MeshConfig
@@ -203,7 +225,7 @@ spec:
       clientCaFile: {d}/partner-ca.pem
       requireClientCert: true
   routes:
-    - name: split
+{more_routes}    - name: split
       matches: [{{path: {{prefix: /split}}}}]
       backends:
         - {{service: orders, weight: 50}}
@@ -242,7 +264,7 @@ spec:
       algorithms: [ES256]
       clockSkew: 5s
       forwardClaims: {{sub: x-user-id}}
-"#
+{more_docs}"#
     )
 }
 
@@ -263,6 +285,12 @@ fn start() -> Option<Edge> {
 /// [`start`], with the config served by a control plane (`xds`) or read
 /// from a local file by each proxy.
 fn start_with(xds: bool) -> Option<Edge> {
+    start_full(xds, &[], "")
+}
+
+/// [`start_with`] plus a pod per `(service, app args)` in `more`, and
+/// `routes` (Gateway route entries) to them.
+fn start_full(xds: bool, more: &[(&str, &[&str])], routes: &str) -> Option<Edge> {
     let mut mesh = Mesh::start(&[])?;
     let dir = mesh.net.dir.join("edge");
     std::fs::create_dir_all(&dir).unwrap();
@@ -274,12 +302,20 @@ fn start_with(xds: bool) -> Option<Edge> {
     let api = mesh.add_pod("orders");
     let gw = mesh.add_pod("gw");
     mesh.add_pod("outside");
-    let yaml = config(&api.ip.to_string(), &dir);
+    let services: Vec<(&str, String)> = more
+        .iter()
+        .map(|(name, _)| (*name, mesh.add_pod(name).ip.to_string()))
+        .collect();
+    let yaml = config(&api.ip.to_string(), &dir, &Backends { services, routes });
     if xds {
         mesh.write_cp_file("mesh.yaml", &yaml);
         mesh.start_control_plane("cp", 15010);
     } else {
         mesh.write_config(&yaml);
+    }
+    for (name, args) in more {
+        mesh.set_app_args(name, args);
+        mesh.start_sidecar(name, name, &[]);
     }
     mesh.set_app_args(
         "orders",
@@ -752,6 +788,65 @@ fn gateway_config_comes_from_the_control_plane_and_changes_live() {
     );
     let (code, text) = edge.call("/open/y", None, &[]);
     assert_eq!(code, 200, "last good config keeps serving: {text}");
+}
+
+#[test]
+fn gateway_routes_apply_timeouts_and_retries_like_mesh_routes() {
+    let _g = serial();
+    let routes = "    - name: slow
+      matches: [{path: {prefix: /slow}}]
+      backends: [{service: slow}]
+      timeout: 300ms
+    - name: flaky-retried
+      matches: [{path: {prefix: /flaky/retried}}]
+      backends: [{service: flaky}]
+      retry: {attempts: 2, retryOn: [5xx], budgetRatio: 1.0}
+    - name: flaky
+      matches: [{path: {prefix: /flaky}}]
+      backends: [{service: flaky}]
+";
+    let Some(mut edge) = start_full(
+        false,
+        &[
+            ("slow", &["--latency", "2s"]),
+            ("flaky", &["--error-rate", "0.5"]),
+        ],
+        routes,
+    ) else {
+        return;
+    };
+    for p in ["slow", "flaky"] {
+        edge.mesh.wait_ready(p);
+    }
+    // The route's timeout: a 504 that says why, long before the app answers.
+    let t = std::time::Instant::now();
+    let (code, text) = edge.call("/slow/x", None, &[]);
+    assert_eq!(code, 504, "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("x-bulwark-reason: timeout"),
+        "{text}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+    // Every second answer of `flaky` is a 503: retried, every call succeeds;
+    // not retried, about half fail.
+    let ok = |path: &str| {
+        (0..20)
+            .filter(|_| edge.call(path, None, &[]).0 == 200)
+            .count()
+    };
+    assert_eq!(ok("/flaky/retried/x"), 20);
+    let plain = ok("/flaky/x");
+    assert!((8..=12).contains(&plain), "{plain} of 20 without retries");
+    let m = edge.mesh.metrics("flaky");
+    assert!(
+        metric_sum(&m, "bulwark_requests_total", &["direction=\"inbound\""]) >= 50.0,
+        "{m}"
+    );
 }
 
 /// Requests/s through the gateway, with and without JWT validation, in one

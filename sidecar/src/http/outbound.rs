@@ -60,6 +60,24 @@ pub async fn serve(proxy: Arc<Proxy>, down: TcpStream, client: SocketAddr, targe
     }
 }
 
+/// Whether a request the pooled HTTP/2 connection failed was certainly not
+/// processed by the peer (RFC 9113 §8.7): refused with REFUSED_STREAM, or
+/// cut by a graceful GOAWAY whose last stream id is below it (a draining
+/// peer sidecar), or never sent at all.
+fn unprocessed(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away()
+                    && h2.is_remote()
+                    && h2.reason() == Some(h2::Reason::NO_ERROR));
+        }
+        source = s.source();
+    }
+    e.is_canceled()
+}
+
 /// Where a request goes after routing.
 pub(crate) struct Plan {
     pub route: String,
@@ -437,7 +455,9 @@ async fn send_guarded(
                 Ok(r) => Ok(r),
                 Err(e) => {
                     proxy.pool.evict(up.addr, &identity).await;
-                    Err((false, e.to_string()))
+                    // Never processed upstream: as safe to retry as a
+                    // failed connect, whatever the method.
+                    Err((unprocessed(&e), e.to_string()))
                 }
             }
         };

@@ -96,6 +96,54 @@ struct Loaded {
     serving: Arc<CertifiedKey>,
     serving_renew_at: SystemTime,
     stamp: Vec<Option<SystemTime>>,
+    /// Client chains this bundle already verified (see [`VerifiedChains`]).
+    verified: VerifiedChains,
+}
+
+/// Renewal chains verified against one bundle, by the SHA-256 of their
+/// DER, with the identity and the end of the chain's validity: an agent
+/// signing many CSRs over one connection presents the same chain each time,
+/// and the answer cannot change before the chain (or the bundle, which
+/// replaces the whole [`Loaded`]) expires. Bounded; cleared when full.
+#[derive(Default)]
+struct VerifiedChains(std::sync::Mutex<std::collections::HashMap<[u8; 32], (SpiffeId, u64)>>);
+
+impl VerifiedChains {
+    const MAX: usize = 4096;
+
+    fn key(certs: &[CertificateDer<'_>]) -> [u8; 32] {
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        for c in certs {
+            ctx.update(&(c.len() as u64).to_be_bytes());
+            ctx.update(c);
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(ctx.finish().as_ref());
+        key
+    }
+
+    fn get(&self, key: &[u8; 32], now: u64) -> Option<SpiffeId> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key)
+            .filter(|(_, not_after)| now < *not_after)
+            .map(|(id, _)| id.clone())
+    }
+
+    fn put(&self, key: [u8; 32], id: SpiffeId, certs: &[CertificateDer<'_>]) {
+        // The chain is valid until its first certificate expires.
+        let not_after = certs
+            .iter()
+            .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .min()
+            .and_then(|t| u64::try_from(t).ok());
+        let Some(not_after) = not_after else { return };
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= Self::MAX {
+            map.clear();
+        }
+        map.insert(key, (id, not_after));
+    }
 }
 
 struct State {
@@ -142,6 +190,7 @@ fn load(dir: &Path, dns_names: &[String]) -> Result<Loaded, ServeError> {
         serving,
         serving_renew_at: renew_at,
         stamp,
+        verified: VerifiedChains::default(),
     })
 }
 
@@ -385,11 +434,19 @@ impl State {
     ) -> Result<Auth, Refusal> {
         let mut cert_error = None;
         if let Some(certs) = peer_certs.as_ref().filter(|c| !c.is_empty()) {
+            let now = UnixTime::now();
+            let key = VerifiedChains::key(certs);
+            if let Some(id) = loaded.verified.get(&key, now.as_secs()) {
+                return Ok(Auth::Mtls(id));
+            }
             match loaded
                 .bundle
-                .verify(&certs[0], &certs[1..], UnixTime::now(), Usage::Client)
+                .verify(&certs[0], &certs[1..], now, Usage::Client)
             {
-                Ok(id) => return Ok(Auth::Mtls(id)),
+                Ok(id) => {
+                    loaded.verified.put(key, id.clone(), certs);
+                    return Ok(Auth::Mtls(id));
+                }
                 Err(e) => {
                     rec.identity = crate::tls::spiffe_id_of(&certs[0])
                         .ok()
@@ -635,4 +692,56 @@ pub async fn serve(
     acceptor_task.abort();
     refresher.abort();
     result.map_err(ServeError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{Svid, new_csr};
+
+    fn chain() -> (Vec<CertificateDer<'static>>, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        store::init(
+            dir.path(),
+            &store::Settings::new("cache.local"),
+            store::RootSource::Generate,
+        )
+        .unwrap();
+        let authority = Authority::from_material(store::load(dir.path()).unwrap()).unwrap();
+        let id: SpiffeId = "spiffe://cache.local/ns/default/sa/web".parse().unwrap();
+        let (key, csr) = new_csr(&id).unwrap();
+        let issued = authority
+            .sign(
+                check_csr(&csr).unwrap(),
+                &id,
+                Some(Duration::from_secs(600)),
+                OffsetDateTime::now_utc(),
+            )
+            .unwrap();
+        let svid =
+            Svid::from_pem_parts(&key.serialize_pem(), &issued.chain_pem, &issued.bundle_pem)
+                .unwrap();
+        let (_, leaf) = x509_parser::parse_x509_certificate(&svid.chain[0]).unwrap();
+        (
+            svid.chain.clone(),
+            leaf.validity().not_after.timestamp() as u64,
+        )
+    }
+
+    #[test]
+    fn a_verified_chain_is_remembered_until_it_expires_and_only_for_itself() {
+        let (certs, not_after) = chain();
+        let cache = VerifiedChains::default();
+        let key = VerifiedChains::key(&certs);
+        let id: SpiffeId = "spiffe://cache.local/ns/default/sa/web".parse().unwrap();
+        cache.put(key, id.clone(), &certs);
+        assert_eq!(cache.get(&key, not_after - 1), Some(id));
+        assert_eq!(cache.get(&key, not_after), None, "expired");
+        // The leaf alone (another chain) is another key.
+        assert_ne!(VerifiedChains::key(&certs[..1]), key);
+        assert_eq!(
+            cache.get(&VerifiedChains::key(&certs[..1]), not_after - 1),
+            None
+        );
+    }
 }

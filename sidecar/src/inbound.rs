@@ -63,7 +63,12 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
     }
 
     let acceptor = tokio_rustls::TlsAcceptor::from(proxy.server_config.clone());
-    let tls = match tokio::time::timeout(proxy.connect_timeout, acceptor.accept(down)).await {
+    let tls = match tokio::time::timeout(
+        proxy.connect_timeout,
+        acceptor.accept(crate::tls::buffered(down)),
+    )
+    .await
+    {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             m.tls_handshakes

@@ -218,7 +218,10 @@ async fn connect_mesh(
     let connector = tokio_rustls::TlsConnector::from(proxy.client_configs.for_peer(peer_id));
     let result = match tokio::time::timeout(
         proxy.connect_timeout,
-        connector.connect(ServerName::IpAddress(addr.ip().into()), tcp),
+        connector.connect(
+            ServerName::IpAddress(addr.ip().into()),
+            crate::tls::buffered(tcp),
+        ),
     )
     .await
     {
@@ -238,7 +241,7 @@ async fn connect_mesh(
     result.ok()
 }
 
-type MeshStream = tokio_rustls::client::TlsStream<TcpStream>;
+type MeshStream = tokio_rustls::client::TlsStream<crate::tls::Buffered>;
 
 /// How long an `auto` port waits for the client's first bytes before it
 /// also connects upstream. Clients of client-first protocols (HTTP, TLS)

@@ -78,7 +78,10 @@ async fn connect(
         .for_peer_alpn(identity, crate::tls::ALPN_MESH_H2);
     let tls = tokio::time::timeout(
         proxy.connect_timeout,
-        tokio_rustls::TlsConnector::from(cfg).connect(ServerName::IpAddress(addr.ip().into()), tcp),
+        tokio_rustls::TlsConnector::from(cfg).connect(
+            ServerName::IpAddress(addr.ip().into()),
+            crate::tls::buffered(tcp),
+        ),
     )
     .await
     .map_err(|_| PoolError::Tls(addr, "timed out".into()))

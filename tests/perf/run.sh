@@ -392,6 +392,11 @@ done
 rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
 RSS_IDLE_SC_CLI=$(rss_kb "$SC_CLI") RSS_IDLE_SC_SRV=$(rss_kb "$SC_SRV")
 RSS_IDLE_HAP_CLI=$(rss_kb "$HAP_CLI") RSS_IDLE_HAP_SRV=$(rss_kb "$HAP_SRV")
+# Where each proxy's idle RSS is: heap and stacks (anonymous) or the
+# program's own pages (file).
+for p in "sidecar-client:$SC_CLI" "sidecar-server:$SC_SRV" "haproxy-client:$HAP_CLI"; do
+    log "idle ${p%%:*}: $(awk '/^(VmRSS|RssAnon|RssFile|Threads):/{printf "%s %s  ", $1, $2}' "/proc/${p#*:}/status")"
+done
 declare -A URL=([direct]="http://$SRV_IP:9090/" [bulwark]="http://$VIP:8080/" [haproxy]="http://127.0.0.1:10080/")
 declare -A IPERF=([direct]="$SRV_IP 5202" [bulwark]="$VIP 5201" [haproxy]="127.0.0.1 15201")
 declare -A PROXY_PIDS=([direct]="" [bulwark]="$SC_CLI $SC_SRV" [haproxy]="$HAP_CLI $HAP_SRV")

@@ -151,6 +151,37 @@ fn config_edit_reaches_every_sidecar_within_a_second_and_status_shows_convergenc
     );
     assert!(policy["source"]["line"].as_u64().unwrap() >= 1);
     assert_eq!(dump["version"], v1);
+
+    // A change too large for one response (500 Services, several times the
+    // per-response budget) arrives in parts; the sidecars apply them
+    // together and ACK every part.
+    let many: String = (0..500)
+        .map(|i| format!("---\napiVersion: bulwark.dev/v1\nkind: Service\nmetadata:\n  name: bulk-{i:03}\n  namespace: default\nspec:\n  ports:\n    - port: 8080\n      protocol: http\n  identities:\n    - {}\n", spiffe("api")))
+        .collect();
+    mesh.write_cp_file("many.yaml", &many);
+    let v2 = converged_version(&mesh, Some(&v1), Duration::from_secs(10));
+    let dump = mesh.config_dump("web");
+    let services = dump["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| {
+            i["kind"] == "Service" && i["name"].as_str().is_some_and(|n| n.contains("bulk-"))
+        })
+        .count();
+    assert_eq!(services, 500, "{dump}");
+    assert_eq!(dump["version"], v2);
+    for pod in ["web", "api", "db"] {
+        assert_eq!(
+            metric_sum(&mesh.metrics(pod), "bulwark_xds_nacks_total", &[]),
+            0.0
+        );
+    }
+    wait_for("status to show convergence", Duration::from_secs(5), || {
+        mesh.xds_status(CP1_ADMIN)
+            .contains("converged: yes")
+            .then_some(())
+    });
 }
 
 #[test]

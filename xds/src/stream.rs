@@ -31,9 +31,14 @@ use crate::status::{NackStatus, TypeState as State, TypeStatus, unix_ms};
 
 /// Most resource names per type in one request, and subscribed per type.
 pub(crate) const MAX_NAMES: usize = 65_536;
-/// Responses are split so that each stays below this many bytes, well
-/// inside the 4 MiB message limit.
-pub(crate) const RESPONSE_BUDGET: usize = 3 * 1024 * 1024 + 512 * 1024;
+/// Responses are split so that each stays below this many bytes (a
+/// resource larger than that goes alone, within the 4 MiB message limit).
+/// Small on purpose: gRPC's encoder keeps a buffer as large as the largest
+/// message it sent for as long as the stream lives (and the sidecar's
+/// decoder likewise), so one full-mesh sync in a single message would cost
+/// every stream that much memory for good; 1,000 streams after syncing
+/// 1,000 endpoints held 187 kB each with a 3.5 MiB budget.
+pub(crate) const RESPONSE_BUDGET: usize = 16 * 1024;
 /// Longest NACK message kept for status.
 pub(crate) const MAX_NACK_MESSAGE: usize = 2048;
 
@@ -808,5 +813,47 @@ mod tests {
             .on_request(&subscribe(type_url::SERVICE_ENDPOINTS, &[]), &s)
             .unwrap();
         assert_eq!(names(&out.responses[0]), ["shop/api"]);
+    }
+
+    #[test]
+    fn a_large_sync_is_split_into_responses_within_the_budget_that_together_carry_everything() {
+        use prost::Message;
+        let wanted: Vec<String> = (0..400)
+            .map(|i| format!("service-with-a-long-name-{i:04}"))
+            .collect();
+        let services: Vec<(&str, u32)> = wanted.iter().map(|n| (n.as_str(), 8080)).collect();
+        let s = snap(&services);
+        let mut st = StreamState::default();
+        let out = st
+            .on_request(&subscribe(type_url::SERVICE, &[]), &s)
+            .unwrap();
+        assert!(
+            out.responses.len() > 1,
+            "one response of {} bytes",
+            out.responses[0].encoded_len()
+        );
+        let largest_resource = out
+            .responses
+            .iter()
+            .flat_map(|r| &r.resources)
+            .map(|r| r.encoded_len())
+            .max()
+            .unwrap();
+        let mut got: Vec<&str> = Vec::new();
+        for r in &out.responses {
+            assert!(
+                r.encoded_len() <= RESPONSE_BUDGET + largest_resource + 64,
+                "{} bytes",
+                r.encoded_len()
+            );
+            got.extend(names(r));
+        }
+        got.sort();
+        assert_eq!(got.len(), 400);
+        assert!(!st.in_sync(&s));
+        for r in &out.responses {
+            st.on_request(&ack(r), &s).unwrap();
+        }
+        assert!(st.in_sync(&s), "in sync once every part is ACKed");
     }
 }

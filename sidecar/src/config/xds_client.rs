@@ -284,72 +284,91 @@ async fn stream_once(
                 continue;
             }
         };
-        let ack = on_response(resp, handle, held, version, opts);
-        if tx.send(ack).await.is_err() {
-            return Err(StreamError::Closed);
+        // A large change comes in several responses: apply what has already
+        // arrived in one go (one rebuild of the config, not one per part).
+        let mut batch = vec![resp];
+        while batch.len() < MAX_BATCH {
+            match tokio::time::timeout(Duration::ZERO, responses.message()).await {
+                Ok(Ok(Some(r))) => batch.push(r),
+                _ => break,
+            }
+        }
+        for ack in on_responses(batch, handle, held, version, opts) {
+            if tx.send(ack).await.is_err() {
+                return Err(StreamError::Closed);
+            }
         }
     }
 }
 
-/// Applies one response (the whole resulting set, atomically) and returns
-/// the ACK or NACK to send.
-fn on_response(
-    resp: DeltaDiscoveryResponse,
+/// Most responses applied together.
+const MAX_BATCH: usize = 256;
+
+/// Applies responses in order (the whole resulting set, atomically) and
+/// returns the ACK, or NACK, of each.
+fn on_responses(
+    batch: Vec<DeltaDiscoveryResponse>,
     handle: &ConfigHandle,
     held: &mut Held,
     version: &mut String,
     opts: &XdsOptions,
-) -> DeltaDiscoveryRequest {
+) -> Vec<DeltaDiscoveryRequest> {
     let mut candidate = held.clone();
-    let items = candidate.entry(resp.type_url.clone()).or_default();
-    for name in &resp.removed_resources {
-        items.remove(name);
+    let mut unchanged = true;
+    for resp in &batch {
+        let items = candidate.entry(resp.type_url.clone()).or_default();
+        for name in &resp.removed_resources {
+            items.remove(name);
+        }
+        for r in &resp.resources {
+            items.insert(r.name.clone(), (r.version.clone(), r.resource.clone()));
+        }
+        unchanged &= resp.resources.is_empty() && resp.removed_resources.is_empty();
     }
-    for r in &resp.resources {
-        items.insert(r.name.clone(), (r.version.clone(), r.resource.clone()));
-    }
-    let unchanged = resp.resources.is_empty() && resp.removed_resources.is_empty();
+    let last_version = batch
+        .last()
+        .map(|r| r.system_version_info.clone())
+        .unwrap_or_default();
     let applied = if unchanged && handle.current().is_some_and(|c| !c.stale) {
         Ok(())
     } else {
-        assemble(&candidate).and_then(|r| {
-            handle
-                .apply(&resp.system_version_info, r)
-                .map_err(|e| e.to_string())
-        })
+        assemble(&candidate).and_then(|r| handle.apply(&last_version, r).map_err(|e| e.to_string()))
     };
-    match applied {
+    let error = match applied {
         Ok(()) => {
             *held = candidate;
-            *version = resp.system_version_info.clone();
+            *version = last_version;
             if let Some(dir) = &opts.state_dir
                 && !unchanged
             {
                 persist(dir, version, held);
             }
-            tracing::debug!(type_url = %resp.type_url, version = %resp.system_version_info,
-                changed = resp.resources.len(), removed = resp.removed_resources.len(), "ACK");
-            DeltaDiscoveryRequest {
-                type_url: resp.type_url,
-                response_nonce: resp.nonce,
-                ..Default::default()
-            }
+            None
         }
         Err(message) => {
             handle.metrics().xds_nacks.inc();
-            tracing::warn!(type_url = %resp.type_url, version = %resp.system_version_info, error = %message,
+            tracing::warn!(version = %last_version, responses = batch.len(), error = %message,
                 "config update rejected (NACK); keeping the last good config");
+            Some(ErrorDetail {
+                code: tonic::Code::InvalidArgument as i32,
+                message,
+            })
+        }
+    };
+    batch
+        .into_iter()
+        .map(|resp| {
+            tracing::debug!(type_url = %resp.type_url, version = %resp.system_version_info,
+                changed = resp.resources.len(), removed = resp.removed_resources.len(),
+                ack = error.is_none(), "response handled");
             DeltaDiscoveryRequest {
                 type_url: resp.type_url,
                 response_nonce: resp.nonce,
-                error_detail: Some(ErrorDetail {
-                    code: tonic::Code::InvalidArgument as i32,
-                    message,
-                }),
+                error_detail: error.clone(),
                 ..Default::default()
             }
-        }
-    }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -395,7 +395,7 @@ RSS_IDLE_HAP_CLI=$(rss_kb "$HAP_CLI") RSS_IDLE_HAP_SRV=$(rss_kb "$HAP_SRV")
 # Where each proxy's idle RSS is: heap and stacks (anonymous) or the
 # program's own pages (file).
 for p in "sidecar-client:$SC_CLI" "sidecar-server:$SC_SRV" "haproxy-client:$HAP_CLI"; do
-    log "idle ${p%%:*}: $(awk '/^(VmRSS|RssAnon|RssFile|Threads):/{printf "%s %s  ", $1, $2}' "/proc/${p#*:}/status")"
+    log "idle ${p%%:*}: $(awk '/^(VmRSS|RssAnon|RssFile|Threads):/{printf "%s %s  ", $1, $2}' "/proc/${p#*:}/status")$(awk '/^Pss:/{printf "Pss: %s", $2}' "/proc/${p#*:}/smaps_rollup")"
 done
 declare -A URL=([direct]="http://$SRV_IP:9090/" [bulwark]="http://$VIP:8080/" [haproxy]="http://127.0.0.1:10080/")
 declare -A IPERF=([direct]="$SRV_IP 5202" [bulwark]="$VIP 5201" [haproxy]="127.0.0.1 15201")

@@ -46,9 +46,9 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
                 let detected = detect(&proxy, &snap, &down, dst).await;
                 let result = match &detected {
                     Detected::Http => "http",
-                    Detected::Opaque(None) => "tcp",
-                    Detected::Opaque(Some(_)) => "server_first",
-                    Detected::Failed => "tcp",
+                    // The server's greeting decided, not a late client.
+                    Detected::Opaque(Some(e)) if !e.greeting.is_empty() => "server_first",
+                    Detected::Opaque(_) | Detected::Failed => "tcp",
                 };
                 m.detection_duration.observe(t.elapsed().as_secs_f64());
                 m.detections

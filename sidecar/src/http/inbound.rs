@@ -131,17 +131,21 @@ async fn handle(
     let path = req.uri().path().to_string();
     // The app sees this span as the parent of whatever it does next.
     let span = std::sync::Mutex::new(Some(proxy.tracer().start_span(
-        format!("inbound {service}"),
         opentelemetry::trace::SpanKind::Server,
         req.headers_mut(),
-        vec![
-            opentelemetry::KeyValue::new("bulwark.direction", "inbound"),
-            opentelemetry::KeyValue::new("bulwark.service", service.clone()),
-            opentelemetry::KeyValue::new("bulwark.src_identity", src.clone()),
-            opentelemetry::KeyValue::new("bulwark.dst_identity", me.clone()),
-            opentelemetry::KeyValue::new("http.request.method", method.to_string()),
-            opentelemetry::KeyValue::new("url.path", path.clone()),
-        ],
+        || {
+            (
+                format!("inbound {service}"),
+                vec![
+                    opentelemetry::KeyValue::new("bulwark.direction", "inbound"),
+                    opentelemetry::KeyValue::new("bulwark.service", service.clone()),
+                    opentelemetry::KeyValue::new("bulwark.src_identity", src.clone()),
+                    opentelemetry::KeyValue::new("bulwark.dst_identity", me.clone()),
+                    opentelemetry::KeyValue::new("http.request.method", method.to_string()),
+                    opentelemetry::KeyValue::new("url.path", path.clone()),
+                ],
+            )
+        },
     )));
     let finish = |resp: Response<Body>| {
         let key = RequestKey {
@@ -156,13 +160,12 @@ async fn handle(
         let mut trace_id = String::new();
         if let Some(sp) = span.lock().ok().and_then(|mut s| s.take()) {
             trace_id = sp.trace_id();
-            sp.finish(
-                resp.status().as_u16(),
+            sp.finish(resp.status().as_u16(), || {
                 vec![opentelemetry::KeyValue::new(
                     "bulwark.reason",
                     reason.clone(),
-                )],
-            );
+                )]
+            });
         }
         let bytes = hyper::body::Body::size_hint(resp.body())
             .exact()

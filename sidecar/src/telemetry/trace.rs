@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _};
+use opentelemetry::trace::{
+    Span as _, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
+};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -214,23 +216,31 @@ impl Tracing {
 
     /// Starts a span continuing any `traceparent` in `headers`, and rewrites
     /// `headers` to carry this span as the parent of the next hop.
+    /// `describe` gives the span's name and attributes; it runs only for a
+    /// sampled span, so the unsampled majority of requests (and every request
+    /// with tracing off) allocates none of them.
     pub fn start_span(
         &self,
-        name: String,
         kind: SpanKind,
         headers: &mut http::HeaderMap,
-        attrs: Vec<KeyValue>,
+        describe: impl FnOnce() -> (String, Vec<KeyValue>),
     ) -> ReqSpan {
         let Some(t) = &self.0 else {
             return ReqSpan(None);
         };
         let parent = t.propagator.extract(&HeaderExtractor(headers));
-        let span = t
+        // The sampler (parent-based, trace-id ratio) decides on the ids
+        // alone, so the real name is set once the span is known to record.
+        let mut span = t
             .tracer
-            .span_builder(name)
+            .span_builder("request")
             .with_kind(kind)
-            .with_attributes(attrs)
             .start_with_context(&t.tracer, &parent);
+        if span.is_recording() {
+            let (name, attrs) = describe();
+            span.update_name(name);
+            span.set_attributes(attrs);
+        }
         let cx = parent.with_span(span);
         t.propagator
             .inject_context(&cx, &mut HeaderInjector(headers));
@@ -256,18 +266,21 @@ impl ReqSpan {
             .unwrap_or_default()
     }
 
-    pub fn finish(self, status: u16, attrs: Vec<KeyValue>) {
+    /// Ends the span; `attrs` runs only when the span is sampled.
+    pub fn finish(self, status: u16, attrs: impl FnOnce() -> Vec<KeyValue>) {
         if let Some(cx) = self.0 {
             let span = cx.span();
-            span.set_attribute(KeyValue::new(
-                "http.response.status_code",
-                i64::from(status),
-            ));
-            for a in attrs {
-                span.set_attribute(a);
-            }
-            if status >= 500 {
-                span.set_status(Status::error(format!("HTTP {status}")));
+            if span.is_recording() {
+                span.set_attribute(KeyValue::new(
+                    "http.response.status_code",
+                    i64::from(status),
+                ));
+                for a in attrs() {
+                    span.set_attribute(a);
+                }
+                if status >= 500 {
+                    span.set_status(Status::error(format!("HTTP {status}")));
+                }
             }
             span.end();
         }

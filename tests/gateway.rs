@@ -129,9 +129,13 @@ fn write_partner_pki(dir: &Path) {
     client("Stranger CA", "stranger");
 }
 
+/// Writes `text` to `path` by rename, owner-only (the gateway refuses a
+/// private key other users can read).
 fn write_atomic(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
 

@@ -23,6 +23,11 @@ pub enum CertError {
         key: PathBuf,
         message: String,
     },
+    #[error(
+        "private key {path} is open to other users (mode {mode:04o}): `chmod 600` it \
+         (group read, as a Kubernetes Secret with defaultMode 0440 gives, is allowed)"
+    )]
+    KeyMode { path: PathBuf, mode: u32 },
     #[error("listener has no certificate")]
     Empty,
     #[error("client CA {path}: {message}")]
@@ -58,6 +63,29 @@ impl std::fmt::Debug for CertSet {
     }
 }
 
+/// A private key anyone on the host can read, or any group member can
+/// rewrite, is refused: whoever holds it can impersonate the edge. Group
+/// read stays allowed for Secrets mounted with an `fsGroup`.
+fn check_key_mode(key: &Path) -> Result<(), CertError> {
+    use std::os::unix::fs::PermissionsExt;
+    // Follows symlinks: a mounted Secret's files are links into `..data`.
+    let mode = std::fs::metadata(key)
+        .map_err(|e| CertError::File {
+            path: key.to_path_buf(),
+            message: e.to_string(),
+        })?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o027 != 0 {
+        return Err(CertError::KeyMode {
+            path: key.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
 fn load_pair(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, CertError> {
     let file_err = |path: &Path, e: &dyn std::fmt::Display| CertError::File {
         path: path.to_path_buf(),
@@ -70,6 +98,7 @@ fn load_pair(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, CertError> {
     if chain.is_empty() {
         return Err(file_err(cert, &"no CERTIFICATE block"));
     }
+    check_key_mode(key)?;
     let private = PrivateKeyDer::from_pem_file(key).map_err(|e| file_err(key, &e))?;
     let provider = bulwark_ca::tls::provider();
     CertifiedKey::from_der(chain, private, &provider)
@@ -228,7 +257,13 @@ mod tests {
         );
         std::fs::write(&c, cert.pem()).unwrap();
         std::fs::write(&k, key.serialize_pem()).unwrap();
+        set_mode(&k, 0o600);
         (c, k)
+    }
+
+    fn set_mode(p: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
     }
 
     fn spec(hosts: &[&str], c: &Path, k: &Path) -> v1::GatewayCertificate {
@@ -305,5 +340,35 @@ mod tests {
         let err = CertSet::load(&[spec(&[], &missing, &missing)]).unwrap_err();
         assert!(err.to_string().contains("nope.crt"), "{err}");
         assert!(matches!(CertSet::load(&[]), Err(CertError::Empty)));
+    }
+
+    #[test]
+    fn a_key_open_to_other_users_is_refused_and_group_read_is_allowed() {
+        bulwark_ca::tls::provider();
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = write_pair(dir.path(), "a", "api.example.com");
+        for bad in [0o644, 0o604, 0o660] {
+            set_mode(&k, bad);
+            let err = CertSet::load(&[spec(&[], &c, &k)]).unwrap_err();
+            assert!(
+                matches!(err, CertError::KeyMode { mode, .. } if mode == bad),
+                "{bad:o}: {err}"
+            );
+            assert!(err.to_string().contains("a.key"), "{err}");
+        }
+        for good in [0o600, 0o400, 0o440, 0o640] {
+            set_mode(&k, good);
+            CertSet::load(&[spec(&[], &c, &k)]).unwrap();
+        }
+        // A renewal that lands world-readable is refused; the old pair stays.
+        set_mode(&k, 0o600);
+        let set = CertSet::load(&[spec(&[], &c, &k)]).unwrap();
+        let old = set.pick(None).unwrap().cert[0].clone();
+        let (c2, k2) = write_pair(dir.path(), "new", "new.example.com");
+        set_mode(&k2, 0o644);
+        std::fs::rename(&c2, &c).unwrap();
+        std::fs::rename(&k2, &k).unwrap();
+        assert_eq!(set.reload(), 0);
+        assert_eq!(set.pick(None).unwrap().cert[0], old);
     }
 }

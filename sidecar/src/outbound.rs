@@ -195,59 +195,97 @@ pub fn sniff(first: &[u8]) -> Sniffed {
     Sniffed::NeedMore
 }
 
-/// An mTLS connection to a peer sidecar, counted by outcome.
+/// Why a connection to a peer sidecar could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("connect to {0} failed: {1}")]
+    Connect(SocketAddr, std::io::Error),
+    #[error("connect to {0} timed out")]
+    ConnectTimeout(SocketAddr),
+    #[error("mTLS handshake with {0} failed: {1}")]
+    Tls(SocketAddr, std::io::Error),
+    #[error("mTLS handshake with {0} timed out")]
+    TlsTimeout(SocketAddr),
+}
+
+/// A marked TCP connection to a peer sidecar at `addr` and an mTLS
+/// handshake expecting `peer_id` with `alpn`, each bounded by the connect
+/// timeout; handshakes are counted by outcome. Shared by opaque TCP and the
+/// pooled HTTP/2 connections.
+pub(crate) async fn dial_peer(
+    proxy: &Proxy,
+    addr: SocketAddr,
+    peer_id: &bulwark_ca::SpiffeId,
+    alpn: &'static [u8],
+) -> Result<MeshStream, DialError> {
+    let tcp = tokio::time::timeout(proxy.connect_timeout, connect_marked(addr, proxy.mark))
+        .await
+        .map_err(|_| DialError::ConnectTimeout(addr))?
+        .map_err(|e| DialError::Connect(addr, e))?;
+    let connector =
+        tokio_rustls::TlsConnector::from(proxy.client_configs.for_peer_alpn(peer_id, alpn));
+    let handshake = connector.connect(
+        ServerName::IpAddress(addr.ip().into()),
+        crate::tls::buffered(tcp),
+    );
+    let result = match tokio::time::timeout(proxy.connect_timeout, handshake).await {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(DialError::Tls(addr, e)),
+        Err(_) => Err(DialError::TlsTimeout(addr)),
+    };
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(DialError::TlsTimeout(_)) => "timeout",
+        Err(_) => "error",
+    };
+    proxy
+        .metrics
+        .tls_handshakes
+        .get_or_create(&HandshakeLabels {
+            direction: "outbound",
+            result: outcome,
+        })
+        .inc();
+    if let Err(e) = &result {
+        tracing::warn!(dst = %addr, expected = %peer_id, error = %e, "mTLS handshake with upstream failed");
+    }
+    result
+}
+
+/// An opaque-TCP mTLS connection to a peer sidecar; a failure is counted
+/// as the refused connection's reason.
 async fn connect_mesh(
     proxy: &Proxy,
     addr: SocketAddr,
     peer_id: &bulwark_ca::SpiffeId,
 ) -> Option<MeshStream> {
-    let m = &proxy.metrics;
-    let tcp =
-        match tokio::time::timeout(proxy.connect_timeout, connect_marked(addr, proxy.mark)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::info!(dst = %addr, error = %e, "upstream connect failed");
-                m.refused("outbound", "connect_failed");
-                return None;
-            }
-            Err(_) => {
-                m.refused("outbound", "connect_timeout");
-                return None;
-            }
-        };
-    let connector = tokio_rustls::TlsConnector::from(proxy.client_configs.for_peer(peer_id));
-    let result = match tokio::time::timeout(
-        proxy.connect_timeout,
-        connector.connect(
-            ServerName::IpAddress(addr.ip().into()),
-            crate::tls::buffered(tcp),
-        ),
-    )
-    .await
-    {
-        Ok(Ok(t)) => Ok(t),
-        Ok(Err(e)) => {
-            tracing::warn!(dst = %addr, expected = %peer_id, error = %e, "mTLS handshake with upstream failed");
-            Err("error")
+    match dial_peer(proxy, addr, peer_id, bulwark_ca::tls::ALPN_MESH_TCP).await {
+        Ok(t) => Some(t),
+        Err(DialError::Connect(_, e)) => {
+            tracing::info!(dst = %addr, error = %e, "upstream connect failed");
+            proxy.metrics.refused("outbound", "connect_failed");
+            None
         }
-        Err(_) => Err("timeout"),
-    };
-    m.tls_handshakes
-        .get_or_create(&HandshakeLabels {
-            direction: "outbound",
-            result: result.as_ref().err().copied().unwrap_or("ok"),
-        })
-        .inc();
-    result.ok()
+        Err(DialError::ConnectTimeout(_)) => {
+            proxy.metrics.refused("outbound", "connect_timeout");
+            None
+        }
+        Err(DialError::Tls(..) | DialError::TlsTimeout(_)) => None,
+    }
 }
 
-type MeshStream = tokio_rustls::client::TlsStream<crate::tls::Buffered>;
+pub(crate) type MeshStream = tokio_rustls::client::TlsStream<crate::tls::Buffered>;
 
 /// How long an `auto` port waits for the client's first bytes before it
 /// also connects upstream. Clients of client-first protocols (HTTP, TLS)
 /// send at once; waiting this long first spares them a connection made for
 /// nothing, and a server-speaks-first protocol is delayed by no more.
 const CLIENT_FIRST_WINDOW: std::time::Duration = std::time::Duration::from_millis(10);
+/// How long a client may sit on the first bytes of what could be an HTTP
+/// method before the connection is taken as opaque: HTTP clients send the
+/// request line in one write, and a binary protocol whose first bytes
+/// happen to be capital letters must not be held forever.
+const PARTIAL_METHOD_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Largest server greeting read while detecting (the rest is relayed).
 const GREETING_BYTES: usize = 4096;
@@ -329,10 +367,12 @@ async fn read_some(tls: Option<&mut MeshStream>, buf: &mut [u8]) -> usize {
 }
 
 /// Waits for the client's first bytes: true if they are an HTTP/1 request
-/// line or the HTTP/2 preface, false for anything else or the client's
-/// end. Only peeks, so it can be abandoned at any point.
+/// line or the HTTP/2 preface, false for anything else, the client's end,
+/// or a partial method left unfinished for [`PARTIAL_METHOD_WAIT`]. Only
+/// peeks, so it can be abandoned at any point.
 async fn client_speaks_http(s: &TcpStream) -> bool {
     let mut buf = [0u8; SNIFF_BYTES];
+    let mut partial_since = None;
     loop {
         let n = match s.peek(&mut buf).await {
             Ok(n) if n > 0 => n,
@@ -342,7 +382,13 @@ async fn client_speaks_http(s: &TcpStream) -> bool {
             Sniffed::Http => return true,
             Sniffed::Opaque => return false,
             // Part of a request line so far: wait briefly for the rest.
-            Sniffed::NeedMore => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
+            Sniffed::NeedMore => {
+                let since = *partial_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= PARTIAL_METHOD_WAIT {
+                    return false;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await
+            }
         }
     }
 }
@@ -361,5 +407,34 @@ mod tests {
         assert_eq!(sniff(b"get / HTTP/1.1"), Sniffed::Opaque);
         assert_eq!(sniff(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"), Sniffed::Opaque);
         assert_eq!(sniff(b""), Sniffed::Opaque);
+    }
+
+    /// A client that sends "GE" and then nothing is opaque after the wait,
+    /// not held for ever; one that finishes its request line in time is HTTP.
+    #[tokio::test(start_paused = true)]
+    async fn a_partial_method_left_unfinished_is_opaque_after_the_wait() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        c.write_all(b"GE").await.unwrap();
+        let started = tokio::time::Instant::now();
+        assert!(!client_speaks_http(&s).await);
+        let waited = started.elapsed();
+        assert!(
+            waited >= PARTIAL_METHOD_WAIT && waited < PARTIAL_METHOD_WAIT * 2,
+            "{waited:?}"
+        );
+
+        let mut c2 = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s2, _) = l.accept().await.unwrap();
+        c2.write_all(b"GE").await.unwrap();
+        let finish = async {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            c2.write_all(b"T / HTTP/1.1\r\n").await.unwrap();
+        };
+        let (http, ()) = tokio::join!(client_speaks_http(&s2), finish);
+        assert!(http);
+        drop(c);
     }
 }

@@ -29,11 +29,6 @@ impl ClientConfigs {
         }
     }
 
-    /// For opaque TCP tunnels.
-    pub fn for_peer(&self, peer: &SpiffeId) -> Arc<rustls::ClientConfig> {
-        self.for_peer_alpn(peer, ALPN_MESH_TCP)
-    }
-
     /// For a given ALPN (`ALPN_MESH_TCP` or `ALPN_MESH_H2`).
     pub fn for_peer_alpn(&self, peer: &SpiffeId, alpn: &'static [u8]) -> Arc<rustls::ClientConfig> {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());

@@ -163,17 +163,21 @@ pub(crate) async fn exchange(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let span = proxy.tracer().start_span(
-        format!("{direction} {}", plan.service),
         opentelemetry::trace::SpanKind::Client,
         req.headers_mut(),
-        vec![
-            opentelemetry::KeyValue::new("bulwark.direction", direction),
-            opentelemetry::KeyValue::new("bulwark.service", plan.service.clone()),
-            opentelemetry::KeyValue::new("bulwark.route", plan.route.clone()),
-            opentelemetry::KeyValue::new("http.request.method", method.to_string()),
-            opentelemetry::KeyValue::new("url.path", path.clone()),
-            opentelemetry::KeyValue::new("bulwark.src_identity", me.clone()),
-        ],
+        || {
+            (
+                format!("{direction} {}", plan.service),
+                vec![
+                    opentelemetry::KeyValue::new("bulwark.direction", direction),
+                    opentelemetry::KeyValue::new("bulwark.service", plan.service.clone()),
+                    opentelemetry::KeyValue::new("bulwark.route", plan.route.clone()),
+                    opentelemetry::KeyValue::new("http.request.method", method.to_string()),
+                    opentelemetry::KeyValue::new("url.path", path.clone()),
+                    opentelemetry::KeyValue::new("bulwark.src_identity", me.clone()),
+                ],
+            )
+        },
     );
     let authority = req
         .uri()
@@ -220,15 +224,14 @@ pub(crate) async fn exchange(
         .map(|u: SocketAddr| u.to_string())
         .unwrap_or_default();
     let retries = attempts.saturating_sub(1);
-    span.finish(
-        code,
+    span.finish(code, || {
         vec![
             opentelemetry::KeyValue::new("bulwark.dst_identity", dst_identity.clone()),
             opentelemetry::KeyValue::new("bulwark.upstream", upstream.clone()),
             opentelemetry::KeyValue::new("bulwark.retries", i64::from(retries)),
             opentelemetry::KeyValue::new("bulwark.reason", reason.clone()),
-        ],
-    );
+        ]
+    });
     let bytes = hyper::body::Body::size_hint(resp.body())
         .exact()
         .unwrap_or(0);
@@ -654,41 +657,22 @@ async fn upgrade_tunnel(proxy: &Arc<Proxy>, plan: &Plan, mut req: Request<Body>)
         .find(|u| u.addr == ep.addr)
         .expect("planned upstream");
     let identity = up.identity.clone().expect("mesh upstream");
-    let tcp = match tokio::time::timeout(
-        proxy.connect_timeout,
-        crate::intercept::connect_marked(up.addr, proxy.mark),
-    )
-    .await
-    {
-        Ok(Ok(t)) => t,
-        _ => {
-            return (
-                reply(503, "upstream-connect-failure"),
-                Some(up.addr),
-                identity.to_string(),
-                1,
-            );
-        }
-    };
-    let connector = tokio_rustls::TlsConnector::from(proxy.client_configs.for_peer(&identity));
-    let tls = match connector
-        .connect(
-            rustls_pki_types::ServerName::IpAddress(up.addr.ip().into()),
-            tcp,
-        )
-        .await
-    {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!(upstream = %up.addr, error = %e, "mTLS handshake for an upgrade tunnel failed");
-            return (
-                reply(503, "upstream-tls-failure"),
-                Some(up.addr),
-                identity.to_string(),
-                1,
-            );
-        }
-    };
+    use crate::outbound::DialError;
+    let tls =
+        match crate::outbound::dial_peer(proxy, up.addr, &identity, bulwark_ca::tls::ALPN_MESH_TCP)
+            .await
+        {
+            Ok(t) => t,
+            Err(e) => {
+                let reason = match e {
+                    DialError::Connect(..) | DialError::ConnectTimeout(_) => {
+                        "upstream-connect-failure"
+                    }
+                    DialError::Tls(..) | DialError::TlsTimeout(_) => "upstream-tls-failure",
+                };
+                return (reply(503, reason), Some(up.addr), identity.to_string(), 1);
+            }
+        };
     let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(tls)).await {
         Ok(x) => x,
         Err(_) => {

@@ -8,19 +8,15 @@ use std::net::SocketAddr;
 use bulwark_ca::SpiffeId;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls_pki_types::ServerName;
 use tokio::sync::Mutex;
 
 use super::Body;
 use crate::Proxy;
-use crate::telemetry::HandshakeLabels;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    #[error("connect to {0} failed: {1}")]
-    Connect(SocketAddr, String),
-    #[error("mTLS handshake with {0} failed: {1}")]
-    Tls(SocketAddr, String),
+    #[error(transparent)]
+    Dial(#[from] crate::outbound::DialError),
     #[error("HTTP/2 handshake with {0} failed: {1}")]
     H2(SocketAddr, String),
 }
@@ -65,46 +61,7 @@ async fn connect(
     addr: SocketAddr,
     identity: &SpiffeId,
 ) -> Result<SendRequest<Body>, PoolError> {
-    let m = &proxy.metrics;
-    let tcp = tokio::time::timeout(
-        proxy.connect_timeout,
-        crate::intercept::connect_marked(addr, proxy.mark),
-    )
-    .await
-    .map_err(|_| PoolError::Connect(addr, "timed out".into()))?
-    .map_err(|e| PoolError::Connect(addr, e.to_string()))?;
-    let cfg = proxy
-        .client_configs
-        .for_peer_alpn(identity, crate::tls::ALPN_MESH_H2);
-    let tls = tokio::time::timeout(
-        proxy.connect_timeout,
-        tokio_rustls::TlsConnector::from(cfg).connect(
-            ServerName::IpAddress(addr.ip().into()),
-            crate::tls::buffered(tcp),
-        ),
-    )
-    .await
-    .map_err(|_| PoolError::Tls(addr, "timed out".into()))
-    .and_then(|r| r.map_err(|e| PoolError::Tls(addr, e.to_string())));
-    let tls = match tls {
-        Ok(t) => t,
-        Err(e) => {
-            m.tls_handshakes
-                .get_or_create(&HandshakeLabels {
-                    direction: "outbound",
-                    result: "error",
-                })
-                .inc();
-            tracing::warn!(%addr, expected = %identity, error = %e, "mTLS handshake with upstream failed");
-            return Err(e);
-        }
-    };
-    m.tls_handshakes
-        .get_or_create(&HandshakeLabels {
-            direction: "outbound",
-            result: "ok",
-        })
-        .inc();
+    let tls = crate::outbound::dial_peer(proxy, addr, identity, crate::tls::ALPN_MESH_H2).await?;
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(hyper_util::rt::TokioTimer::new())
         .keep_alive_interval(std::time::Duration::from_secs(20))

@@ -240,7 +240,7 @@ fn spans_from_two_sidecars_share_the_trace_and_link_parents_and_traceparent_is_c
 /// median p99s are compared.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-const ROUNDS: usize = 8;
+const ROUNDS: usize = 12;
 
 /// `n` sequential GETs on one keep-alive HTTP/1.1 connection; their latencies.
 fn keepalive_latencies(target: SocketAddr, n: usize) -> Vec<Duration> {

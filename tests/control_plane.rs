@@ -578,8 +578,8 @@ fn root_rotation_waits_until_every_sidecar_acked_the_new_bundle() {
 }
 
 /// Which api pod served each of `n` requests from web to the api VIP.
-fn served_by(mesh: &Mesh, n: usize) -> Vec<String> {
-    let ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
+fn served_by(mesh: &Mesh, client: &str, n: usize) -> Vec<String> {
+    let ns = format!("/run/netns/{}", mesh.pod(client).pod.ns);
     let target: SocketAddr = "198.18.100.1:8080".parse().unwrap();
     std::thread::spawn(move || {
         netns::enter(&ns);
@@ -616,19 +616,21 @@ fn an_app_failing_its_health_check_leaves_every_clients_pool_and_returns() {
         "apiVersion: bulwark.dev/v1\nkind: Service\nmetadata:\n  name: api\n  namespace: default\nspec:\n  ports:\n    - port: 8080\n      protocol: http\n  selector:\n    app: api\n  addresses:\n    - 198.18.100.1\n---\napiVersion: bulwark.dev/v1\nkind: TrafficPolicy\nmetadata:\n  name: api\n  namespace: default\nspec:\n  service: api\n  healthCheck:\n    path: /healthz\n    interval: 500ms\n    timeout: 200ms\n    unhealthyThreshold: 2\n    healthyThreshold: 2\n",
     );
     mesh.start_control_plane("cp1", 15010);
+    // Two clients: the verdict of api-2's own sidecar must reach both.
     for (pod, sa, labels) in [
         ("web", "web", "app=web"),
+        ("web-2", "web", "app=web"),
         ("api-1", "api", "app=api"),
         ("api-2", "api", "app=api"),
     ] {
         mesh.add_pod(pod);
         mesh.start_sidecar_xds(pod, sa, CP1, labels, &[]);
     }
-    for pod in ["web", "api-1", "api-2"] {
+    for pod in ["web", "web-2", "api-1", "api-2"] {
         mesh.wait_ready(pod);
     }
     wait_for("both api pods to serve", Duration::from_secs(10), || {
-        let seen = served_by(&mesh, 40);
+        let seen = served_by(&mesh, "web", 40);
         (seen.iter().any(|s| s == "api-1") && seen.iter().any(|s| s == "api-2")).then_some(())
     });
     // api-2's app turns unhealthy (everything, /healthz included, answers 503).
@@ -649,20 +651,28 @@ fn an_app_failing_its_health_check_leaves_every_clients_pool_and_returns() {
         ],
     );
     let t0 = Instant::now();
-    wait_for("web's pool to drop api-2", Duration::from_secs(10), || {
-        let dump = mesh.config_dump("web");
-        (dump["endpoints"].as_u64() == Some(1)).then_some(())
-    });
+    wait_for(
+        "both clients' pools to drop api-2",
+        Duration::from_secs(10),
+        || {
+            ["web", "web-2"]
+                .iter()
+                .all(|c| mesh.config_dump(c)["endpoints"].as_u64() == Some(1))
+                .then_some(())
+        },
+    );
     let took = t0.elapsed();
     println!(
-        "unhealthy app withdrawn from the client's pool after {took:?} (2 x 500 ms probes + push)"
+        "unhealthy app withdrawn from both clients' pools after {took:?} (2 x 500 ms probes + push)"
     );
     assert!(took < Duration::from_millis(2500), "{took:?}");
-    let seen = served_by(&mesh, 100);
-    assert!(
-        seen.iter().all(|s| s == "api-1"),
-        "no request reaches api-2: {seen:?}"
-    );
+    for client in ["web", "web-2"] {
+        let seen = served_by(&mesh, client, 50);
+        assert!(
+            seen.len() == 50 && seen.iter().all(|s| s == "api-1"),
+            "every request from {client} succeeds and none reaches api-2: {seen:?}"
+        );
+    }
     let status = mesh.xds_status(CP1_ADMIN);
     assert!(status.contains("converged: yes"), "{status}");
     // Healthy again: restored everywhere.
@@ -672,8 +682,14 @@ fn an_app_failing_its_health_check_leaves_every_clients_pool_and_returns() {
         "api-2-good",
         &["demo-app", "--listen", "0.0.0.0:8080", "--name", "api-2"],
     );
-    wait_for("api-2 to return", Duration::from_secs(10), || {
-        served_by(&mesh, 30)
+    let restored = |c: &str| mesh.config_dump(c)["endpoints"].as_u64() == Some(2);
+    wait_for(
+        "api-2 to return to both clients",
+        Duration::from_secs(10),
+        || (restored("web") && restored("web-2")).then_some(()),
+    );
+    wait_for("api-2 to serve again", Duration::from_secs(10), || {
+        served_by(&mesh, "web-2", 30)
             .iter()
             .any(|s| s == "api-2")
             .then_some(())

@@ -146,6 +146,8 @@ const SCHEMA: &str = r#"{type: object, required: [item, quantity], additionalPro
 struct Backends<'a> {
     services: Vec<(&'a str, String)>,
     routes: &'a str,
+    /// More YAML documents (TrafficPolicies for them, say).
+    docs: &'a str,
 }
 
 fn backend_docs(services: &[(&str, String)]) -> String {
@@ -166,7 +168,7 @@ fn config(api_ip: &str, dir: &Path, more: &Backends<'_>) -> String {
     let gw = spiffe("edge-gateway");
     let d = dir.display();
     let more_routes = more.routes;
-    let more_docs = backend_docs(&more.services);
+    let more_docs = backend_docs(&more.services) + more.docs;
     format!(
         r#"apiVersion: bulwark.dev/v1
 kind: MeshConfig
@@ -289,12 +291,12 @@ fn start() -> Option<Edge> {
 /// [`start`], with the config served by a control plane (`xds`) or read
 /// from a local file by each proxy.
 fn start_with(xds: bool) -> Option<Edge> {
-    start_full(xds, &[], "")
+    start_full(xds, &[], "", "")
 }
 
 /// [`start_with`] plus a pod per `(service, app args)` in `more`, and
 /// `routes` (Gateway route entries) to them.
-fn start_full(xds: bool, more: &[(&str, &[&str])], routes: &str) -> Option<Edge> {
+fn start_full(xds: bool, more: &[(&str, &[&str])], routes: &str, docs: &str) -> Option<Edge> {
     let mut mesh = Mesh::start(&[])?;
     let dir = mesh.net.dir.join("edge");
     std::fs::create_dir_all(&dir).unwrap();
@@ -310,7 +312,15 @@ fn start_full(xds: bool, more: &[(&str, &[&str])], routes: &str) -> Option<Edge>
         .iter()
         .map(|(name, _)| (*name, mesh.add_pod(name).ip.to_string()))
         .collect();
-    let yaml = config(&api.ip.to_string(), &dir, &Backends { services, routes });
+    let yaml = config(
+        &api.ip.to_string(),
+        &dir,
+        &Backends {
+            services,
+            routes,
+            docs,
+        },
+    );
     if xds {
         mesh.write_cp_file("mesh.yaml", &yaml);
         mesh.start_control_plane("cp", 15010);
@@ -816,6 +826,7 @@ fn gateway_routes_apply_timeouts_and_retries_like_mesh_routes() {
             ("flaky", &["--error-rate", "0.5"]),
         ],
         routes,
+        "",
     ) else {
         return;
     };
@@ -850,6 +861,104 @@ fn gateway_routes_apply_timeouts_and_retries_like_mesh_routes() {
     assert!(
         metric_sum(&m, "bulwark_requests_total", &["direction=\"inbound\""]) >= 50.0,
         "{m}"
+    );
+}
+
+/// A backend's TrafficPolicy guards requests from the gateway as it does
+/// requests from a sidecar: its bulkhead rejects the excess at once, and its
+/// breaker opens after the configured failures and keeps the rest off the
+/// failing service.
+#[test]
+fn gateway_requests_go_through_the_backends_bulkhead_and_breaker() {
+    let _g = serial();
+    let routes = "    - name: slow
+      matches: [{path: {prefix: /slow}}]
+      backends: [{service: slow}]
+    - name: bad
+      matches: [{path: {prefix: /bad}}]
+      backends: [{service: bad}]
+";
+    let policies = "---
+apiVersion: bulwark.dev/v1
+kind: TrafficPolicy
+metadata:
+  name: slow
+spec:
+  service: slow
+  bulkhead: {maxRequests: 2, maxPending: 1}
+---
+apiVersion: bulwark.dev/v1
+kind: TrafficPolicy
+metadata:
+  name: bad
+spec:
+  service: bad
+  circuitBreaker: {consecutiveFailures: 5, openDuration: 30s, halfOpenRequests: 1}
+";
+    let Some(mut edge) = start_full(
+        false,
+        &[
+            ("slow", &["--latency", "2s"]),
+            ("bad", &["--error-rate", "1.0"]),
+        ],
+        routes,
+        policies,
+    ) else {
+        return;
+    };
+    for p in ["slow", "bad"] {
+        edge.mesh.wait_ready(p);
+    }
+    // Eight requests at once, multiplexed on one HTTP/2 connection: two are
+    // served, one waits for a slot, five are turned away without waiting.
+    let more: Vec<String> = (1..8)
+        .map(|i| format!("https://{HOST}:8443/slow/{i}"))
+        .collect();
+    let mut extra = vec!["--parallel", "--parallel-immediate", "--parallel-max", "8"];
+    extra.extend(more.iter().map(String::as_str));
+    let t = std::time::Instant::now();
+    let (_, text) = edge.call("/slow/0", None, &extra);
+    let lower = text.to_ascii_lowercase();
+    let served = lower.matches("x-served-by: slow").count();
+    let rejected = lower.matches("x-bulwark-reason: bulkhead-full").count();
+    println!(
+        "8 concurrent calls: {rejected} rejected by the bulkhead, in {:?}",
+        t.elapsed()
+    );
+    assert_eq!(rejected, 5, "{text}");
+    let m = edge.mesh.metrics("gw");
+    assert!(
+        metric_sum(&m, "bulwark_bulkhead_rejections_total", &[]) >= 5.0,
+        "{m}"
+    );
+    assert_eq!(served, 3, "two at once, then the queued one: {text}");
+
+    // The breaker: after five failures the rest are refused at the gateway.
+    let codes: Vec<(u16, bool)> = (0..15)
+        .map(|i| {
+            let (code, text) = edge.call(&format!("/bad/{i}"), None, &[]);
+            let open = text
+                .to_ascii_lowercase()
+                .contains("x-bulwark-reason: breaker-open");
+            (code, open)
+        })
+        .collect();
+    assert!(codes.iter().all(|(c, _)| *c == 503), "{codes:?}");
+    assert!(codes[10..].iter().all(|(_, open)| *open), "{codes:?}");
+    let attempts = metric_sum(
+        &edge.mesh.metrics("bad"),
+        "bulwark_requests_total",
+        &["direction=\"inbound\""],
+    );
+    assert!(
+        (5.0..=6.0).contains(&attempts),
+        "the configured 5 failures (+1 probe) reach the service, got {attempts}"
+    );
+    let m = edge.mesh.metrics("gw");
+    assert_eq!(
+        metric_sum(&m, "bulwark_breaker_state", &["bad"]),
+        1.0,
+        "open\n{m}"
     );
 }
 

@@ -60,6 +60,19 @@ pub async fn serve(proxy: Arc<Proxy>, down: TcpStream, client: SocketAddr, targe
     }
 }
 
+/// Whether the pooled connection failed only this request's stream: the
+/// peer answered it with RST_STREAM, the connection itself is fine.
+fn reset_by_peer(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.is_reset() && h2.is_remote();
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// Whether a request the pooled HTTP/2 connection failed was certainly not
 /// processed by the peer (RFC 9113 §8.7): refused with REFUSED_STREAM, or
 /// cut by a graceful GOAWAY whose last stream id is below it (a draining
@@ -457,7 +470,12 @@ async fn send_guarded(
             {
                 Ok(r) => Ok(r),
                 Err(e) => {
-                    proxy.pool.evict(up.addr, &identity).await;
+                    // A stream the peer reset (REFUSED_STREAM, say) leaves
+                    // the connection serving every other request: replacing
+                    // it would cost a handshake for nothing.
+                    if !reset_by_peer(&e) || sender.is_closed() {
+                        proxy.pool.evict(up.addr, &identity).await;
+                    }
                     // Never processed upstream: as safe to retry as a
                     // failed connect, whatever the method.
                     Err((unprocessed(&e), e.to_string()))

@@ -6,6 +6,7 @@ pub mod body_limit;
 pub mod health;
 pub mod inbound;
 pub mod outbound;
+pub mod park;
 pub mod pool;
 pub mod replay;
 pub mod route;
@@ -117,6 +118,15 @@ impl Drop for DrainOnDrop {
 /// Longest wait for a request's headers, and for a new connection's first
 /// byte (before it, the protocol is not known and hyper sets no deadline).
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The HTTP/1.1 server settings of [`server_builder`], alone.
+pub fn http1_builder(max_header_bytes: usize) -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.max_buf_size(max_header_bytes)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    b
+}
 
 /// The HTTP/1.1 + HTTP/2 server settings of the proxy's listeners: bounded
 /// header blocks, a header read timeout against slowloris, and a stream cap.

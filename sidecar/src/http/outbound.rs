@@ -29,22 +29,37 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Serves one intercepted app connection as HTTP (1.1 or 2).
 pub async fn serve(proxy: Arc<Proxy>, down: TcpStream, client: SocketAddr, target: Target) {
     // A connection that never says anything is closed like a slow request.
-    let mut first = [0u8; 1];
-    if !matches!(
-        tokio::time::timeout(super::HEADER_READ_TIMEOUT, down.peek(&mut first)).await,
-        Ok(Ok(1..))
-    ) {
-        proxy.metrics.refused("outbound", "no_request");
+    let mut first = [0u8; 3];
+    let n = match tokio::time::timeout(super::HEADER_READ_TIMEOUT, down.peek(&mut first)).await {
+        Ok(Ok(n @ 1..)) => n,
+        _ => {
+            proxy.metrics.refused("outbound", "no_request");
+            return;
+        }
+    };
+    let draining = proxy.draining.subscribe();
+    // Not the HTTP/2 preface (`PRI * HTTP/2.0`): HTTP/1.1, parked between
+    // requests so that an idle keep-alive connection holds no HTTP state.
+    if !b"PRI".starts_with(&first[..n]) {
+        let handler = {
+            let proxy = proxy.clone();
+            move |req: Request<Incoming>| handle(proxy.clone(), target.clone(), req)
+        };
+        let b = super::http1_builder(MAX_HEADER_BYTES);
+        let ended =
+            super::park::serve(&b, down, handler, draining, super::HEADER_READ_TIMEOUT).await;
+        if let super::park::Ended::Error(e) = ended {
+            tracing::debug!(%client, error = %e, "outbound HTTP connection ended with an error");
+        }
         return;
     }
-    let proxy_draining = proxy.draining.subscribe();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let proxy = proxy.clone();
         let target = target.clone();
         async move { Ok::<_, Infallible>(handle(proxy, target, req).await) }
     });
     let b = super::server_builder(MAX_HEADER_BYTES, 1024);
-    let mut draining = proxy_draining;
+    let mut draining = draining;
     let conn = b.serve_connection_with_upgrades(TokioIo::new(down), svc);
     tokio::pin!(conn);
     // On drain: finish in-flight requests, then close (GOAWAY / Connection: close).
@@ -59,6 +74,14 @@ pub async fn serve(proxy: Arc<Proxy>, down: TcpStream, client: SocketAddr, targe
         tracing::debug!(%client, error = %e, "outbound HTTP connection ended with an error");
     }
 }
+
+/// Either side of an upgraded connection.
+trait Tunnel: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Tunnel for T {}
+
+/// The app's side of an upgrade, once the response is written.
+type DownSide =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<Box<dyn Tunnel>>> + Send>>;
 
 /// Whether the pooled connection failed only this request's stream: the
 /// peer answered it with RST_STREAM, the connection itself is fine.
@@ -703,6 +726,9 @@ async fn upgrade_tunnel(proxy: &Arc<Proxy>, plan: &Plan, mut req: Request<Body>)
         }
     };
     tokio::spawn(conn.with_upgrades());
+    // A parked app connection hands its socket over itself; others (the
+    // gateway's, HTTP/2) through hyper's upgrade.
+    let manual = req.extensions_mut().remove::<super::park::ManualUpgrade>();
     let down_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
     parts.headers.remove(super::PEER_IDENTITY_HEADER);
@@ -720,15 +746,29 @@ async fn upgrade_tunnel(proxy: &Arc<Proxy>, plan: &Plan, mut req: Request<Body>)
     };
     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
         let up_upgrade = hyper::upgrade::on(&mut resp);
+        let down: DownSide = match manual {
+            Some(m) => {
+                let rx = m.accept();
+                Box::pin(async move { rx.await.ok().map(|io| Box::new(io) as Box<dyn Tunnel>) })
+            }
+            None => Box::pin(async move {
+                down_upgrade
+                    .await
+                    .ok()
+                    .map(|u| Box::new(TokioIo::new(u)) as Box<dyn Tunnel>)
+            }),
+        };
         tokio::spawn(async move {
-            match (down_upgrade.await, up_upgrade.await) {
-                (Ok(d), Ok(u)) => {
-                    let _ =
-                        tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(u))
-                            .await;
+            match (down.await, up_upgrade.await) {
+                (Some(mut d), Ok(u)) => {
+                    let _ = tokio::io::copy_bidirectional(&mut d, &mut TokioIo::new(u)).await;
                 }
                 (d, u) => {
-                    tracing::debug!(down = d.is_ok(), up = u.is_ok(), "upgrade did not complete")
+                    tracing::debug!(
+                        down = d.is_some(),
+                        up = u.is_ok(),
+                        "upgrade did not complete"
+                    )
                 }
             }
         });

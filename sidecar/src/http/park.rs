@@ -1,0 +1,521 @@
+//! Idle HTTP/1.1 app connections hold no HTTP state. hyper keeps an 8 KiB
+//! read buffer, an 8 KiB write buffer and its connection state for as long
+//! as a connection lives; an app with a pool of mostly idle keep-alive
+//! connections would pay that on every one. Here, once a request/response
+//! exchange is complete and nothing else is buffered, the hyper connection
+//! is taken apart (its socket and any unparsed bytes kept) and built again
+//! when the client next sends something: an idle connection costs its
+//! socket and a small task.
+//!
+//! A connection is parked only at a point where nothing can be lost: no
+//! request in flight, the last request had no body (so hyper has read all
+//! of it), no response bytes waiting for the socket, and hyper idle. Bytes
+//! hyper read but did not parse (the start of the next request) are
+//! replayed to the next hyper connection. An HTTP upgrade hands the socket
+//! to the tunnel through [`ManualUpgrade`].
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::body::{Bytes, Frame, Incoming, SizeHint};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use super::{Body, BoxError};
+
+/// A socket with bytes to be read before what the socket itself delivers.
+pub struct Prefixed {
+    prefix: Bytes,
+    inner: TcpStream,
+}
+
+impl Prefixed {
+    pub fn new(inner: TcpStream) -> Self {
+        Self {
+            prefix: Bytes::new(),
+            inner,
+        }
+    }
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix = self.prefix.slice(n..);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// What the serving loop knows of the current hyper connection.
+#[derive(Default)]
+struct Watch {
+    /// Requests whose response hyper has not finished with.
+    in_flight: AtomicUsize,
+    /// Requests this hyper connection has taken.
+    taken: AtomicUsize,
+    /// Whether the last request had no body and asked for no upgrade.
+    last_parkable: AtomicBool,
+    /// Whether the socket refused hyper's last write (hyper holds bytes).
+    write_blocked: AtomicBool,
+    /// Times this connection was parked.
+    parks: AtomicUsize,
+    /// Where an accepted upgrade wants the socket.
+    upgrade: Mutex<Option<oneshot::Sender<Prefixed>>>,
+}
+
+impl Watch {
+    fn can_park(&self) -> bool {
+        self.taken.load(Ordering::Relaxed) > 0
+            && self.in_flight.load(Ordering::Relaxed) == 0
+            && self.last_parkable.load(Ordering::Relaxed)
+            && !self.write_blocked.load(Ordering::Relaxed)
+    }
+}
+
+/// The socket as hyper sees it: writes that would block are noted.
+struct Watched {
+    io: Prefixed,
+    watch: Arc<Watch>,
+}
+
+impl Watched {
+    fn note<T>(&self, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        self.watch
+            .write_blocked
+            .store(r.is_pending(), Ordering::Relaxed);
+        r
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.note(r)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.note(r)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.note(r)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Counts a request in flight from the service call until hyper drops its
+/// response body (after writing the last of it, or on an error).
+struct Busy(Arc<Watch>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct Tracked {
+    inner: Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Put in an upgrade request's extensions on a parking connection: the
+/// socket is handed over through it once the 101 is written.
+#[derive(Clone)]
+pub struct ManualUpgrade(Arc<Watch>);
+
+impl ManualUpgrade {
+    /// Call when the upstream accepted the upgrade, before answering: the
+    /// client's socket (with any bytes it sent after the request) arrives
+    /// once hyper has written the response.
+    pub fn accept(self) -> oneshot::Receiver<Prefixed> {
+        let (tx, rx) = oneshot::channel();
+        *self.0.upgrade.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        rx
+    }
+}
+
+type Handler = Arc<
+    dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> + Send + Sync,
+>;
+
+enum Step {
+    Ended(Result<(), hyper::Error>),
+    Park,
+    Drain,
+}
+
+/// How [`serve`] ended, for the caller's log.
+#[derive(Debug)]
+pub enum Ended {
+    /// The client closed, or was idle past the deadline, or the proxy
+    /// drained; after being parked this many times.
+    Closed {
+        parks: usize,
+    },
+    /// The socket went to an upgrade tunnel.
+    Upgraded,
+    Error(hyper::Error),
+}
+
+/// Serves HTTP/1.1 on `down`, parking it between exchanges. `handle`
+/// answers each request; `draining` turning true ends the connection once
+/// its exchange in progress (if any) is done; `idle` bounds the wait for
+/// the next request, as hyper's header timeout would.
+pub async fn serve<F, Fut>(
+    builder: &hyper::server::conn::http1::Builder,
+    down: TcpStream,
+    handle: F,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+    idle: Duration,
+) -> Ended
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let handle: Handler = Arc::new(move |req| {
+        Box::pin(handle(req)) as Pin<Box<dyn Future<Output = Response<Body>> + Send>>
+    });
+    let watch = Arc::new(Watch::default());
+    let mut io = Prefixed::new(down);
+    loop {
+        // Parked: the socket, the unparsed bytes and this task, nothing more.
+        if io.prefix.is_empty() {
+            let woke = tokio::select! {
+                r = tokio::time::timeout(idle, io.inner.readable()) => matches!(r, Ok(Ok(()))),
+                _ = draining.wait_for(|d| *d) => false,
+            };
+            if !woke {
+                return Ended::Closed {
+                    parks: watch.parks.load(Ordering::Relaxed),
+                };
+            }
+        }
+        watch.taken.store(0, Ordering::Relaxed);
+        watch.write_blocked.store(false, Ordering::Relaxed);
+        let svc = {
+            let (watch, handle) = (watch.clone(), handle.clone());
+            hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                watch.in_flight.fetch_add(1, Ordering::Relaxed);
+                watch.taken.fetch_add(1, Ordering::Relaxed);
+                let busy = Busy(watch.clone());
+                let upgrade = req.headers().contains_key(http::header::UPGRADE)
+                    || req.method() == http::Method::CONNECT;
+                watch.last_parkable.store(
+                    !upgrade && hyper::body::Body::is_end_stream(req.body()),
+                    Ordering::Relaxed,
+                );
+                if upgrade {
+                    req.extensions_mut().insert(ManualUpgrade(watch.clone()));
+                }
+                let fut = handle(req);
+                Box::pin(async move {
+                    let resp = fut.await;
+                    Ok::<_, std::convert::Infallible>(resp.map(|inner| {
+                        http_body_util::BodyExt::boxed(Tracked { inner, _busy: busy })
+                    }))
+                })
+            })
+        };
+        // Boxed: while parked, none of hyper's connection state is held.
+        let mut conn = Box::new(builder.serve_connection(
+            TokioIo::new(Watched {
+                io,
+                watch: watch.clone(),
+            }),
+            svc,
+        ));
+        // The exchange(s) run until hyper ends the connection, or is idle
+        // with nothing buffered (park), or the proxy drains.
+        let step = tokio::select! {
+            s = std::future::poll_fn(|cx| match conn.poll_without_shutdown(cx) {
+                Poll::Ready(r) => Poll::Ready(Step::Ended(r)),
+                Poll::Pending if watch.can_park() => Poll::Ready(Step::Park),
+                Poll::Pending => Poll::Pending,
+            }) => s,
+            _ = draining.wait_for(|d| *d) => Step::Drain,
+        };
+        let park = match step {
+            Step::Ended(Err(e)) => return Ended::Error(e),
+            Step::Ended(Ok(())) => false,
+            // Idle: closes hyper's side without touching the socket. Draining:
+            // the exchange in progress finishes first, then the same.
+            Step::Park | Step::Drain => {
+                Pin::new(&mut *conn).graceful_shutdown();
+                if let Err(e) = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)).await {
+                    return Ended::Error(e);
+                }
+                matches!(step, Step::Park)
+            }
+        };
+        let parts = conn.into_parts();
+        let Watched { io: mut back, .. } = parts.io.into_inner();
+        if !parts.read_buf.is_empty() {
+            let mut prefix = Vec::with_capacity(parts.read_buf.len() + back.prefix.len());
+            prefix.extend_from_slice(&parts.read_buf);
+            prefix.extend_from_slice(&back.prefix);
+            back.prefix = Bytes::from(prefix);
+        }
+        let upgrade = watch
+            .upgrade
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(tx) = upgrade {
+            let _ = tx.send(back);
+            return Ended::Upgraded;
+        }
+        if park {
+            watch.parks.fetch_add(1, Ordering::Relaxed);
+        } else {
+            // hyper ended it (client close, `Connection: close`, drain): the
+            // shutdown hyper would have done.
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut back).await;
+            return Ended::Closed {
+                parks: watch.parks.load(Ordering::Relaxed),
+            };
+        }
+        io = back;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Answers with the request's path; `/upgrade` takes the socket over
+    /// and echoes on it.
+    async fn answer(mut req: Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        if path == "/upgrade" {
+            let rx = req
+                .extensions_mut()
+                .remove::<ManualUpgrade>()
+                .expect("an upgrade request carries the hand-over")
+                .accept();
+            tokio::spawn(async move {
+                let mut io = rx.await.expect("socket handed over");
+                let mut buf = [0u8; 64];
+                while let Ok(n @ 1..) = io.read(&mut buf).await {
+                    io.write_all(&buf[..n]).await.unwrap();
+                }
+            });
+            return Response::builder()
+                .status(101)
+                .header("connection", "upgrade")
+                .header("upgrade", "echo")
+                .body(super::super::empty())
+                .unwrap();
+        }
+        let body = http_body_util::BodyExt::collect(req.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        Response::new(super::super::full(format!("{path} {}", body.len())))
+    }
+
+    /// A served connection and the client's end of it.
+    async fn pair(idle: Duration) -> (Client, tokio::task::JoinHandle<Ended>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let served = tokio::spawn(async move {
+            let _tx = _tx;
+            serve(&super::super::http1_builder(64 * 1024), s, answer, rx, idle).await
+        });
+        (Client { c, got: Vec::new() }, served)
+    }
+
+    /// The client's end, with what it has read and not yet looked at.
+    struct Client {
+        c: TcpStream,
+        got: Vec<u8>,
+    }
+
+    impl Client {
+        async fn send(&mut self, b: &[u8]) {
+            self.c.write_all(b).await.unwrap();
+        }
+
+        /// The next response (head and content-length body) as text.
+        async fn response(&mut self) -> String {
+            let mut buf = [0u8; 1024];
+            loop {
+                if let Some(end) = self.got.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&self.got[..end]).to_string();
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            let l = l.to_ascii_lowercase();
+                            l.strip_prefix("content-length: ")
+                                .map(|v| v.parse::<usize>().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if self.got.len() >= end + 4 + len {
+                        let all: Vec<u8> = self.got.drain(..end + 4 + len).collect();
+                        return String::from_utf8_lossy(&all).to_string();
+                    }
+                }
+                let n = self.c.read(&mut buf).await.unwrap();
+                assert!(
+                    n > 0,
+                    "closed after {:?}",
+                    String::from_utf8_lossy(&self.got)
+                );
+                self.got.extend_from_slice(&buf[..n]);
+            }
+        }
+
+        /// Exactly `n` more bytes.
+        async fn bytes(&mut self, n: usize) -> Vec<u8> {
+            let mut buf = [0u8; 64];
+            while self.got.len() < n {
+                let r = self.c.read(&mut buf).await.unwrap();
+                assert!(r > 0);
+                self.got.extend_from_slice(&buf[..r]);
+            }
+            self.got.drain(..n).collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_keep_alive_connections_are_parked_and_nothing_is_lost() {
+        let (mut c, served) = pair(Duration::from_secs(5)).await;
+        // A request, then the next one's first bytes in the same write: the
+        // connection parks with them unparsed, and they are replayed.
+        c.send(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /two HT")
+            .await;
+        assert!(c.response().await.ends_with("/one 0"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        c.send(b"TP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(c.response().await.ends_with("/two 0"));
+        // Two pipelined requests, answered in order.
+        c.send(b"GET /three HTTP/1.1\r\nHost: a\r\n\r\nGET /four HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await;
+        assert!(c.response().await.ends_with("/three 0"));
+        assert!(c.response().await.ends_with("/four 0"));
+        // A request with a body, then another.
+        c.send(b"POST /five HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc")
+            .await;
+        assert!(c.response().await.ends_with("/five 3"));
+        c.send(b"GET /six HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(c.response().await.ends_with("/six 0"));
+        drop(c);
+        match served.await.unwrap() {
+            Ended::Closed { parks } => assert!(parks >= 2, "parked {parks} times"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_hands_the_socket_over_with_the_bytes_after_the_request() {
+        let (mut c, served) = pair(Duration::from_secs(5)).await;
+        c.send(b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(c.response().await.ends_with("/warm 0"));
+        c.send(b"GET /upgrade HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\nearly")
+            .await;
+        let head = c.response().await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        assert_eq!(c.bytes(5).await, b"early");
+        c.send(b"later").await;
+        assert_eq!(c.bytes(5).await, b"later");
+        assert!(matches!(served.await.unwrap(), Ended::Upgraded));
+    }
+
+    #[tokio::test]
+    async fn a_parked_connection_idle_past_the_deadline_is_closed() {
+        let (mut c, served) = pair(Duration::from_millis(200)).await;
+        c.send(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(c.response().await.ends_with("/one 0"));
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), c.c.read(&mut buf))
+            .await
+            .expect("closed within the deadline")
+            .unwrap();
+        assert_eq!(n, 0);
+        assert!(matches!(served.await.unwrap(), Ended::Closed { parks: 1 }));
+    }
+}

@@ -518,4 +518,62 @@ mod tests {
         assert_eq!(n, 0);
         assert!(matches!(served.await.unwrap(), Ended::Closed { parks: 1 }));
     }
+
+    /// What parking costs a busy keep-alive connection: the time per
+    /// request of a client and server in one thread, served by [`serve`]
+    /// (parked after every exchange) and by a plain hyper connection,
+    /// interleaved. `cargo test --release -p bulwark-sidecar --lib -- --ignored --nocapture park_cost`
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn park_cost() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            const N: usize = 20_000;
+            let req = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n";
+            let run = |parked: bool| async move {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+                c.set_nodelay(true).unwrap();
+                let (s, _) = l.accept().await.unwrap();
+                s.set_nodelay(true).unwrap();
+                let (_tx, rx) = tokio::sync::watch::channel(false);
+                let b = super::super::http1_builder(64 * 1024);
+                let server = tokio::spawn(async move {
+                    let _tx = _tx;
+                    if parked {
+                        serve(&b, s, answer, rx, Duration::from_secs(30)).await;
+                    } else {
+                        let svc = hyper::service::service_fn(|r| async move {
+                            Ok::<_, std::convert::Infallible>(answer(r).await)
+                        });
+                        let _ = b.serve_connection(TokioIo::new(s), svc).await;
+                    }
+                });
+                let mut c = Client { c, got: Vec::new() };
+                let t = std::time::Instant::now();
+                for _ in 0..N {
+                    c.send(req).await;
+                    c.response().await;
+                }
+                let per = t.elapsed() / N as u32;
+                drop(c);
+                let _ = server.await;
+                per
+            };
+            let (mut on, mut off) = (Vec::new(), Vec::new());
+            for _ in 0..5 {
+                off.push(run(false).await);
+                on.push(run(true).await);
+            }
+            on.sort();
+            off.sort();
+            println!(
+                "per request: parked {:?}, plain hyper {:?} (medians of 5; all: {on:?} / {off:?})",
+                on[2], off[2]
+            );
+        });
+    }
 }

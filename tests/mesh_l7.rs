@@ -827,6 +827,73 @@ fn retries_respect_the_budget_and_outlier_ejection_keeps_success_high() {
     assert!(attempts > n, "some retries happened");
 }
 
+/// With --park-idle-http, an app's idle keep-alive connection is parked by
+/// its sidecar (counted in `bulwark_http_parked_connections`), served
+/// again each time the app writes, can still be upgraded, and leaves the
+/// gauge when it closes.
+#[test]
+fn an_idle_keep_alive_connection_is_parked_and_served_again() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.add_pod("web");
+    let v1 = mesh.add_pod("api-v1");
+    mesh.write_config(&l7_config(&[(&v1, "api", "v1")], &canary_route(0), ""));
+    mesh.start_sidecar("web", "web", &["--park-idle-http"]);
+    mesh.start_sidecar("api-v1", "api", &[]);
+    for p in ["web", "api-v1"] {
+        mesh.wait_ready(p);
+    }
+    let ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
+    let target: SocketAddr = format!("{VIP}:8080").parse().unwrap();
+    // A socket made inside the pod stays in its namespace.
+    let mut s = std::thread::spawn(move || {
+        netns::enter(&ns);
+        std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3)).unwrap()
+    })
+    .join()
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let parked = || metric_sum(&mesh.metrics("web"), "bulwark_http_parked_connections", &[]);
+    for i in 0..3 {
+        write!(s, "GET /{i} HTTP/1.1\r\nHost: api.default\r\n\r\n").unwrap();
+        let (status, _) = common::read_response(&mut r);
+        assert!(status.contains(" 200 "), "request {i}: {status}");
+        wait_for(
+            "the idle connection to be parked",
+            Duration::from_secs(5),
+            || (parked() == 1.0).then_some(()),
+        );
+    }
+    // An upgrade on the parked connection: the socket is handed to the
+    // tunnel, and bytes flow both ways through the mesh.
+    s.write_all(b"GET /chat HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .unwrap();
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        head.push_str(&line);
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+    }
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.write_all(b"ping through the mesh").unwrap();
+    let mut buf = [0u8; 21];
+    r.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping through the mesh");
+    drop((s, r));
+    wait_for(
+        "the closed connection to leave the gauge",
+        Duration::from_secs(5),
+        || (parked() == 0.0).then_some(()),
+    );
+}
+
 #[test]
 fn websocket_style_upgrade_passes_through_the_mesh() {
     let _serial = serial();

@@ -244,7 +244,7 @@ const ROUNDS: usize = 12;
 
 /// `n` sequential GETs on one keep-alive HTTP/1.1 connection; their latencies.
 fn keepalive_latencies(target: SocketAddr, n: usize) -> Vec<Duration> {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{BufReader, Write};
     let s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2)).unwrap();
     s.set_nodelay(true).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -254,22 +254,8 @@ fn keepalive_latencies(target: SocketAddr, n: usize) -> Vec<Duration> {
         .map(|_| {
             let t = Instant::now();
             write!(w, "GET /t HTTP/1.1\r\nHost: api\r\n\r\n").unwrap();
-            let mut len = 0usize;
-            let mut status = String::new();
-            r.read_line(&mut status).unwrap();
+            let (status, _) = common::read_response(&mut r);
             assert!(status.contains(" 200 "), "{status}");
-            loop {
-                let mut line = String::new();
-                r.read_line(&mut line).unwrap();
-                if line == "\r\n" {
-                    break;
-                }
-                if let Some(l) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = l.trim().parse().unwrap();
-                }
-            }
-            let mut body = vec![0; len];
-            r.read_exact(&mut body).unwrap();
             t.elapsed()
         })
         .collect()

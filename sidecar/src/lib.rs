@@ -55,6 +55,8 @@ pub struct SidecarOptions {
     pub drain_grace: Duration,
     /// OpenTelemetry export (off when None).
     pub trace: Option<telemetry::trace::TraceOptions>,
+    /// Park idle HTTP/1.1 app connections ([`http::park`]).
+    pub park_idle_http: bool,
     /// Also run as this edge gateway (public listeners from its `Gateway`).
     pub gateway: Option<gateway::GatewayOptions>,
 }
@@ -72,6 +74,7 @@ impl SidecarOptions {
             connect_timeout: Duration::from_secs(5),
             drain_grace: Duration::from_secs(20),
             trace: None,
+            park_idle_http: false,
             gateway: None,
         }
     }
@@ -92,6 +95,7 @@ pub struct Proxy {
     pub server_config: Arc<rustls::ServerConfig>,
     pub mark: u32,
     pub connect_timeout: Duration,
+    pub park_idle_http: bool,
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub pool: http::pool::MeshPool,
@@ -253,6 +257,7 @@ impl Sidecar {
             metrics,
             mark: opts.proxy_mark,
             connect_timeout: opts.connect_timeout,
+            park_idle_http: opts.park_idle_http,
             outbound_port: opts.outbound_listen.port(),
             inbound_port: opts.inbound_listen.port(),
             pool: Default::default(),

@@ -39,15 +39,22 @@ pub async fn serve(proxy: Arc<Proxy>, down: TcpStream, client: SocketAddr, targe
     };
     let draining = proxy.draining.subscribe();
     // Not the HTTP/2 preface (`PRI * HTTP/2.0`): HTTP/1.1, parked between
-    // requests so that an idle keep-alive connection holds no HTTP state.
-    if !b"PRI".starts_with(&first[..n]) {
+    // requests (with --park-idle-http) so that an idle keep-alive
+    // connection holds no HTTP state.
+    if proxy.park_idle_http && !b"PRI".starts_with(&first[..n]) {
         let handler = {
             let proxy = proxy.clone();
             move |req: Request<Incoming>| handle(proxy.clone(), target.clone(), req)
         };
         let b = super::http1_builder(MAX_HEADER_BYTES);
-        let ended =
-            super::park::serve(&b, down, handler, draining, super::HEADER_READ_TIMEOUT).await;
+        let settings = super::park::Settings {
+            builder: &b,
+            draining,
+            idle: super::HEADER_READ_TIMEOUT,
+            park_after: super::park::PARK_AFTER,
+            parked: proxy.metrics.http_parked.clone(),
+        };
+        let ended = super::park::serve(down, handler, settings).await;
         if let super::park::Ended::Error(e) = ended {
             tracing::debug!(%client, error = %e, "outbound HTTP connection ended with an error");
         }

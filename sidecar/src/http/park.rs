@@ -2,8 +2,8 @@
 //! read buffer, an 8 KiB write buffer and its connection state for as long
 //! as a connection lives; an app with a pool of mostly idle keep-alive
 //! connections would pay that on every one. Here, once a request/response
-//! exchange is complete and nothing else is buffered, the hyper connection
-//! is taken apart (its socket and any unparsed bytes kept) and built again
+//! exchange is complete, nothing else is buffered and the connection has
+//! been idle for [`PARK_AFTER`], the hyper connection is taken apart (its socket and any unparsed bytes kept) and built again
 //! when the client next sends something: an idle connection costs its
 //! socket and a small task.
 //!
@@ -17,7 +17,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -25,6 +25,7 @@ use std::time::Duration;
 use hyper::body::{Bytes, Frame, Incoming, SizeHint};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -239,21 +240,55 @@ pub enum Ended {
     Error(hyper::Error),
 }
 
+/// How a connection is served: hyper's settings, the end of the proxy's
+/// life, the longest wait for a next request (as hyper's header timeout
+/// would allow), how long a connection must be idle before it is parked,
+/// and the gauge of parked connections.
+pub struct Settings<'a> {
+    pub builder: &'a hyper::server::conn::http1::Builder,
+    pub draining: tokio::sync::watch::Receiver<bool>,
+    pub idle: Duration,
+    pub park_after: Duration,
+    pub parked: Gauge<i64, AtomicI64>,
+}
+
+/// How long an app connection is idle before it is parked: a busy
+/// keep-alive connection (a request every few milliseconds) keeps its
+/// hyper state instead of taking it apart and building it again between
+/// every two requests.
+pub const PARK_AFTER: Duration = Duration::from_millis(10);
+
+/// One parked connection on the gauge, for as long as it lives.
+struct OnGauge<'a>(&'a Gauge<i64, AtomicI64>);
+
+impl<'a> OnGauge<'a> {
+    fn new(g: &'a Gauge<i64, AtomicI64>) -> Self {
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for OnGauge<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Serves HTTP/1.1 on `down`, parking it between exchanges. `handle`
-/// answers each request; `draining` turning true ends the connection once
-/// its exchange in progress (if any) is done; `idle` bounds the wait for
-/// the next request, as hyper's header timeout would.
-pub async fn serve<F, Fut>(
-    builder: &hyper::server::conn::http1::Builder,
-    down: TcpStream,
-    handle: F,
-    mut draining: tokio::sync::watch::Receiver<bool>,
-    idle: Duration,
-) -> Ended
+/// answers each request; the proxy draining ends the connection once its
+/// exchange in progress (if any) is done.
+pub async fn serve<F, Fut>(down: TcpStream, handle: F, settings: Settings<'_>) -> Ended
 where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
+    let Settings {
+        builder,
+        mut draining,
+        idle,
+        park_after,
+        parked,
+    } = settings;
     let handle: Handler = Arc::new(move |req| {
         Box::pin(handle(req)) as Pin<Box<dyn Future<Output = Response<Body>> + Send>>
     });
@@ -262,6 +297,7 @@ where
     loop {
         // Parked: the socket, the unparsed bytes and this task, nothing more.
         if io.prefix.is_empty() {
+            let _parked = (watch.parks.load(Ordering::Relaxed) > 0).then(|| OnGauge::new(&parked));
             let woke = tokio::select! {
                 r = tokio::time::timeout(idle, io.inner.readable()) => matches!(r, Ok(Ok(()))),
                 _ = draining.wait_for(|d| *d) => false,
@@ -308,14 +344,44 @@ where
         ));
         // The exchange(s) run until hyper ends the connection, or is idle
         // with nothing buffered (park), or the proxy drains.
+        // The connection parks once it has been idle for `park_after`. The
+        // timer is armed once and, when it fires early (the connection was
+        // busy meanwhile), moved to the new deadline: a busy connection
+        // costs a timer event per `park_after`, not one per request.
+        let mut park_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let mut idle_since: Option<tokio::time::Instant> = None;
         let step = tokio::select! {
-            s = std::future::poll_fn(|cx| match conn.poll_without_shutdown(cx) {
-                Poll::Ready(r) => Poll::Ready(Step::Ended(r)),
-                Poll::Pending if watch.can_park() => Poll::Ready(Step::Park),
-                Poll::Pending => Poll::Pending,
+            s = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = conn.poll_without_shutdown(cx) {
+                    return Poll::Ready(Step::Ended(r));
+                }
+                if !watch.can_park() {
+                    idle_since = None;
+                    return Poll::Pending;
+                }
+                if park_after.is_zero() {
+                    return Poll::Ready(Step::Park);
+                }
+                let now = tokio::time::Instant::now();
+                let due = *idle_since.get_or_insert(now) + park_after;
+                if now >= due {
+                    return Poll::Ready(Step::Park);
+                }
+                let timer = park_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+                loop {
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    // Fired for an earlier idle spell: wait for this one's end.
+                    if tokio::time::Instant::now() >= due {
+                        return Poll::Ready(Step::Park);
+                    }
+                    timer.as_mut().reset(due);
+                }
             }) => s,
             _ = draining.wait_for(|d| *d) => Step::Drain,
         };
+        drop(park_timer);
         let park = match step {
             Step::Ended(Err(e)) => return Ended::Error(e),
             Step::Ended(Ok(())) => false,
@@ -397,16 +463,32 @@ mod tests {
     }
 
     /// A served connection and the client's end of it.
-    async fn pair(idle: Duration) -> (Client, tokio::task::JoinHandle<Ended>) {
+    async fn pair(
+        idle: Duration,
+    ) -> (
+        Client,
+        tokio::task::JoinHandle<Ended>,
+        Gauge<i64, AtomicI64>,
+    ) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (s, _) = l.accept().await.unwrap();
         let (_tx, rx) = tokio::sync::watch::channel(false);
+        let parked = Gauge::default();
+        let gauge = parked.clone();
         let served = tokio::spawn(async move {
             let _tx = _tx;
-            serve(&super::super::http1_builder(64 * 1024), s, answer, rx, idle).await
+            let builder = super::super::http1_builder(64 * 1024);
+            let settings = Settings {
+                builder: &builder,
+                draining: rx,
+                idle,
+                park_after: Duration::from_millis(5),
+                parked,
+            };
+            serve(s, answer, settings).await
         });
-        (Client { c, got: Vec::new() }, served)
+        (Client { c, got: Vec::new() }, served, gauge)
     }
 
     /// The client's end, with what it has read and not yet looked at.
@@ -463,7 +545,7 @@ mod tests {
 
     #[tokio::test]
     async fn idle_keep_alive_connections_are_parked_and_nothing_is_lost() {
-        let (mut c, served) = pair(Duration::from_secs(5)).await;
+        let (mut c, served, _) = pair(Duration::from_secs(5)).await;
         // A request, then the next one's first bytes in the same write: the
         // connection parks with them unparsed, and they are replayed.
         c.send(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /two HT")
@@ -472,27 +554,36 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         c.send(b"TP/1.1\r\nHost: a\r\n\r\n").await;
         assert!(c.response().await.ends_with("/two 0"));
-        // Two pipelined requests, answered in order.
+        // Two pipelined requests, answered in order; then idle: parked.
         c.send(b"GET /three HTTP/1.1\r\nHost: a\r\n\r\nGET /four HTTP/1.1\r\nHost: a\r\n\r\n")
             .await;
         assert!(c.response().await.ends_with("/three 0"));
         assert!(c.response().await.ends_with("/four 0"));
-        // A request with a body, then another.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // A request with a body, then idle: not parked (hyper may still be
+        // reading it); the next plain request, then idle: parked.
         c.send(b"POST /five HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc")
             .await;
         assert!(c.response().await.ends_with("/five 3"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
         c.send(b"GET /six HTTP/1.1\r\nHost: a\r\n\r\n").await;
         assert!(c.response().await.ends_with("/six 0"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Busy: requests back to back are served without parking.
+        for _ in 0..20 {
+            c.send(b"GET /seven HTTP/1.1\r\nHost: a\r\n\r\n").await;
+            assert!(c.response().await.ends_with("/seven 0"));
+        }
         drop(c);
         match served.await.unwrap() {
-            Ended::Closed { parks } => assert!(parks >= 2, "parked {parks} times"),
+            Ended::Closed { parks } => assert!((3..=4).contains(&parks), "parked {parks} times"),
             other => panic!("{other:?}"),
         }
     }
 
     #[tokio::test]
     async fn an_upgrade_hands_the_socket_over_with_the_bytes_after_the_request() {
-        let (mut c, served) = pair(Duration::from_secs(5)).await;
+        let (mut c, served, _) = pair(Duration::from_secs(5)).await;
         c.send(b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n").await;
         assert!(c.response().await.ends_with("/warm 0"));
         c.send(b"GET /upgrade HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\nearly")
@@ -507,9 +598,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_parked_connection_idle_past_the_deadline_is_closed() {
-        let (mut c, served) = pair(Duration::from_millis(200)).await;
+        let (mut c, served, parked) = pair(Duration::from_millis(300)).await;
         c.send(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n").await;
         assert!(c.response().await.ends_with("/one 0"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while parked.get() != 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never counted as parked"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let mut buf = [0u8; 16];
         let n = tokio::time::timeout(Duration::from_secs(5), c.c.read(&mut buf))
             .await
@@ -517,6 +616,7 @@ mod tests {
             .unwrap();
         assert_eq!(n, 0);
         assert!(matches!(served.await.unwrap(), Ended::Closed { parks: 1 }));
+        assert_eq!(parked.get(), 0);
     }
 
     /// What parking costs a busy keep-alive connection: the time per
@@ -544,7 +644,15 @@ mod tests {
                 let server = tokio::spawn(async move {
                     let _tx = _tx;
                     if parked {
-                        serve(&b, s, answer, rx, Duration::from_secs(30)).await;
+                        // Parked after every exchange: the worst case.
+                        let settings = Settings {
+                            builder: &b,
+                            draining: rx,
+                            idle: Duration::from_secs(30),
+                            park_after: Duration::ZERO,
+                            parked: Gauge::default(),
+                        };
+                        serve(s, answer, settings).await;
                     } else {
                         let svc = hyper::service::service_fn(|r| async move {
                             Ok::<_, std::convert::Infallible>(answer(r).await)

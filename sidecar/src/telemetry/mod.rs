@@ -159,6 +159,7 @@ pub struct Metrics {
     pub config_stale: Gauge<i64, AtomicI64>,
     pub xds_connected: Gauge<i64, AtomicI64>,
     pub xds_nacks: Counter,
+    pub http_parked: Gauge<i64, AtomicI64>,
     request_series: RequestSeriesCache,
 }
 
@@ -199,6 +200,7 @@ impl Default for Metrics {
             config_stale: Gauge::default(),
             xds_connected: Gauge::default(),
             xds_nacks: Counter::default(),
+            http_parked: Gauge::default(),
             request_series: RequestSeriesCache::default(),
             registry: Registry::default(),
         };
@@ -332,6 +334,11 @@ impl Default for Metrics {
             "bulwark_xds_connected",
             "1 while the discovery stream is up",
             m.xds_connected.clone(),
+        );
+        registry.register(
+            "bulwark_http_parked_connections",
+            "App HTTP/1.1 connections idle between requests, holding no HTTP state",
+            m.http_parked.clone(),
         );
         registry.register(
             "bulwark_xds_nacks",

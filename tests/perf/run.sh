@@ -40,6 +40,7 @@
 # IPERF_SECS (4), CONNS (8, loadgen connections), WRK_CONNS (16),
 # IDLE_CONNS (1000), CONTROL_PLANE (1: run the control-plane and CA figures),
 # SIDECAR_THREADS (the sidecars' --worker-threads; empty: their default, 1),
+# SIDECAR_ARGS (more sidecar options, e.g. --park-idle-http),
 # QUIET_WAIT (0: seconds to wait for the 1-minute load average to fall
 # below QUIET_LOAD=0.8 first), BULWARK_ACCESS_LOG (off | stdout), PROFILE=1
 # (after the rounds, `perf record` both sidecars under wrk and print the
@@ -60,6 +61,7 @@ QUIET_WAIT=${QUIET_WAIT:-0}
 IDLE_CONNS=${IDLE_CONNS:-1000}
 CONTROL_PLANE=${CONTROL_PLANE:-1}
 SIDECAR_THREADS=${SIDECAR_THREADS:-}
+SIDECAR_ARGS=${SIDECAR_ARGS:-}
 QUIET_LOAD=${QUIET_LOAD:-0.8}
 BULWARK_ACCESS_LOG=${BULWARK_ACCESS_LOG:-off}
 PROFILE=${PROFILE:-0}
@@ -322,7 +324,7 @@ spawn "$SRV" iperf-5202 iperf3 -s -p 5202
 sidecar() { # ns name sa
     spawn "$1" "$2" "$BIN" --access-log "$BULWARK_ACCESS_LOG" sidecar --identity "$(spiffe "$3")" --ca 198.18.0.1:15012 \
         --ca-cert "$WORK/ca/bundle.pem" --token-file "$WORK/$3.token" --config "$WORK/mesh.yaml" \
-        ${SIDECAR_THREADS:+--worker-threads "$SIDECAR_THREADS"}
+        ${SIDECAR_THREADS:+--worker-threads "$SIDECAR_THREADS"} $SIDECAR_ARGS
 }
 sidecar "$SRV" sidecar-srv bench-server
 SC_SRV=$LAST
@@ -750,7 +752,7 @@ SECTION="$WORK/section.md"
         echo "connections and with a new connection per CSR, against \`taskset -c 0 openssl speed -seconds 3 ecdsap256\`."
     fi
     echo "iperf3: ${IPERF_SECS} s. Sidecars run with \`--access-log $BULWARK_ACCESS_LOG\` (HAProxy has no \`log\` line),"
-    echo "${SIDECAR_THREADS:-the default number of} worker thread(s) each; HAProxy with \`nbthread 2\`."
+    echo "${SIDECAR_THREADS:-the default number of} worker thread(s) each${SIDECAR_ARGS:+, and \`$SIDECAR_ARGS\`}; HAProxy with \`nbthread 2\`."
     echo "Everything (load generator, both proxies, app) shares the same 2 cores."
     echo "Failed or wrong-size requests during latency runs: $ERRS."
     echo

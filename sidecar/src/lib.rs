@@ -10,6 +10,7 @@ pub mod admin;
 pub mod audit;
 pub mod balance;
 pub mod config;
+pub mod dial;
 pub mod gateway;
 pub mod http;
 pub mod identity;

@@ -5,13 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::{Decision, Proto, Snapshot, Target};
+use crate::dial::{DialError, MeshStream, dial_peer};
 use crate::intercept::{connect_marked, original_dst};
-use crate::telemetry::{ConnLabels, HandshakeLabels};
+use crate::telemetry::ConnLabels;
 use crate::{Proxy, reset};
 
 pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
@@ -195,63 +195,6 @@ pub fn sniff(first: &[u8]) -> Sniffed {
     Sniffed::NeedMore
 }
 
-/// Why a connection to a peer sidecar could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum DialError {
-    #[error("connect to {0} failed: {1}")]
-    Connect(SocketAddr, std::io::Error),
-    #[error("connect to {0} timed out")]
-    ConnectTimeout(SocketAddr),
-    #[error("mTLS handshake with {0} failed: {1}")]
-    Tls(SocketAddr, std::io::Error),
-    #[error("mTLS handshake with {0} timed out")]
-    TlsTimeout(SocketAddr),
-}
-
-/// A marked TCP connection to a peer sidecar at `addr` and an mTLS
-/// handshake expecting `peer_id` with `alpn`, each bounded by the connect
-/// timeout; handshakes are counted by outcome. Shared by opaque TCP and the
-/// pooled HTTP/2 connections.
-pub(crate) async fn dial_peer(
-    proxy: &Proxy,
-    addr: SocketAddr,
-    peer_id: &bulwark_ca::SpiffeId,
-    alpn: &'static [u8],
-) -> Result<MeshStream, DialError> {
-    let tcp = tokio::time::timeout(proxy.connect_timeout, connect_marked(addr, proxy.mark))
-        .await
-        .map_err(|_| DialError::ConnectTimeout(addr))?
-        .map_err(|e| DialError::Connect(addr, e))?;
-    let connector =
-        tokio_rustls::TlsConnector::from(proxy.client_configs.for_peer_alpn(peer_id, alpn));
-    let handshake = connector.connect(
-        ServerName::IpAddress(addr.ip().into()),
-        crate::tls::buffered(tcp),
-    );
-    let result = match tokio::time::timeout(proxy.connect_timeout, handshake).await {
-        Ok(Ok(t)) => Ok(t),
-        Ok(Err(e)) => Err(DialError::Tls(addr, e)),
-        Err(_) => Err(DialError::TlsTimeout(addr)),
-    };
-    let outcome = match &result {
-        Ok(_) => "ok",
-        Err(DialError::TlsTimeout(_)) => "timeout",
-        Err(_) => "error",
-    };
-    proxy
-        .metrics
-        .tls_handshakes
-        .get_or_create(&HandshakeLabels {
-            direction: "outbound",
-            result: outcome,
-        })
-        .inc();
-    if let Err(e) = &result {
-        tracing::warn!(dst = %addr, expected = %peer_id, error = %e, "mTLS handshake with upstream failed");
-    }
-    result
-}
-
 /// An opaque-TCP mTLS connection to a peer sidecar; a failure is counted
 /// as the refused connection's reason.
 async fn connect_mesh(
@@ -273,8 +216,6 @@ async fn connect_mesh(
         Err(DialError::Tls(..) | DialError::TlsTimeout(_)) => None,
     }
 }
-
-pub(crate) type MeshStream = tokio_rustls::client::TlsStream<crate::tls::Buffered>;
 
 /// How long an `auto` port waits for the client's first bytes before it
 /// also connects upstream. Clients of client-first protocols (HTTP, TLS)

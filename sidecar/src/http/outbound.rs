@@ -705,9 +705,9 @@ async fn upgrade_tunnel(proxy: &Arc<Proxy>, plan: &Plan, mut req: Request<Body>)
         .find(|u| u.addr == ep.addr)
         .expect("planned upstream");
     let identity = up.identity.clone().expect("mesh upstream");
-    use crate::outbound::DialError;
+    use crate::dial::DialError;
     let tls =
-        match crate::outbound::dial_peer(proxy, up.addr, &identity, bulwark_ca::tls::ALPN_MESH_TCP)
+        match crate::dial::dial_peer(proxy, up.addr, &identity, bulwark_ca::tls::ALPN_MESH_TCP)
             .await
         {
             Ok(t) => t,

@@ -16,7 +16,7 @@ use crate::Proxy;
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
     #[error(transparent)]
-    Dial(#[from] crate::outbound::DialError),
+    Dial(#[from] crate::dial::DialError),
     #[error("HTTP/2 handshake with {0} failed: {1}")]
     H2(SocketAddr, String),
 }
@@ -61,7 +61,7 @@ async fn connect(
     addr: SocketAddr,
     identity: &SpiffeId,
 ) -> Result<SendRequest<Body>, PoolError> {
-    let tls = crate::outbound::dial_peer(proxy, addr, identity, crate::tls::ALPN_MESH_H2).await?;
+    let tls = crate::dial::dial_peer(proxy, addr, identity, crate::tls::ALPN_MESH_H2).await?;
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(hyper_util::rt::TokioTimer::new())
         .keep_alive_interval(std::time::Duration::from_secs(20))

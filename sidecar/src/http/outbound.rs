@@ -37,7 +37,7 @@ pub async fn serve(proxy: Arc<Proxy>, down: TcpStream, client: SocketAddr, targe
             return;
         }
     };
-    let draining = proxy.draining.subscribe();
+    let mut draining = proxy.draining.subscribe();
     // Not the HTTP/2 preface (`PRI * HTTP/2.0`): HTTP/1.1, parked between
     // requests (with --park-idle-http) so that an idle keep-alive
     // connection holds no HTTP state.
@@ -66,7 +66,6 @@ pub async fn serve(proxy: Arc<Proxy>, down: TcpStream, client: SocketAddr, targe
         async move { Ok::<_, Infallible>(handle(proxy, target, req).await) }
     });
     let b = super::server_builder(MAX_HEADER_BYTES, 1024);
-    let mut draining = draining;
     let conn = b.serve_connection_with_upgrades(TokioIo::new(down), svc);
     tokio::pin!(conn);
     // On drain: finish in-flight requests, then close (GOAWAY / Connection: close).
@@ -93,14 +92,19 @@ type DownSide =
 /// Whether the pooled connection failed only this request's stream: the
 /// peer answered it with RST_STREAM, the connection itself is fine.
 fn reset_by_peer(e: &hyper::Error) -> bool {
+    h2_error(e).is_some_and(|h2| h2.is_reset() && h2.is_remote())
+}
+
+/// The HTTP/2 error behind a failed request, if any.
+fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
         if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return h2.is_reset() && h2.is_remote();
+            return Some(h2);
         }
         source = s.source();
     }
-    false
+    None
 }
 
 /// Whether a request the pooled HTTP/2 connection failed was certainly not
@@ -108,17 +112,13 @@ fn reset_by_peer(e: &hyper::Error) -> bool {
 /// cut by a graceful GOAWAY whose last stream id is below it (a draining
 /// peer sidecar), or never sent at all.
 fn unprocessed(e: &hyper::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                || (h2.is_go_away()
-                    && h2.is_remote()
-                    && h2.reason() == Some(h2::Reason::NO_ERROR));
+    match h2_error(e) {
+        Some(h2) => {
+            h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR))
         }
-        source = s.source();
+        None => e.is_canceled(),
     }
-    e.is_canceled()
 }
 
 /// Where a request goes after routing.

@@ -33,9 +33,11 @@ use tokio::sync::oneshot;
 use super::{Body, BoxError};
 
 /// A socket with bytes to be read before what the socket itself delivers.
+/// While hyper serves it, writes that would block are noted in `watch`.
 pub struct Prefixed {
     prefix: Bytes,
     inner: TcpStream,
+    watch: Option<Arc<Watch>>,
 }
 
 impl Prefixed {
@@ -43,7 +45,15 @@ impl Prefixed {
         Self {
             prefix: Bytes::new(),
             inner,
+            watch: None,
         }
+    }
+
+    fn note<T>(&self, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if let Some(w) = &self.watch {
+            w.write_blocked.store(r.is_pending(), Ordering::Relaxed);
+        }
+        r
     }
 }
 
@@ -69,20 +79,23 @@ impl AsyncWrite for Prefixed {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note(r)
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.note(r)
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.note(r)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
@@ -112,60 +125,6 @@ impl Watch {
             && self.in_flight.load(Ordering::Relaxed) == 0
             && self.last_parkable.load(Ordering::Relaxed)
             && !self.write_blocked.load(Ordering::Relaxed)
-    }
-}
-
-/// The socket as hyper sees it: writes that would block are noted.
-struct Watched {
-    io: Prefixed,
-    watch: Arc<Watch>,
-}
-
-impl Watched {
-    fn note<T>(&self, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
-        self.watch
-            .write_blocked
-            .store(r.is_pending(), Ordering::Relaxed);
-        r
-    }
-}
-
-impl AsyncRead for Watched {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Watched {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.note(r)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.note(r)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let r = Pin::new(&mut self.io).poll_flush(cx);
-        self.note(r)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -335,13 +294,8 @@ where
             })
         };
         // Boxed: while parked, none of hyper's connection state is held.
-        let mut conn = Box::new(builder.serve_connection(
-            TokioIo::new(Watched {
-                io,
-                watch: watch.clone(),
-            }),
-            svc,
-        ));
+        io.watch = Some(watch.clone());
+        let mut conn = Box::new(builder.serve_connection(TokioIo::new(io), svc));
         // The exchange(s) run until hyper ends the connection, or is idle
         // with nothing buffered (park), or the proxy drains.
         // The connection parks once it has been idle for `park_after`. The
@@ -396,7 +350,8 @@ where
             }
         };
         let parts = conn.into_parts();
-        let Watched { io: mut back, .. } = parts.io.into_inner();
+        let mut back = parts.io.into_inner();
+        back.watch = None;
         if !parts.read_buf.is_empty() {
             let mut prefix = Vec::with_capacity(parts.read_buf.len() + back.prefix.len());
             prefix.extend_from_slice(&parts.read_buf);

@@ -827,7 +827,7 @@ fn retries_respect_the_budget_and_outlier_ejection_keeps_success_high() {
     assert!(attempts > n, "some retries happened");
 }
 
-/// With --park-idle-http, an app's idle keep-alive connection is parked by
+/// By default, an app's idle keep-alive connection is parked by
 /// its sidecar (counted in `bulwark_http_parked_connections`), served
 /// again each time the app writes, can still be upgraded, and leaves the
 /// gauge when it closes.
@@ -841,7 +841,7 @@ fn an_idle_keep_alive_connection_is_parked_and_served_again() {
     mesh.add_pod("web");
     let v1 = mesh.add_pod("api-v1");
     mesh.write_config(&l7_config(&[(&v1, "api", "v1")], &canary_route(0), ""));
-    mesh.start_sidecar("web", "web", &["--park-idle-http"]);
+    mesh.start_sidecar("web", "web", &[]);
     mesh.start_sidecar("api-v1", "api", &[]);
     for p in ["web", "api-v1"] {
         mesh.wait_ready(p);

@@ -56,7 +56,7 @@ pub struct SidecarOptions {
     pub drain_grace: Duration,
     /// OpenTelemetry export (off when None).
     pub trace: Option<telemetry::trace::TraceOptions>,
-    /// Park idle HTTP/1.1 app connections ([`http::park`]).
+    /// Park idle HTTP/1.1 app connections ([`http::park`]); on by default.
     pub park_idle_http: bool,
     /// Also run as this edge gateway (public listeners from its `Gateway`).
     pub gateway: Option<gateway::GatewayOptions>,
@@ -75,7 +75,7 @@ impl SidecarOptions {
             connect_timeout: Duration::from_secs(5),
             drain_grace: Duration::from_secs(20),
             trace: None,
-            park_idle_http: false,
+            park_idle_http: true,
             gateway: None,
         }
     }

@@ -61,9 +61,11 @@ pub struct SidecarArgs {
     worker_threads: Option<u16>,
     /// Park the app's idle HTTP/1.1 keep-alive connections: after 10 ms
     /// without a request, the connection's HTTP state (two 8 KiB buffers)
-    /// is freed until the app writes again (about 6.6 kB per idle
-    /// connection instead of 26 kB; tests/perf/RESULTS.md).
-    #[arg(long, env = "BULWARK_PARK_IDLE_HTTP")]
+    /// is freed until the app writes again (about 8 kB per idle
+    /// connection instead of 30 kB; tests/perf/RESULTS.md). `false` keeps
+    /// every connection's HTTP state for its whole life.
+    #[arg(long, env = "BULWARK_PARK_IDLE_HTTP", value_name = "BOOL", default_value_t = true,
+          action = clap::ArgAction::Set)]
     park_idle_http: bool,
     #[arg(long, default_value = "0.0.0.0:15001")]
     outbound_listen: SocketAddr,

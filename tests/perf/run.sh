@@ -40,7 +40,10 @@
 # IPERF_SECS (4), CONNS (8, loadgen connections), WRK_CONNS (16),
 # IDLE_CONNS (1000), CONTROL_PLANE (1: run the control-plane and CA figures),
 # SIDECAR_THREADS (the sidecars' --worker-threads; empty: their default, 1),
-# SIDECAR_ARGS (more sidecar options, e.g. --park-idle-http),
+# HAPROXY_THREADS (HAProxy's nbthread; default: as many as each sidecar
+# runs, 1 unless SIDECAR_THREADS says otherwise, the one thread per proxy of
+# issue #7's own HAProxy figures),
+# SIDECAR_ARGS (more sidecar options, e.g. "--park-idle-http false"),
 # QUIET_WAIT (0: seconds to wait for the 1-minute load average to fall
 # below QUIET_LOAD=0.8 first), BULWARK_ACCESS_LOG (off | stdout), PROFILE=1
 # (after the rounds, `perf record` both sidecars under wrk and print the
@@ -62,6 +65,7 @@ IDLE_CONNS=${IDLE_CONNS:-1000}
 CONTROL_PLANE=${CONTROL_PLANE:-1}
 SIDECAR_THREADS=${SIDECAR_THREADS:-}
 SIDECAR_ARGS=${SIDECAR_ARGS:-}
+HAPROXY_THREADS=${HAPROXY_THREADS:-${SIDECAR_THREADS:-1}}
 QUIET_LOAD=${QUIET_LOAD:-0.8}
 BULWARK_ACCESS_LOG=${BULWARK_ACCESS_LOG:-off}
 PROFILE=${PROFILE:-0}
@@ -333,7 +337,7 @@ SC_CLI=$LAST
 
 # ---- HAProxy pair ----------------------------------------------------------
 HAP_COMMON="global
-    nbthread 2
+    nbthread $HAPROXY_THREADS
     maxconn 4096
 defaults
     timeout connect 5s
@@ -752,7 +756,7 @@ SECTION="$WORK/section.md"
         echo "connections and with a new connection per CSR, against \`taskset -c 0 openssl speed -seconds 3 ecdsap256\`."
     fi
     echo "iperf3: ${IPERF_SECS} s. Sidecars run with \`--access-log $BULWARK_ACCESS_LOG\` (HAProxy has no \`log\` line),"
-    echo "${SIDECAR_THREADS:-the default number of} worker thread(s) each${SIDECAR_ARGS:+, and \`$SIDECAR_ARGS\`}; HAProxy with \`nbthread 2\`."
+    echo "${SIDECAR_THREADS:-the default number of} worker thread(s) each${SIDECAR_ARGS:+, and \`$SIDECAR_ARGS\`}; HAProxy with \`nbthread $HAPROXY_THREADS\`."
     echo "Everything (load generator, both proxies, app) shares the same 2 cores."
     echo "Failed or wrong-size requests during latency runs: $ERRS."
     echo

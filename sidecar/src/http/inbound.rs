@@ -85,6 +85,27 @@ fn rate_limit(
     Some(r)
 }
 
+/// Concurrent streams one peer sidecar may open on its pooled connection.
+pub const MESH_MAX_STREAMS: u32 = 1024;
+
+/// The HTTP/2 server for peer sidecars.
+///
+/// A peer's one pooled connection carries every request of all its app
+/// clients, so when those clients go away together (a load generator
+/// stopping, a pod rolled) it cancels hundreds of streams at once, some of
+/// them before this side has accepted them. h2's default allows 20 such
+/// resets before it answers GOAWAY ENHANCE_YOUR_CALM, which tore the pooled
+/// connection down and cost every client a new mTLS handshake. The bound
+/// stays (rapid-reset protection), sized to the stream limit: a reset
+/// stream waiting to be accepted holds no more than a live one.
+pub fn mesh_h2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_concurrent_streams(MESH_MAX_STREAMS)
+        .max_pending_accept_reset_streams(MESH_MAX_STREAMS as usize);
+    b
+}
+
 /// Serves one mTLS connection from a peer sidecar as HTTP/2.
 pub async fn serve<S>(proxy: Arc<Proxy>, tls: S, peer: SpiffeId, port: u16)
 where
@@ -96,10 +117,7 @@ where
         let (proxy, peer) = (proxy.clone(), peer.clone());
         async move { Ok::<_, Infallible>(handle(proxy, &peer, port, req).await) }
     });
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .max_concurrent_streams(1024)
-        .serve_connection(TokioIo::new(tls), svc);
+    let conn = mesh_h2_server().serve_connection(TokioIo::new(tls), svc);
     tokio::pin!(conn);
     // On drain, GOAWAY: in-flight streams finish, new ones go elsewhere.
     let r = tokio::select! {
@@ -110,7 +128,7 @@ where
         }
     };
     if let Err(e) = r {
-        tracing::debug!(error = %e, "inbound HTTP/2 connection ended with an error");
+        tracing::debug!(error = ?e, "inbound HTTP/2 connection ended with an error");
     }
 }
 
@@ -288,5 +306,57 @@ async fn handle(
                 },
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends `n` requests and resets each before the connection task runs,
+    /// so the server reads every HEADERS with its RST_STREAM in one batch,
+    /// before it has accepted the stream; then one ordinary request.
+    async fn mass_cancel_then_request(
+        server: hyper::server::conn::http2::Builder<TokioExecutor>,
+        n: usize,
+    ) -> Result<u16, String> {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+            Ok::<_, Infallible>(Response::new(super::super::empty()))
+        });
+        let served = tokio::spawn(server.serve_connection(TokioIo::new(server_io), svc));
+        let (h2, conn) = h2::client::handshake(client_io).await.unwrap();
+        let mut h2 = h2.ready().await.unwrap();
+        let mut streams = Vec::new();
+        for _ in 0..n {
+            let req = Request::get("http://peer/").body(()).unwrap();
+            let (_resp, mut stream) = h2.send_request(req, true).unwrap();
+            stream.send_reset(h2::Reason::CANCEL);
+            streams.push(stream);
+        }
+        let conn = tokio::spawn(conn);
+        let status = async {
+            let req = Request::get("http://peer/").body(()).unwrap();
+            let mut h2 = h2.ready().await?;
+            let (resp, _) = h2.send_request(req, true)?;
+            Ok::<_, h2::Error>(resp.await?.status().as_u16())
+        }
+        .await;
+        drop(streams);
+        let _ = conn.await;
+        // The server's own account of how the connection ended.
+        let served = served.await.expect("server task");
+        status.map_err(|e| format!("client: {e}; server: {served:?}"))
+    }
+
+    #[tokio::test]
+    async fn a_peer_cancelling_hundreds_of_streams_at_once_keeps_its_connection() {
+        let n = 500;
+        // The premise: h2's default answers this burst with GOAWAY.
+        let mut default = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        default.max_concurrent_streams(MESH_MAX_STREAMS);
+        let err = mass_cancel_then_request(default, n).await.unwrap_err();
+        assert!(err.contains("ENHANCE_YOUR_CALM") || err.contains("too_many_resets"), "{err}");
+        assert_eq!(mass_cancel_then_request(mesh_h2_server(), n).await, Ok(200));
     }
 }

@@ -39,7 +39,7 @@ pub async fn serve(proxy: Arc<Proxy>, down: TcpStream, client: SocketAddr, targe
     };
     let mut draining = proxy.draining.subscribe();
     // Not the HTTP/2 preface (`PRI * HTTP/2.0`): HTTP/1.1, parked between
-    // requests (with --park-idle-http) so that an idle keep-alive
+    // requests (unless --park-idle-http false) so that an idle keep-alive
     // connection holds no HTTP state.
     if proxy.park_idle_http && !b"PRI".starts_with(&first[..n]) {
         let handler = {

@@ -72,7 +72,7 @@ async fn connect(
         .map_err(|e| PoolError::H2(addr, e.to_string()))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
-            tracing::debug!(%addr, error = %e, "pooled HTTP/2 connection closed");
+            tracing::debug!(%addr, error = ?e, "pooled HTTP/2 connection closed");
         }
     });
     tracing::debug!(%addr, peer = %identity, "pooled HTTP/2 connection opened");

@@ -320,6 +320,7 @@ done
 
 # ---- server pod ------------------------------------------------------------
 spawn "$SRV" app-8080 "$BIN" demo-app --listen 0.0.0.0:8080 --name bench --body-bytes $BODY
+APP_PID=$LAST
 spawn "$SRV" app-9090 "$BIN" demo-app --listen 0.0.0.0:9090 --name bench --body-bytes $BODY
 spawn "$SRV" iperf-5201 iperf3 -s -p 5201
 spawn "$SRV" iperf-5202 iperf3 -s -p 5202
@@ -607,6 +608,35 @@ if [ "$PROFILE" = 1 ] && command -v perf >/dev/null; then
         cs=$(awk -F, '/context-switches/{print $1}' "$WORK/perfstat-$s.csv")
         awk -v s="$s" -v sc="$sc" -v cs="$cs" -v n="$n" \
             'BEGIN{printf "| %s | %.1f | %.2f |\n", s, sc/n/2, cs/n/2}' >>"$PROF_MD"
+    done
+    # Where the two cores go at saturation: each process's CPU per request,
+    # and the proxies' syscalls and context switches per request.
+    log "profiling: CPU per request of each process under wrk (saturation)"
+    {
+        echo
+        echo "| pair under wrk -c$WRK_CONNS | req/s | µs CPU / request: client proxy | server proxy | app | wrk | syscalls / request / proxy | context switches / request / proxy |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    } >>"$PROF_MD"
+    for s in bulwark haproxy; do
+        read -r p_cli p_srv <<<"$(if [ "$s" = bulwark ]; then echo "$SC_CLI $SC_SRV"; else echo "$HAP_CLI $HAP_SRV"; fi)"
+        in_ns "$CLI" wrk -t 1 -c "$WRK_CONNS" -d 7s "${URL[$s]}" >"$WORK/wrk-prof-$s.txt" &
+        WRK_PID=$!
+        sleep 1
+        t0=($(cpu_ticks "$p_cli") $(cpu_ticks "$p_srv") $(cpu_ticks "$APP_PID") $(cpu_ticks "$WRK_PID"))
+        perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$p_cli,$p_srv" \
+            -e 'syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg' \
+            -e 'syscalls:sys_enter_read,syscalls:sys_enter_readv,syscalls:sys_enter_recvfrom,syscalls:sys_enter_recvmsg' \
+            -e 'syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_pwait,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_futex' \
+            -o "$WORK/perfstat-sat-$s.csv" -- sleep 5
+        t1=($(cpu_ticks "$p_cli") $(cpu_ticks "$p_srv") $(cpu_ticks "$APP_PID") $(cpu_ticks "$WRK_PID"))
+        wait "$WRK_PID" || true
+        rps=$(awk '/^Requests\/sec:/{print $2}' "$WORK/wrk-prof-$s.txt")
+        sc=$(awk -F, '/raw_syscalls/{print $1}' "$WORK/perfstat-sat-$s.csv")
+        cs=$(awk -F, '/context-switches/{print $1}' "$WORK/perfstat-sat-$s.csv")
+        awk -v s="$s" -v rps="$rps" -v hz="$HZ" -v sc="$sc" -v cs="$cs" \
+            -v a="$((t1[0] - t0[0]))" -v b="$((t1[1] - t0[1]))" -v c="$((t1[2] - t0[2]))" -v d="$((t1[3] - t0[3]))" \
+            'BEGIN{n = rps * 5; u = 1e6 / hz / n
+                   printf "| %s | %.0f | %.1f | %.1f | %.1f | %.1f | %.2f | %.2f |\n", s, rps, a*u, b*u, c*u, d*u, sc/n/2, cs/n/2}' >>"$PROF_MD"
     done
     log "profiling both sidecars under wrk (perf record -e cpu-clock -g)"
     in_ns "$CLI" wrk -t 1 -c "$WRK_CONNS" -d 8s "${URL[bulwark]}" >/dev/null &

@@ -117,7 +117,8 @@ where
         let (proxy, peer) = (proxy.clone(), peer.clone());
         async move { Ok::<_, Infallible>(handle(proxy, &peer, port, req).await) }
     });
-    let conn = mesh_h2_server().serve_connection(TokioIo::new(tls), svc);
+    let io = TokioIo::new(super::cork::Corked::new(tls));
+    let conn = mesh_h2_server().serve_connection(io, svc);
     tokio::pin!(conn);
     // On drain, GOAWAY: in-flight streams finish, new ones go elsewhere.
     let r = tokio::select! {
@@ -356,7 +357,10 @@ mod tests {
         let mut default = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         default.max_concurrent_streams(MESH_MAX_STREAMS);
         let err = mass_cancel_then_request(default, n).await.unwrap_err();
-        assert!(err.contains("ENHANCE_YOUR_CALM") || err.contains("too_many_resets"), "{err}");
+        assert!(
+            err.contains("ENHANCE_YOUR_CALM") || err.contains("too_many_resets"),
+            "{err}"
+        );
         assert_eq!(mass_cancel_then_request(mesh_h2_server(), n).await, Ok(200));
     }
 }

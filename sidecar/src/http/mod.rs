@@ -3,6 +3,7 @@
 //! Between sidecars, requests ride pooled, multiplexed HTTP/2 over mTLS.
 
 pub mod body_limit;
+pub mod cork;
 pub mod health;
 pub mod inbound;
 pub mod outbound;

@@ -37,7 +37,7 @@ pub async fn serve(proxy: Arc<Proxy>, down: TcpStream, client: SocketAddr, targe
             return;
         }
     };
-    let mut draining = proxy.draining.subscribe();
+    let draining = proxy.draining.subscribe();
     // Not the HTTP/2 preface (`PRI * HTTP/2.0`): HTTP/1.1, parked between
     // requests (unless --park-idle-http false) so that an idle keep-alive
     // connection holds no HTTP state.
@@ -65,19 +65,41 @@ pub async fn serve(proxy: Arc<Proxy>, down: TcpStream, client: SocketAddr, targe
         let target = target.clone();
         async move { Ok::<_, Infallible>(handle(proxy, target, req).await) }
     });
+    // h2c multiplexes: its writes are corked like the mesh connections'.
+    let r = if b"PRI".starts_with(&first[..n]) {
+        serve_auto(super::cork::Corked::new(down), svc, draining).await
+    } else {
+        serve_auto(down, svc, draining).await
+    };
+    if let Err(e) = r {
+        tracing::debug!(%client, error = %e, "outbound HTTP connection ended with an error");
+    }
+}
+
+/// HTTP/1.1 or HTTP/2 on `io` until the client is done or the proxy drains
+/// (in-flight requests finish, then GOAWAY / `Connection: close`).
+async fn serve_auto<I, S>(
+    io: I,
+    svc: S,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), super::BoxError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let b = super::server_builder(MAX_HEADER_BYTES, 1024);
-    let conn = b.serve_connection_with_upgrades(TokioIo::new(down), svc);
+    let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
-    // On drain: finish in-flight requests, then close (GOAWAY / Connection: close).
-    let r = tokio::select! {
+    tokio::select! {
         r = conn.as_mut() => r,
         () = async { let _ = draining.wait_for(|d| *d).await; } => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
-    };
-    if let Err(e) = r {
-        tracing::debug!(%client, error = %e, "outbound HTTP connection ended with an error");
     }
 }
 

@@ -67,7 +67,7 @@ async fn connect(
         .keep_alive_interval(std::time::Duration::from_secs(20))
         .keep_alive_timeout(std::time::Duration::from_secs(10))
         .max_header_list_size(64 * 1024)
-        .handshake(TokioIo::new(tls))
+        .handshake(TokioIo::new(super::cork::Corked::new(tls)))
         .await
         .map_err(|e| PoolError::H2(addr, e.to_string()))?;
     tokio::spawn(async move {

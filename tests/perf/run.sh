@@ -322,6 +322,7 @@ done
 spawn "$SRV" app-8080 "$BIN" demo-app --listen 0.0.0.0:8080 --name bench --body-bytes $BODY
 APP_PID=$LAST
 spawn "$SRV" app-9090 "$BIN" demo-app --listen 0.0.0.0:9090 --name bench --body-bytes $BODY
+APP9090_PID=$LAST
 spawn "$SRV" iperf-5201 iperf3 -s -p 5201
 spawn "$SRV" iperf-5202 iperf3 -s -p 5202
 # HAProxy is configured without logging; the sidecars' per-request access
@@ -618,18 +619,20 @@ if [ "$PROFILE" = 1 ] && command -v perf >/dev/null; then
         echo "|---|---:|---:|---:|---:|---:|---:|---:|"
     } >>"$PROF_MD"
     for s in bulwark haproxy; do
-        read -r p_cli p_srv <<<"$(if [ "$s" = bulwark ]; then echo "$SC_CLI $SC_SRV"; else echo "$HAP_CLI $HAP_SRV"; fi)"
+        # HAProxy's backend is the app on :9090, the sidecars' the one on :8080.
+        read -r p_cli p_srv p_app <<<"$(if [ "$s" = bulwark ]; then echo "$SC_CLI $SC_SRV $APP_PID"; else echo "$HAP_CLI $HAP_SRV $APP9090_PID"; fi)"
         in_ns "$CLI" wrk -t 1 -c "$WRK_CONNS" -d 7s "${URL[$s]}" >"$WORK/wrk-prof-$s.txt" &
-        WRK_PID=$!
+        WRK_JOB=$!
         sleep 1
-        t0=($(cpu_ticks "$p_cli") $(cpu_ticks "$p_srv") $(cpu_ticks "$APP_PID") $(cpu_ticks "$WRK_PID"))
+        WRK_PID=$(pgrep -n -x wrk)
+        t0=($(cpu_ticks "$p_cli") $(cpu_ticks "$p_srv") $(cpu_ticks "$p_app") $(cpu_ticks "$WRK_PID"))
         perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$p_cli,$p_srv" \
             -e 'syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg' \
             -e 'syscalls:sys_enter_read,syscalls:sys_enter_readv,syscalls:sys_enter_recvfrom,syscalls:sys_enter_recvmsg' \
             -e 'syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_pwait,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_futex' \
             -o "$WORK/perfstat-sat-$s.csv" -- sleep 5
-        t1=($(cpu_ticks "$p_cli") $(cpu_ticks "$p_srv") $(cpu_ticks "$APP_PID") $(cpu_ticks "$WRK_PID"))
-        wait "$WRK_PID" || true
+        t1=($(cpu_ticks "$p_cli") $(cpu_ticks "$p_srv") $(cpu_ticks "$p_app") $(cpu_ticks "$WRK_PID"))
+        wait "$WRK_JOB" || true
         rps=$(awk '/^Requests\/sec:/{print $2}' "$WORK/wrk-prof-$s.txt")
         sc=$(awk -F, '/raw_syscalls/{print $1}' "$WORK/perfstat-sat-$s.csv")
         cs=$(awk -F, '/context-switches/{print $1}' "$WORK/perfstat-sat-$s.csv")

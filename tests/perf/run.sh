@@ -669,17 +669,18 @@ fi
 val() { awk -v s="$1" -v m="$2" -v r="$3" '$1==r && $2==s && $3==m {print $4}' "$RES"; }
 median() { sort -g | awk '{v[NR]=$1} END{if(NR==0){print "nan"} else if(NR%2){print v[(NR+1)/2]} else {print (v[NR/2]+v[NR/2+1])/2}}'; }
 # per-round (a - b) or (a / b), then the median
-med_diff() { for r in $(seq 0 $((ROUNDS - 1))); do awk -v a="$(val "$1" "$3" "$r")" -v b="$(val "$2" "$3" "$r")" 'BEGIN{print a-b}'; done | median; }
+med_diff() { for r in $(seq 0 $((ROUNDS - 1))); do awk -v a="$(val "$1" "$3" "$r")" -v b="$(val "$2" "$3" "$r")" 'BEGIN{print (a == "" || b == "") ? "nan" : a-b}'; done | median; }
 med_ratio() { for r in $(seq 0 $((ROUNDS - 1))); do awk -v a="$(val "$1" "$3" "$r")" -v b="$(val "$2" "$3" "$r")" 'BEGIN{print (b>0)? a/b : "nan"}'; done | median; }
 med_val() { for r in $(seq 0 $((ROUNDS - 1))); do val "$1" "$2" "$r"; done | median; }
 ms() { awk -v v="$1" 'BEGIN{printf "%+.3f ms", v/1000}'; }
 f2() { awk -v v="$1" 'BEGIN{printf "%.2f", v}'; }
-# A figure that was not measured (nan, empty) fails.
-verdict() { awk -v v="$1" -v op="$2" -v t="$3" 'BEGIN{num = (v ~ /^[-+]?[0-9.]+([eE][-+]?[0-9]+)?$/); ok = num && ((op=="le") ? (v+0 <= t+0) : (v+0 >= t+0)); print ok ? "PASS" : "FAIL"}'; }
+# A figure that was not measured (nan, empty: MEASURE left it out) is
+# neither PASS nor FAIL.
+verdict() { awk -v v="$1" -v op="$2" -v t="$3" 'BEGIN{num = (v ~ /^[-+]?[0-9.]+([eE][-+]?[0-9]+)?$/); ok = num && ((op=="le") ? (v+0 <= t+0) : (v+0 >= t+0)); print !num ? "not measured" : ok ? "PASS" : "FAIL"}'; }
 
 TABLE="$WORK/table.md"
 # The targets are issue #7's, each a ratio or bound judged on this run.
-both() { awk -v a="$1" -v b="$2" 'BEGIN{print (a=="PASS" && b=="PASS") ? "PASS" : "FAIL"}'; }
+both() { awk -v a="$1" -v b="$2" 'BEGIN{print (a=="PASS" && b=="PASS") ? "PASS" : (a=="not measured" || b=="not measured") ? "not measured" : "FAIL"}'; }
 mb() { awk -v v="$1" 'BEGIN{printf "%.1f MB", v/1024}'; }
 {
     echo "| metric | Bulwark | HAProxy | target (issue #7) | result |"

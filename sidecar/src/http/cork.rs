@@ -21,6 +21,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Writes held beyond this go to the socket at once (bulk transfers).
 const MAX_HELD: usize = 64 * 1024;
+/// A drained buffer larger than this is freed: a burst must not leave every
+/// idle peer connection holding 64 KiB.
+const KEEP_HELD: usize = 16 * 1024;
 
 pub struct Corked<T> {
     io: T,
@@ -49,6 +52,9 @@ impl<T: AsyncWrite + Unpin> Corked<T> {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.held.advance(n);
+        }
+        if self.held.capacity() > KEEP_HELD {
+            self.held = BytesMut::new();
         }
         self.deferred = false;
         Pin::new(&mut self.io).poll_flush(cx)
@@ -268,6 +274,28 @@ mod tests {
         for len in [1000, 3000] {
             answer_together(true, 90, len, 8 << 10).await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_burst_leaves_no_large_buffer_behind() {
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let mut io = Corked::new(a);
+        io.write_all(&[7u8; 40_000]).await.unwrap();
+        io.flush().await.unwrap();
+        assert!(io.held.capacity() >= 40_000);
+        // The next turn's read (polled once: nothing is there to read)
+        // writes it out and frees the buffer.
+        let mut buf = [0u8; 8];
+        std::future::poll_fn(|cx| {
+            let mut rb = ReadBuf::new(&mut buf);
+            assert!(Pin::new(&mut io).poll_read(cx, &mut rb).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        assert_eq!(io.held.capacity(), 0);
+        let mut got = vec![0u8; 40_000];
+        b.read_exact(&mut got).await.unwrap();
+        assert!(got.iter().all(|&x| x == 7));
     }
 
     #[tokio::test]

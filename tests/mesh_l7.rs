@@ -835,17 +835,9 @@ fn retries_respect_the_budget_and_outlier_ejection_keeps_success_high() {
 fn an_idle_keep_alive_connection_is_parked_and_served_again() {
     use std::io::{BufRead, BufReader, Read, Write};
     let _serial = serial();
-    let Some(mut mesh) = Mesh::start(&[]) else {
+    let Some((mesh, _)) = start(&canary_route(0), "", &[]) else {
         return;
     };
-    mesh.add_pod("web");
-    let v1 = mesh.add_pod("api-v1");
-    mesh.write_config(&l7_config(&[(&v1, "api", "v1")], &canary_route(0), ""));
-    mesh.start_sidecar("web", "web", &[]);
-    mesh.start_sidecar("api-v1", "api", &[]);
-    for p in ["web", "api-v1"] {
-        mesh.wait_ready(p);
-    }
     let ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
     let target: SocketAddr = format!("{VIP}:8080").parse().unwrap();
     // A socket made inside the pod stays in its namespace.

@@ -38,10 +38,11 @@ pub async fn serve(proxy: Arc<Proxy>, down: TcpStream, client: SocketAddr, targe
         }
     };
     let draining = proxy.draining.subscribe();
-    // Not the HTTP/2 preface (`PRI * HTTP/2.0`): HTTP/1.1, parked between
-    // requests (unless --park-idle-http false) so that an idle keep-alive
-    // connection holds no HTTP state.
-    if proxy.park_idle_http && !b"PRI".starts_with(&first[..n]) {
+    // The HTTP/2 preface (`PRI * HTTP/2.0`) or not.
+    let h2c = b"PRI".starts_with(&first[..n]);
+    // HTTP/1.1 is parked between requests (unless --park-idle-http false)
+    // so that an idle keep-alive connection holds no HTTP state.
+    if proxy.park_idle_http && !h2c {
         let handler = {
             let proxy = proxy.clone();
             move |req: Request<Incoming>| handle(proxy.clone(), target.clone(), req)
@@ -66,7 +67,7 @@ pub async fn serve(proxy: Arc<Proxy>, down: TcpStream, client: SocketAddr, targe
         async move { Ok::<_, Infallible>(handle(proxy, target, req).await) }
     });
     // h2c multiplexes: its writes are corked like the mesh connections'.
-    let r = if b"PRI".starts_with(&first[..n]) {
+    let r = if h2c {
         serve_auto(super::cork::Corked::new(down), svc, draining).await
     } else {
         serve_auto(down, svc, draining).await

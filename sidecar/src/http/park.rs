@@ -3,9 +3,10 @@
 //! as a connection lives; an app with a pool of mostly idle keep-alive
 //! connections would pay that on every one. Here, once a request/response
 //! exchange is complete, nothing else is buffered and the connection has
-//! been idle for [`PARK_AFTER`], the hyper connection is taken apart (its socket and any unparsed bytes kept) and built again
-//! when the client next sends something: an idle connection costs its
-//! socket and a small task.
+//! been idle for [`PARK_AFTER`], the hyper connection is taken apart (its
+//! socket and any unparsed bytes kept) and built again when the client
+//! next sends something: an idle connection costs its socket and a small
+//! task.
 //!
 //! A connection is parked only at a point where nothing can be lost: no
 //! request in flight, the last request had no body (so hyper has read all

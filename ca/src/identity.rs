@@ -17,11 +17,53 @@ pub enum IdentityError {
 }
 
 /// A workload identity in the form Bulwark issues. Immutable once parsed.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// Kept as its URI, shared: every request a sidecar proxies names one or
+/// two identities (metrics labels, the pool key, the peer header), so a
+/// clone is a reference count and printing it is a copy, not a format.
+#[derive(Clone)]
 pub struct SpiffeId {
-    trust_domain: String,
-    namespace: String,
-    service_account: String,
+    uri: std::sync::Arc<str>,
+    /// Byte ranges of the three parts within `uri`.
+    trust_domain: std::ops::Range<usize>,
+    namespace: std::ops::Range<usize>,
+    service_account: std::ops::Range<usize>,
+}
+
+const SCHEME: &str = "spiffe://";
+
+impl PartialEq for SpiffeId {
+    fn eq(&self, other: &Self) -> bool {
+        self.uri == other.uri
+    }
+}
+impl Eq for SpiffeId {}
+
+impl std::hash::Hash for SpiffeId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.uri.hash(state);
+    }
+}
+
+/// Ordered by trust domain, then namespace, then service account.
+impl Ord for SpiffeId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        fn key(id: &SpiffeId) -> (&str, &str, &str) {
+            (id.trust_domain(), id.namespace(), id.service_account())
+        }
+        key(self).cmp(&key(other))
+    }
+}
+impl PartialOrd for SpiffeId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Debug for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SpiffeId").field(&&*self.uri).finish()
+    }
 }
 
 fn valid_trust_domain(td: &str) -> bool {
@@ -57,21 +99,30 @@ impl SpiffeId {
                 "/ns/{namespace}/sa/{service_account}"
             )));
         }
+        let uri = format!("{SCHEME}{trust_domain}/ns/{namespace}/sa/{service_account}");
+        let td = SCHEME.len()..SCHEME.len() + trust_domain.len();
+        let ns = td.end + "/ns/".len()..td.end + "/ns/".len() + namespace.len();
+        let sa = ns.end + "/sa/".len()..uri.len();
         Ok(Self {
-            trust_domain: trust_domain.to_string(),
-            namespace: namespace.to_string(),
-            service_account: service_account.to_string(),
+            uri: uri.into(),
+            trust_domain: td,
+            namespace: ns,
+            service_account: sa,
         })
     }
 
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.uri[self.trust_domain.clone()]
     }
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.uri[self.namespace.clone()]
     }
     pub fn service_account(&self) -> &str {
-        &self.service_account
+        &self.uri[self.service_account.clone()]
+    }
+    /// The URI, `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    pub fn as_str(&self) -> &str {
+        &self.uri
     }
 }
 
@@ -82,7 +133,7 @@ impl FromStr for SpiffeId {
             return Err(IdentityError::TooLong);
         }
         let rest = s
-            .strip_prefix("spiffe://")
+            .strip_prefix(SCHEME)
             .ok_or_else(|| IdentityError::Scheme(s.to_string()))?;
         let (td, path) = rest
             .split_once('/')
@@ -100,11 +151,7 @@ impl FromStr for SpiffeId {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        f.write_str(&self.uri)
     }
 }
 
@@ -141,6 +188,20 @@ mod tests {
         assert_eq!(id.namespace(), "default");
         assert_eq!(id.service_account(), "web");
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/web");
+        assert_eq!(id.as_str(), "spiffe://cluster.local/ns/default/sa/web");
+        assert_eq!(
+            id,
+            SpiffeId::new("cluster.local", "default", "web").unwrap()
+        );
+    }
+
+    #[test]
+    fn orders_by_trust_domain_then_namespace_then_account() {
+        let id = |s: &str| s.parse::<SpiffeId>().unwrap();
+        // By the URI string, "a-b" < "a/"; by parts, "a" < "a-b".
+        assert!(id("spiffe://td/ns/a/sa/z") < id("spiffe://td/ns/a-b/sa/a"));
+        assert!(id("spiffe://a/ns/z/sa/z") < id("spiffe://b/ns/a/sa/a"));
+        assert!(id("spiffe://td/ns/a/sa/a") < id("spiffe://td/ns/a/sa/b"));
     }
 
     #[test]

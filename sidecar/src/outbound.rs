@@ -73,7 +73,7 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
             let peer_id = up.identity.clone().expect("mesh upstream has an identity");
             // Bulkhead for opaque TCP: at most `maxConnections` to the service.
             let policy = snap.policy(&up.service).cloned();
-            let guards = proxy.guards.for_service(&up.service, policy.as_deref());
+            let guards = proxy.guards.for_service(&up.service, policy.as_ref());
             let _slot = match &guards.connections {
                 Some(sem) => match sem.clone().try_acquire_owned() {
                     Ok(p) => Some(p),

@@ -430,6 +430,13 @@ cpu_ticks() { # sum of utime+stime (clock ticks) of the given pids
     done
     echo $t
 }
+sys_ticks() { # sum of stime (clock ticks) of the given pids
+    local t=0 p
+    for p in "$@"; do
+        t=$((t + $(awk '{print $15}' "/proc/$p/stat")))
+    done
+    echo $t
+}
 HZ=$(getconf CLK_TCK)
 
 loadgen() { # round setup rate
@@ -613,10 +620,18 @@ if [ "$PROFILE" = 1 ] && command -v perf >/dev/null; then
     # Where the two cores go at saturation: each process's CPU per request,
     # and the proxies' syscalls and context switches per request.
     log "profiling: CPU per request of each process under wrk (saturation)"
+    # Heap allocations counted with a uprobe on libc's malloc, where the
+    # kernel allows one (HAProxy's own pools bypass it: a floor, for it).
+    LIBC=$(ldconfig -p | awk '/libc\.so\.6 .*x86-64/{print $NF; exit}')
+    MALLOC_EV=()
+    [ -n "$LIBC" ] && perf probe -q -x "$LIBC" malloc >/dev/null 2>&1 || true
+    if [[ "$(perf probe -l 2>/dev/null)" == *probe_libc:malloc* ]]; then
+        MALLOC_EV=(-e probe_libc:malloc)
+    fi
     {
         echo
-        echo "| pair under wrk -c$WRK_CONNS | req/s | µs CPU / request: client proxy | server proxy | app | wrk | syscalls / request / proxy | context switches / request / proxy |"
-        echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+        echo "| pair under wrk -c$WRK_CONNS | req/s | µs CPU / request: client proxy | server proxy | of which kernel (both proxies) | app | wrk | syscalls / request / proxy | context switches / request / proxy | mallocs / request / proxy |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     } >>"$PROF_MD"
     for s in bulwark haproxy; do
         # HAProxy's backend is the app on :9090, the sidecars' the one on :8080.
@@ -625,22 +640,39 @@ if [ "$PROFILE" = 1 ] && command -v perf >/dev/null; then
         WRK_JOB=$!
         sleep 1
         WRK_PID=$(pgrep -n -x wrk)
-        t0=($(cpu_ticks "$p_cli") $(cpu_ticks "$p_srv") $(cpu_ticks "$p_app") $(cpu_ticks "$WRK_PID"))
+        t0=($(cpu_ticks "$p_cli") $(cpu_ticks "$p_srv") $(cpu_ticks "$p_app") $(cpu_ticks "$WRK_PID") $(sys_ticks "$p_cli" "$p_srv"))
         perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$p_cli,$p_srv" \
             -e 'syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg' \
             -e 'syscalls:sys_enter_read,syscalls:sys_enter_readv,syscalls:sys_enter_recvfrom,syscalls:sys_enter_recvmsg' \
             -e 'syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_pwait,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_futex' \
             -o "$WORK/perfstat-sat-$s.csv" -- sleep 5
-        t1=($(cpu_ticks "$p_cli") $(cpu_ticks "$p_srv") $(cpu_ticks "$p_app") $(cpu_ticks "$WRK_PID"))
+        t1=($(cpu_ticks "$p_cli") $(cpu_ticks "$p_srv") $(cpu_ticks "$p_app") $(cpu_ticks "$WRK_PID") $(sys_ticks "$p_cli" "$p_srv"))
         wait "$WRK_JOB" || true
         rps=$(awk '/^Requests\/sec:/{print $2}' "$WORK/wrk-prof-$s.txt")
+        # Allocations on a run of their own: the uprobe's trap on every
+        # malloc would inflate the CPU figures above.
+        ma=nan
+        if [ ${#MALLOC_EV[@]} -gt 0 ]; then
+            # Counted over exactly wrk's run: perf stat runs it.
+            perf stat -x, "${MALLOC_EV[@]}" -p "$p_cli,$p_srv" -o "$WORK/perfstat-malloc-$s.csv" -- \
+                ip netns exec "$CLI" wrk -t 1 -c "$WRK_CONNS" -d 3s "${URL[$s]}" >"$WORK/wrk-malloc-$s.txt"
+            nreq=$(awk '/requests in/{print $1}' "$WORK/wrk-malloc-$s.txt")
+            ma=$(awk -F, -v n="$nreq" '/probe_libc:malloc/{if (n > 0) printf "%.1f", $1 / n / 2}' "$WORK/perfstat-malloc-$s.csv")
+        fi
         sc=$(awk -F, '/raw_syscalls/{print $1}' "$WORK/perfstat-sat-$s.csv")
         cs=$(awk -F, '/context-switches/{print $1}' "$WORK/perfstat-sat-$s.csv")
-        awk -v s="$s" -v rps="$rps" -v hz="$HZ" -v sc="$sc" -v cs="$cs" \
+        awk -v s="$s" -v rps="$rps" -v hz="$HZ" -v sc="$sc" -v cs="$cs" -v ma="${ma:-nan}" -v k="$((t1[4] - t0[4]))" \
             -v a="$((t1[0] - t0[0]))" -v b="$((t1[1] - t0[1]))" -v c="$((t1[2] - t0[2]))" -v d="$((t1[3] - t0[3]))" \
             'BEGIN{n = rps * 5; u = 1e6 / hz / n
-                   printf "| %s | %.0f | %.1f | %.1f | %.1f | %.1f | %.2f | %.2f |\n", s, rps, a*u, b*u, c*u, d*u, sc/n/2, cs/n/2}' >>"$PROF_MD"
+                   m = (ma ~ /^[0-9.]+$/) ? ma : "not measured"
+                   printf "| %s | %.0f | %.1f | %.1f | %.0f%% | %.1f | %.1f | %.2f | %.2f | %s |\n", s, rps, a*u, b*u, (a+b > 0) ? 100*k/(a+b) : 0, c*u, d*u, sc/n/2, cs/n/2, m}' >>"$PROF_MD"
     done
+    if [ ${#MALLOC_EV[@]} -gt 0 ]; then
+        log "profiling: who allocates (perf record on malloc, DWARF call graphs)"
+        perf record -q -c 17 "${MALLOC_EV[@]}" --call-graph dwarf,16384 -o "$WORK/perf-malloc.data" -p "$SC_CLI,$SC_SRV" -- \
+            ip netns exec "$CLI" wrk -t 1 -c "$WRK_CONNS" -d 2s "${URL[bulwark]}" >/dev/null 2>&1 || true
+        perf report -i "$WORK/perf-malloc.data" --no-children --stdio -G 2>/dev/null >"$WORK/malloc-callers.txt" || true
+    fi
     log "profiling both sidecars under wrk (perf record -e cpu-clock -g)"
     in_ns "$CLI" wrk -t 1 -c "$WRK_CONNS" -d 8s "${URL[bulwark]}" >/dev/null &
     WRK_PID=$!
@@ -653,6 +685,12 @@ if [ "$PROFILE" = 1 ] && command -v perf >/dev/null; then
         tidy | head -30 >"$WORK/profile-self.txt" || true
     perf report -i "$WORK/perf.data" --children --sort symbol --stdio -g none 2>/dev/null |
         tidy | head -60 >"$WORK/profile-children.txt" || true
+    # The proxy is built without frame pointers: user-space inclusive time
+    # needs DWARF unwinding (sampled less often, its stacks are large).
+    perf record -q -e cpu-clock -F 499 --call-graph dwarf,16384 -o "$WORK/perf-dwarf.data" -p "$SC_CLI,$SC_SRV" -- \
+        ip netns exec "$CLI" wrk -t 1 -c "$WRK_CONNS" -d 3s "${URL[bulwark]}" >/dev/null 2>&1 || true
+    perf report -i "$WORK/perf-dwarf.data" --children --sort symbol --stdio -g none 2>/dev/null |
+        tidy | grep -v '\[k\]' | head -120 >"$WORK/profile-user-children.txt" || true
     {
         echo
         echo "Sidecar pair under wrk, \`perf record -e cpu-clock -g\` (hardware counters are not"
@@ -814,7 +852,7 @@ cat "$RAW"
 if [ -s "$PROF_MD" ]; then
     cat "$PROF_MD"
     echo
-    echo "(inclusive-time profile: $WORK/profile-children.txt with KEEP=1)"
+    echo "(inclusive-time profiles: $WORK/profile-children.txt, $WORK/profile-user-children.txt with KEEP=1)"
 fi
 echo
 echo "load average at start: $LOAD_START; at end: $LOAD_END; failed requests: $ERRS; $(($(date +%s) - T0)) s"

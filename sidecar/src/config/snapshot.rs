@@ -150,8 +150,9 @@ pub struct Snapshot {
     local_ports: HashMap<u16, Vec<String>>,
     /// Service → authorization rules (present = default deny).
     authz: HashMap<String, Vec<L4Rule>>,
-    /// Service → its endpoints (all ports).
-    by_service: HashMap<String, Vec<Upstream>>,
+    /// Service → its endpoints (all ports), shared with the requests
+    /// routed to them.
+    by_service: HashMap<String, Vec<Arc<Upstream>>>,
     /// (service, port) → protocol and target port.
     ports: HashMap<(String, u16), (Proto, u16)>,
     /// Inbound port → protocol the local app speaks.
@@ -504,6 +505,10 @@ impl Snapshot {
                     .or_insert((Proto::from_proto(p.protocol), target));
             }
         }
+        let by_service = by_service
+            .into_iter()
+            .map(|(k, v)| (k, v.into_iter().map(Arc::new).collect()))
+            .collect();
         Ok(Self {
             version: version.to_string(),
             stale: false,
@@ -620,7 +625,7 @@ impl Snapshot {
         service: &str,
         port: u16,
         subset: &[(String, String)],
-    ) -> Vec<Upstream> {
+    ) -> Vec<Arc<Upstream>> {
         let target = self
             .ports
             .get(&(service.to_string(), port))

@@ -745,16 +745,16 @@ async fn decide(
         gw.ports.get(&b.service).copied().unwrap_or(0)
     };
     let plan = Plan {
-        route: route.rule.name.clone(),
-        service: b.service.clone(),
+        route: &route.rule.name,
+        service: &b.service,
         upstreams: snap.endpoints_of(&b.service, port, &b.subset),
         timeout: route.rule.timeout,
-        retry: route.rule.retry.clone(),
+        retry: route.rule.retry.as_ref(),
     };
     audit(
         proxy,
         gw,
-        &plan.service,
+        plan.service,
         &method,
         &path,
         &subject,

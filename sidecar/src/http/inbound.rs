@@ -111,11 +111,18 @@ pub async fn serve<S>(proxy: Arc<Proxy>, tls: S, peer: SpiffeId, port: u16)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let peer = Arc::new(peer);
+    let peer = Arc::new(Peer {
+        header: http::HeaderValue::from_str(peer.as_str())
+            .expect("SPIFFE IDs are valid header values"),
+        id: peer,
+        app: http::uri::Authority::try_from(format!("127.0.0.1:{port}"))
+            .expect("an address is an authority"),
+        port,
+    });
     let mut draining = proxy.draining.subscribe();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (proxy, peer) = (proxy.clone(), peer.clone());
-        async move { Ok::<_, Infallible>(handle(proxy, &peer, port, req).await) }
+        async move { Ok::<_, Infallible>(handle(proxy, &peer, req).await) }
     });
     let io = TokioIo::new(super::cork::Corked::new(tls));
     let conn = mesh_h2_server().serve_connection(io, svc);
@@ -133,21 +140,29 @@ where
     }
 }
 
-async fn handle(
-    proxy: Arc<Proxy>,
-    peer: &SpiffeId,
+/// What every request on one peer connection shares, made once.
+struct Peer {
+    /// The peer sidecar's verified identity, and as the header the app sees.
+    id: SpiffeId,
+    header: http::HeaderValue,
+    /// The app's address for this port, `127.0.0.1:<port>`.
+    app: http::uri::Authority,
     port: u16,
-    mut req: Request<Incoming>,
-) -> Response<Body> {
+}
+
+async fn handle(proxy: Arc<Proxy>, peer: &Peer, mut req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
-    let me = proxy.identity.identity().to_string();
-    let src = peer.to_string();
+    let port = peer.port;
+    let me = proxy.identity.identity().as_str();
+    let src = peer.id.as_str();
     let Some(snap) = proxy.config.load() else {
         return reply(503, "no-config");
     };
-    let service = snap.local_service(port).unwrap_or("").to_string();
+    let service = snap.local_service(port).unwrap_or("");
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    // A reference count, not a copy: for the span, the audit and access logs.
+    let uri = req.uri().clone();
+    let path = uri.path();
     // The app sees this span as the parent of whatever it does next.
     let span = std::sync::Mutex::new(Some(proxy.tracer().start_span(
         opentelemetry::trace::SpanKind::Server,
@@ -157,11 +172,11 @@ async fn handle(
                 format!("inbound {service}"),
                 vec![
                     opentelemetry::KeyValue::new("bulwark.direction", "inbound"),
-                    opentelemetry::KeyValue::new("bulwark.service", service.clone()),
-                    opentelemetry::KeyValue::new("bulwark.src_identity", src.clone()),
-                    opentelemetry::KeyValue::new("bulwark.dst_identity", me.clone()),
+                    opentelemetry::KeyValue::new("bulwark.service", service.to_string()),
+                    opentelemetry::KeyValue::new("bulwark.src_identity", src.to_string()),
+                    opentelemetry::KeyValue::new("bulwark.dst_identity", me.to_string()),
                     opentelemetry::KeyValue::new("http.request.method", method.to_string()),
-                    opentelemetry::KeyValue::new("url.path", path.clone()),
+                    opentelemetry::KeyValue::new("url.path", path.to_string()),
                 ],
             )
         },
@@ -169,10 +184,10 @@ async fn handle(
     let finish = |resp: Response<Body>| {
         let key = RequestKey {
             direction: "inbound",
-            service: &service,
+            service,
             route: "",
-            src_identity: &src,
-            dst_identity: &me,
+            src_identity: src,
+            dst_identity: me,
             code: resp.status().as_u16(),
         };
         let reason = proxy.metrics.record_request(key, started.elapsed(), &resp);
@@ -194,14 +209,14 @@ async fn handle(
             duration_us = started.elapsed().as_micros() as u64, "request");
         resp
     };
-    let verdict = snap.authorize_http(port, Some(peer), method.as_str(), &path);
+    let verdict = snap.authorize_http(port, Some(&peer.id), method.as_str(), path);
     match &verdict {
-        Ok(policy) => proxy.audit(&src, &service, method.as_str(), &path, true, policy, None),
+        Ok(policy) => proxy.audit(src, service, method.as_str(), path, true, policy, None),
         Err(svc) => proxy.audit(
-            &src,
+            src,
             svc,
             method.as_str(),
-            &path,
+            path,
             false,
             "default-deny",
             Some("no AuthorizationPolicy rule allows this caller, path and method"),
@@ -213,7 +228,7 @@ async fn handle(
             .authz_denials
             .get_or_create(&DenialLabels {
                 direction: "inbound",
-                src_identity: src.clone(),
+                src_identity: src.to_string(),
             })
             .inc();
         tracing::info!(src_identity = %src, service = %svc, %method, %path, "request denied by authorization policy");
@@ -221,13 +236,10 @@ async fn handle(
     }
     let mut body_limit = None;
     if !service.is_empty() {
-        let policy = snap.policy(&service).cloned();
-        body_limit = policy
-            .as_deref()
-            .map(|p| p.max_request_body_bytes)
-            .filter(|&n| n > 0);
-        let guards = proxy.guards.for_service(&service, policy.as_deref());
-        if let Some(refusal) = rate_limit(&proxy, &snap, &service, &guards, &src, &req) {
+        let policy = snap.policy(service);
+        body_limit = policy.map(|p| p.max_request_body_bytes).filter(|&n| n > 0);
+        let guards = proxy.guards.for_service(service, policy);
+        if let Some(refusal) = rate_limit(&proxy, &snap, service, &guards, src, &req) {
             return finish(refusal);
         }
     }
@@ -240,20 +252,16 @@ async fn handle(
     let (mut parts, body) = req.into_parts();
     strip_hop_headers(&mut parts.headers);
     // Only the sidecar may say who the caller is.
-    parts.headers.insert(
-        PEER_IDENTITY_HEADER,
-        http::HeaderValue::from_str(&src).expect("SPIFFE IDs are valid header values"),
-    );
-    let authority = parts.uri.authority().map(|a| a.to_string());
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_string();
-    parts.uri = format!("http://127.0.0.1:{port}{pq}")
-        .parse()
-        .expect("valid local URI");
+    parts
+        .headers
+        .insert(PEER_IDENTITY_HEADER, peer.header.clone());
+    let mut local = std::mem::take(&mut parts.uri).into_parts();
+    let authority = local.authority.replace(peer.app.clone());
+    local.scheme = Some(http::uri::Scheme::HTTP);
+    if local.path_and_query.is_none() {
+        local.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    parts.uri = http::Uri::from_parts(local).expect("scheme, authority and path make a URI");
     let proto = snap.local_proto(port);
     let client = match proto {
         Proto::Http2 => {
@@ -263,7 +271,7 @@ async fn handle(
         _ => {
             parts.version = http::Version::HTTP_11;
             if let Some(a) = authority
-                && let Ok(v) = http::HeaderValue::from_str(&a)
+                && let Ok(v) = http::HeaderValue::from_str(a.as_str())
             {
                 parts.headers.insert(http::header::HOST, v);
             }

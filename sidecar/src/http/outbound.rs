@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bulwark_ca::SpiffeId;
 use bulwark_proto::config::v1;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -42,6 +43,8 @@ pub async fn serve(proxy: Arc<Proxy>, down: TcpStream, client: SocketAddr, targe
     let h2c = b"PRI".starts_with(&first[..n]);
     // HTTP/1.1 is parked between requests (unless --park-idle-http false)
     // so that an idle keep-alive connection holds no HTTP state.
+    // Shared by the connection's requests, not copied into each.
+    let target = Arc::new(target);
     if proxy.park_idle_http && !h2c {
         let handler = {
             let proxy = proxy.clone();
@@ -144,14 +147,25 @@ fn unprocessed(e: &hyper::Error) -> bool {
     }
 }
 
-/// Where a request goes after routing.
-pub(crate) struct Plan {
-    pub route: String,
-    pub service: String,
-    pub upstreams: Vec<Upstream>,
+/// Where a request goes after routing: borrowed from the config snapshot
+/// (and the connection's target) it was planned on.
+pub(crate) struct Plan<'a> {
+    pub route: &'a str,
+    pub service: &'a str,
+    pub upstreams: Vec<Arc<Upstream>>,
     pub timeout: Option<Duration>,
-    pub retry: Option<v1::RetryPolicy>,
+    pub retry: Option<&'a v1::RetryPolicy>,
 }
+
+/// Without a policy: one retry when nothing reached the upstream.
+static DEFAULT_RETRY: std::sync::LazyLock<v1::RetryPolicy> =
+    std::sync::LazyLock::new(|| v1::RetryPolicy {
+        attempts: 1,
+        retry_on: vec!["connect-failure".into()],
+        budget_ratio: 0.2,
+        budget_min_per_second: 10,
+        ..Default::default()
+    });
 
 /// Who sent a request that entered the mesh at the edge, for the access log.
 #[derive(Debug, Clone, Default)]
@@ -160,26 +174,26 @@ pub(crate) struct EdgeCaller {
     pub subject: String,
 }
 
-fn plan(
-    snap: &Snapshot,
-    target: &Target,
+fn plan<'a>(
+    snap: &'a Snapshot,
+    target: &'a Target,
     req: &Request<Incoming>,
-) -> Result<Plan, Box<Response<Body>>> {
+) -> Result<Plan<'a>, Box<Response<Body>>> {
     if let Some(up) = &target.pinned
         && snap.route(&target.service).is_none()
     {
         return Ok(Plan {
-            route: "default".into(),
-            service: target.service.clone(),
-            upstreams: vec![up.clone()],
+            route: "default",
+            service: &target.service,
+            upstreams: vec![Arc::new(up.clone())],
             timeout: None,
             retry: None,
         });
     }
     match snap.route(&target.service) {
         None => Ok(Plan {
-            route: "default".into(),
-            service: target.service.clone(),
+            route: "default",
+            service: &target.service,
             upstreams: snap.endpoints_of(&target.service, target.port, &[]),
             timeout: None,
             retry: None,
@@ -191,17 +205,17 @@ fn plan(
             let b = rule.pick(req.headers(), rand_unit());
             let port = if b.port == 0 { target.port } else { b.port };
             Ok(Plan {
-                route: rule.name.clone(),
-                service: b.service.clone(),
+                route: &rule.name,
+                service: &b.service,
                 upstreams: snap.endpoints_of(&b.service, port, &b.subset),
                 timeout: rule.timeout,
-                retry: rule.retry.clone(),
+                retry: rule.retry.as_ref(),
             })
         }
     }
 }
 
-async fn handle(proxy: Arc<Proxy>, target: Target, req: Request<Incoming>) -> Response<Body> {
+async fn handle(proxy: Arc<Proxy>, target: Arc<Target>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let Some(snap) = proxy.config.load() else {
         return reply(503, "no-config");
@@ -219,15 +233,18 @@ async fn handle(proxy: Arc<Proxy>, target: Target, req: Request<Incoming>) -> Re
 pub(crate) async fn exchange(
     proxy: &Arc<Proxy>,
     snap: &Snapshot,
-    plan: Plan,
+    plan: Plan<'_>,
     mut req: Request<Body>,
     direction: &'static str,
     edge: Option<&EdgeCaller>,
     started: Instant,
 ) -> Response<Body> {
-    let me = proxy.identity.identity().to_string();
+    let me = proxy.identity.identity().as_str();
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    // Kept for the span and the access log: a reference count, not a copy.
+    let uri = req.uri().clone();
+    let host = req.headers().get(http::header::HOST).cloned();
+    let path = uri.path();
     let span = proxy.tracer().start_span(
         opentelemetry::trace::SpanKind::Client,
         req.headers_mut(),
@@ -236,64 +253,58 @@ pub(crate) async fn exchange(
                 format!("{direction} {}", plan.service),
                 vec![
                     opentelemetry::KeyValue::new("bulwark.direction", direction),
-                    opentelemetry::KeyValue::new("bulwark.service", plan.service.clone()),
-                    opentelemetry::KeyValue::new("bulwark.route", plan.route.clone()),
+                    opentelemetry::KeyValue::new("bulwark.service", plan.service.to_string()),
+                    opentelemetry::KeyValue::new("bulwark.route", plan.route.to_string()),
                     opentelemetry::KeyValue::new("http.request.method", method.to_string()),
-                    opentelemetry::KeyValue::new("url.path", path.clone()),
-                    opentelemetry::KeyValue::new("bulwark.src_identity", me.clone()),
+                    opentelemetry::KeyValue::new("url.path", path.to_string()),
+                    opentelemetry::KeyValue::new("bulwark.src_identity", me.to_string()),
                 ],
             )
         },
     );
-    let authority = req
-        .uri()
+    let authority = uri
         .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            req.headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(String::from)
-        })
+        .map(|a| a.as_str())
+        .or_else(|| host.as_ref().and_then(|h| h.to_str().ok()))
         .unwrap_or_default();
-    let policy = snap.policy(&plan.service).cloned();
-    let guards = proxy.guards.for_service(&plan.service, policy.as_deref());
+    let policy = snap.policy(plan.service);
+    let guards = proxy.guards.for_service(plan.service, policy);
+    let policy = policy.map(|p| &**p);
     let upgrade = req.headers().contains_key(http::header::UPGRADE)
         && req.version() == http::Version::HTTP_11;
     let (resp, upstream, dst_identity, attempts) = if plan.upstreams.is_empty() {
-        (reply(503, "no-healthy-endpoint"), None, String::new(), 0)
+        (reply(503, "no-healthy-endpoint"), None, None, 0)
     } else if upgrade {
         upgrade_tunnel(proxy, &plan, req).await
     } else {
-        let work = send_with_retries(proxy, &plan, &guards, policy.as_deref(), req);
+        let work = send_with_retries(proxy, &plan, &guards, policy, req);
         // The attempts observe the route timeout themselves; this is a backstop.
         match plan.timeout {
             Some(t) => match tokio::time::timeout(t + Duration::from_millis(250), work).await {
                 Ok(r) => r,
-                Err(_) => (reply(504, "timeout"), None, String::new(), 0),
+                Err(_) => (reply(504, "timeout"), None, None, 0),
             },
             None => work.await,
         }
     };
     let code = resp.status().as_u16();
+    let dst_identity = dst_identity.as_ref().map_or("", SpiffeId::as_str);
     let key = RequestKey {
         direction,
-        service: &plan.service,
-        route: &plan.route,
-        src_identity: &me,
-        dst_identity: &dst_identity,
+        service: plan.service,
+        route: plan.route,
+        src_identity: me,
+        dst_identity,
         code,
     };
     let reason = proxy.metrics.record_request(key, started.elapsed(), &resp);
     let trace_id = span.trace_id();
-    let upstream = upstream
-        .map(|u: SocketAddr| u.to_string())
-        .unwrap_or_default();
+    let upstream = OrEmpty(upstream);
     let retries = attempts.saturating_sub(1);
     span.finish(code, || {
         vec![
-            opentelemetry::KeyValue::new("bulwark.dst_identity", dst_identity.clone()),
-            opentelemetry::KeyValue::new("bulwark.upstream", upstream.clone()),
+            opentelemetry::KeyValue::new("bulwark.dst_identity", dst_identity.to_string()),
+            opentelemetry::KeyValue::new("bulwark.upstream", upstream.to_string()),
             opentelemetry::KeyValue::new("bulwark.retries", i64::from(retries)),
             opentelemetry::KeyValue::new("bulwark.reason", reason.clone()),
         ]
@@ -330,14 +341,27 @@ fn retriable(
     }
 }
 
-type Outcome = (Response<Body>, Option<SocketAddr>, String, u32);
+/// The response, the upstream tried last and its identity, and the attempts made.
+type Outcome = (Response<Body>, Option<SocketAddr>, Option<SpiffeId>, u32);
+
+/// An optional value in the access log: empty when absent.
+struct OrEmpty<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrEmpty<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => Ok(()),
+        }
+    }
+}
 
 /// [`send_guarded`] within the service's adaptive concurrency limit, if it
 /// has one: refused at once beyond the limit, and the latency of answered
 /// requests fed back into it.
 async fn send_with_retries(
     proxy: &Proxy,
-    plan: &Plan,
+    plan: &Plan<'_>,
     guards: &crate::resilience::state::ServiceGuards,
     policy: Option<&v1::TrafficPolicy>,
     req: Request<Body>,
@@ -346,7 +370,7 @@ async fn send_with_retries(
         return send_guarded(proxy, plan, guards, policy, req).await;
     };
     let label = ServiceLabel {
-        service: plan.service.clone(),
+        service: plan.service.to_string(),
     };
     if limiter.announce() {
         let gauge = proxy.metrics.adaptive_limit.get_or_create(&label);
@@ -357,7 +381,7 @@ async fn send_with_retries(
         Err(_) => {
             let m = &proxy.metrics;
             m.adaptive_rejections.get_or_create(&label).inc();
-            return (reply(503, "concurrency-limited"), None, String::new(), 0);
+            return (reply(503, "concurrency-limited"), None, None, 0);
         }
     };
     let out = send_guarded(proxy, plan, guards, policy, req).await;
@@ -375,14 +399,11 @@ async fn send_with_retries(
 
 async fn send_guarded(
     proxy: &Proxy,
-    plan: &Plan,
+    plan: &Plan<'_>,
     guards: &crate::resilience::state::ServiceGuards,
     policy: Option<&v1::TrafficPolicy>,
     req: Request<Body>,
 ) -> Outcome {
-    let svc_label = ServiceLabel {
-        service: plan.service.clone(),
-    };
     let _permit = match &guards.bulkhead {
         Some(b) => match b.acquire().await {
             Ok(p) => Some(p),
@@ -390,9 +411,11 @@ async fn send_guarded(
                 proxy
                     .metrics
                     .bulkhead_rejections
-                    .get_or_create(&svc_label)
+                    .get_or_create(&ServiceLabel {
+                        service: plan.service.to_string(),
+                    })
                     .inc();
-                return (reply(503, "bulkhead-full"), None, String::new(), 0);
+                return (reply(503, "bulkhead-full"), None, None, 0);
             }
         },
         None => None,
@@ -400,28 +423,20 @@ async fn send_guarded(
     let (mut parts, body) = req.into_parts();
     strip_hop_headers(&mut parts.headers);
     parts.headers.remove(super::PEER_IDENTITY_HEADER);
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(String::from)
-        })
-        .unwrap_or_else(|| plan.service.clone());
-    parts.headers.remove(http::header::HOST);
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_string();
-    parts.uri = format!("http://{authority}{pq}")
-        .parse()
-        .unwrap_or_else(|_| http::Uri::from_static("http://invalid/"));
+    // HTTP/2 carries the authority in the URI (`:authority`), not `Host`.
+    let host = parts.headers.remove(http::header::HOST);
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    if uri.authority.is_none() {
+        uri.authority = host
+            .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+            .or_else(|| http::uri::Authority::try_from(plan.service).ok());
+    }
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    if uri.path_and_query.is_none() {
+        uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    parts.uri =
+        http::Uri::from_parts(uri).unwrap_or_else(|_| http::Uri::from_static("http://invalid/"));
     parts.version = http::Version::HTTP_2;
 
     // Keep the body for retries within the bound, never holding back a
@@ -430,22 +445,15 @@ async fn send_guarded(
         Ok(b) => b,
         Err(e @ super::replay::ReadError::TooLarge(_)) => {
             tracing::debug!(error = %e, "request refused");
-            return (reply(413, "request-body-too-large"), None, String::new(), 0);
+            return (reply(413, "request-body-too-large"), None, None, 0);
         }
         Err(e) => {
             tracing::debug!(error = %e, "request refused");
-            return (reply(400, "request-body-error"), None, String::new(), 0);
+            return (reply(400, "request-body-error"), None, None, 0);
         }
     };
 
-    let retry = plan.retry.clone().unwrap_or_else(|| v1::RetryPolicy {
-        // Without a policy: one retry when nothing reached the upstream.
-        attempts: 1,
-        retry_on: vec!["connect-failure".into()],
-        budget_ratio: 0.2,
-        budget_min_per_second: 10,
-        ..Default::default()
-    });
+    let retry = plan.retry.unwrap_or(&DEFAULT_RETRY);
     let outlier = policy.and_then(|p| p.outlier_detection);
     let now = Instant::now();
     guards.budget.record_request(now);
@@ -462,20 +470,24 @@ async fn send_guarded(
         let admit = match &guards.breaker {
             Some(b) => {
                 let a = b.admit(Instant::now());
-                publish_breaker(proxy, &plan.service, b);
+                publish_breaker(proxy, plan.service, b);
                 if a == Admit::No {
-                    return (reply(503, "breaker-open"), None, String::new(), attempt - 1);
+                    return (reply(503, "breaker-open"), None, None, attempt - 1);
                 }
                 a
             }
             None => Admit::Yes,
         };
         // Prefer endpoints not tried yet for this request.
-        let fresh: Vec<_> = states
-            .iter()
-            .filter(|s| !tried.contains(&s.addr))
-            .cloned()
-            .collect();
+        let fresh: Vec<_> = if tried.is_empty() {
+            Vec::new()
+        } else {
+            states
+                .iter()
+                .filter(|s| !tried.contains(&s.addr))
+                .cloned()
+                .collect()
+        };
         let pool = if fresh.is_empty() { &states } else { &fresh };
         let round_robin = policy.is_some_and(|p| p.lb == v1::LbAlgorithm::RoundRobin as i32);
         let ep = if round_robin {
@@ -485,7 +497,6 @@ async fn send_guarded(
         }
         .expect("non-empty")
         .clone();
-        tried.push(ep.addr);
         let up = plan
             .upstreams
             .iter()
@@ -550,7 +561,7 @@ async fn send_guarded(
         let success = status.is_some_and(|s| s < 500) && !grpc_unavailable;
         if let Some(b) = &guards.breaker {
             b.record(&admit, success, Instant::now());
-            publish_breaker(proxy, &plan.service, b);
+            publish_breaker(proxy, plan.service, b);
         }
         if let Some(o) = &outlier {
             let failed_5xx = !success;
@@ -566,7 +577,7 @@ async fn send_guarded(
                     .metrics
                     .outlier_ejections
                     .get_or_create(&ServiceLabel {
-                        service: plan.service.clone(),
+                        service: plan.service.to_string(),
                     })
                     .inc();
                 tracing::info!(endpoint = %ep.addr, service = %plan.service, "endpoint ejected (outlier detection)");
@@ -576,7 +587,7 @@ async fn send_guarded(
             return (
                 reply(504, "timeout"),
                 Some(up.addr),
-                identity.to_string(),
+                Some(identity),
                 attempt,
             );
         }
@@ -624,7 +635,7 @@ async fn send_guarded(
                     (
                         Response::from_parts(p, b),
                         Some(up.addr),
-                        identity.to_string(),
+                        Some(identity.clone()),
                         attempt,
                     )
                 }
@@ -633,7 +644,7 @@ async fn send_guarded(
                     (
                         reply(503, "upstream-connect-failure"),
                         Some(up.addr),
-                        identity.to_string(),
+                        Some(identity.clone()),
                         attempt,
                     )
                 }
@@ -642,17 +653,19 @@ async fn send_guarded(
                     (
                         reply(502, "upstream-reset"),
                         Some(up.addr),
-                        identity.to_string(),
+                        Some(identity.clone()),
                         attempt,
                     )
                 }
             };
         }
+        // Recorded only now: a request that is not retried allocates nothing for it.
+        tried.push(ep.addr);
         proxy
             .metrics
             .retries
             .get_or_create(&ServiceLabel {
-                service: plan.service.clone(),
+                service: plan.service.to_string(),
             })
             .inc();
         let base = Duration::from_millis(retry.backoff_base_ms.max(1));
@@ -713,7 +726,7 @@ fn publish_breaker(proxy: &Proxy, service: &str, b: &crate::resilience::breaker:
 /// dedicated mTLS tunnel to the chosen endpoint (HTTP/2 between sidecars
 /// cannot carry an HTTP/1 upgrade), and once the upstream agrees (101) the
 /// two upgraded connections are spliced together.
-async fn upgrade_tunnel(proxy: &Arc<Proxy>, plan: &Plan, mut req: Request<Body>) -> Outcome {
+async fn upgrade_tunnel(proxy: &Arc<Proxy>, plan: &Plan<'_>, mut req: Request<Body>) -> Outcome {
     let states: Vec<_> = plan
         .upstreams
         .iter()
@@ -741,7 +754,7 @@ async fn upgrade_tunnel(proxy: &Arc<Proxy>, plan: &Plan, mut req: Request<Body>)
                     }
                     DialError::Tls(..) | DialError::TlsTimeout(_) => "upstream-tls-failure",
                 };
-                return (reply(503, reason), Some(up.addr), identity.to_string(), 1);
+                return (reply(503, reason), Some(up.addr), Some(identity.clone()), 1);
             }
         };
     let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(tls)).await {
@@ -750,7 +763,7 @@ async fn upgrade_tunnel(proxy: &Arc<Proxy>, plan: &Plan, mut req: Request<Body>)
             return (
                 reply(502, "upstream-reset"),
                 Some(up.addr),
-                identity.to_string(),
+                Some(identity.clone()),
                 1,
             );
         }
@@ -769,7 +782,7 @@ async fn upgrade_tunnel(proxy: &Arc<Proxy>, plan: &Plan, mut req: Request<Body>)
             return (
                 reply(502, "upstream-reset"),
                 Some(up.addr),
-                identity.to_string(),
+                Some(identity.clone()),
                 1,
             );
         }
@@ -807,7 +820,7 @@ async fn upgrade_tunnel(proxy: &Arc<Proxy>, plan: &Plan, mut req: Request<Body>)
     (
         Response::from_parts(p, b.map_err(|e| -> super::BoxError { Box::new(e) }).boxed()),
         Some(up.addr),
-        identity.to_string(),
+        Some(identity.clone()),
         1,
     )
 }

@@ -126,9 +126,18 @@ struct RuleLimit {
     limiter: Arc<LocalRateLimit>,
 }
 
+/// A service's guards and the snapshot policy they were last matched to.
+#[derive(Debug)]
+struct Built {
+    /// The very policy (by pointer) of the last request's snapshot: the
+    /// same one again, the common case, needs no comparison by value.
+    from: Option<Arc<v1::TrafficPolicy>>,
+    guards: Arc<ServiceGuards>,
+}
+
 #[derive(Debug, Default)]
 pub struct Guards {
-    by_service: Mutex<HashMap<String, Arc<ServiceGuards>>>,
+    by_service: Mutex<HashMap<String, Built>>,
     /// Service → limiters of its Route rules, kept across snapshots while
     /// the rule's limit is unchanged (so a config push does not refill them).
     by_rule: Mutex<HashMap<String, Vec<RuleLimit>>>,
@@ -141,37 +150,54 @@ impl Guards {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(service)
-            .cloned()
+            .map(|b| b.guards.clone())
     }
 
     pub fn for_service(
         &self,
         service: &str,
-        policy: Option<&v1::TrafficPolicy>,
+        policy: Option<&Arc<v1::TrafficPolicy>>,
     ) -> Arc<ServiceGuards> {
         let mut m = self.by_service.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = m.get(service)
+            && match (&b.from, policy) {
+                (None, None) => true,
+                (Some(a), Some(p)) => Arc::ptr_eq(a, p),
+                _ => false,
+            }
+        {
+            return b.guards.clone();
+        }
+        // Another snapshot: the guards stay if the policy is the same by value.
         let wanted = policy.map(|p| {
-            let mut p = p.clone();
+            let mut p = v1::TrafficPolicy::clone(p);
             p.source = None;
             p
         });
-        if let Some(g) = m.get(service)
-            && g.source == wanted
+        if let Some(b) = m.get_mut(service)
+            && b.guards.source == wanted
         {
-            return g.clone();
+            b.from = policy.cloned();
+            return b.guards.clone();
         }
-        let mut g = ServiceGuards::build(policy);
+        let mut g = ServiceGuards::build(policy.map(|p| &**p));
         // A push that changes other parts of the policy keeps the learned
         // limit: starting over would let a burst through.
         if let (Some(old), Some(new)) = (
-            m.get(service).and_then(|o| o.adaptive.as_ref()),
+            m.get(service).and_then(|o| o.guards.adaptive.as_ref()),
             &g.adaptive,
         ) && old.config() == new.config()
         {
             g.adaptive = Some(old.clone());
         }
         let g = Arc::new(g);
-        m.insert(service.to_string(), g.clone());
+        m.insert(
+            service.to_string(),
+            Built {
+                from: policy.cloned(),
+                guards: g.clone(),
+            },
+        );
         g
     }
 
@@ -251,23 +277,26 @@ mod tests {
     fn adaptive_limit_outlives_pushes_that_keep_its_config() {
         let g = Guards::default();
         let first = g
-            .for_service("default/api", Some(&adaptive_policy(10, 20)))
+            .for_service("default/api", Some(&Arc::new(adaptive_policy(10, 20))))
             .adaptive
             .clone()
             .unwrap();
         let _held = first.try_acquire(Instant::now()).unwrap();
         // The same policy again, then one with another bulkhead: same limiter.
         for p in [adaptive_policy(10, 20), adaptive_policy(50, 20)] {
-            let a = g.for_service("default/api", Some(&p)).adaptive.clone();
+            let a = g
+                .for_service("default/api", Some(&Arc::new(p)))
+                .adaptive
+                .clone();
             assert!(Arc::ptr_eq(&first, a.as_ref().unwrap()));
         }
         // A changed adaptive config starts afresh; none removes it.
-        let changed = g.for_service("default/api", Some(&adaptive_policy(50, 30)));
+        let changed = g.for_service("default/api", Some(&Arc::new(adaptive_policy(50, 30))));
         assert!(!Arc::ptr_eq(&first, changed.adaptive.as_ref().unwrap()));
         let mut without = adaptive_policy(50, 30);
         without.adaptive_concurrency = None;
         assert!(
-            g.for_service("default/api", Some(&without))
+            g.for_service("default/api", Some(&Arc::new(without)))
                 .adaptive
                 .is_none()
         );

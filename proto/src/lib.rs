@@ -7,8 +7,10 @@ pub mod codec {
 
     /// First size of a stream's encode and decode buffers.
     pub const BUFFER_SIZE: usize = 4 * 1024;
-    /// An encoder stops batching ready messages into one write past this.
-    pub const YIELD_THRESHOLD: usize = 16 * 1024;
+    /// An encoder hands each message to HTTP/2 on its own (which batches
+    /// writes anyway): batching ready messages into one buffer grew it to
+    /// the batch, and the buffer never shrinks (see [`Codec`]).
+    pub const YIELD_THRESHOLD: usize = 1;
 
     /// Protobuf over gRPC, as `tonic_prost::ProstCodec`, with smaller
     /// buffers: a stream keeps its buffers (grown to the largest message or

@@ -22,7 +22,7 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let m = &proxy.metrics;
-    let dst = match original_dst(&down) {
+    let dst = match original_dst(&down, peer) {
         Ok(d) if d.port() != proxy.inbound_port => d,
         _ => {
             m.refused("inbound", "no_original_dst");

@@ -429,12 +429,17 @@ async fn accept_loop(
             continue;
         };
         let proxy = proxy.clone();
-        tokio::spawn(async move {
-            match direction {
-                "outbound" => outbound::handle(proxy, stream, peer).await,
-                _ => inbound::handle(proxy, stream, peer).await,
-            }
-            drop(permit);
-        });
+        // One task type per direction: an outbound connection's task is not
+        // sized (and copied on spawn) for the inbound TLS handshake.
+        match direction {
+            "outbound" => tokio::spawn(async move {
+                outbound::handle(proxy, stream, peer).await;
+                drop(permit);
+            }),
+            _ => tokio::spawn(async move {
+                inbound::handle(proxy, stream, peer).await;
+                drop(permit);
+            }),
+        };
     }
 }

@@ -17,7 +17,7 @@ use crate::{Proxy, reset};
 pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let m = &proxy.metrics;
-    let dst = match original_dst(&down) {
+    let dst = match original_dst(&down, peer) {
         Ok(d) => d,
         Err(e) => {
             tracing::debug!(%peer, error = %e, "outbound connection without an original destination");
@@ -43,7 +43,7 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
             Proto::Tcp => false,
             Proto::Auto => {
                 let t = Instant::now();
-                let detected = detect(&proxy, &snap, &down, dst).await;
+                let detected = Box::pin(detect(&proxy, &snap, &down, dst)).await;
                 let result = match &detected {
                     Detected::Http => "http",
                     // The server's greeting decided, not a late client.
@@ -68,6 +68,23 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
             return crate::http::outbound::serve(proxy, down, peer, target).await;
         }
     }
+    // Boxed: opaque TCP carries its own TLS connect and relay state, which
+    // the HTTP connections (the common case) should not be sized for.
+    Box::pin(tcp(&proxy, &snap, down, peer, dst, early, started)).await;
+}
+
+/// An intercepted connection relayed as opaque TCP: over mTLS to a mesh
+/// workload, straight through to a passthrough destination, or refused.
+async fn tcp(
+    proxy: &Arc<Proxy>,
+    snap: &Snapshot,
+    down: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    early: Option<Box<Early>>,
+    started: Instant,
+) {
+    let m = &proxy.metrics;
     match snap.outbound(dst) {
         Decision::Mesh(up) => {
             let peer_id = up.identity.clone().expect("mesh upstream has an identity");
@@ -96,7 +113,7 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
                     let Early { tls, greeting } = *e;
                     (tls, greeting)
                 }
-                None => match connect_mesh(&proxy, up.addr, &peer_id).await {
+                None => match connect_mesh(proxy, up.addr, &peer_id).await {
                     Some(t) => (t, Vec::new()),
                     None => return reset(down),
                 },

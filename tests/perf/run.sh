@@ -47,7 +47,8 @@
 # QUIET_WAIT (0: seconds to wait for the 1-minute load average to fall
 # below QUIET_LOAD=0.8 first), BULWARK_ACCESS_LOG (off | stdout), PROFILE=1
 # (after the rounds, `perf record` both sidecars under wrk and print the
-# top symbols), SKIP_BUILD=1, KEEP=1 (leave logs in $WORK), MEASURE (which
+# top symbols), SKIP_BUILD=1, KEEP=1 (leave logs in $WORK), HOLD=1 (set up,
+# then wait, for measurements by hand, until $WORK/stop exists), MEASURE (which
 # data-plane figures to take, a subset of "latency wrk h2load close iperf
 # memory"; default all: a subset is for trying a change, not for the record).
 # Options: --record appends the results to tests/perf/RESULTS.md.
@@ -416,6 +417,17 @@ for s in direct bulwark haproxy; do
         die "$s: h2c GET ${URL[$s]} failed"
 done
 log "all three paths answer $BODY bytes (HTTP/1.1 and h2c)"
+
+# HOLD=1: keep the set-up running for measurements by hand, until $WORK/stop exists.
+if [ "${HOLD:-0}" = 1 ]; then
+    {
+        echo "CLI=$CLI SRV=$SRV SC_CLI=$SC_CLI SC_SRV=$SC_SRV HAP_CLI=$HAP_CLI HAP_SRV=$HAP_SRV"
+        for s in direct bulwark haproxy; do echo "URL_$s=${URL[$s]}"; done
+    } >"$WORK/rig.env"
+    log "holding: $WORK/rig.env; touch $WORK/stop to end"
+    until [ -e "$WORK/stop" ]; do sleep 1; done
+    exit 0
+fi
 
 # ---- measurements ----------------------------------------------------------
 # Results: lines "round setup metric value" in $WORK/results.

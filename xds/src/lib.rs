@@ -40,6 +40,7 @@ pub mod duration;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod heap;
 pub mod inject;
 pub mod load;
 pub mod metrics;

@@ -324,6 +324,7 @@ impl ControlPlane {
         );
         tasks.spawn(shared.credentials.clone().run(opts.ca_poll));
         tasks.spawn(rebuild(shared.clone(), opts.debounce));
+        tasks.spawn(crate::heap::trim_when_quiet(shared.snapshots.subscribe()));
         if let Some(l) = admin {
             if let Ok(addr) = l.local_addr() {
                 tracing::info!(%addr, "admin endpoint listening (/status, /metrics)");

@@ -36,9 +36,12 @@ pub(crate) const MAX_NAMES: usize = 65_536;
 /// Small on purpose: gRPC's encoder keeps a buffer as large as the largest
 /// message it sent for as long as the stream lives (and the sidecar's
 /// decoder likewise), so one full-mesh sync in a single message would cost
-/// every stream that much memory for good; 1,000 streams after syncing
-/// 1,000 endpoints held 187 kB each with a 3.5 MiB budget.
-pub(crate) const RESPONSE_BUDGET: usize = 16 * 1024;
+/// every stream that much memory for good. 1,000 streams after syncing
+/// 1,000 endpoints held 187 kB each with a 3.5 MiB budget, and 120 kB with
+/// 16 KiB, of which 35 kB was the encode buffer grown to 32 KiB. Within 3 KiB
+/// a response and its envelope fit the codec's 4 KiB buffer
+/// (`bulwark_proto::codec::BUFFER_SIZE`), which then never grows.
+pub(crate) const RESPONSE_BUDGET: usize = 3 * 1024;
 /// Longest NACK message kept for status.
 pub(crate) const MAX_NACK_MESSAGE: usize = 2048;
 

@@ -275,7 +275,8 @@ pub(crate) async fn exchange(
     let (resp, upstream, dst_identity, attempts) = if plan.upstreams.is_empty() {
         (reply(503, "no-healthy-endpoint"), None, None, 0)
     } else if upgrade {
-        upgrade_tunnel(proxy, &plan, req).await
+        // Boxed, like every rare and large path: see `pool::MeshPool::get`.
+        Box::pin(upgrade_tunnel(proxy, &plan, req)).await
     } else {
         let work = send_with_retries(proxy, &plan, &guards, policy, req);
         // The attempts observe the route timeout themselves; this is a backstop.

@@ -45,7 +45,9 @@ impl MeshPool {
         {
             return Ok(s.clone());
         }
-        let sender = connect(proxy, addr, identity).await?;
+        // Boxed: the handshake's state is large and rare, and inline it
+        // would be part of every request's future (copied per request).
+        let sender = Box::pin(connect(proxy, addr, identity)).await?;
         conns.insert(key, sender.clone());
         Ok(sender)
     }

@@ -8,10 +8,17 @@ use tokio::net::TcpStream;
 
 /// The destination the client dialled before iptables REDIRECT sent the
 /// connection to us (`SO_ORIGINAL_DST`).
-pub fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
+///
+/// `peer` (from `accept`) says which family's table to ask, without a
+/// `getsockname` per connection: IPv4, also when it arrives IPv4-mapped
+/// on an IPv6 socket.
+pub fn original_dst(stream: &TcpStream, peer: SocketAddr) -> std::io::Result<SocketAddr> {
     let sock = socket2::SockRef::from(stream);
-    let local = stream.local_addr()?;
-    let addr = if local.is_ipv4() {
+    let v4 = match peer {
+        SocketAddr::V4(_) => true,
+        SocketAddr::V6(a) => a.ip().to_ipv4_mapped().is_some(),
+    };
+    let addr = if v4 {
         sock.original_dst_v4()?
     } else {
         sock.original_dst_v6()?

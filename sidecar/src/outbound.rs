@@ -25,7 +25,11 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
             return reset(down);
         }
     };
-    if dst.port() == proxy.outbound_port && down.local_addr().is_ok_and(|l| l.ip() == dst.ip()) {
+    if dst.port() == proxy.outbound_port
+        && down
+            .local_addr()
+            .is_ok_and(|l| l.ip().to_canonical() == dst.ip())
+    {
         m.refused("outbound", "loop");
         return reset(down);
     }

@@ -634,9 +634,12 @@ if [ "$PROFILE" = 1 ] && command -v perf >/dev/null; then
     log "profiling: CPU per request of each process under wrk (saturation)"
     # Heap allocations counted with a uprobe on libc's malloc, where the
     # kernel allows one (HAProxy's own pools bypass it: a floor, for it).
-    LIBC=$(ldconfig -p | awk '/libc\.so\.6 .*x86-64/{print $NF; exit}')
+    LIBC=$(ldconfig -p 2>/dev/null | awk '/libc\.so\.6 .*x86-64/ && !f {print $NF; f = 1}' || true)
+    PROBE_ADDED=0
     MALLOC_EV=()
-    [ -n "$LIBC" ] && perf probe -q -x "$LIBC" malloc >/dev/null 2>&1 || true
+    if [ -n "$LIBC" ] && perf probe -q -x "$LIBC" malloc >/dev/null 2>&1; then
+        PROBE_ADDED=1
+    fi
     if [[ "$(perf probe -l 2>/dev/null)" == *probe_libc:malloc* ]]; then
         MALLOC_EV=(-e probe_libc:malloc)
     fi
@@ -667,9 +670,11 @@ if [ "$PROFILE" = 1 ] && command -v perf >/dev/null; then
         if [ ${#MALLOC_EV[@]} -gt 0 ]; then
             # Counted over exactly wrk's run: perf stat runs it.
             perf stat -x, "${MALLOC_EV[@]}" -p "$p_cli,$p_srv" -o "$WORK/perfstat-malloc-$s.csv" -- \
-                ip netns exec "$CLI" wrk -t 1 -c "$WRK_CONNS" -d 3s "${URL[$s]}" >"$WORK/wrk-malloc-$s.txt"
+                ip netns exec "$CLI" wrk -t 1 -c "$WRK_CONNS" -d 3s "${URL[$s]}" >"$WORK/wrk-malloc-$s.txt" ||
+                log "malloc count under wrk failed"
             nreq=$(awk '/requests in/{print $1}' "$WORK/wrk-malloc-$s.txt")
-            ma=$(awk -F, -v n="$nreq" '/probe_libc:malloc/{if (n > 0) printf "%.1f", $1 / n / 2}' "$WORK/perfstat-malloc-$s.csv")
+            # "<not counted>" is not a number: no figure rather than 0.
+            ma=$(awk -F, -v n="${nreq:-0}" '/probe_libc:malloc/ && $1 ~ /^[0-9]+$/ {if (n > 0) printf "%.1f", $1 / n / 2}' "$WORK/perfstat-malloc-$s.csv" 2>/dev/null || true)
         fi
         sc=$(awk -F, '/raw_syscalls/{print $1}' "$WORK/perfstat-sat-$s.csv")
         cs=$(awk -F, '/context-switches/{print $1}' "$WORK/perfstat-sat-$s.csv")
@@ -679,12 +684,6 @@ if [ "$PROFILE" = 1 ] && command -v perf >/dev/null; then
                    m = (ma ~ /^[0-9.]+$/) ? ma : "not measured"
                    printf "| %s | %.0f | %.1f | %.1f | %.0f%% | %.1f | %.1f | %.2f | %.2f | %s |\n", s, rps, a*u, b*u, (a+b > 0) ? 100*k/(a+b) : 0, c*u, d*u, sc/n/2, cs/n/2, m}' >>"$PROF_MD"
     done
-    if [ ${#MALLOC_EV[@]} -gt 0 ]; then
-        log "profiling: who allocates (perf record on malloc, DWARF call graphs)"
-        perf record -q -c 17 "${MALLOC_EV[@]}" --call-graph dwarf,16384 -o "$WORK/perf-malloc.data" -p "$SC_CLI,$SC_SRV" -- \
-            ip netns exec "$CLI" wrk -t 1 -c "$WRK_CONNS" -d 2s "${URL[bulwark]}" >/dev/null 2>&1 || true
-        perf report -i "$WORK/perf-malloc.data" --no-children --stdio -G 2>/dev/null >"$WORK/malloc-callers.txt" || true
-    fi
     log "profiling both sidecars under wrk (perf record -e cpu-clock -g)"
     in_ns "$CLI" wrk -t 1 -c "$WRK_CONNS" -d 8s "${URL[bulwark]}" >/dev/null &
     WRK_PID=$!
@@ -712,6 +711,9 @@ if [ "$PROFILE" = 1 ] && command -v perf >/dev/null; then
         head -20 "$WORK/profile-self.txt"
         echo '```'
     } >>"$PROF_MD"
+    if [ "$PROBE_ADDED" = 1 ]; then
+        perf probe -q -d probe_libc:malloc >/dev/null 2>&1 || true
+    fi
 fi
 
 # ---- summary ---------------------------------------------------------------

@@ -67,6 +67,7 @@ where
 mod tests {
     use super::*;
 
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn rss_kb() -> u64 {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
         status

@@ -321,6 +321,27 @@ pub(crate) async fn exchange(
     resp
 }
 
+/// The URI of a request sent to a peer sidecar over HTTP/2: scheme `http`,
+/// the request's own authority, else its `Host`, else the service's
+/// DNS-style name (`name.namespace`: HTTP/1.0 and h2c clients may send
+/// neither); path and query unchanged (`/` if there was none).
+fn mesh_uri(uri: http::Uri, host: Option<http::HeaderValue>, service: &str) -> http::Uri {
+    let mut parts = uri.into_parts();
+    if parts.authority.is_none() {
+        parts.authority = host
+            .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+            .or_else(|| {
+                let (ns, name) = service.split_once('/').unwrap_or(("default", service));
+                http::uri::Authority::try_from(format!("{name}.{ns}")).ok()
+            });
+    }
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    http::Uri::from_parts(parts).unwrap_or_else(|_| http::Uri::from_static("http://invalid/"))
+}
+
 /// Whether an outcome may be retried under `retry_on`.
 fn retriable(
     retry_on: &[String],
@@ -426,18 +447,7 @@ async fn send_guarded(
     parts.headers.remove(super::PEER_IDENTITY_HEADER);
     // HTTP/2 carries the authority in the URI (`:authority`), not `Host`.
     let host = parts.headers.remove(http::header::HOST);
-    let mut uri = std::mem::take(&mut parts.uri).into_parts();
-    if uri.authority.is_none() {
-        uri.authority = host
-            .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
-            .or_else(|| http::uri::Authority::try_from(plan.service).ok());
-    }
-    uri.scheme = Some(http::uri::Scheme::HTTP);
-    if uri.path_and_query.is_none() {
-        uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-    }
-    parts.uri =
-        http::Uri::from_parts(uri).unwrap_or_else(|_| http::Uri::from_static("http://invalid/"));
+    parts.uri = mesh_uri(std::mem::take(&mut parts.uri), host, plan.service);
     parts.version = http::Version::HTTP_2;
 
     // Keep the body for retries within the bound, never holding back a
@@ -824,4 +834,38 @@ async fn upgrade_tunnel(proxy: &Arc<Proxy>, plan: &Plan<'_>, mut req: Request<Bo
         Some(identity.clone()),
         1,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uri(u: &str, host: Option<&str>) -> String {
+        let host = host.map(|h| http::HeaderValue::from_str(h).unwrap());
+        mesh_uri(u.parse().unwrap(), host, "shop/cart").to_string()
+    }
+
+    #[test]
+    fn mesh_uri_keeps_path_and_query_and_takes_the_best_authority() {
+        // Origin form: the Host header names the authority.
+        assert_eq!(
+            uri("/items/5?x=1", Some("cart:8080")),
+            "http://cart:8080/items/5?x=1"
+        );
+        assert_eq!(uri("/a", Some("[::1]:80")), "http://[::1]:80/a");
+        // Absolute form (and HTTP/2's `:authority`) wins over Host.
+        assert_eq!(
+            uri("http://cart.shop/b?y", Some("other")),
+            "http://cart.shop/b?y"
+        );
+        // Neither, or a Host that is no authority: the service's name, and
+        // the path and query survive.
+        assert_eq!(uri("/items/5?x=1", None), "http://cart.shop/items/5?x=1");
+        assert_eq!(
+            uri("/items/5", Some("bad host")),
+            "http://cart.shop/items/5"
+        );
+        // Authority form (CONNECT): a path of its own.
+        assert_eq!(uri("cart:443", None), "http://cart:443/");
+    }
 }

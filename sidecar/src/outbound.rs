@@ -93,8 +93,9 @@ async fn tcp(
         Decision::Mesh(up) => {
             let peer_id = up.identity.clone().expect("mesh upstream has an identity");
             // Bulkhead for opaque TCP: at most `maxConnections` to the service.
-            let policy = snap.policy(&up.service).cloned();
-            let guards = proxy.guards.for_service(&up.service, policy.as_ref());
+            let guards = proxy
+                .guards
+                .for_service(&up.service, snap.policy(&up.service));
             let _slot = match &guards.connections {
                 Some(sem) => match sem.clone().try_acquire_owned() {
                     Ok(p) => Some(p),

@@ -2,11 +2,13 @@
 //!
 //! Every snapshot is sent to every connected sidecar at once: a thousand
 //! streams each encode, frame and encrypt their changes together, and the
-//! buffers are freed as the sends complete. glibc's malloc keeps those
-//! freed chunks, interleaved with the streams' long-lived state, so the
-//! process kept the burst's peak for good: 125 kB of RSS per connected
-//! sidecar where 40 kB is live. [`trim_when_quiet`] asks malloc to release
-//! free pages once the pushes of a snapshot are done.
+//! buffers are freed as the sends complete. glibc's malloc keeps freed
+//! chunks that lie among the streams' long-lived state, so the process
+//! would keep the part of the burst's peak it cannot hand back from the
+//! top of its heap. [`trim_when_quiet`] asks malloc to release free pages
+//! once the pushes of a snapshot are done: after a 1,000-stream sync,
+//! 140 MB fell to 132 MB. (Most of the rest, about 120 kB per stream, is
+//! live per-connection state, not retained free memory.)
 
 use std::time::Duration;
 

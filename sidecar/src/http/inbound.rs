@@ -257,11 +257,7 @@ async fn handle(proxy: Arc<Proxy>, peer: &Peer, mut req: Request<Incoming>) -> R
         .insert(PEER_IDENTITY_HEADER, peer.header.clone());
     let mut local = std::mem::take(&mut parts.uri).into_parts();
     let authority = local.authority.replace(peer.app.clone());
-    local.scheme = Some(http::uri::Scheme::HTTP);
-    if local.path_and_query.is_none() {
-        local.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-    }
-    parts.uri = http::Uri::from_parts(local).expect("scheme, authority and path make a URI");
+    parts.uri = super::http_uri(local).expect("scheme, authority and path make a URI");
     let proto = snap.local_proto(port);
     let client = match proto {
         Proto::Http2 => {

@@ -116,6 +116,18 @@ impl Drop for DrainOnDrop {
     }
 }
 
+/// An absolute `http` URI from `parts` (their authority, path and query
+/// kept; `/` when there is no path): what a proxied request is sent with.
+pub(crate) fn http_uri(
+    mut parts: http::uri::Parts,
+) -> Result<http::Uri, http::uri::InvalidUriParts> {
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    http::Uri::from_parts(parts)
+}
+
 /// Longest wait for a request's headers, and for a new connection's first
 /// byte (before it, the protocol is not known and hyper sets no deadline).
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);

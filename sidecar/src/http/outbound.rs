@@ -335,11 +335,7 @@ fn mesh_uri(uri: http::Uri, host: Option<http::HeaderValue>, service: &str) -> h
                 http::uri::Authority::try_from(format!("{name}.{ns}")).ok()
             });
     }
-    parts.scheme = Some(http::uri::Scheme::HTTP);
-    if parts.path_and_query.is_none() {
-        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-    }
-    http::Uri::from_parts(parts).unwrap_or_else(|_| http::Uri::from_static("http://invalid/"))
+    super::http_uri(parts).unwrap_or_else(|_| http::Uri::from_static("http://invalid/"))
 }
 
 /// Whether an outcome may be retried under `retry_on`.

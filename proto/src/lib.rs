@@ -5,8 +5,12 @@ pub mod codec {
     use tonic::codec::BufferSettings;
     use tonic_prost::{ProstDecoder, ProstEncoder};
 
-    /// First size of a stream's encode and decode buffers.
+    /// First size of a stream's encode buffer.
     pub const BUFFER_SIZE: usize = 4 * 1024;
+    /// First size of a stream's decode buffer. Smaller: what a control plane
+    /// decodes (ACKs, subscriptions) is mostly a few hundred bytes, and the
+    /// buffer grows to a larger message when one comes.
+    pub const DECODE_BUFFER_SIZE: usize = 1024;
     /// An encoder hands each message to HTTP/2 on its own (which batches
     /// writes anyway): batching ready messages into one buffer grew it to
     /// the batch, and the buffer never shrinks (see [`Codec`]).
@@ -26,8 +30,8 @@ pub mod codec {
         }
     }
 
-    fn settings() -> BufferSettings {
-        BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD)
+    fn settings(buffer_size: usize) -> BufferSettings {
+        BufferSettings::new(buffer_size, YIELD_THRESHOLD)
     }
 
     impl<T, U> tonic::codec::Codec for Codec<T, U>
@@ -41,11 +45,11 @@ pub mod codec {
         type Decoder = ProstDecoder<U>;
 
         fn encoder(&mut self) -> Self::Encoder {
-            ProstEncoder::new(settings())
+            ProstEncoder::new(settings(BUFFER_SIZE))
         }
 
         fn decoder(&mut self) -> Self::Decoder {
-            ProstDecoder::new(settings())
+            ProstDecoder::new(settings(DECODE_BUFFER_SIZE))
         }
     }
 }

@@ -74,7 +74,7 @@ fn bundle_acked(handle: &Handle, root: &str) -> serde_json::Value {
                 CertificateDer::from_pem_slice(pem.as_bytes())
                     .is_ok_and(|d| bulwark_ca::tls::fingerprint(&d) == root)
             });
-            (r.version.clone(), found)
+            (r.version.to_string(), found)
         }
         None => (String::new(), false),
     };

@@ -12,6 +12,7 @@
 //! # }
 //! ```
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
@@ -53,9 +55,11 @@ pub const MAX_HANDSHAKES: usize = 256;
 pub const CONCURRENCY_PER_CONNECTION: usize = 8;
 /// How long a new stream may take to send its first request (the node).
 pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// Responses queued per stream. Flow control (one unacknowledged response
-/// per type) keeps a stream well below this.
-pub const SEND_QUEUE: usize = 16;
+/// Responses handed to a stream's HTTP/2 body ahead of sending. Few: the
+/// rest of a sync split into many responses waits in the stream task's
+/// outbox, not in HTTP/2's frame queue, which keeps its largest size for
+/// the connection's life.
+pub const SEND_QUEUE: usize = 4;
 /// A burst of changes is folded into one snapshot at most this long after
 /// its first change.
 pub const MAX_DEBOUNCE: Duration = Duration::from_secs(1);
@@ -550,7 +554,8 @@ impl Discovery {
 
 #[tonic::async_trait]
 impl DiscoveryService for Discovery {
-    type DeltaStreamStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+    type DeltaStreamStream =
+        Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send + 'static>>;
 
     async fn delta_stream(
         &self,
@@ -611,7 +616,9 @@ impl DiscoveryService for Discovery {
             }
             .instrument(span),
         );
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(rx).map(|q| q.map(|r| *r).map_err(|s| *s)),
+        )))
     }
 }
 
@@ -641,7 +648,46 @@ impl Drop for CountedIn {
     }
 }
 
-type Tx = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
+/// A response to send, or the status that ends the stream. Boxed because
+/// the queue allocates its slots 32 at a time and keeps two such blocks:
+/// unboxed, each slot is as large as a `Status`, about 7 kB a stream.
+type Queued = Result<Box<DeltaDiscoveryResponse>, Box<Status>>;
+type Tx = mpsc::Sender<Queued>;
+
+/// Responses built but not yet handed to the stream.
+///
+/// The stream task keeps reading the sidecar's requests while responses
+/// wait here: were it to block on a full send queue instead, the sidecar's
+/// ACKs would pile up in HTTP/2's receive queue, which keeps its largest
+/// size for the connection's life (14 kB a stream after a split sync).
+#[derive(Default)]
+struct Outbox(VecDeque<DeltaDiscoveryResponse>);
+
+impl Outbox {
+    fn queue(&mut self, shared: &Shared, responses: Vec<DeltaDiscoveryResponse>) {
+        for r in responses {
+            shared
+                .metrics
+                .resources_sent
+                .get_or_create(&TypeLabel::of(&r.type_url))
+                .inc_by(r.resources.len() as u64);
+            self.0.push_back(r);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn take(&mut self) -> Option<DeltaDiscoveryResponse> {
+        let r = self.0.pop_front();
+        if self.0.is_empty() {
+            // A sync's burst grew it; an idle stream keeps nothing.
+            self.0 = VecDeque::new();
+        }
+        r
+    }
+}
 
 /// One sidecar's stream, from its first request until it (or the server)
 /// goes away.
@@ -657,8 +703,9 @@ async fn run_stream(
     tracing::info!("sidecar connected");
     let mut snapshots = shared.snapshots.subscribe();
     let mut stop = shared.stop.subscribe();
+    let mut outbox = Outbox::default();
     let ended: Result<(), Status> = async {
-        on_request(&shared, &on_board, &first, &snapshots, &tx).await?;
+        outbox.queue(&shared, on_request(&shared, &on_board, &first, &snapshots)?);
         loop {
             if *stop.borrow_and_update() {
                 return Err(Status::unavailable("control plane shutting down"));
@@ -666,7 +713,13 @@ async fn run_stream(
             let hold = lock(&on_board.state).next_deadline();
             tokio::select! {
                 _ = stop.changed() => {}
-                _ = until(hold) => on_snapshot(&shared, &on_board, &mut snapshots, &tx).await?,
+                permit = tx.reserve(), if !outbox.is_empty() => {
+                    let permit = permit.map_err(|_| Status::cancelled("sidecar went away"))?;
+                    if let Some(r) = outbox.take() {
+                        permit.send(Ok(Box::new(r)));
+                    }
+                }
+                _ = until(hold) => outbox.queue(&shared, on_snapshot(&shared, &on_board, &mut snapshots)),
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => {
                         // A later node is a health report (see `Node.unhealthy`).
@@ -674,7 +727,7 @@ async fn run_stream(
                             shared.registry.report_health(&health_key, node);
                         }
                         if !(req.node.is_some() && req.type_url.is_empty()) {
-                            on_request(&shared, &on_board, &req, &snapshots, &tx).await?;
+                            outbox.queue(&shared, on_request(&shared, &on_board, &req, &snapshots)?);
                         }
                     }
                     Ok(None) => return Ok(()),
@@ -687,7 +740,7 @@ async fn run_stream(
                     if changed.is_err() {
                         return Err(Status::unavailable("control plane shutting down"));
                     }
-                    on_snapshot(&shared, &on_board, &mut snapshots, &tx).await?;
+                    outbox.queue(&shared, on_snapshot(&shared, &on_board, &mut snapshots));
                 }
             }
         }
@@ -697,7 +750,7 @@ async fn run_stream(
         Ok(()) => tracing::info!("sidecar disconnected"),
         Err(status) => {
             tracing::info!(code = ?status.code(), message = status.message(), "stream ended by the server");
-            let _ = tx.send(Err(status)).await;
+            let _ = tx.send(Err(Box::new(status))).await;
         }
     }
 }
@@ -710,13 +763,12 @@ async fn until(deadline: Option<std::time::Instant>) {
     }
 }
 
-async fn on_request(
+fn on_request(
     shared: &Shared,
     on_board: &OnBoard,
     req: &DeltaDiscoveryRequest,
     snapshots: &watch::Receiver<Arc<Snapshot>>,
-    tx: &Tx,
-) -> Result<(), Status> {
+) -> Result<Vec<DeltaDiscoveryResponse>, Status> {
     // The latest snapshot, without marking it seen: if it is new, the push
     // for every type still happens in `on_snapshot`.
     let snap = snapshots.borrow().clone();
@@ -748,45 +800,27 @@ async fn on_request(
             }
         }
     }
-    send(shared, tx, out.responses).await
+    Ok(out.responses)
 }
 
-async fn on_snapshot(
+fn on_snapshot(
     shared: &Shared,
     on_board: &OnBoard,
     snapshots: &mut watch::Receiver<Arc<Snapshot>>,
-    tx: &Tx,
-) -> Result<(), Status> {
+) -> Vec<DeltaDiscoveryResponse> {
     let started = Instant::now();
     let snap = snapshots.borrow_and_update().clone();
     let responses = lock(&on_board.state).on_snapshot(&snap, std::time::Instant::now());
-    if responses.is_empty() {
-        return Ok(());
-    }
-    let n = responses.len();
-    send(shared, tx, responses).await?;
-    shared
-        .metrics
-        .push_duration
-        .observe(started.elapsed().as_secs_f64());
-    tracing::debug!(version = snap.system_version(), responses = n, "pushed");
-    Ok(())
-}
-
-async fn send(
-    shared: &Shared,
-    tx: &Tx,
-    responses: Vec<DeltaDiscoveryResponse>,
-) -> Result<(), Status> {
-    for r in responses {
+    if !responses.is_empty() {
         shared
             .metrics
-            .resources_sent
-            .get_or_create(&TypeLabel::of(&r.type_url))
-            .inc_by(r.resources.len() as u64);
-        tx.send(Ok(r))
-            .await
-            .map_err(|_| Status::cancelled("sidecar went away"))?;
+            .push_duration
+            .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            version = snap.system_version(),
+            responses = responses.len(),
+            "pushed"
+        );
     }
-    Ok(())
+    responses
 }

@@ -30,15 +30,18 @@ pub const BUNDLE_NAME: &str = "bundle";
 /// One resource as served: its content version and protobuf encoding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VersionedResource {
-    pub version: String,
+    /// Shared with every stream that holds this version (see `stream`).
+    pub version: Arc<str>,
     pub encoded: Vec<u8>,
 }
 
 /// Endpoints contributed by the registry, by service (`namespace/name`).
 pub type RegistryEndpoints = BTreeMap<String, Vec<pb::Endpoint>>;
 
-/// The resources of one type, by name.
-pub type TypeResources = BTreeMap<String, Arc<VersionedResource>>;
+/// The resources of one type, by name. Names are shared with the streams
+/// that hold them: a thousand sidecars each holding every name cost a
+/// reference count each, not a copy.
+pub type TypeResources = BTreeMap<Arc<str>, Arc<VersionedResource>>;
 
 /// Everything served at one moment. See the module docs.
 #[derive(Debug)]
@@ -189,7 +192,7 @@ impl Snapshot {
             .map(|(t, rs)| {
                 let v = rs
                     .iter()
-                    .map(|(n, r)| (n.clone(), r.version.clone()))
+                    .map(|(n, r)| (n.to_string(), r.version.to_string()))
                     .collect();
                 (*t, v)
             })
@@ -261,9 +264,9 @@ impl Builder {
             );
             return;
         }
-        let version = resource_version(&encoded);
+        let version = resource_version(&encoded).into();
         self.types[i].insert(
-            name.to_string(),
+            name.into(),
             Arc::new(VersionedResource { version, encoded }),
         );
     }
@@ -339,7 +342,7 @@ spec:
             snap.resources(t)
                 .unwrap()
                 .keys()
-                .cloned()
+                .map(|k| k.to_string())
                 .collect::<Vec<_>>()
         };
         assert_eq!(names(type_url::SERVICE), ["shop/api"]);

@@ -21,6 +21,7 @@
 //! has, instead of being sent a half-empty registry and withdrawing them.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bulwark_proto::config::type_url;
@@ -79,11 +80,12 @@ pub(crate) struct Output {
     pub events: Vec<Event>,
 }
 
-/// What one response (or a would-be response) changes in what the sidecar holds.
+/// What one response (or a would-be response) changes in what the sidecar
+/// holds. Names and versions are the snapshot's own (shared) strings.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Changes {
-    updated: BTreeMap<String, String>,
-    removed: BTreeSet<String>,
+    updated: BTreeMap<Arc<str>, Arc<str>>,
+    removed: BTreeSet<Arc<str>>,
 }
 
 impl Changes {
@@ -116,7 +118,9 @@ struct TypeSub {
     wildcard: bool,
     names: BTreeSet<String>,
     /// What the sidecar holds: its initial versions, then what it ACKed.
-    held: BTreeMap<String, String>,
+    /// Names and versions are shared with the snapshot where they match it,
+    /// so a stream's state is its map's nodes, not a copy of every name.
+    held: BTreeMap<Arc<str>, Arc<str>>,
     in_flight: VecDeque<InFlight>,
     /// The changes the sidecar last refused. Exactly these are not offered
     /// again: the sidecar kept its previous config, and resending the same
@@ -138,15 +142,13 @@ impl TypeSub {
         Changes {
             updated: resources
                 .iter()
-                .filter(|(n, r)| {
-                    self.subscribed(n) && self.held.get(n.as_str()) != Some(&r.version)
-                })
+                .filter(|(n, r)| self.subscribed(n) && self.held.get(*n) != Some(&r.version))
                 .map(|(n, r)| (n.clone(), r.version.clone()))
                 .collect(),
             removed: self
                 .held
                 .keys()
-                .filter(|n| self.subscribed(n) && !resources.contains_key(*n))
+                .filter(|n| self.subscribed(n) && !resources.contains_key(&***n))
                 .cloned()
                 .collect(),
         }
@@ -272,14 +274,25 @@ impl StreamState {
                     nonce: req.response_nonce.clone(),
                 }),
             }
+            if sub.in_flight.is_empty() {
+                // A sync split into many responses grew the queue; it is
+                // kept for the stream's life otherwise (about 10 kB a
+                // stream after a full sync).
+                sub.in_flight = VecDeque::new();
+            }
         }
 
         if is_new {
             // Honoured on the first request of a type only, as in xDS.
+            let resources = snap.resources(type_url).expect("type of ALL");
             sub.held = req
                 .initial_resource_versions
                 .iter()
-                .map(|(n, v)| (n.clone(), v.clone()))
+                .map(|(n, v)| match resources.get_key_value(n.as_str()) {
+                    Some((name, r)) if *r.version == **v => (name.clone(), r.version.clone()),
+                    Some((name, _)) => (name.clone(), v.as_str().into()),
+                    None => (n.as_str().into(), v.as_str().into()),
+                })
                 .collect();
             // xDS's legacy wildcard: a first request naming nothing.
             sub.wildcard = req.resource_names_subscribe.is_empty()
@@ -305,7 +318,7 @@ impl StreamState {
         if !req.resource_names_unsubscribe.is_empty() {
             // The sidecar drops what it unsubscribed from.
             let (wildcard, names) = (sub.wildcard, &sub.names);
-            sub.held.retain(|n, _| wildcard || names.contains(n));
+            sub.held.retain(|n, _| wildcard || names.contains(&**n));
         }
 
         if sub.in_flight.is_empty() && sub.hold_until.is_none() {
@@ -389,7 +402,11 @@ impl StreamState {
                     subscribed,
                     acked_system_version: sub.acked.as_ref().map(|(v, _)| v.clone()),
                     acked_at_unix_ms: sub.acked.as_ref().map(|(_, t)| unix_ms(*t)),
-                    resources: sub.held.clone(),
+                    resources: sub
+                        .held
+                        .iter()
+                        .map(|(n, v)| (n.to_string(), v.to_string()))
+                        .collect(),
                 }
             })
             .collect()
@@ -428,7 +445,7 @@ fn send(
     };
     for n in changes.removed {
         room(&mut size, n.len() + 8, &mut current);
-        current.1.push(n.clone());
+        current.1.push(n.to_string());
         current.2.removed.insert(n);
     }
     for (n, v) in changes.updated {
@@ -439,8 +456,8 @@ fn send(
             &mut current,
         );
         current.0.push(Resource {
-            name: n.clone(),
-            version: v.clone(),
+            name: n.to_string(),
+            version: v.to_string(),
             resource: r.encoded.clone(),
         });
         current.2.updated.insert(n, v);
@@ -550,7 +567,7 @@ mod tests {
     fn version(s: &Snapshot, name: &str) -> String {
         s.resources(type_url::SERVICE).unwrap()[name]
             .version
-            .clone()
+            .to_string()
     }
 
     #[test]
@@ -858,5 +875,42 @@ mod tests {
             st.on_request(&ack(r), &s).unwrap();
         }
         assert!(st.in_sync(&s), "in sync once every part is ACKed");
+
+        // What a synced stream keeps: no queue of the split sync, and the
+        // snapshot's own names and versions rather than copies.
+        let idx = type_index(type_url::SERVICE).unwrap();
+        let sub = &st.types[&idx];
+        assert_eq!(sub.in_flight.capacity(), 0);
+        assert_eq!(sub.held.len(), 400);
+        let resources = s.resources(type_url::SERVICE).unwrap();
+        for (n, v) in &sub.held {
+            let (name, r) = resources.get_key_value(n).unwrap();
+            assert!(
+                Arc::ptr_eq(n, name) && Arc::ptr_eq(v, &r.version),
+                "{n} copied"
+            );
+        }
+    }
+
+    #[test]
+    fn initial_versions_that_match_the_snapshot_share_its_strings() {
+        let s = snap(&[("a", 1), ("b", 2)]);
+        let v = version(&s, "shop/a");
+        let mut st = StreamState::default();
+        let req = subscribe(
+            type_url::SERVICE,
+            &[("shop/a", &v), ("shop/b", "stale"), ("shop/gone", "x")],
+        );
+        st.on_request(&req, &s).unwrap();
+        let sub = &st.types[&type_index(type_url::SERVICE).unwrap()];
+        let resources = s.resources(type_url::SERVICE).unwrap();
+        let (a, ra) = resources.get_key_value("shop/a").unwrap();
+        let (held_a, held_va) = sub.held.get_key_value("shop/a").unwrap();
+        assert!(Arc::ptr_eq(held_a, a) && Arc::ptr_eq(held_va, &ra.version));
+        let (b, _) = resources.get_key_value("shop/b").unwrap();
+        let (held_b, held_vb) = sub.held.get_key_value("shop/b").unwrap();
+        assert!(Arc::ptr_eq(held_b, b));
+        assert_eq!(&**held_vb, "stale");
+        assert_eq!(&*sub.held["shop/gone"], "x");
     }
 }

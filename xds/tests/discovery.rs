@@ -64,7 +64,7 @@ async fn sidecar_gets_every_resource_in_type_order_and_converges_after_acking() 
         for res in &r.resources {
             assert_eq!(
                 res.version,
-                snap.resources(&r.type_url).unwrap()[&res.name].version
+                *snap.resources(&r.type_url).unwrap()[res.name.as_str()].version
             );
         }
     }
@@ -528,7 +528,7 @@ async fn sidecars_failing_over_keep_their_endpoints_until_the_new_replica_has_th
     // api itself may have been sent its endpoint after its first response.
     let want = with_api.resources(type_url::SERVICE_ENDPOINTS).unwrap()["shop/api"]
         .version
-        .clone();
+        .to_string();
     while api.held[type_url::SERVICE_ENDPOINTS]["shop/api"] != want {
         let r = api.recv().await;
         api.ack(&r).await;

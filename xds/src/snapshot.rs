@@ -49,8 +49,9 @@ pub struct Snapshot {
     system_version: String,
     created: Instant,
     created_at: SystemTime,
-    /// Indexed like [`type_url::ALL`].
-    types: [TypeResources; type_url::ALL.len()],
+    /// Indexed like [`type_url::ALL`]. Shared: a stream holding exactly a
+    /// type's resources refers to them rather than keeping its own map.
+    types: [Arc<TypeResources>; type_url::ALL.len()],
 }
 
 /// The content version of an encoded resource: the first 16 hex digits of
@@ -181,6 +182,11 @@ impl Snapshot {
 
     /// The resources of a type; `None` for a type URL this server does not serve.
     pub fn resources(&self, type_url: &str) -> Option<&TypeResources> {
+        type_index(type_url).map(|i| &*self.types[i])
+    }
+
+    /// The same, shared.
+    pub(crate) fn shared_resources(&self, type_url: &str) -> Option<&Arc<TypeResources>> {
         type_index(type_url).map(|i| &self.types[i])
     }
 
@@ -288,7 +294,7 @@ impl Builder {
             system_version: short_hex(ctx.finish().as_ref()),
             created: Instant::now(),
             created_at: SystemTime::now(),
-            types: self.types,
+            types: self.types.map(Arc::new),
         }
     }
 }

@@ -105,6 +105,75 @@ impl Changes {
     }
 }
 
+/// What a sidecar holds of one type, by name: a version each.
+#[derive(Debug)]
+enum Held {
+    /// Exactly a snapshot's resources of the type: the usual state of a
+    /// synced wildcard subscription, kept as a reference to the snapshot's
+    /// map rather than a map of its own for every stream.
+    Same(Arc<TypeResources>),
+    /// Anything else. Names and versions are the snapshot's own strings
+    /// where they match it.
+    Own(BTreeMap<Arc<str>, Arc<str>>),
+}
+
+impl Default for Held {
+    fn default() -> Self {
+        Held::Own(BTreeMap::new())
+    }
+}
+
+impl Held {
+    fn get(&self, name: &str) -> Option<&Arc<str>> {
+        match self {
+            Held::Same(m) => m.get(name).map(|r| &r.version),
+            Held::Own(m) => m.get(name),
+        }
+    }
+
+    fn iter(&self) -> Box<dyn Iterator<Item = (&Arc<str>, &Arc<str>)> + '_> {
+        match self {
+            Held::Same(m) => Box::new(m.iter().map(|(n, r)| (n, &r.version))),
+            Held::Own(m) => Box::new(m.iter()),
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        match self {
+            Held::Same(m) => m.len(),
+            Held::Own(m) => m.len(),
+        }
+    }
+
+    /// The map to change, made one's own first if it was a snapshot's.
+    fn own(&mut self) -> &mut BTreeMap<Arc<str>, Arc<str>> {
+        if let Held::Same(m) = self {
+            *self = Held::Own(
+                m.iter()
+                    .map(|(n, r)| (n.clone(), r.version.clone()))
+                    .collect(),
+            );
+        }
+        match self {
+            Held::Own(m) => m,
+            Held::Same(_) => unreachable!("made its own above"),
+        }
+    }
+
+    /// Becomes a reference to `resources` if it holds exactly those.
+    fn settle(&mut self, resources: &Arc<TypeResources>) {
+        if let Held::Own(m) = self
+            && m.len() == resources.len()
+            && m.iter()
+                .zip(resources.iter())
+                .all(|((n, v), (rn, r))| n == rn && *v == r.version)
+        {
+            *self = Held::Same(resources.clone());
+        }
+    }
+}
+
 #[derive(Debug)]
 struct InFlight {
     nonce: String,
@@ -118,9 +187,7 @@ struct TypeSub {
     wildcard: bool,
     names: BTreeSet<String>,
     /// What the sidecar holds: its initial versions, then what it ACKed.
-    /// Names and versions are shared with the snapshot where they match it,
-    /// so a stream's state is its map's nodes, not a copy of every name.
-    held: BTreeMap<Arc<str>, Arc<str>>,
+    held: Held,
     in_flight: VecDeque<InFlight>,
     /// The changes the sidecar last refused. Exactly these are not offered
     /// again: the sidecar kept its previous config, and resending the same
@@ -139,27 +206,39 @@ impl TypeSub {
 
     /// What takes the sidecar from what it holds to `resources`.
     fn diff(&self, resources: &TypeResources) -> Changes {
+        if let Held::Same(m) = &self.held
+            && std::ptr::eq(&**m, resources)
+        {
+            return Changes::default();
+        }
         Changes {
             updated: resources
                 .iter()
-                .filter(|(n, r)| self.subscribed(n) && self.held.get(*n) != Some(&r.version))
+                .filter(|(n, r)| self.subscribed(n) && self.held.get(n) != Some(&r.version))
                 .map(|(n, r)| (n.clone(), r.version.clone()))
                 .collect(),
             removed: self
                 .held
-                .keys()
+                .iter()
+                .map(|(n, _)| n)
                 .filter(|n| self.subscribed(n) && !resources.contains_key(&***n))
                 .cloned()
                 .collect(),
         }
     }
 
-    fn apply(&mut self, c: &Changes) {
+    /// Records what the sidecar ACKed; `now` is the latest snapshot's
+    /// resources of the type, which it may now hold exactly.
+    fn apply(&mut self, c: &Changes, now: &Arc<TypeResources>) {
+        let held = self.held.own();
         for (n, v) in &c.updated {
-            self.held.insert(n.clone(), v.clone());
+            held.insert(n.clone(), v.clone());
         }
         for n in &c.removed {
-            self.held.remove(n);
+            held.remove(n);
+        }
+        if self.wildcard {
+            self.held.settle(now);
         }
     }
 
@@ -249,7 +328,10 @@ impl StreamState {
             {
                 Some(f) => match &req.error_detail {
                     None => {
-                        sub.apply(&f.changes);
+                        sub.apply(
+                            &f.changes,
+                            snap.shared_resources(type_url).expect("type of ALL"),
+                        );
                         sub.acked = Some((f.system_version, SystemTime::now()));
                         out.events.push(Event::Ack {
                             type_url,
@@ -285,15 +367,16 @@ impl StreamState {
         if is_new {
             // Honoured on the first request of a type only, as in xDS.
             let resources = snap.resources(type_url).expect("type of ALL");
-            sub.held = req
-                .initial_resource_versions
-                .iter()
-                .map(|(n, v)| match resources.get_key_value(n.as_str()) {
-                    Some((name, r)) if *r.version == **v => (name.clone(), r.version.clone()),
-                    Some((name, _)) => (name.clone(), v.as_str().into()),
-                    None => (n.as_str().into(), v.as_str().into()),
-                })
-                .collect();
+            sub.held = Held::Own(
+                req.initial_resource_versions
+                    .iter()
+                    .map(|(n, v)| match resources.get_key_value(n.as_str()) {
+                        Some((name, r)) if *r.version == **v => (name.clone(), r.version.clone()),
+                        Some((name, _)) => (name.clone(), v.as_str().into()),
+                        None => (n.as_str().into(), v.as_str().into()),
+                    })
+                    .collect(),
+            );
             // xDS's legacy wildcard: a first request naming nothing.
             sub.wildcard = req.resource_names_subscribe.is_empty()
                 && req.resource_names_unsubscribe.is_empty();
@@ -318,7 +401,9 @@ impl StreamState {
         if !req.resource_names_unsubscribe.is_empty() {
             // The sidecar drops what it unsubscribed from.
             let (wildcard, names) = (sub.wildcard, &sub.names);
-            sub.held.retain(|n, _| wildcard || names.contains(&**n));
+            sub.held
+                .own()
+                .retain(|n, _| wildcard || names.contains(&**n));
         }
 
         if sub.in_flight.is_empty() && sub.hold_until.is_none() {
@@ -876,20 +961,28 @@ mod tests {
         }
         assert!(st.in_sync(&s), "in sync once every part is ACKed");
 
-        // What a synced stream keeps: no queue of the split sync, and the
-        // snapshot's own names and versions rather than copies.
+        // What a synced stream keeps: no queue of the split sync, and a
+        // reference to the snapshot's resources rather than a map of its own.
         let idx = type_index(type_url::SERVICE).unwrap();
         let sub = &st.types[&idx];
         assert_eq!(sub.in_flight.capacity(), 0);
         assert_eq!(sub.held.len(), 400);
-        let resources = s.resources(type_url::SERVICE).unwrap();
-        for (n, v) in &sub.held {
-            let (name, r) = resources.get_key_value(n).unwrap();
-            assert!(
-                Arc::ptr_eq(n, name) && Arc::ptr_eq(v, &r.version),
-                "{n} copied"
-            );
-        }
+        let shared = s.shared_resources(type_url::SERVICE).unwrap();
+        assert!(matches!(&sub.held, Held::Same(m) if Arc::ptr_eq(m, shared)));
+
+        // A change makes it its own map again until that too is ACKed.
+        let mut more = services.clone();
+        more.push(("one-more", 8080));
+        let s2 = snap(&more);
+        let pushed = st.on_snapshot(&s2, Instant::now());
+        assert_eq!(pushed.len(), 1);
+        assert_eq!(names(&pushed[0]), ["shop/one-more"]);
+        st.on_request(&ack(&pushed[0]), &s2).unwrap();
+        assert!(st.in_sync(&s2));
+        let sub = &st.types[&idx];
+        let shared = s2.shared_resources(type_url::SERVICE).unwrap();
+        assert!(matches!(&sub.held, Held::Same(m) if Arc::ptr_eq(m, shared)));
+        assert_eq!(sub.held.len(), 401);
     }
 
     #[test]
@@ -903,14 +996,17 @@ mod tests {
         );
         st.on_request(&req, &s).unwrap();
         let sub = &st.types[&type_index(type_url::SERVICE).unwrap()];
+        let Held::Own(held) = &sub.held else {
+            panic!("initial versions that differ are the stream's own");
+        };
         let resources = s.resources(type_url::SERVICE).unwrap();
         let (a, ra) = resources.get_key_value("shop/a").unwrap();
-        let (held_a, held_va) = sub.held.get_key_value("shop/a").unwrap();
+        let (held_a, held_va) = held.get_key_value("shop/a").unwrap();
         assert!(Arc::ptr_eq(held_a, a) && Arc::ptr_eq(held_va, &ra.version));
         let (b, _) = resources.get_key_value("shop/b").unwrap();
-        let (held_b, held_vb) = sub.held.get_key_value("shop/b").unwrap();
+        let (held_b, held_vb) = held.get_key_value("shop/b").unwrap();
         assert!(Arc::ptr_eq(held_b, b));
         assert_eq!(&**held_vb, "stale");
-        assert_eq!(&*sub.held["shop/gone"], "x");
+        assert_eq!(&*held["shop/gone"], "x");
     }
 }

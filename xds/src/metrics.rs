@@ -37,7 +37,8 @@ pub struct XdsMetrics {
     /// `bulwark_xds_connected_sidecars`: streams past the node check.
     pub connected_sidecars: Gauge,
     /// `bulwark_xds_push_duration_seconds`: per stream and snapshot, from
-    /// noticing the snapshot to having queued every response for it.
+    /// noticing the snapshot to having handed the stream every response for
+    /// it (a slow sidecar's full send queue counts).
     pub push_duration: Histogram,
     /// `bulwark_xds_config_apply_seconds`: from a snapshot's creation to a
     /// sidecar's ACK of a response built from it.
@@ -84,7 +85,7 @@ impl Default for XdsMetrics {
         );
         registry.register(
             "bulwark_xds_push_duration_seconds",
-            "Time to queue a snapshot's changes on one stream",
+            "Time to hand a snapshot's changes to one stream",
             push_duration.clone(),
         );
         registry.register(

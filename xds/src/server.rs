@@ -60,6 +60,9 @@ pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// outbox, not in HTTP/2's frame queue, which keeps its largest size for
 /// the connection's life.
 pub const SEND_QUEUE: usize = 4;
+/// Bytes of responses a stream's outbox holds before the stream task stops
+/// reading requests until some are sent (see `Outbox`).
+pub const OUTBOX_BYTES: usize = 1024 * 1024;
 /// A burst of changes is folded into one snapshot at most this long after
 /// its first change.
 pub const MAX_DEBOUNCE: Duration = Duration::from_secs(1);
@@ -651,8 +654,8 @@ impl Drop for CountedIn {
 /// A response to send, or the status that ends the stream. Boxed because
 /// the queue allocates its slots 32 at a time and keeps two such blocks:
 /// unboxed, each slot is as large as a `Status`, about 7 kB a stream.
-type Queued = Result<Box<DeltaDiscoveryResponse>, Box<Status>>;
-type Tx = mpsc::Sender<Queued>;
+type QueuedItem = Result<Box<DeltaDiscoveryResponse>, Box<Status>>;
+type Tx = mpsc::Sender<QueuedItem>;
 
 /// Responses built but not yet handed to the stream.
 ///
@@ -660,32 +663,65 @@ type Tx = mpsc::Sender<Queued>;
 /// wait here: were it to block on a full send queue instead, the sidecar's
 /// ACKs would pile up in HTTP/2's receive queue, which keeps its largest
 /// size for the connection's life (14 kB a stream after a split sync).
+/// Past [`OUTBOX_BYTES`] it stops reading them after all, so a client that
+/// acknowledges what it has not received yet meets HTTP/2 flow control
+/// rather than an outbox that grows.
 #[derive(Default)]
-struct Outbox(VecDeque<DeltaDiscoveryResponse>);
+struct Outbox {
+    queue: VecDeque<Queued>,
+    bytes: usize,
+}
+
+/// A response waiting in the outbox, with the start of the push it
+/// completes (on the last response of a snapshot's push).
+struct Queued {
+    response: DeltaDiscoveryResponse,
+    bytes: usize,
+    push_started: Option<Instant>,
+}
 
 impl Outbox {
-    fn queue(&mut self, shared: &Shared, responses: Vec<DeltaDiscoveryResponse>) {
-        for r in responses {
-            shared
-                .metrics
-                .resources_sent
-                .get_or_create(&TypeLabel::of(&r.type_url))
-                .inc_by(r.resources.len() as u64);
-            self.0.push_back(r);
+    fn queue(&mut self, responses: Vec<DeltaDiscoveryResponse>, push_started: Option<Instant>) {
+        let last = responses.len().saturating_sub(1);
+        for (i, response) in responses.into_iter().enumerate() {
+            let bytes = prost::Message::encoded_len(&response);
+            self.bytes += bytes;
+            self.queue.push_back(Queued {
+                response,
+                bytes,
+                push_started: push_started.filter(|_| i == last),
+            });
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.queue.is_empty()
     }
 
-    fn take(&mut self) -> Option<DeltaDiscoveryResponse> {
-        let r = self.0.pop_front();
-        if self.0.is_empty() {
+    fn full(&self) -> bool {
+        self.bytes > OUTBOX_BYTES
+    }
+
+    /// Hands the next response to the stream, counting what it sends.
+    fn send_next(&mut self, metrics: &XdsMetrics, permit: mpsc::Permit<'_, QueuedItem>) {
+        let Some(q) = self.queue.pop_front() else {
+            return;
+        };
+        self.bytes -= q.bytes;
+        if self.queue.is_empty() {
             // A sync's burst grew it; an idle stream keeps nothing.
-            self.0 = VecDeque::new();
+            self.queue = VecDeque::new();
         }
-        r
+        metrics
+            .resources_sent
+            .get_or_create(&TypeLabel::of(&q.response.type_url))
+            .inc_by(q.response.resources.len() as u64);
+        permit.send(Ok(Box::new(q.response)));
+        if let Some(started) = q.push_started {
+            metrics
+                .push_duration
+                .observe(started.elapsed().as_secs_f64());
+        }
     }
 }
 
@@ -705,7 +741,7 @@ async fn run_stream(
     let mut stop = shared.stop.subscribe();
     let mut outbox = Outbox::default();
     let ended: Result<(), Status> = async {
-        outbox.queue(&shared, on_request(&shared, &on_board, &first, &snapshots)?);
+        outbox.queue(on_request(&shared, &on_board, &first, &snapshots)?, None);
         loop {
             if *stop.borrow_and_update() {
                 return Err(Status::unavailable("control plane shutting down"));
@@ -715,19 +751,20 @@ async fn run_stream(
                 _ = stop.changed() => {}
                 permit = tx.reserve(), if !outbox.is_empty() => {
                     let permit = permit.map_err(|_| Status::cancelled("sidecar went away"))?;
-                    if let Some(r) = outbox.take() {
-                        permit.send(Ok(Box::new(r)));
-                    }
+                    outbox.send_next(&shared.metrics, permit);
                 }
-                _ = until(hold) => outbox.queue(&shared, on_snapshot(&shared, &on_board, &mut snapshots)),
-                msg = inbound.message() => match msg {
+                _ = until(hold) => {
+                    let started = Instant::now();
+                    outbox.queue(on_snapshot(&on_board, &mut snapshots), Some(started));
+                }
+                msg = inbound.message(), if !outbox.full() => match msg {
                     Ok(Some(req)) => {
                         // A later node is a health report (see `Node.unhealthy`).
                         if let Some(node) = &req.node {
                             shared.registry.report_health(&health_key, node);
                         }
                         if !(req.node.is_some() && req.type_url.is_empty()) {
-                            outbox.queue(&shared, on_request(&shared, &on_board, &req, &snapshots)?);
+                            outbox.queue(on_request(&shared, &on_board, &req, &snapshots)?, None);
                         }
                     }
                     Ok(None) => return Ok(()),
@@ -740,7 +777,8 @@ async fn run_stream(
                     if changed.is_err() {
                         return Err(Status::unavailable("control plane shutting down"));
                     }
-                    outbox.queue(&shared, on_snapshot(&shared, &on_board, &mut snapshots));
+                    let started = Instant::now();
+                    outbox.queue(on_snapshot(&on_board, &mut snapshots), Some(started));
                 }
             }
         }
@@ -804,18 +842,12 @@ fn on_request(
 }
 
 fn on_snapshot(
-    shared: &Shared,
     on_board: &OnBoard,
     snapshots: &mut watch::Receiver<Arc<Snapshot>>,
 ) -> Vec<DeltaDiscoveryResponse> {
-    let started = Instant::now();
     let snap = snapshots.borrow_and_update().clone();
     let responses = lock(&on_board.state).on_snapshot(&snap, std::time::Instant::now());
     if !responses.is_empty() {
-        shared
-            .metrics
-            .push_duration
-            .observe(started.elapsed().as_secs_f64());
         tracing::debug!(
             version = snap.system_version(),
             responses = responses.len(),
@@ -823,4 +855,77 @@ fn on_snapshot(
         );
     }
     responses
+}
+
+#[cfg(test)]
+mod tests {
+    use bulwark_proto::xds::v1::Resource;
+
+    use super::*;
+
+    fn response(type_url: &str, resources: usize, bytes: usize) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            type_url: type_url.into(),
+            resources: (0..resources)
+                .map(|i| Resource {
+                    name: format!("r{i}"),
+                    version: "v".into(),
+                    resource: vec![0; bytes],
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_outbox_sends_in_order_counts_what_it_sends_and_times_whole_pushes() {
+        let metrics = XdsMetrics::default();
+        let (tx, mut rx) = mpsc::channel::<QueuedItem>(SEND_QUEUE);
+        let mut outbox = Outbox::default();
+        let t = bulwark_proto::config::type_url::SERVICE;
+        outbox.queue(
+            vec![response(t, 2, 10), response(t, 3, 10)],
+            Some(Instant::now()),
+        );
+        assert!(!outbox.full());
+        assert!(outbox.bytes > 0);
+
+        outbox.send_next(&metrics, tx.reserve().await.unwrap());
+        assert_eq!(rx.recv().await.unwrap().unwrap().resources.len(), 2);
+        let text = metrics.encode();
+        // Counted as sent, and the push is not over yet.
+        assert!(
+            text.contains("bulwark_xds_resources_sent_total{type=\"Service\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bulwark_xds_push_duration_seconds_count 0"),
+            "{text}"
+        );
+
+        outbox.send_next(&metrics, tx.reserve().await.unwrap());
+        assert_eq!(rx.recv().await.unwrap().unwrap().resources.len(), 3);
+        let text = metrics.encode();
+        assert!(
+            text.contains("bulwark_xds_resources_sent_total{type=\"Service\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bulwark_xds_push_duration_seconds_count 1"),
+            "{text}"
+        );
+        assert!(outbox.is_empty());
+        assert_eq!(outbox.bytes, 0);
+        assert_eq!(outbox.queue.capacity(), 0, "a drained outbox keeps nothing");
+    }
+
+    #[test]
+    fn an_outbox_past_its_limit_is_full_until_it_drains() {
+        let mut outbox = Outbox::default();
+        let t = bulwark_proto::config::type_url::SERVICE;
+        outbox.queue(vec![response(t, 1, OUTBOX_BYTES / 2)], None);
+        assert!(!outbox.full());
+        outbox.queue(vec![response(t, 1, OUTBOX_BYTES / 2)], None);
+        assert!(outbox.full(), "{} bytes", outbox.bytes);
+    }
 }

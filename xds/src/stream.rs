@@ -446,6 +446,15 @@ impl StreamState {
             }
             if changes.is_empty() {
                 sub.nacked = None;
+                if sub.wildcard {
+                    // Holds exactly this snapshot's resources: refer to
+                    // them, and let the older snapshot's go.
+                    sub.held = Held::Same(
+                        snap.shared_resources(type_url)
+                            .expect("type of ALL")
+                            .clone(),
+                    );
+                }
                 continue;
             }
             if sub.nacked.as_ref() == Some(&changes) {
@@ -843,9 +852,12 @@ mod tests {
         st.on_request(&nack(&pushed[0], "no"), &bad).unwrap();
         assert_eq!(st.type_statuses(&bad)[0].state, State::Nacked);
 
-        assert!(st.on_snapshot(&good, Instant::now()).is_empty());
-        assert!(st.in_sync(&good));
-        assert_eq!(st.type_statuses(&good)[0].state, State::Applied);
+        // Back to the same content, built anew as the control plane would:
+        // compared by content, not by the snapshot it came from.
+        let good_again = snap(&[("a", 1)]);
+        assert!(st.on_snapshot(&good_again, Instant::now()).is_empty());
+        assert!(st.in_sync(&good_again));
+        assert_eq!(st.type_statuses(&good_again)[0].state, State::Applied);
     }
 
     fn endpoints_snap(addresses: &[&str]) -> Snapshot {
@@ -970,19 +982,58 @@ mod tests {
         let shared = s.shared_resources(type_url::SERVICE).unwrap();
         assert!(matches!(&sub.held, Held::Same(m) if Arc::ptr_eq(m, shared)));
 
-        // A change makes it its own map again until that too is ACKed.
+        // A snapshot that changes nothing of the type: the stream refers to
+        // the new one's resources, so the old snapshot's can be freed.
+        let same = snap(&services);
+        assert!(st.on_snapshot(&same, Instant::now()).is_empty());
+        let shared = same.shared_resources(type_url::SERVICE).unwrap();
+        assert!(matches!(&st.types[&idx].held, Held::Same(m) if Arc::ptr_eq(m, shared)));
+
+        // A change: until its ACK the stream holds what it held, then the
+        // new snapshot's resources.
         let mut more = services.clone();
         more.push(("one-more", 8080));
         let s2 = snap(&more);
         let pushed = st.on_snapshot(&s2, Instant::now());
         assert_eq!(pushed.len(), 1);
         assert_eq!(names(&pushed[0]), ["shop/one-more"]);
+        assert!(matches!(&st.types[&idx].held, Held::Same(m) if Arc::ptr_eq(m, shared)));
+        assert!(!st.in_sync(&s2));
         st.on_request(&ack(&pushed[0]), &s2).unwrap();
         assert!(st.in_sync(&s2));
         let sub = &st.types[&idx];
         let shared = s2.shared_resources(type_url::SERVICE).unwrap();
         assert!(matches!(&sub.held, Held::Same(m) if Arc::ptr_eq(m, shared)));
         assert_eq!(sub.held.len(), 401);
+    }
+
+    #[test]
+    fn leaving_the_wildcard_for_names_keeps_only_those() {
+        let s = snap(&[("a", 1), ("b", 2)]);
+        let mut st = StreamState::default();
+        let out = st
+            .on_request(&subscribe(type_url::SERVICE, &[]), &s)
+            .unwrap();
+        st.on_request(&ack(&out.responses[0]), &s).unwrap();
+        let idx = type_index(type_url::SERVICE).unwrap();
+        assert!(matches!(&st.types[&idx].held, Held::Same(_)));
+        let narrow = DeltaDiscoveryRequest {
+            type_url: type_url::SERVICE.into(),
+            resource_names_subscribe: vec!["shop/a".into()],
+            resource_names_unsubscribe: vec!["*".into()],
+            ..Default::default()
+        };
+        let out = st.on_request(&narrow, &s).unwrap();
+        assert!(out.responses.is_empty(), "it holds shop/a already");
+        let Held::Own(held) = &st.types[&idx].held else {
+            panic!("a named subscription keeps its own map");
+        };
+        assert_eq!(held.keys().map(|k| &**k).collect::<Vec<_>>(), ["shop/a"]);
+        assert!(st.in_sync(&s));
+        // Changes to what it no longer subscribes to are not sent.
+        let s2 = snap(&[("a", 1), ("b", 3)]);
+        assert!(st.on_snapshot(&s2, Instant::now()).is_empty());
+        assert!(st.in_sync(&s2));
     }
 
     #[test]

@@ -10,7 +10,8 @@ pub mod codec {
     /// First size of a stream's decode buffer. Smaller: what a control plane
     /// decodes (ACKs, subscriptions), one buffer per connected sidecar, is
     /// mostly a few hundred bytes. The buffer grows to a larger message when
-    /// one comes (a sidecar's, once, to its first 3 KiB response).
+    /// one comes (a sidecar's to its largest response, a reconnecting
+    /// sidecar's first request on the control plane).
     pub const DECODE_BUFFER_SIZE: usize = 1024;
     /// An encoder hands each message to HTTP/2 on its own (which batches
     /// writes anyway): batching ready messages into one buffer grew it to

@@ -60,9 +60,6 @@ pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// outbox, not in HTTP/2's frame queue, which keeps its largest size for
 /// the connection's life.
 pub const SEND_QUEUE: usize = 4;
-/// Bytes of responses a stream's outbox holds before the stream task stops
-/// reading requests until some are sent (see `Outbox`).
-pub const OUTBOX_BYTES: usize = 1024 * 1024;
 /// A burst of changes is folded into one snapshot at most this long after
 /// its first change.
 pub const MAX_DEBOUNCE: Duration = Duration::from_secs(1);
@@ -663,20 +660,20 @@ type Tx = mpsc::Sender<QueuedItem>;
 /// wait here: were it to block on a full send queue instead, the sidecar's
 /// ACKs would pile up in HTTP/2's receive queue, which keeps its largest
 /// size for the connection's life (14 kB a stream after a split sync).
-/// Past [`OUTBOX_BYTES`] it stops reading them after all, so a client that
-/// acknowledges what it has not received yet meets HTTP/2 flow control
-/// rather than an outbox that grows.
+/// It holds at most one push per type: a type is pushed again only once
+/// every response of its last push is ACKed, and an ACK counts only for a
+/// response already handed over (see [`Outbox::is_ahead`]).
 #[derive(Default)]
 struct Outbox {
     queue: VecDeque<Queued>,
-    bytes: usize,
+    /// The nonce of the last response handed to the stream.
+    handed: u64,
 }
 
 /// A response waiting in the outbox, with the start of the push it
 /// completes (on the last response of a snapshot's push).
 struct Queued {
     response: DeltaDiscoveryResponse,
-    bytes: usize,
     push_started: Option<Instant>,
 }
 
@@ -684,11 +681,8 @@ impl Outbox {
     fn queue(&mut self, responses: Vec<DeltaDiscoveryResponse>, push_started: Option<Instant>) {
         let last = responses.len().saturating_sub(1);
         for (i, response) in responses.into_iter().enumerate() {
-            let bytes = prost::Message::encoded_len(&response);
-            self.bytes += bytes;
             self.queue.push_back(Queued {
                 response,
-                bytes,
                 push_started: push_started.filter(|_| i == last),
             });
         }
@@ -698,8 +692,15 @@ impl Outbox {
         self.queue.is_empty()
     }
 
-    fn full(&self) -> bool {
-        self.bytes > OUTBOX_BYTES
+    /// Whether `req` acknowledges (or refuses) a response not handed to the
+    /// stream yet, so not received: a client guessing nonces (they count up
+    /// per stream) to have more pushed while it reads nothing.
+    fn is_ahead(&self, req: &DeltaDiscoveryRequest) -> bool {
+        !req.response_nonce.is_empty()
+            && req
+                .response_nonce
+                .parse::<u64>()
+                .is_ok_and(|n| n > self.handed)
     }
 
     /// Hands the next response to the stream, counting what it sends.
@@ -707,7 +708,9 @@ impl Outbox {
         let Some(q) = self.queue.pop_front() else {
             return;
         };
-        self.bytes -= q.bytes;
+        if let Ok(n) = q.response.nonce.parse::<u64>() {
+            self.handed = self.handed.max(n);
+        }
         if self.queue.is_empty() {
             // A sync's burst grew it; an idle stream keeps nothing.
             self.queue = VecDeque::new();
@@ -757,8 +760,13 @@ async fn run_stream(
                     let started = Instant::now();
                     outbox.queue(on_snapshot(&on_board, &mut snapshots), Some(started));
                 }
-                msg = inbound.message(), if !outbox.full() => match msg {
-                    Ok(Some(req)) => {
+                msg = inbound.message() => match msg {
+                    Ok(Some(mut req)) => {
+                        if outbox.is_ahead(&req) {
+                            tracing::debug!(nonce = %req.response_nonce, "ignoring an ACK or NACK of a response not sent yet");
+                            req.response_nonce.clear();
+                            req.error_detail = None;
+                        }
                         // A later node is a health report (see `Node.unhealthy`).
                         if let Some(node) = &req.node {
                             shared.registry.report_health(&health_key, node);
@@ -887,8 +895,6 @@ mod tests {
             vec![response(t, 2, 10), response(t, 3, 10)],
             Some(Instant::now()),
         );
-        assert!(!outbox.full());
-        assert!(outbox.bytes > 0);
 
         outbox.send_next(&metrics, tx.reserve().await.unwrap());
         assert_eq!(rx.recv().await.unwrap().unwrap().resources.len(), 2);
@@ -915,17 +921,35 @@ mod tests {
             "{text}"
         );
         assert!(outbox.is_empty());
-        assert_eq!(outbox.bytes, 0);
         assert_eq!(outbox.queue.capacity(), 0, "a drained outbox keeps nothing");
     }
 
-    #[test]
-    fn an_outbox_past_its_limit_is_full_until_it_drains() {
+    #[tokio::test]
+    async fn acks_count_only_for_responses_handed_over() {
+        let metrics = XdsMetrics::default();
+        let (tx, _rx) = mpsc::channel::<QueuedItem>(SEND_QUEUE);
         let mut outbox = Outbox::default();
         let t = bulwark_proto::config::type_url::SERVICE;
-        outbox.queue(vec![response(t, 1, OUTBOX_BYTES / 2)], None);
-        assert!(!outbox.full());
-        outbox.queue(vec![response(t, 1, OUTBOX_BYTES / 2)], None);
-        assert!(outbox.full(), "{} bytes", outbox.bytes);
+        let mut first = response(t, 1, 1);
+        first.nonce = "1".into();
+        let mut second = response(t, 1, 1);
+        second.nonce = "2".into();
+        outbox.queue(vec![first, second], None);
+        let ack = |nonce: &str| DeltaDiscoveryRequest {
+            type_url: t.into(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        };
+        assert!(outbox.is_ahead(&ack("1")), "nothing handed over yet");
+        outbox.send_next(&metrics, tx.reserve().await.unwrap());
+        assert!(!outbox.is_ahead(&ack("1")));
+        assert!(outbox.is_ahead(&ack("2")));
+        assert!(!outbox.is_ahead(&ack("")), "no nonce: not an ACK");
+        assert!(
+            !outbox.is_ahead(&ack("x")),
+            "not ours: the stream calls it stale"
+        );
+        outbox.send_next(&metrics, tx.reserve().await.unwrap());
+        assert!(!outbox.is_ahead(&ack("2")));
     }
 }

@@ -856,6 +856,10 @@ mod tests {
         // compared by content, not by the snapshot it came from.
         let good_again = snap(&[("a", 1)]);
         assert!(st.on_snapshot(&good_again, Instant::now()).is_empty());
+        let sub = &st.types[&type_index(type_url::SERVICE).unwrap()];
+        assert!(sub.nacked.is_none());
+        let shared = good_again.shared_resources(type_url::SERVICE).unwrap();
+        assert!(matches!(&sub.held, Held::Same(m) if Arc::ptr_eq(m, shared)));
         assert!(st.in_sync(&good_again));
         assert_eq!(st.type_statuses(&good_again)[0].state, State::Applied);
     }
@@ -1034,6 +1038,10 @@ mod tests {
         let s2 = snap(&[("a", 1), ("b", 3)]);
         assert!(st.on_snapshot(&s2, Instant::now()).is_empty());
         assert!(st.in_sync(&s2));
+        assert!(
+            matches!(&st.types[&idx].held, Held::Own(_)),
+            "only a wildcard refers to the snapshot"
+        );
     }
 
     #[test]

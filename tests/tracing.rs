@@ -332,10 +332,15 @@ fn a_dead_collector_does_not_slow_requests() {
         (on, off)
     };
     // A slowdown the exporter causes shows in every measurement; a burst of
-    // this shared VM's scheduling noise in one rarely repeats, so a miss is
-    // measured once more before it counts (measured: +3% to +5%).
+    // this shared VM's scheduling noise rarely repeats, so a miss is
+    // measured again, up to three times in all, before it counts (measured:
+    // +3% to +5%; one CI run saw two noisy measurements in a row, +21% and
+    // +27%, and passed when rerun).
     let (mut on, mut off) = measure();
-    if on > off.mul_f64(1.10) {
+    for _ in 1..3 {
+        if on <= off.mul_f64(1.10) {
+            break;
+        }
         (on, off) = measure();
     }
     let api_log = mesh.sidecar_log("api");

@@ -101,7 +101,7 @@ fn snapshot(ports: &[Option<u8>; 4]) -> Snapshot {
 fn version_of(snap: &Snapshot, type_url: &str, name: &str) -> Option<String> {
     snap.resources(type_url)?
         .get(name)
-        .map(|r| r.version.clone())
+        .map(|r| r.version.to_string())
 }
 
 struct Checker {

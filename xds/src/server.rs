@@ -696,11 +696,10 @@ impl Outbox {
     /// stream yet, so not received: a client guessing nonces (they count up
     /// per stream) to have more pushed while it reads nothing.
     fn is_ahead(&self, req: &DeltaDiscoveryRequest) -> bool {
-        !req.response_nonce.is_empty()
-            && req
-                .response_nonce
-                .parse::<u64>()
-                .is_ok_and(|n| n > self.handed)
+        // An empty or foreign nonce does not parse: not an ACK, or stale.
+        req.response_nonce
+            .parse::<u64>()
+            .is_ok_and(|n| n > self.handed)
     }
 
     /// Hands the next response to the stream, counting what it sends.
@@ -756,10 +755,7 @@ async fn run_stream(
                     let permit = permit.map_err(|_| Status::cancelled("sidecar went away"))?;
                     outbox.send_next(&shared.metrics, permit);
                 }
-                _ = until(hold) => {
-                    let started = Instant::now();
-                    outbox.queue(on_snapshot(&on_board, &mut snapshots), Some(started));
-                }
+                _ = until(hold) => on_snapshot(&on_board, &mut snapshots, &mut outbox),
                 msg = inbound.message() => match msg {
                     Ok(Some(mut req)) => {
                         if outbox.is_ahead(&req) {
@@ -785,8 +781,7 @@ async fn run_stream(
                     if changed.is_err() {
                         return Err(Status::unavailable("control plane shutting down"));
                     }
-                    let started = Instant::now();
-                    outbox.queue(on_snapshot(&on_board, &mut snapshots), Some(started));
+                    on_snapshot(&on_board, &mut snapshots, &mut outbox);
                 }
             }
         }
@@ -849,10 +844,14 @@ fn on_request(
     Ok(out.responses)
 }
 
+/// Queues what the latest snapshot changes for this stream, timed as one
+/// push (`push_duration`) until its last response is handed over.
 fn on_snapshot(
     on_board: &OnBoard,
     snapshots: &mut watch::Receiver<Arc<Snapshot>>,
-) -> Vec<DeltaDiscoveryResponse> {
+    outbox: &mut Outbox,
+) {
+    let started = Instant::now();
     let snap = snapshots.borrow_and_update().clone();
     let responses = lock(&on_board.state).on_snapshot(&snap, std::time::Instant::now());
     if !responses.is_empty() {
@@ -862,7 +861,7 @@ fn on_snapshot(
             "pushed"
         );
     }
-    responses
+    outbox.queue(responses, Some(started));
 }
 
 #[cfg(test)]

@@ -182,6 +182,11 @@ impl Mesh {
         if local_config {
             args.extend_from_slice(&["--config", self.config.to_str().unwrap()]);
         }
+        std::fs::write(
+            self.net.dir.join(format!("{name}-sidecar.base")),
+            args.join("\n"),
+        )
+        .unwrap();
         args.extend_from_slice(sidecar_args);
         std::fs::write(
             self.net.dir.join(format!("{name}-sidecar.args")),
@@ -419,21 +424,40 @@ impl Mesh {
 
     /// Restarts pod `name`'s sidecar with the same arguments.
     pub fn restart_sidecar(&mut self, name: &str) {
+        let args = self.sidecar_args_file(name, "args");
+        self.respawn_sidecar(name, args);
+    }
+
+    /// Restarts pod `name`'s sidecar with `sidecar_args` in place of the
+    /// extra arguments it was started with (call [`Mesh::wait_ready`]).
+    pub fn restart_sidecar_with(&mut self, name: &str, sidecar_args: &[&str]) {
+        let mut args = self.sidecar_args_file(name, "base");
+        args.extend(sidecar_args.iter().map(|a| a.to_string()));
+        std::fs::write(
+            self.net.dir.join(format!("{name}-sidecar.args")),
+            args.join("\n"),
+        )
+        .unwrap();
+        self.respawn_sidecar(name, args);
+    }
+
+    fn sidecar_args_file(&self, name: &str, kind: &str) -> Vec<String> {
+        std::fs::read_to_string(self.net.dir.join(format!("{name}-sidecar.{kind}")))
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    fn respawn_sidecar(&mut self, name: &str, args: Vec<String>) {
         let i = self.pods[name].sidecar.unwrap();
-        let args: Vec<String> = {
-            let p = self.net.proc_mut(i);
-            p.terminate(Duration::from_secs(10));
-            std::fs::read_to_string(self.net.dir.join(format!("{name}-sidecar.args")))
-                .unwrap()
-                .lines()
-                .map(String::from)
-                .collect()
-        };
+        self.net.proc_mut(i).terminate(Duration::from_secs(10));
         let ns = self.pods[name].pod.ns.clone();
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let n = self.net.procs_named(&format!("{name}-sidecar"));
         let j = self
             .net
-            .spawn_bulwark(&ns, &format!("{name}-sidecar-2"), &argv);
+            .spawn_bulwark(&ns, &format!("{name}-sidecar-{}", n + 1), &argv);
         self.pods.get_mut(name).unwrap().sidecar = Some(j);
     }
 }

@@ -246,6 +246,14 @@ impl Net {
         self.procs.iter().rposition(|p| p.name == name)
     }
 
+    /// How many processes were started with a name beginning `prefix`.
+    pub fn procs_named(&self, prefix: &str) -> usize {
+        self.procs
+            .iter()
+            .filter(|p| p.name.starts_with(prefix))
+            .count()
+    }
+
     pub fn log_of(&self, i: usize) -> String {
         self.procs[i].log_text()
     }

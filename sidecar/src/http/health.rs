@@ -97,17 +97,11 @@ pub async fn run(proxy: Arc<Proxy>) {
 
 async fn probe(proxy: &Proxy, port: u16, proto: Proto, hc: &HealthCheck) -> bool {
     let timeout = Duration::from_millis(hc.timeout_ms.max(50));
-    let mut req = http::Request::get(format!("http://127.0.0.1:{port}{}", hc.path))
+    let req = http::Request::get(format!("http://127.0.0.1:{port}{}", hc.path))
         .body(empty())
         .expect("valid probe request");
-    let client = if proto == Proto::Http2 {
-        *req.version_mut() = http::Version::HTTP_2;
-        &proxy.local.h2
-    } else {
-        &proxy.local.h1
-    };
     let attempt = async {
-        let resp = client.request(req).await.ok()?;
+        let resp = proxy.local.send(port, proto, req).await.ok()?;
         let ok = resp.status().is_success();
         let _ = resp.into_body().collect().await;
         Some(ok)

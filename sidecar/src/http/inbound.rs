@@ -14,6 +14,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use super::app::{AppError, AppPool};
+
 use super::outbound::MAX_HEADER_BYTES;
 use super::{Body, PEER_IDENTITY_HEADER, body_limit, reply, strip_hop_headers};
 use crate::Proxy;
@@ -23,7 +25,7 @@ use crate::telemetry::{DenialLabels, RequestKey, ServiceLabel};
 
 /// Clients towards the local app, one per protocol, pooled.
 pub struct LocalClients {
-    pub h1: Client<HttpConnector, Body>,
+    pub h1: Arc<AppPool>,
     pub h2: Client<HttpConnector, Body>,
 }
 
@@ -33,13 +35,47 @@ impl Default for LocalClients {
         c.set_nodelay(true);
         c.enforce_http(true);
         Self {
-            h1: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(std::time::Duration::from_secs(60))
-                .build(c.clone()),
+            h1: Arc::default(),
             h2: Client::builder(TokioExecutor::new())
                 .http2_only(true)
                 .build(c),
         }
+    }
+}
+
+impl LocalClients {
+    /// Sends `req` to the app on `port`, in HTTP/2 or HTTP/1.1. `req`'s URI
+    /// is `http://127.0.0.1:<port>/...`; `Host` is kept or else set from it.
+    pub async fn send(
+        &self,
+        port: u16,
+        proto: Proto,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, AppError> {
+        if proto == Proto::Http2 {
+            *req.version_mut() = http::Version::HTTP_2;
+            return match self.h2.request(req).await {
+                Ok(r) => Ok(r.map(|b| b.map_err(|e| -> super::BoxError { Box::new(e) }).boxed())),
+                Err(e) if e.is_connect() => Err(AppError::Connect(port, e.into())),
+                Err(e) => Err(AppError::Exchange(port, e.into())),
+            };
+        }
+        *req.version_mut() = http::Version::HTTP_11;
+        if !req.headers().contains_key(http::header::HOST)
+            && let Some(v) = req
+                .uri()
+                .authority()
+                .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+        {
+            req.headers_mut().insert(http::header::HOST, v);
+        }
+        // HTTP/1.1 to an origin server: the request line carries the path only.
+        let origin = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| http::uri::PathAndQuery::from_static("/"), Clone::clone);
+        *req.uri_mut() = http::Uri::from(origin);
+        self.h1.send(port, req).await
     }
 }
 
@@ -259,21 +295,12 @@ async fn handle(proxy: Arc<Proxy>, peer: &Peer, mut req: Request<Incoming>) -> R
     let authority = local.authority.replace(peer.app.clone());
     parts.uri = super::http_uri(local).expect("scheme, authority and path make a URI");
     let proto = snap.local_proto(port);
-    let client = match proto {
-        Proto::Http2 => {
-            parts.version = http::Version::HTTP_2;
-            &proxy.local.h2
-        }
-        _ => {
-            parts.version = http::Version::HTTP_11;
-            if let Some(a) = authority
-                && let Ok(v) = http::HeaderValue::from_str(a.as_str())
-            {
-                parts.headers.insert(http::header::HOST, v);
-            }
-            &proxy.local.h1
-        }
-    };
+    if proto != Proto::Http2
+        && let Some(a) = authority
+        && let Ok(v) = http::HeaderValue::from_str(a.as_str())
+    {
+        parts.headers.insert(http::header::HOST, v);
+    }
     // A streamed body is cut off at the limit: the app never sees more.
     let (body, cut_off) = match body_limit {
         Some(limit) => {
@@ -285,15 +312,16 @@ async fn handle(proxy: Arc<Proxy>, peer: &Peer, mut req: Request<Incoming>) -> R
             None,
         ),
     };
-    match client.request(Request::from_parts(parts, body)).await {
+    match proxy
+        .local
+        .send(port, proto, Request::from_parts(parts, body))
+        .await
+    {
         Ok(r) => {
             let (mut p, b) = r.into_parts();
             strip_hop_headers(&mut p.headers);
             p.version = http::Version::HTTP_2;
-            finish(Response::from_parts(
-                p,
-                b.map_err(|e| -> super::BoxError { Box::new(e) }).boxed(),
-            ))
+            finish(Response::from_parts(p, b))
         }
         Err(_) if cut_off.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) => {
             tracing::info!(port, %service, src_identity = %src, "request body over the service's limit; request aborted");

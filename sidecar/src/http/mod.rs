@@ -2,6 +2,7 @@
 //! load balancing, retries, timeouts, breakers, bulkheads and rate limits.
 //! Between sidecars, requests ride pooled, multiplexed HTTP/2 over mTLS.
 
+pub mod app;
 pub mod body_limit;
 pub mod cork;
 pub mod health;

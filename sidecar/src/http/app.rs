@@ -1,0 +1,366 @@
+//! HTTP/1.1 connections to the local app (`127.0.0.1:<port>`), kept open
+//! and reused. HTTP/1.1 carries one exchange at a time, so a connection
+//! goes back to its port's idle stack when its response has been read to
+//! the end, and the most recently used one is taken first: a steady load
+//! keeps reusing a few warm connections. The app is always on loopback,
+//! so none of a general-purpose client pool's work (DNS, TLS, proxies,
+//! racing connects, per-request pool futures) is needed on this path.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+use super::{Body, BoxError};
+
+/// An idle connection is closed after this long unused.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle connections kept per port; a burst wider than this opens
+/// connections that close when their exchange ends.
+pub const MAX_IDLE_PER_PORT: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The app refused or did not take the connection (not listening).
+    #[error("connect to the app on 127.0.0.1:{0}: {1}")]
+    Connect(u16, BoxError),
+    /// The exchange failed once connected (reset, malformed answer).
+    #[error("exchange with the app on 127.0.0.1:{0}: {1}")]
+    Exchange(u16, BoxError),
+}
+
+impl AppError {
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Self::Connect(..))
+    }
+}
+
+struct Idle {
+    tx: SendRequest<Body>,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct Stacks {
+    by_port: HashMap<u16, Vec<Idle>>,
+    sweeper: bool,
+}
+
+/// The pool of app connections, per port.
+#[derive(Default)]
+pub struct AppPool {
+    stacks: Mutex<Stacks>,
+}
+
+impl AppPool {
+    /// Sends `req` (origin-form URI, `Host` set) to the app on `port` over
+    /// an idle connection, or a new one. A request that an idle connection
+    /// could not take (the app had just closed it) is sent again on another.
+    pub async fn send(
+        self: &Arc<Self>,
+        port: u16,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, AppError> {
+        loop {
+            let (mut tx, reused) = match self.checkout(port).await {
+                Some(tx) => (tx, true),
+                None => (connect(port).await?, false),
+            };
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    let (parts, body) = resp.into_parts();
+                    let body = CheckIn {
+                        body,
+                        home: Some((Arc::downgrade(self), port, tx)),
+                    };
+                    return Ok(Response::from_parts(parts, Body::new(body)));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Never written: a reused connection the app closed
+                    // while idle. A fresh one failing this way is final.
+                    Some(r) if reused => req = r,
+                    _ => return Err(AppError::Exchange(port, e.into_error().into())),
+                },
+            }
+        }
+    }
+
+    /// The most recently used idle connection of `port` that is still open
+    /// and ready for a request.
+    async fn checkout(&self, port: u16) -> Option<SendRequest<Body>> {
+        loop {
+            let idle = {
+                let mut s = self.stacks.lock().unwrap_or_else(|p| p.into_inner());
+                s.by_port.get_mut(&port)?.pop()?
+            };
+            let mut tx = idle.tx;
+            // Ready is immediate once the connection's task has seen the
+            // end of the last response; an error means the app closed it.
+            if !tx.is_closed() && tx.ready().await.is_ok() {
+                return Some(tx);
+            }
+        }
+    }
+
+    fn check_in(self: Arc<Self>, port: u16, tx: SendRequest<Body>) {
+        if tx.is_closed() {
+            return;
+        }
+        let start_sweeper = {
+            let mut s = self.stacks.lock().unwrap_or_else(|p| p.into_inner());
+            let stack = s.by_port.entry(port).or_default();
+            if stack.len() >= MAX_IDLE_PER_PORT {
+                return;
+            }
+            stack.push(Idle {
+                tx,
+                since: Instant::now(),
+            });
+            !std::mem::replace(&mut s.sweeper, true)
+        };
+        if start_sweeper {
+            tokio::spawn(sweep(Arc::downgrade(&self)));
+        }
+    }
+
+    /// Closes the connections idle for longer than `max_idle`.
+    fn close_idle(&self, max_idle: Duration) {
+        let now = Instant::now();
+        let mut s = self.stacks.lock().unwrap_or_else(|p| p.into_inner());
+        for stack in s.by_port.values_mut() {
+            // Oldest first: the stack is in check-in order.
+            let stale = stack
+                .iter()
+                .take_while(|i| now.duration_since(i.since) > max_idle)
+                .count();
+            stack.drain(..stale);
+        }
+        s.by_port.retain(|_, stack| !stack.is_empty());
+    }
+
+    /// Idle connections of `port` (for tests and metrics).
+    pub fn idle(&self, port: u16) -> usize {
+        let s = self.stacks.lock().unwrap_or_else(|p| p.into_inner());
+        s.by_port.get(&port).map_or(0, Vec::len)
+    }
+}
+
+/// Closes stale idle connections until the pool is gone.
+async fn sweep(pool: Weak<AppPool>) {
+    let mut tick = tokio::time::interval(IDLE_TIMEOUT / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        pool.close_idle(IDLE_TIMEOUT);
+    }
+}
+
+async fn connect(port: u16) -> Result<SendRequest<Body>, AppError> {
+    let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+        .await
+        .map_err(|e| AppError::Connect(port, e.into()))?;
+    // Small exchanges go out at once instead of waiting on delayed ACKs.
+    let _ = tcp.set_nodelay(true);
+    let (tx, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| AppError::Exchange(port, e.into()))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(port, error = %e, "app connection closed");
+        }
+    });
+    Ok(tx)
+}
+
+/// A response body that gives its connection back to the pool once it has
+/// been read to the end. Dropped before that, the connection is dropped
+/// too: what is left of the response would be in the way of the next one.
+struct CheckIn {
+    body: Incoming,
+    home: Option<(Weak<AppPool>, u16, SendRequest<Body>)>,
+}
+
+impl CheckIn {
+    fn done(&mut self) {
+        if let Some((pool, port, tx)) = self.home.take()
+            && let Some(pool) = pool.upgrade()
+        {
+            pool.check_in(port, tx);
+        }
+    }
+}
+
+impl hyper::body::Body for CheckIn {
+    type Data = hyper::body::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let r = Pin::new(&mut this.body).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => this.done(),
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.done(),
+            Poll::Ready(Some(Err(_))) => this.home = None,
+            _ => {}
+        }
+        r.map_err(|e| -> BoxError { Box::new(e) })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for CheckIn {
+    fn drop(&mut self) {
+        // A body without content (204, HEAD, `content-length: 0`) is never
+        // polled: it is complete already.
+        if self.body.is_end_stream() {
+            self.done();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn get(path: &str) -> Request<Body> {
+        Request::get(path)
+            .header("host", "app")
+            .body(super::super::full(""))
+            .unwrap()
+    }
+
+    /// An app answering `n` keep-alive requests per connection, then
+    /// closing; counts the connections it accepted.
+    async fn app(per_conn: usize) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let a = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for _ in 0..per_conn {
+                        loop {
+                            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                buf.drain(..end + 4);
+                                break;
+                            }
+                            let mut chunk = [0u8; 1024];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                    }
+                });
+            }
+        });
+        (port, accepted)
+    }
+
+    async fn body_of(r: Response<Body>) -> String {
+        let b = r.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(b.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_once_its_response_is_read() {
+        let (port, accepted) = app(100).await;
+        let pool = Arc::new(AppPool::default());
+        for _ in 0..5 {
+            let r = pool.send(port, get("/")).await.unwrap();
+            assert_eq!(body_of(r).await, "ok");
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(pool.idle(port), 1);
+    }
+
+    #[tokio::test]
+    async fn a_response_dropped_unread_does_not_return_its_connection() {
+        let (port, accepted) = app(100).await;
+        let pool = Arc::new(AppPool::default());
+        let held = pool.send(port, get("/")).await.unwrap();
+        // The first response is still unread: a second request needs a
+        // second connection.
+        let r = pool.send(port, get("/")).await.unwrap();
+        assert_eq!(body_of(r).await, "ok");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        drop(held);
+        assert_eq!(pool.idle(port), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_app_closed_while_idle_is_replaced_without_an_error() {
+        // One request per connection, then the app closes it.
+        let (port, accepted) = app(1).await;
+        let pool = Arc::new(AppPool::default());
+        for _ in 0..4 {
+            let r = pool.send(port, get("/")).await.unwrap();
+            assert_eq!(body_of(r).await, "ok");
+            // Until the close has reached the idle connection.
+            let closed = || {
+                let s = pool.stacks.lock().unwrap();
+                s.by_port
+                    .get(&port)
+                    .is_none_or(|st| st.iter().all(|i| i.tx.is_closed()))
+            };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !closed() {
+                assert!(Instant::now() < deadline, "the app's close was never seen");
+                tokio::task::yield_now().await;
+            }
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_a_connect_error() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        let pool = Arc::new(AppPool::default());
+        let e = pool.send(port, get("/")).await.unwrap_err();
+        assert!(e.is_connect(), "{e}");
+    }
+
+    #[tokio::test]
+    async fn idle_connections_past_the_timeout_are_closed() {
+        let (port, _) = app(100).await;
+        let pool = Arc::new(AppPool::default());
+        let r = pool.send(port, get("/")).await.unwrap();
+        body_of(r).await;
+        assert_eq!(pool.idle(port), 1);
+        pool.close_idle(Duration::from_secs(3600));
+        assert_eq!(pool.idle(port), 1);
+        pool.close_idle(Duration::ZERO);
+        assert_eq!(pool.idle(port), 0);
+    }
+}

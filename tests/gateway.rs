@@ -493,6 +493,33 @@ fn gateway_authenticates_outside_callers_and_routes_them_into_the_mesh() {
             .contains("www-authenticate: bearer"),
         "{text}"
     );
+    // Other spellings of a protected path are refused, never matched
+    // against another route (`--path-as-is`: curl would fold some itself).
+    for path in [
+        "//orders/1",
+        "/public/../orders/1",
+        "/%6Frders/1",
+        "/public/%2e%2e/orders/1",
+        "/orders%2F1",
+    ] {
+        let (code, text) = edge.call(path, None, &["--path-as-is"]);
+        assert_eq!(code, 400, "{path}: {text}");
+        assert!(text.contains("non-canonical-path"), "{path}: {text}");
+    }
+    // Headers a client lists in `Connection` cannot take away the ones
+    // the gateway adds.
+    let (code, text) = edge.call(
+        "/orders/1",
+        Some(&alice),
+        &[
+            "--http1.1",
+            "-H",
+            "Connection: x-user-id, x-forwarded-proto",
+        ],
+    );
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("x-user-id=alice"), "{text}");
+    assert!(text.contains("x-forwarded-proto=https"), "{text}");
     let reader = k1.sign(&claims("bob", "orders:read"));
     let (code, text) = edge.call("/orders/new", Some(&reader), &["-X", "POST", "-d", "{}"]);
     assert_eq!(code, 403, "{text}");

@@ -343,7 +343,8 @@ impl Sidecar {
         }
         let cert_task = tokio::spawn(self.proxy.identity.clone().run());
         let health_task = tokio::spawn(http::health::run(self.proxy.clone()));
-        let gw_slots = Arc::new(Semaphore::new(gateway::server::MAX_CONNECTIONS));
+        let limit = self.opts.max_connections;
+        let gw_slots = Arc::new(Semaphore::new(limit));
         let gateway_task = self
             .opts
             .gateway
@@ -352,7 +353,6 @@ impl Sidecar {
         tracing::info!(identity = %self.proxy.identity.identity(), outbound = %self.opts.outbound_listen,
             inbound = %self.opts.inbound_listen, "sidecar listening");
 
-        let limit = self.opts.max_connections;
         let out_sem = Arc::new(Semaphore::new(limit));
         let in_sem = Arc::new(Semaphore::new(limit));
         let out_task = tokio::spawn(accept_loop(
@@ -382,9 +382,7 @@ impl Sidecar {
         let drained = tokio::time::timeout(self.opts.drain_grace, async {
             let _a = out_sem.acquire_many(limit).await;
             let _b = in_sem.acquire_many(limit).await;
-            let _c = gw_slots
-                .acquire_many(gateway::server::MAX_CONNECTIONS as u32)
-                .await;
+            let _c = gw_slots.acquire_many(limit).await;
         })
         .await;
         if drained.is_err() {

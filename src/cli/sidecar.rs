@@ -78,7 +78,8 @@ pub struct SidecarArgs {
     /// SO_MARK on the proxy's own sockets (must match `bulwark init --proxy-mark`).
     #[arg(long, default_value_t = bulwark_sidecar::DEFAULT_PROXY_MARK, value_parser = parse_u32)]
     proxy_mark: u32,
-    /// Concurrent connections per listener before new ones are reset.
+    /// Concurrent connections per listener before new ones are reset (the
+    /// gateway's listeners share one such budget).
     #[arg(long, default_value_t = 16384)]
     max_connections: usize,
     /// Directory of the tamper-evident audit log of authorization decisions (off when absent).

@@ -25,10 +25,20 @@ use serde_json::{Map, Value};
 
 use super::jwks::{self, JwksError, JwksSource, KeySet};
 
-/// Algorithms a provider accepts when its config names none.
-pub const DEFAULT_ALGORITHMS: &[Algorithm] = &[Algorithm::RS256, Algorithm::ES256];
-/// Default allowance for clocks that disagree.
-pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(60);
+/// Algorithms a provider accepts when its config names none: every
+/// asymmetric one, as the control plane's default (a key still only
+/// verifies the algorithms of its own type).
+pub const DEFAULT_ALGORITHMS: &[Algorithm] = &[
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
 /// Longest bearer token looked at; longer ones are refused unparsed.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
@@ -532,10 +542,9 @@ impl Provider {
             issuer: issuer.to_string(),
             audiences: p.audiences.clone(),
             algorithms,
-            skew: match p.clock_skew_ms {
-                0 => DEFAULT_CLOCK_SKEW,
-                ms => Duration::from_millis(ms),
-            },
+            // The control plane sends the effective skew (its default
+            // when none is configured): zero means none.
+            skew: Duration::from_millis(p.clock_skew_ms),
             forward_claims,
             forward_token: p.forward_token,
             keys,
@@ -668,7 +677,9 @@ fn bearer_token(headers: &HeaderMap) -> Result<Option<&str>, AuthFailure> {
         ));
     };
     let value = value.trim();
-    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+    // A tab after the scheme is read like a space: read as another scheme,
+    // the token would pass unverified.
+    let (scheme, rest) = value.split_once([' ', '\t']).unwrap_or((value, ""));
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Ok(None);
     }
@@ -917,6 +928,8 @@ mod tests {
             .into_iter()
             .map(|(c, h)| (c.to_string(), h.to_string()))
             .collect(),
+            // What the control plane sends when no skew is configured.
+            clock_skew_ms: 60_000,
             ..Default::default()
         }
     }
@@ -1125,7 +1138,7 @@ mod tests {
             failure.www_authenticate(),
             "Bearer realm=\"bulwark\", error=\"invalid_token\", error_description=\"the token has expired\""
         );
-        // Within the default 60 s skew: still accepted.
+        // Within the control plane's default 60 s skew: still accepted.
         c["exp"] = json!(secs() - 30);
         accepted(&f.auth, &rs256(&c)).await;
     }
@@ -1141,6 +1154,38 @@ mod tests {
         let mut c = claims();
         c["exp"] = json!(secs() - 30);
         assert_eq!(rejected(&auth, &rs256(&c)).await.reason, "expired");
+    }
+
+    #[tokio::test]
+    async fn a_zero_clock_skew_allows_no_leeway() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, published()).unwrap();
+        let mut p = provider(&path);
+        p.clock_skew_ms = 0;
+        let auth = Authenticator::new(&[p]).unwrap();
+        let mut c = claims();
+        c["exp"] = json!(secs() - 1);
+        assert_eq!(rejected(&auth, &rs256(&c)).await.reason, "expired");
+        c["exp"] = json!(secs() + 60);
+        accepted(&auth, &rs256(&c)).await;
+    }
+
+    #[tokio::test]
+    async fn a_tab_after_bearer_is_still_a_bearer_token() {
+        let f = fixture();
+        for token in [rs256(&claims()), "forged.token.here".to_string()] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                http::header::AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer\t{token}")).unwrap(),
+            );
+            let outcome = f.auth.authenticate(&h, now()).await;
+            assert!(
+                !matches!(outcome, AuthOutcome::Anonymous),
+                "Bearer<TAB> read as no token"
+            );
+        }
     }
 
     #[tokio::test]

@@ -28,6 +28,7 @@ use super::jwt::{self, AuthOutcome, Authenticator, Principal};
 use super::schema::BodySchema;
 use crate::Proxy;
 use crate::config::Snapshot;
+use crate::http::deadline::{FirstBytes, PREFACE_BYTES};
 use crate::http::outbound::{EdgeCaller, Plan, exchange};
 use crate::http::route::{RouteTable, Rule};
 use crate::http::{Body, DrainOnDrop, PEER_IDENTITY_HEADER, full, reply};
@@ -38,8 +39,6 @@ use crate::telemetry::{HandshakeLabels, RequestKey, ServiceLabel};
 const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
 /// Distinct clients tracked per rate-limited route.
 const MAX_CLIENT_KEYS: usize = 100_000;
-/// Connections across the gateway's listeners; beyond it new ones are reset.
-pub const MAX_CONNECTIONS: usize = 16 * 1024;
 /// Largest request header block.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -79,6 +78,7 @@ impl ClientKey {
     }
 
     fn of(&self, p: Option<&Principal>, h: &http::HeaderMap, ip: IpAddr) -> String {
+        let ip = client_block(ip);
         match self {
             Self::Subject => match p {
                 Some(p) => format!("sub:{}#{}", p.issuer, p.subject),
@@ -91,6 +91,19 @@ impl ClientKey {
                 None => format!("ip:{ip}"),
             },
         }
+    }
+}
+
+/// The address a client is limited by: IPv4 as is, IPv6 by its /64 (one
+/// host usually holds a whole /64, and would otherwise get a bucket per
+/// address it cares to use). An IPv4-mapped address counts as IPv4.
+fn client_block(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+        v4 => v4,
     }
 }
 
@@ -264,8 +277,9 @@ impl Drop for Listener {
 
 /// Runs the gateway named in `opts` until the task is dropped: follows the
 /// applied config, opening, re-keying and closing listeners as it changes.
-/// Every connection holds one of `slots` ([`MAX_CONNECTIONS`] of them), so
-/// that a drain can wait for them.
+/// Every connection holds one of `slots` (`--max-connections`, shared by
+/// the gateway's listeners): beyond them new ones are reset, and a drain
+/// waits for them.
 pub async fn run(proxy: Arc<Proxy>, opts: GatewayOptions, slots: Arc<Semaphore>) {
     let mut changes = proxy.config.subscribe();
     let state: Arc<ArcSwap<Option<Arc<Compiled>>>> = Arc::new(ArcSwap::from_pointee(None));
@@ -453,8 +467,16 @@ async fn serve(
             })
         }
     });
-    let b = crate::http::server_builder(MAX_HEADER_BYTES, 256);
-    let conn = b.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+    let mut b = crate::http::server_builder(MAX_HEADER_BYTES, 256);
+    // Clients that went away without a FIN are found and their slots freed.
+    b.http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10));
+    // A client that completes the handshake and then says nothing is
+    // dropped like one that never finishes its headers.
+    let io = FirstBytes::new(tls, PREFACE_BYTES, crate::http::HEADER_READ_TIMEOUT);
+    let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let r = tokio::select! {
         r = conn.as_mut() => r,
@@ -465,6 +487,28 @@ async fn serve(
     };
     if let Err(e) = r {
         tracing::debug!(%peer, error = %e, "gateway connection ended with an error");
+    }
+}
+
+/// Removes the headers a client's `Connection` header lists, keeping only
+/// its `upgrade` token (and the `Upgrade` header it refers to).
+fn drop_connection_listed(h: &mut http::HeaderMap) {
+    let Some(c) = h.remove(http::header::CONNECTION) else {
+        return;
+    };
+    let mut upgrade = false;
+    for name in c.to_str().unwrap_or_default().split(',').map(str::trim) {
+        if name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        } else if !name.is_empty() {
+            h.remove(name);
+        }
+    }
+    if upgrade {
+        h.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
     }
 }
 
@@ -579,6 +623,13 @@ async fn decide(
     let Some(snap) = proxy.config.load() else {
         return local.reply(503, "no-config");
     };
+    // Routes and their authorization match the path as written; a path
+    // the upstream would read as another one (`//orders`, `/x/../orders`,
+    // `/%6Frders`) would slip past the rule meant for it.
+    if let Err(why) = crate::http::route::canonical_path(&path) {
+        tracing::info!(gateway = %gw.name, reason = why, "non-canonical request path refused");
+        return local.reply(400, "non-canonical-path");
+    }
     let Some(route) = gw.routes.iter().find(|r| {
         (r.hostnames.is_empty() || r.hostnames.iter().any(|h| certs::host_matches(h, &host)))
             && (r.rule.matches.is_empty()
@@ -597,6 +648,17 @@ async fn decide(
         Some(a) => match a.authenticate(req.headers(), SystemTime::now()).await {
             AuthOutcome::Anonymous => None,
             AuthOutcome::Authenticated(p) => Some(p),
+            AuthOutcome::Rejected(f) if f.reason == "jwks-unavailable" => {
+                // Not the token's fault: a 401 would make OAuth clients
+                // throw good tokens away and ask the issuer for new ones.
+                tracing::warn!(gateway = %gw.name, detail = %f.detail, "token not verifiable: signing keys unavailable");
+                let r = local.reply(503, "jwks-unavailable");
+                return with_header(
+                    r,
+                    http::header::RETRY_AFTER,
+                    http::HeaderValue::from_static("5"),
+                );
+            }
             AuthOutcome::Rejected(f) => {
                 tracing::info!(gateway = %gw.name, reason = f.reason, detail = %f.detail, "token rejected");
                 let r = local.reply(401, "authn-failed");
@@ -710,6 +772,11 @@ async fn decide(
         }
     };
 
+    // Headers the client names in `Connection` go now: the hop-by-hop
+    // clean-up on the way out would otherwise also remove the gateway's
+    // own headers of those names (`Connection: x-tenant` dropping the
+    // claim header the gateway vouches for). An upgrade is kept.
+    drop_connection_listed(&mut parts.headers);
     // What the service is told about the caller: only what the gateway
     // itself vouches for.
     for h in &gw.strip {
@@ -829,5 +896,42 @@ mod tests {
         );
         assert!(ClientKey::parse("cookie").is_err());
         assert!(ClientKey::parse("header:bad header").is_err());
+    }
+
+    #[test]
+    fn an_ipv6_client_is_limited_by_its_64() {
+        let k = ClientKey::parse("source-ip").unwrap();
+        let h = http::HeaderMap::new();
+        let a = k.of(None, &h, "2001:db8:1:2:aaaa::1".parse().unwrap());
+        let b = k.of(None, &h, "2001:db8:1:2:ffff:1:2:3".parse().unwrap());
+        let other = k.of(None, &h, "2001:db8:1:3::1".parse().unwrap());
+        assert_eq!(a, "ip:2001:db8:1:2::");
+        assert_eq!(a, b);
+        assert_ne!(a, other);
+        let mapped = k.of(None, &h, "::ffff:203.0.113.7".parse().unwrap());
+        assert_eq!(mapped, "ip:203.0.113.7");
+    }
+
+    #[test]
+    fn connection_listed_headers_go_but_an_upgrade_stays() {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            "connection",
+            "x-tenant, Upgrade, x-forwarded-for".parse().unwrap(),
+        );
+        h.insert("x-tenant", "t".parse().unwrap());
+        h.insert("x-forwarded-for", "1.2.3.4".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("x-other", "o".parse().unwrap());
+        drop_connection_listed(&mut h);
+        assert!(h.get("x-tenant").is_none() && h.get("x-forwarded-for").is_none());
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["x-other"], "o");
+        let mut h = http::HeaderMap::new();
+        h.insert("connection", "keep-alive, x-a".parse().unwrap());
+        h.insert("x-a", "a".parse().unwrap());
+        drop_connection_listed(&mut h);
+        assert!(h.is_empty(), "{h:?}");
     }
 }

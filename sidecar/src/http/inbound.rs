@@ -245,6 +245,12 @@ async fn handle(proxy: Arc<Proxy>, peer: &Peer, mut req: Request<Incoming>) -> R
             duration_us = started.elapsed().as_micros() as u64, "request");
         resp
     };
+    // Policies match the path as written: one the app would read as
+    // another path (`//admin`, `/x/../admin`, `/%61dmin`) is refused.
+    if let Err(why) = super::route::canonical_path(path) {
+        tracing::info!(port, %service, src_identity = %src, reason = why, "non-canonical request path refused");
+        return finish(reply(400, "non-canonical-path"));
+    }
     let verdict = snap.authorize_http(port, Some(&peer.id), method.as_str(), path);
     match &verdict {
         Ok(policy) => proxy.audit(src, service, method.as_str(), path, true, policy, None),

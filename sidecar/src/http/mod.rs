@@ -5,6 +5,7 @@
 pub mod app;
 pub mod body_limit;
 pub mod cork;
+pub mod deadline;
 pub mod health;
 pub mod inbound;
 pub mod outbound;

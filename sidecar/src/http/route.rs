@@ -7,6 +7,52 @@ use regex::Regex;
 /// Largest compiled regex accepted from config.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
+/// Whether `path` is the one way of writing itself that path rules and
+/// upstreams agree on: it starts with `/`, has no `.` or `..` segment and
+/// no empty one but the last, no backslash, and percent-encodes nothing that needs no
+/// encoding (`%2F` and `%5C` included, which some servers decode into
+/// separators). Anything else could match one rule here and mean another
+/// path to the upstream. `*` (`OPTIONS *`) is canonical.
+pub fn canonical_path(path: &str) -> Result<(), &'static str> {
+    if path == "*" {
+        return Ok(());
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err("path does not start with /");
+    };
+    if path.contains('\\') {
+        return Err("backslash in path");
+    }
+    // A trailing `/` (an empty last segment) is a path of its own, not a
+    // second spelling of another.
+    let mut segs = rest.split('/').peekable();
+    while let Some(seg) = segs.next() {
+        match seg {
+            "" if segs.peek().is_some() => return Err("empty path segment"),
+            "." | ".." => return Err("dot segment in path"),
+            _ => {}
+        }
+    }
+    let b = path.as_bytes();
+    let mut i = 0;
+    while let Some(off) = b[i..].iter().position(|&c| c == b'%') {
+        let at = i + off;
+        let hex = |c: u8| (c as char).to_digit(16);
+        let (Some(hi), Some(lo)) = (
+            b.get(at + 1).copied().and_then(hex),
+            b.get(at + 2).copied().and_then(hex),
+        ) else {
+            return Err("malformed percent-encoding in path");
+        };
+        let c = (hi * 16 + lo) as u8;
+        if c.is_ascii_alphanumeric() || b"-._~/\\".contains(&c) {
+            return Err("needlessly percent-encoded character in path");
+        }
+        i = at + 3;
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone)]
 pub enum StrMatch {
     Exact(String),
@@ -275,6 +321,43 @@ impl Rule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn canonical_paths_pass_and_every_other_spelling_is_refused() {
+        for ok in [
+            "/",
+            "*",
+            "/orders",
+            "/orders/",
+            "/a/b.c/d..e/.well-known",
+            "/q%20x",
+            "/a%3Fb",
+            "/%C3%A9",
+        ] {
+            assert_eq!(canonical_path(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "orders",
+            "//orders",
+            "/a//b",
+            "/./orders",
+            "/x/../orders",
+            "/x/..",
+            "/x/.",
+            "/%6Frders",
+            "/%6frders",
+            "/a%2Fb",
+            "/a%2fb",
+            "/a%5Cb",
+            "/a%2E%2E/b",
+            "/a\\b",
+            "/a%",
+            "/a%4",
+            "/a%zz",
+        ] {
+            assert!(canonical_path(bad).is_err(), "{bad} accepted");
+        }
+    }
     use v1::string_match::Kind;
 
     fn canary() -> v1::Route {

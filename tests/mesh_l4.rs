@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::wait_for;
-use netns::mesh::{Mesh, basic_config, metric_sum, spiffe};
+use netns::mesh::{API_VIP, Mesh, basic_config, http_api_config, metric_sum, spiffe};
 
 const MARKER: &str = "bulwark-secret-marker-7f3a";
 
@@ -115,6 +115,37 @@ fn unmodified_client_reaches_pod_b_over_mtls_and_b_sees_a_identity() {
         mesh.sidecar_log("api").contains(&spiffe("web")),
         "access log names the caller"
     );
+}
+
+/// A pod calling a Service whose chosen endpoint is the pod itself: the
+/// sidecar's mTLS dial to its own address never leaves loopback, and must
+/// still land on its inbound listener, not on the app's port.
+#[test]
+fn a_pod_calling_its_own_service_reaches_itself_through_its_inbound_sidecar() {
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    let api = mesh.add_pod("api");
+    mesh.write_config(&http_api_config(&api, ""));
+    mesh.start_sidecar("api", "api", &[]);
+    mesh.wait_ready("api");
+    for path in ["/self-1", "/self-2"] {
+        let out = mesh.curl("api", &format!("http://{API_VIP}:8080{path}"));
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && body.starts_with(&format!("api GET {path}")),
+            "curl: {}{body}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            mesh.sidecar_log("api")
+        );
+        assert!(
+            body.contains(&format!("caller={}", spiffe("api"))),
+            "the inbound sidecar must have verified the caller: {body}"
+        );
+    }
+    let m = mesh.metrics("api");
+    assert!(metric_sum(&m, "bulwark_requests_total", &["direction=\"inbound\""]) >= 2.0);
+    assert!(metric_sum(&m, "bulwark_requests_total", &["direction=\"outbound\""]) >= 2.0);
 }
 
 fn openssl(dir: &std::path::Path, args: &[&str]) {

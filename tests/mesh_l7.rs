@@ -1015,6 +1015,10 @@ fn grpc_mesh(extra: &str, app: tonic::transport::server::Router) -> Option<Mesh>
     mesh.wait_ready("web");
     mesh.wait_ready("api");
     let api_ns = format!("/run/netns/{}", api.ns);
+    // Listening before the first call: the client's connection is taken by
+    // its sidecar whether the app is up or not, so a call made too early
+    // would get the sidecar's 503 instead of the app.
+    let (listening, up) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         netns::enter(&api_ns);
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -1022,9 +1026,15 @@ fn grpc_mesh(extra: &str, app: tonic::transport::server::Router) -> Option<Mesh>
             .build()
             .unwrap();
         rt.block_on(async {
-            app.serve("0.0.0.0:9000".parse().unwrap()).await.unwrap();
+            let incoming =
+                tonic::transport::server::TcpIncoming::bind("0.0.0.0:9000".parse().unwrap())
+                    .unwrap();
+            listening.send(()).unwrap();
+            app.serve_with_incoming(incoming).await.unwrap();
         });
     });
+    up.recv_timeout(Duration::from_secs(10))
+        .expect("the gRPC app never listened");
     Some(mesh)
 }
 

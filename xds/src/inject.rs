@@ -135,6 +135,12 @@ pub enum InjectError {
     /// The object is not a pod (template) this code understands.
     #[error("{0}")]
     Malformed(String),
+    /// An app container would run as the proxy's uid, which interception
+    /// lets through untouched: its traffic would bypass the mesh.
+    #[error(
+        "container {0} runs as uid {PROXY_UID}, the proxy's, whose traffic is not intercepted: give it another runAsUser or opt the pod out (bulwark.dev/inject: \"false\")"
+    )]
+    ProxyUid(String),
 }
 
 /// The result for one pod (template).
@@ -289,6 +295,21 @@ pub fn pod_patch(pod: &Value, prefix: &str, cfg: &InjectConfig) -> Result<Outcom
             ],
             ..Default::default()
         });
+    }
+    let pod_uid = spec
+        .pointer("/securityContext/runAsUser")
+        .and_then(Value::as_u64);
+    for kind in ["initContainers", "containers"] {
+        for c in containers(spec, kind) {
+            let uid = c
+                .pointer("/securityContext/runAsUser")
+                .and_then(Value::as_u64)
+                .or(pod_uid);
+            if uid == Some(u64::from(PROXY_UID)) {
+                let name = c.get("name").and_then(Value::as_str).unwrap_or("?");
+                return Err(InjectError::ProxyUid(name.to_string()));
+            }
+        }
     }
     let exclude_in = ports_annotation(pod, EXCLUDE_INBOUND_ANNOTATION)?;
     let exclude_out = ports_annotation(pod, EXCLUDE_OUTBOUND_ANNOTATION)?;
@@ -671,7 +692,7 @@ pub fn review(body: &[u8], cfg: &InjectConfig) -> (u16, Value) {
             }
             respond(r)
         }
-        Err(e @ InjectError::Annotation { .. }) => respond(json!({
+        Err(e @ (InjectError::Annotation { .. } | InjectError::ProxyUid(_))) => respond(json!({
             "allowed": false,
             "status": {"code": 400, "reason": "BadRequest", "message": format!("bulwark injector: {e}")},
         })),
@@ -851,6 +872,24 @@ mod tests {
                 .patch
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn an_app_running_as_the_proxy_uid_is_refused() {
+        let cfg = InjectConfig::default();
+        let mut p = pod();
+        p["spec"]["securityContext"] = json!({"runAsUser": PROXY_UID});
+        let e = pod_patch(&p, "", &cfg).unwrap_err();
+        assert!(matches!(&e, InjectError::ProxyUid(c) if c == "app"), "{e}");
+        // The container's own uid wins over the pod's.
+        p["spec"]["containers"][0]["securityContext"] = json!({"runAsUser": 1000});
+        assert!(pod_patch(&p, "", &cfg).is_ok());
+        let mut p = pod();
+        p["spec"]["initContainers"] = json!([{"name": "migrate", "image": "m:1", "securityContext": {"runAsUser": PROXY_UID}}]);
+        assert!(matches!(
+            pod_patch(&p, "", &cfg),
+            Err(InjectError::ProxyUid(c)) if c == "migrate"
+        ));
     }
 
     #[test]

@@ -64,6 +64,33 @@ pub fn chain_rules(o: &RuleOptions) -> Vec<Rule> {
     let mut rules = Vec::new();
     let out = OUTPUT_CHAIN;
     let mark = format!("0x{:x}", o.proxy_mark);
+    let ip = o.inbound_port.to_string();
+    // The proxy dialling its own pod (a Service whose chosen endpoint is
+    // this pod): the connection never leaves loopback, so PREROUTING never
+    // sees it and the mTLS bytes would reach the app's port. It goes to the
+    // inbound listener, as it would from any other pod. Not 127/8: that is
+    // the inbound listener's own hand-off to the app.
+    rules.push(r(&[
+        "-t",
+        "nat",
+        "-A",
+        out,
+        "-o",
+        "lo",
+        "!",
+        "-d",
+        "127.0.0.0/8",
+        "-p",
+        "tcp",
+        "-m",
+        "mark",
+        "--mark",
+        &mark,
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &ip,
+    ]));
     rules.push(r(&[
         "-t", "nat", "-A", out, "-m", "mark", "--mark", &mark, "-j", "RETURN",
     ]));
@@ -116,7 +143,6 @@ pub fn chain_rules(o: &RuleOptions) -> Vec<Rule> {
     ]));
 
     let inb = INBOUND_CHAIN;
-    let ip = o.inbound_port.to_string();
     for p in &o.exclude_inbound_ports {
         let p = p.to_string();
         rules.push(r(&[
@@ -317,7 +343,14 @@ mod tests {
         }
         assert!(
             idx("BULWARK_INBOUND -p tcp --dport 15020 -j RETURN")
-                < idx("-j REDIRECT --to-ports 15006")
+                < idx("BULWARK_INBOUND -p tcp -j REDIRECT --to-ports 15006")
+        );
+        // The proxy's own connections to its pod's address go inbound,
+        // ahead of the rule that lets the proxy's traffic through.
+        assert!(
+            idx(
+                "BULWARK_OUTPUT -o lo ! -d 127.0.0.0/8 -p tcp -m mark --mark 0x539 -j REDIRECT --to-ports 15006"
+            ) < idx("--mark 0x539 -j RETURN")
         );
         assert!(p.contains("-A OUTPUT -p tcp -j BULWARK_OUTPUT"));
         assert!(p.contains("-A PREROUTING -p tcp -j BULWARK_INBOUND"));

@@ -86,7 +86,7 @@ impl CertManager {
         }
     }
 
-    fn install(&self, svid: Svid) -> Result<(), rustls::Error> {
+    pub(crate) fn install(&self, svid: Svid) -> Result<(), rustls::Error> {
         let ck = svid.certified_key()?;
         // Bundle first: a peer with a new-root certificate must verify as
         // soon as we can present ours.

@@ -178,14 +178,21 @@ fn dir_stamp(dir: &Path) -> Vec<Option<SystemTime>> {
 fn load(dir: &Path, dns_names: &[String]) -> Result<Loaded, ServeError> {
     let stamp = dir_stamp(dir);
     let material = store::load(dir)?;
-    let bundle = TrustBundle::from_pem(&material.bundle_pem)
-        // Renewal chains end in this CA's own intermediate: trusting it as
-        // an anchor here saves one signature check per renewal.
-        .and_then(|b| b.with_own_issuer(&material.chain[0]))
-        .map_err(|e| StoreError::Invalid {
-            path: dir.join(store::BUNDLE),
-            what: e.to_string(),
-        })?;
+    let bundle = TrustBundle::from_pem(&material.bundle_pem).map_err(|e| StoreError::Invalid {
+        path: dir.join(store::BUNDLE),
+        what: e.to_string(),
+    })?;
+    // Renewal chains end in this CA's own intermediate: trusting it as an
+    // anchor here saves one signature check per renewal. An intermediate
+    // that a root did not sign directly (imported below further
+    // intermediates) cannot be one; the full chain verifies without it.
+    let bundle = match bundle.clone().with_own_issuer(&material.chain[0]) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::debug!(error = %e, "renewal chains verify up to the roots");
+            bundle
+        }
+    };
     let authority = Authority::from_material(material)?;
     let (serving, renew_at) = serving_cert(&authority, dns_names)?;
     Ok(Loaded {
@@ -857,6 +864,62 @@ mod tests {
     fn mint(state: &State, id: &SpiffeId) -> String {
         let now = OffsetDateTime::now_utc().unix_timestamp();
         state.loaded.load().authority.token_key().mint(id, now, 600)
+    }
+
+    #[test]
+    fn an_intermediate_below_further_intermediates_serves_and_verifies_renewals() {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        let ca_params = |cn: &str| {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(DnType::CommonName, cn);
+            p
+        };
+        let root =
+            CertifiedIssuer::self_signed(ca_params("Org Root"), KeyPair::generate().unwrap())
+                .unwrap();
+        let org = CertifiedIssuer::signed_by(
+            ca_params("Org Intermediate"),
+            KeyPair::generate().unwrap(),
+            &root,
+        )
+        .unwrap();
+        let key = KeyPair::generate().unwrap();
+        let ours = ca_params("Bulwark Intermediate")
+            .signed_by(&key, &org)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        store::init(
+            dir.path(),
+            &store::Settings::new("cluster.local"),
+            store::RootSource::ImportIntermediate {
+                chain_pem: format!("{}{}", ours.pem(), org.pem()),
+                key_pem: key.serialize_pem(),
+                root_pem: root.pem(),
+            },
+        )
+        .unwrap();
+
+        let loaded = load(dir.path(), &[]).expect("the CA starts");
+        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
+        let issued = loaded
+            .authority
+            .sign(
+                check_csr(&new_csr(&id).unwrap().1).unwrap(),
+                &id,
+                Some(Duration::from_secs(600)),
+                OffsetDateTime::now_utc(),
+            )
+            .unwrap();
+        let chain = CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        assert_eq!(chain.len(), 3, "leaf and both intermediates");
+        let verified = loaded
+            .bundle
+            .verify(&chain[0], &chain[1..], UnixTime::now(), Usage::Client)
+            .expect("a renewal chain verifies");
+        assert_eq!(verified, id);
     }
 
     #[test]

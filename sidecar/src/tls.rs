@@ -94,7 +94,7 @@ pub fn buffered(tcp: tokio::net::TcpStream) -> Buffered {
 #[cfg(test)]
 pub(crate) mod tests {
     use std::net::{IpAddr, Ipv4Addr};
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
     use std::time::{Duration, SystemTime};
 
     use bulwark_ca::authority::{Authority, check_csr};
@@ -168,7 +168,7 @@ pub(crate) mod tests {
                 identity: id,
                 ca_addr: "127.0.0.1:1".into(),
                 ca_bundle: svid.bundle.clone(),
-                token: String::new(),
+                token_file: PathBuf::from("/nonexistent"),
                 ttl: None,
                 renew_fraction: 0.5,
             },

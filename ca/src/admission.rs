@@ -38,6 +38,12 @@ impl TokenBucket {
             Err(Duration::from_secs_f64((1.0 - s.0) / self.rate_per_sec))
         }
     }
+
+    /// Gives back a token taken by [`Self::try_acquire`].
+    pub fn refund(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 = (s.0 + 1.0).min(self.burst);
+    }
 }
 
 #[cfg(test)]

@@ -151,7 +151,11 @@ struct State {
     dns_names: Vec<String>,
     loaded: ArcSwap<Loaded>,
     log: IssuanceLog,
+    /// Signatures, charged once the caller is authenticated.
     bucket: TokenBucket,
+    /// Token checks (a TokenReview round trip for a Kubernetes token),
+    /// charged before the check and given back when it passes.
+    token_checks: TokenBucket,
     metrics: Arc<CaMetrics>,
     reviewer: Option<crate::kube::TokenReviewer>,
 }
@@ -174,14 +178,21 @@ fn dir_stamp(dir: &Path) -> Vec<Option<SystemTime>> {
 fn load(dir: &Path, dns_names: &[String]) -> Result<Loaded, ServeError> {
     let stamp = dir_stamp(dir);
     let material = store::load(dir)?;
-    let bundle = TrustBundle::from_pem(&material.bundle_pem)
-        // Renewal chains end in this CA's own intermediate: trusting it as
-        // an anchor here saves one signature check per renewal.
-        .and_then(|b| b.with_own_issuer(&material.chain[0]))
-        .map_err(|e| StoreError::Invalid {
-            path: dir.join(store::BUNDLE),
-            what: e.to_string(),
-        })?;
+    let bundle = TrustBundle::from_pem(&material.bundle_pem).map_err(|e| StoreError::Invalid {
+        path: dir.join(store::BUNDLE),
+        what: e.to_string(),
+    })?;
+    // Renewal chains end in this CA's own intermediate: trusting it as an
+    // anchor here saves one signature check per renewal. An intermediate
+    // that a root did not sign directly (imported below further
+    // intermediates) cannot be one; the full chain verifies without it.
+    let bundle = match bundle.clone().with_own_issuer(&material.chain[0]) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::debug!(error = %e, "renewal chains verify up to the roots");
+            bundle
+        }
+    };
     let authority = Authority::from_material(material)?;
     let (serving, renew_at) = serving_cert(&authority, dns_names)?;
     Ok(Loaded {
@@ -226,6 +237,7 @@ impl std::fmt::Debug for State {
 }
 
 /// A refused request, with what goes to the caller, the record and metrics.
+#[derive(Debug)]
 struct Refusal {
     code: Code,
     message: String,
@@ -255,6 +267,23 @@ fn code_name(c: Code) -> &'static str {
         Code::FailedPrecondition => "FAILED_PRECONDITION",
         _ => "INTERNAL",
     }
+}
+
+/// The budget for token checks: a quarter of the signing budget, so that a
+/// flood of bad tokens costs the API server and this CA a bounded amount.
+fn token_check_bucket(sign_rate: f64, sign_burst: u32) -> TokenBucket {
+    TokenBucket::new(sign_rate / 4.0, sign_burst / 4)
+}
+
+fn rate_limited(wait: Duration, what: &str) -> Refusal {
+    let ms = wait.as_millis().max(1) as u64;
+    let mut r = Refusal::new(
+        Code::ResourceExhausted,
+        "rate_limited",
+        format!("CA is at its {what} rate limit; retry after {ms}ms"),
+    );
+    r.retry_after = Some(wait);
+    r
 }
 
 struct Service(Arc<State>);
@@ -347,18 +376,13 @@ impl State {
         body: SignRequest,
         rec: &mut Record,
     ) -> Result<SignResponse, Refusal> {
-        if let Err(wait) = self.bucket.try_acquire() {
-            let ms = wait.as_millis().max(1) as u64;
-            let mut r = Refusal::new(
-                Code::ResourceExhausted,
-                "rate_limited",
-                format!("CA is at its signing rate limit; retry after {ms}ms"),
-            );
-            r.retry_after = Some(wait);
-            return Err(r);
-        }
         let loaded = self.loaded.load();
         let auth = self.authenticate(&loaded, peer_certs, bearer, rec)?;
+        // Charged only now, so that requests without valid credentials
+        // cannot use up the signing budget of the workloads that have them.
+        self.bucket
+            .try_acquire()
+            .map_err(|wait| rate_limited(wait, "signing"))?;
         let authenticated = match &auth {
             Auth::Token { id, jti } => {
                 rec.auth = "token";
@@ -455,7 +479,14 @@ impl State {
                 }
             }
         }
-        match (bearer, cert_error) {
+        // A client certificate is checked locally, a few signatures at most,
+        // and is not charged: junk certificates must not hold up renewals.
+        if bearer.is_some() {
+            self.token_checks
+                .try_acquire()
+                .map_err(|wait| rate_limited(wait, "token check"))?;
+        }
+        let auth = match (bearer, cert_error) {
             // A workload whose SVID expired (say, the CA was down too long)
             // falls back to its bootstrap token.
             (Some(token), _) if crate::kube::is_jwt(token) => {
@@ -498,7 +529,12 @@ impl State {
                 "no_credentials",
                 "no credentials: send a bootstrap token (authorization: Bearer) or renew over mTLS with a valid SVID",
             )),
+        };
+        // Only refused tokens count against the check budget.
+        if bearer.is_some() && auth.is_ok() {
+            self.token_checks.refund();
         }
+        auth
     }
 
     /// Picks up a rotation or pruning done by `bulwark ca` on the directory,
@@ -600,6 +636,7 @@ pub async fn serve(
         loaded: ArcSwap::from_pointee(loaded),
         log,
         bucket: TokenBucket::new(opts.sign_rate, opts.sign_burst),
+        token_checks: token_check_bucket(opts.sign_rate, opts.sign_burst),
         metrics: metrics.clone(),
         reviewer,
     });
@@ -696,6 +733,8 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
+    use rustls_pki_types::pem::PemObject;
+
     use super::*;
     use crate::client::{Svid, new_csr};
 
@@ -726,6 +765,161 @@ mod tests {
             svid.chain.clone(),
             leaf.validity().not_after.timestamp() as u64,
         )
+    }
+
+    fn state(dir: &Path, sign_rate: f64, sign_burst: u32) -> State {
+        store::init(
+            dir,
+            &store::Settings::new("cluster.local"),
+            store::RootSource::Generate,
+        )
+        .unwrap();
+        State {
+            dir: dir.to_path_buf(),
+            dns_names: Vec::new(),
+            loaded: ArcSwap::from_pointee(load(dir, &[]).unwrap()),
+            log: IssuanceLog::open(&dir.join(store::ISSUED_LOG)).unwrap(),
+            bucket: TokenBucket::new(sign_rate, sign_burst),
+            token_checks: token_check_bucket(sign_rate, sign_burst),
+            metrics: Arc::new(CaMetrics::default()),
+            reviewer: None,
+        }
+    }
+
+    fn sign_request(id: &SpiffeId) -> SignRequest {
+        SignRequest {
+            csr_pem: new_csr(id).unwrap().1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn refused_credentials_do_not_use_up_the_signing_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        // Burst 8: 2 token checks; practically no refill during the test.
+        let state = state(dir.path(), 0.001, 8);
+        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
+        let svid = state
+            .decide(
+                &None,
+                Some(&mint(&state, &id)),
+                sign_request(&id),
+                &mut Record::default(),
+            )
+            .unwrap();
+        let chain = Some(Arc::new(
+            CertificateDer::pem_slice_iter(svid.cert_chain_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap(),
+        ));
+
+        let codes: Vec<Code> = (0..20)
+            .map(|_| {
+                let r = state.decide(
+                    &None,
+                    Some("junk"),
+                    sign_request(&id),
+                    &mut Record::default(),
+                );
+                r.err().unwrap().code
+            })
+            .collect();
+        assert_eq!(codes[..2], [Code::Unauthenticated; 2]);
+        assert_eq!(
+            codes[2..],
+            [Code::ResourceExhausted; 18],
+            "token checks limited"
+        );
+        for _ in 0..7 {
+            state
+                .decide(&chain, None, sign_request(&id), &mut Record::default())
+                .expect("a renewal over mTLS is within the signing budget");
+        }
+        let r = state.decide(&chain, None, sign_request(&id), &mut Record::default());
+        assert_eq!(
+            r.err().unwrap().code,
+            Code::ResourceExhausted,
+            "signing limited"
+        );
+    }
+
+    #[test]
+    fn accepted_tokens_do_not_use_up_the_token_check_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        // Burst 4: one token check at a time.
+        let state = state(dir.path(), 0.001, 4);
+        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
+        for _ in 0..4 {
+            state
+                .decide(
+                    &None,
+                    Some(&mint(&state, &id)),
+                    sign_request(&id),
+                    &mut Record::default(),
+                )
+                .expect("a good token is checked and signed");
+        }
+    }
+
+    fn mint(state: &State, id: &SpiffeId) -> String {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        state.loaded.load().authority.token_key().mint(id, now, 600)
+    }
+
+    #[test]
+    fn an_intermediate_below_further_intermediates_serves_and_verifies_renewals() {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        let ca_params = |cn: &str| {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(DnType::CommonName, cn);
+            p
+        };
+        let root =
+            CertifiedIssuer::self_signed(ca_params("Org Root"), KeyPair::generate().unwrap())
+                .unwrap();
+        let org = CertifiedIssuer::signed_by(
+            ca_params("Org Intermediate"),
+            KeyPair::generate().unwrap(),
+            &root,
+        )
+        .unwrap();
+        let key = KeyPair::generate().unwrap();
+        let ours = ca_params("Bulwark Intermediate")
+            .signed_by(&key, &org)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        store::init(
+            dir.path(),
+            &store::Settings::new("cluster.local"),
+            store::RootSource::ImportIntermediate {
+                chain_pem: format!("{}{}", ours.pem(), org.pem()),
+                key_pem: key.serialize_pem(),
+                root_pem: root.pem(),
+            },
+        )
+        .unwrap();
+
+        let loaded = load(dir.path(), &[]).expect("the CA starts");
+        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
+        let issued = loaded
+            .authority
+            .sign(
+                check_csr(&new_csr(&id).unwrap().1).unwrap(),
+                &id,
+                Some(Duration::from_secs(600)),
+                OffsetDateTime::now_utc(),
+            )
+            .unwrap();
+        let chain = CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        assert_eq!(chain.len(), 3, "leaf and both intermediates");
+        let verified = loaded
+            .bundle
+            .verify(&chain[0], &chain[1..], UnixTime::now(), Usage::Client)
+            .expect("a renewal chain verifies");
+        assert_eq!(verified, id);
     }
 
     #[test]

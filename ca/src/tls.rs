@@ -32,6 +32,21 @@ pub fn provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
+/// Turns off session resumption on a server that authenticates clients by
+/// certificate. A resumed session restores the client's chain as it was when
+/// the session began, without verifying it again: an expired or no longer
+/// trusted certificate would pass for the ticket's lifetime.
+pub fn without_resumption_server(cfg: &mut rustls::ServerConfig) {
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+}
+
+/// Turns off session resumption on a client that authenticates servers by
+/// certificate, for the same reason as [`without_resumption_server`].
+pub fn without_resumption_client(cfg: &mut rustls::ClientConfig) {
+    cfg.resumption = rustls::client::Resumption::disabled();
+}
+
 /// Why a peer certificate was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VerifyError {

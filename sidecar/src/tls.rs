@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use bulwark_ca::SpiffeId;
 use bulwark_ca::tls::{
     ALPN_MESH_TCP, ExpectedServer, SpiffeClientVerifier, SpiffeServerVerifier, provider,
+    without_resumption_client, without_resumption_server,
 };
 
 use crate::identity::CertManager;
@@ -47,6 +48,7 @@ impl ClientConfigs {
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_cert_resolver(Arc::new(self.identity.cert()));
         cfg.alpn_protocols = vec![alpn.to_vec()];
+        without_resumption_client(&mut cfg);
         let cfg = Arc::new(cfg);
         // Bounded: one entry per peer identity in the mesh.
         if cache.len() > 10_000 {
@@ -67,6 +69,9 @@ pub fn server_config(identity: &CertManager) -> Arc<rustls::ServerConfig> {
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(identity.cert()));
     cfg.alpn_protocols = vec![ALPN_MESH_H2.to_vec(), ALPN_MESH_TCP.to_vec()];
+    // Inbound authorization reads the peer's leaf: it must be verified on
+    // every connection.
+    without_resumption_server(&mut cfg);
     Arc::new(cfg)
 }
 
@@ -84,4 +89,125 @@ pub type Buffered = tokio::io::BufReader<tokio::net::TcpStream>;
 
 pub fn buffered(tcp: tokio::net::TcpStream) -> Buffered {
     tokio::io::BufReader::with_capacity(READ_BUFFER, tcp)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::path::{Path, PathBuf};
+    use std::time::{Duration, SystemTime};
+
+    use bulwark_ca::authority::{Authority, check_csr};
+    use bulwark_ca::client::{Svid, new_csr};
+    use bulwark_ca::store;
+    use rustls::HandshakeKind;
+    use rustls_pki_types::ServerName;
+
+    use super::*;
+    use crate::identity::IdentityOptions;
+    use crate::telemetry::Metrics;
+
+    /// Runs a handshake in memory, then delivers what the server sends after
+    /// it (session tickets), and says how the client's handshake went.
+    pub(crate) fn handshake(
+        client: &Arc<rustls::ClientConfig>,
+        server: &Arc<rustls::ServerConfig>,
+        name: ServerName<'static>,
+    ) -> Option<HandshakeKind> {
+        let mut c = rustls::Connection::Client(
+            rustls::ClientConnection::new(client.clone(), name).unwrap(),
+        );
+        let mut s =
+            rustls::Connection::Server(rustls::ServerConnection::new(server.clone()).unwrap());
+        while pump(&mut c, &mut s) | pump(&mut s, &mut c) {}
+        assert!(!c.is_handshaking() && !s.is_handshaking());
+        c.handshake_kind()
+    }
+
+    /// Moves everything `from` has to send into `to`; false if nothing.
+    fn pump(from: &mut rustls::Connection, to: &mut rustls::Connection) -> bool {
+        let mut wire = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut wire).unwrap();
+        }
+        let mut rd = &wire[..];
+        while !rd.is_empty() {
+            to.read_tls(&mut rd).unwrap();
+            to.process_new_packets().unwrap();
+        }
+        !wire.is_empty()
+    }
+
+    fn authority(dir: &Path) -> Authority {
+        store::init(
+            dir,
+            &store::Settings::new("cluster.local"),
+            store::RootSource::Generate,
+        )
+        .unwrap();
+        Authority::from_material(store::load(dir).unwrap()).unwrap()
+    }
+
+    /// A manager holding an SVID for `id` from `ca`.
+    fn manager(ca: &Authority, id: &str) -> Arc<CertManager> {
+        let id: SpiffeId = id.parse().unwrap();
+        let (key, csr) = new_csr(&id).unwrap();
+        let issued = ca
+            .sign(
+                check_csr(&csr).unwrap(),
+                &id,
+                Some(Duration::from_secs(600)),
+                SystemTime::now().into(),
+            )
+            .unwrap();
+        let svid =
+            Svid::from_pem_parts(&key.serialize_pem(), &issued.chain_pem, &issued.bundle_pem)
+                .unwrap();
+        let m = CertManager::new(
+            IdentityOptions {
+                identity: id,
+                ca_addr: "127.0.0.1:1".into(),
+                ca_bundle: svid.bundle.clone(),
+                token_file: PathBuf::from("/nonexistent"),
+                ttl: None,
+                renew_fraction: 0.5,
+            },
+            Arc::new(Metrics::default()),
+        );
+        m.install(svid).unwrap();
+        m
+    }
+
+    #[test]
+    fn mesh_handshakes_are_never_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = authority(dir.path());
+        let web = manager(&ca, "spiffe://cluster.local/ns/default/sa/web");
+        let api = manager(&ca, "spiffe://cluster.local/ns/default/sa/api");
+        let client = ClientConfigs::new(web).for_peer_alpn(api.identity(), ALPN_MESH_TCP);
+        let server = server_config(&api);
+        let peer = || ServerName::IpAddress(IpAddr::from(Ipv4Addr::LOCALHOST).into());
+        // The same configs with rustls' default resumption, as a check that
+        // this harness does resume when both sides allow it.
+        let mut resuming_client = (*client).clone();
+        resuming_client.resumption = rustls::client::Resumption::default();
+        let resuming_client = Arc::new(resuming_client);
+        let mut resuming_server = (*server).clone();
+        resuming_server.session_storage = rustls::server::ServerSessionMemoryCache::new(16);
+        resuming_server.send_tls13_tickets = 2;
+        let resuming_server = Arc::new(resuming_server);
+        // Two handshakes each: a resumed one would take the peer's
+        // certificates from the first without verifying them again.
+        let kinds = |c: &Arc<rustls::ClientConfig>, s: &Arc<rustls::ServerConfig>| {
+            [handshake(c, s, peer()), handshake(c, s, peer())]
+        };
+        assert_eq!(
+            kinds(&resuming_client, &resuming_server),
+            [Some(HandshakeKind::Full), Some(HandshakeKind::Resumed)]
+        );
+        let full = [Some(HandshakeKind::Full); 2];
+        assert_eq!(kinds(&client, &server), full);
+        assert_eq!(kinds(&client, &resuming_server), full, "client side");
+        assert_eq!(kinds(&resuming_client, &server), full, "server side");
+    }
 }

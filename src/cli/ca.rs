@@ -92,8 +92,9 @@ pub enum CaCommand {
         #[arg(long)]
         root: Option<PathBuf>,
         /// How long the new root is distributed before it starts signing
-        /// (default: the default leaf TTL, so every workload has renewed and
-        /// trusts it by then). The running CA switches at its next check
+        /// (default: the maximum leaf TTL, so every workload, even one
+        /// holding a leaf of the longest lifetime, has renewed and trusts it
+        /// by then). The running CA switches at its next check
         /// after that (every 2 s), and with `ca serve --rotation-gate` only
         /// once every sidecar has ACKed the new bundle.
         #[arg(long, value_parser = parse_duration)]
@@ -217,9 +218,7 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             activate_after,
         } => {
             let settings = store::load_settings(&dir)?;
-            let after = activate_after
-                .unwrap_or(Duration::from_secs(settings.default_ttl_secs))
-                .as_secs() as i64;
+            let after = activation_delay(activate_after, &settings).as_secs() as i64;
             let r = store::rotate_root(
                 &dir,
                 source(import_root, import_intermediate, root)?,
@@ -239,9 +238,33 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
     }
 }
 
+/// How long a rotated root is only distributed: by default until every
+/// leaf issued before the rotation, whatever its lifetime, has been renewed.
+fn activation_delay(activate_after: Option<Duration>, settings: &Settings) -> Duration {
+    activate_after.unwrap_or(Duration::from_secs(settings.max_ttl_secs))
+}
+
 fn time_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rotated_root_signs_after_the_maximum_leaf_ttl_by_default() {
+        let mut settings = Settings::new("cluster.local");
+        settings.default_ttl_secs = 3600;
+        settings.max_ttl_secs = 7 * 24 * 3600;
+        assert_eq!(
+            activation_delay(None, &settings),
+            Duration::from_secs(7 * 24 * 3600)
+        );
+        let asked = Duration::from_secs(600);
+        assert_eq!(activation_delay(Some(asked), &settings), asked);
+    }
 }

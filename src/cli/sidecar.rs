@@ -23,7 +23,9 @@ pub struct SidecarArgs {
     /// Trust bundle (PEM) the CA's certificate chains to.
     #[arg(long)]
     ca_cert: PathBuf,
-    /// Bootstrap token file (from `bulwark ca token`).
+    /// Bootstrap token file (from `bulwark ca token`, or a projected
+    /// ServiceAccount token), read again on every use so that a rotated
+    /// token is picked up.
     #[arg(long)]
     token_file: PathBuf,
     /// Local config file or directory (same YAML kinds as the control plane), reloaded on change.
@@ -157,10 +159,9 @@ pub fn run(a: SidecarArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read --ca-cert {}", a.ca_cert.display()))?;
     let ca_bundle = TrustBundle::from_pem(&bundle_pem)
         .with_context(|| format!("--ca-cert {}", a.ca_cert.display()))?;
-    let token = std::fs::read_to_string(&a.token_file)
-        .with_context(|| format!("cannot read --token-file {}", a.token_file.display()))?
-        .trim()
-        .to_string();
+    // Read again on every use; read here so that a wrong path fails at start.
+    std::fs::read_to_string(&a.token_file)
+        .with_context(|| format!("cannot read --token-file {}", a.token_file.display()))?;
     if !(0.1..=0.9).contains(&a.renew_fraction) {
         anyhow::bail!("--renew-fraction must be between 0.1 and 0.9");
     }
@@ -168,7 +169,7 @@ pub fn run(a: SidecarArgs) -> anyhow::Result<()> {
         identity,
         ca_addr: a.ca,
         ca_bundle,
-        token,
+        token_file: a.token_file,
         ttl: a.svid_ttl,
         renew_fraction: a.renew_fraction,
     });

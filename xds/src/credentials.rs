@@ -165,6 +165,8 @@ impl Credentials {
             )))
             .with_cert_resolver(Arc::new(ServingCert(self.clone())));
         cfg.alpn_protocols = vec![b"h2".to_vec()];
+        // The stream's identity is read from the client certificate.
+        bulwark_ca::tls::without_resumption_server(&mut cfg);
         Ok(cfg)
     }
 
@@ -310,5 +312,76 @@ mod tests {
             xds_identity("cluster.local")
         );
         assert_eq!(c.roots_pem().len(), 1);
+    }
+
+    /// Moves everything `from` has to send into `to`; false if nothing.
+    fn pump(from: &mut rustls::Connection, to: &mut rustls::Connection) -> bool {
+        let mut wire = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut wire).unwrap();
+        }
+        let mut rd = &wire[..];
+        while !rd.is_empty() {
+            to.read_tls(&mut rd).unwrap();
+            to.process_new_packets().unwrap();
+        }
+        !wire.is_empty()
+    }
+
+    #[test]
+    fn discovery_handshakes_are_never_resumed() {
+        use bulwark_ca::client::{Svid, new_csr};
+        use bulwark_ca::tls::{CurrentCert, ExpectedServer, SpiffeServerVerifier};
+
+        let dir = tempfile::tempdir().unwrap();
+        store::init(
+            dir.path(),
+            &store::Settings::new("cluster.local"),
+            store::RootSource::Generate,
+        )
+        .unwrap();
+        let creds = Credentials::load(dir.path(), &[]).unwrap();
+        let server = Arc::new(creds.server_config().unwrap());
+
+        // A sidecar's SVID, and a client that keeps its sessions.
+        let ca = Authority::from_material(store::load(dir.path()).unwrap()).unwrap();
+        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
+        let (key, csr) = new_csr(&id).unwrap();
+        let issued = ca
+            .sign(
+                bulwark_ca::authority::check_csr(&csr).unwrap(),
+                &id,
+                Some(Duration::from_secs(600)),
+                time::OffsetDateTime::now_utc(),
+            )
+            .unwrap();
+        let svid =
+            Svid::from_pem_parts(&key.serialize_pem(), &issued.chain_pem, &issued.bundle_pem)
+                .unwrap();
+        let verifier = SpiffeServerVerifier::new(
+            Arc::new(ArcSwap::from_pointee(svid.bundle.clone())),
+            ExpectedServer::AnyOf(vec![xds_identity("cluster.local")]),
+        );
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_cert_resolver(Arc::new(CurrentCert::new(svid.certified_key().unwrap())));
+        let client = Arc::new(client);
+
+        for _ in 0..2 {
+            let name = rustls_pki_types::ServerName::try_from("bulwark-xds").unwrap();
+            let mut c = rustls::Connection::Client(
+                rustls::ClientConnection::new(client.clone(), name).unwrap(),
+            );
+            let mut s =
+                rustls::Connection::Server(rustls::ServerConnection::new(server.clone()).unwrap());
+            while pump(&mut c, &mut s) | pump(&mut s, &mut c) {}
+            assert!(!c.is_handshaking() && !s.is_handshaking());
+            // A resumed session would give the stream the identity of the
+            // certificate shown the first time, unverified.
+            assert_eq!(c.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        }
     }
 }

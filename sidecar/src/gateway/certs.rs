@@ -211,7 +211,8 @@ pub fn server_config(
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .expect("the provider supports TLS 1.2 and 1.3");
-    let builder = if listener.client_ca_file.is_empty() {
+    let verifies_clients = !listener.client_ca_file.is_empty();
+    let builder = if !verifies_clients {
         builder.with_no_client_auth()
     } else {
         let path = PathBuf::from(&listener.client_ca_file);
@@ -238,6 +239,10 @@ pub fn server_config(
     };
     let mut cfg = builder.with_cert_resolver(certs);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if verifies_clients {
+        // Admission rests on the client certificate's verification.
+        bulwark_ca::tls::without_resumption_server(&mut cfg);
+    }
     Ok(Arc::new(cfg))
 }
 
@@ -370,5 +375,66 @@ mod tests {
         std::fs::rename(&k2, &k).unwrap();
         assert_eq!(set.reload(), 0);
         assert_eq!(set.pick(None).unwrap().cert[0], old);
+    }
+
+    #[test]
+    fn a_listener_that_verifies_client_certificates_never_resumes() {
+        bulwark_ca::tls::provider();
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let issue = |name: &str, usage| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+            params.extended_key_usages = vec![usage];
+            (params.signed_by(&key, &ca).unwrap(), key)
+        };
+        let (server_cert, server_key) = issue(
+            "api.example.com",
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (c, k) = (dir.path().join("api.crt"), dir.path().join("api.key"));
+        std::fs::write(&c, server_cert.pem()).unwrap();
+        std::fs::write(&k, server_key.serialize_pem()).unwrap();
+        set_mode(&k, 0o600);
+        let listener = v1::GatewayListener {
+            client_ca_file: ca_file.display().to_string(),
+            require_client_cert: true,
+            ..Default::default()
+        };
+        let server =
+            server_config(CertSet::load(&[spec(&[], &c, &k)]).unwrap(), &listener).unwrap();
+
+        // A client that keeps its sessions, as outside callers do.
+        let (client_cert, client_key) = issue(
+            "client.example.com",
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(bulwark_ca::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![client_cert.der().clone()],
+                PrivateKeyDer::try_from(client_key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        let client = Arc::new(client);
+        let name = || rustls_pki_types::ServerName::try_from("api.example.com").unwrap();
+        for _ in 0..2 {
+            // A resumed session would admit the client on the certificate
+            // it showed the first time, unverified.
+            assert_eq!(
+                crate::tls::tests::handshake(&client, &server, name()),
+                Some(rustls::HandshakeKind::Full)
+            );
+        }
     }
 }

@@ -1,9 +1,10 @@
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bulwark_ca::SpiffeId;
-use bulwark_ca::client::{Backoff, CaClient, Credential, Svid, jitter};
+use bulwark_ca::client::{Backoff, CaClient, ClientError, Credential, Svid, jitter};
 use bulwark_ca::tls::{CurrentCert, TrustBundle};
 
 use crate::telemetry::Metrics;
@@ -15,13 +16,27 @@ pub struct IdentityOptions {
     pub ca_addr: String,
     /// Roots the CA's certificate chains to, before the first SVID arrives.
     pub ca_bundle: TrustBundle,
-    /// Bootstrap token for the first SVID (and a fallback if the SVID expired).
-    pub token: String,
+    /// File holding the bootstrap token for the first SVID (and a fallback
+    /// if the SVID expired). Read on every use: Kubernetes replaces
+    /// projected ServiceAccount tokens on disk before they expire.
+    pub token_file: PathBuf,
     /// Lifetime to ask for; None = the CA's default.
     pub ttl: Option<Duration>,
     /// Renew when this fraction of the remaining lifetime has passed
     /// (stretched by up to 20% of itself at random), e.g. 0.5.
     pub renew_fraction: f64,
+}
+
+/// Why no SVID was fetched.
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error("cannot read the token file {}: {source}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Ca(#[from] ClientError),
 }
 
 /// Owns the SVID: gets the first one, renews it before expiry, and swaps
@@ -86,7 +101,7 @@ impl CertManager {
         }
     }
 
-    fn install(&self, svid: Svid) -> Result<(), rustls::Error> {
+    pub(crate) fn install(&self, svid: Svid) -> Result<(), rustls::Error> {
         let ck = svid.certified_key()?;
         // Bundle first: a peer with a new-root certificate must verify as
         // soon as we can present ours.
@@ -99,17 +114,25 @@ impl CertManager {
         Ok(())
     }
 
-    async fn fetch(&self) -> Result<Svid, bulwark_ca::client::ClientError> {
+    async fn fetch(&self) -> Result<Svid, FetchError> {
         let current = self.svid();
-        let cred = match current.as_deref() {
-            Some(s) if s.not_after > now_unix() => {
-                Credential::Svid(s, Some(self.opts.token.as_str()))
-            }
-            _ => Credential::Token(self.opts.token.as_str()),
-        };
-        self.client
-            .issue(&self.opts.identity, cred, self.opts.ttl)
+        let token = tokio::fs::read_to_string(&self.opts.token_file)
             .await
+            .map(|t| t.trim().to_string())
+            .map_err(|source| FetchError::TokenFile {
+                path: self.opts.token_file.clone(),
+                source,
+            });
+        let cred = match (current.as_deref(), &token) {
+            // A renewal needs the token only as a fallback.
+            (Some(s), _) if s.not_after > now_unix() => Credential::Svid(s, token.as_deref().ok()),
+            (_, Ok(t)) => Credential::Token(t),
+            (_, Err(_)) => return Err(token.unwrap_err()),
+        };
+        Ok(self
+            .client
+            .issue(&self.opts.identity, cred, self.opts.ttl)
+            .await?)
     }
 
     /// Gets the first SVID, then renews forever. Run as a task.
@@ -149,16 +172,113 @@ impl CertManager {
                     tracing::warn!(error = %e, remaining_secs = remaining, "cannot get an SVID from the CA; will retry");
                 }
             }
-            // Retry quickly enough to beat expiry: never wait more than a
-            // tenth of what is left.
-            let remaining = self
-                .svid()
-                .map(|s| (s.not_after - now_unix()).max(1))
-                .unwrap_or(10) as f64;
-            let wait = backoff
-                .next_delay()
-                .min(Duration::from_secs_f64((remaining / 10.0).max(0.2)));
-            tokio::time::sleep(wait).await;
+            let remaining = self.svid().map(|s| s.not_after - now_unix());
+            tokio::time::sleep(retry_delay(backoff.next_delay(), remaining)).await;
         }
+    }
+}
+
+/// How long to wait before asking the CA again, given the backoff's delay
+/// and the seconds the current SVID has left. While it is valid, retry
+/// quickly enough to beat its expiry: never wait more than a tenth of what
+/// is left. Once it has expired there is nothing left to beat, and the
+/// backoff spares the CA.
+fn retry_delay(backoff: Duration, remaining_secs: Option<i64>) -> Duration {
+    let cap = match remaining_secs {
+        Some(r) if r > 0 => (r as f64 / 10.0).max(0.2),
+        Some(_) => return backoff,
+        // Before the first SVID, which the workload waits for.
+        None => 1.0,
+    };
+    backoff.min(Duration::from_secs_f64(cap))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use bulwark_ca::authority::Authority;
+    use bulwark_ca::server::{ServeOptions, serve};
+    use bulwark_ca::store;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_token_file_replaced_on_disk_is_used_by_the_next_fetch() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        store::init(
+            &ca_dir,
+            &store::Settings::new("cluster.local"),
+            store::RootSource::Generate,
+        )
+        .unwrap();
+        let material = store::load(&ca_dir).unwrap();
+        let ca_bundle = TrustBundle::from_pem(&material.bundle_pem).unwrap();
+        let authority = Authority::from_material(material).unwrap();
+        // A free port for the CA; the client retries until it listens.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        tokio::spawn(serve(
+            ServeOptions::new(ca_dir, addr),
+            std::future::pending(),
+        ));
+        let identity: SpiffeId = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "expired-token").unwrap();
+        let manager = CertManager::new(
+            IdentityOptions {
+                identity: identity.clone(),
+                ca_addr: addr.to_string(),
+                ca_bundle,
+                token_file: token_file.clone(),
+                ttl: None,
+                renew_fraction: 0.5,
+            },
+            Arc::new(Metrics::default()),
+        );
+        let refused = manager.fetch().await.unwrap_err();
+        assert!(
+            matches!(&refused, FetchError::Ca(ClientError::Refused { code, .. }) if *code == tonic::Code::Unauthenticated),
+            "{refused}"
+        );
+
+        // The kubelet writes the new token beside the old one and swaps.
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let fresh = dir.path().join("token.new");
+        std::fs::write(&fresh, authority.token_key().mint(&identity, now, 600)).unwrap();
+        std::fs::rename(&fresh, &token_file).unwrap();
+        let svid = manager.fetch().await.expect("the new token is used");
+        assert_eq!(svid.identity, identity);
+    }
+
+    #[test]
+    fn after_expiry_retries_back_off_instead_of_racing_the_expiry() {
+        let base = Duration::from_millis(200);
+        let max = Duration::from_secs(10);
+        let mut backoff = Backoff::new(base, max);
+        let expired: Vec<Duration> = (0..10)
+            .map(|_| retry_delay(backoff.next_delay(), Some(-30)))
+            .collect();
+        assert!(expired[0] >= base / 2, "{expired:?}");
+        assert!(
+            expired[9] >= max / 2,
+            "reaches the backoff's maximum: {expired:?}"
+        );
+
+        // While valid: never more than a tenth of what is left.
+        let mut backoff = Backoff::new(base, max);
+        for _ in 0..10 {
+            assert!(retry_delay(backoff.next_delay(), Some(20)) <= Duration::from_secs(2));
+        }
+        assert_eq!(
+            retry_delay(Duration::from_secs(5), Some(1)),
+            Duration::from_millis(200)
+        );
     }
 }

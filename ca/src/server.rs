@@ -272,7 +272,7 @@ fn code_name(c: Code) -> &'static str {
 /// The budget for token checks: a quarter of the signing budget, so that a
 /// flood of bad tokens costs the API server and this CA a bounded amount.
 fn token_check_bucket(sign_rate: f64, sign_burst: u32) -> TokenBucket {
-    TokenBucket::new(sign_rate / 4.0, sign_burst / 4)
+    TokenBucket::new(sign_rate / 4.0, (sign_burst / 4).max(1))
 }
 
 fn rate_limited(wait: Duration, what: &str) -> Refusal {

@@ -349,7 +349,15 @@ fn expired_svid(mesh: &Mesh, identity: &str) -> (String, String) {
 }
 
 fn nat_rules(mesh: &Mesh, ns: &str) -> String {
-    let out = mesh.net.exec_ok(ns, &["iptables-save", "-t", "nat"]);
+    saved_rules(mesh, ns, "iptables-save", "nat")
+}
+
+fn v6_filter_rules(mesh: &Mesh, ns: &str) -> String {
+    saved_rules(mesh, ns, "ip6tables-save", "filter")
+}
+
+fn saved_rules(mesh: &Mesh, ns: &str, tool: &str, table: &str) -> String {
+    let out = mesh.net.exec_ok(ns, &[tool, "-t", table]);
     // Drop comments and packet counters: they change on their own.
     out.lines()
         .filter(|l| !l.starts_with('#'))
@@ -378,6 +386,7 @@ fn init_is_idempotent_and_remove_restores_the_rules_exactly() {
         ],
     );
     let before = nat_rules(&mesh, &pod.ns);
+    let before6 = v6_filter_rules(&mesh, &pod.ns);
     let dry = mesh
         .net
         .exec_ok(&pod.ns, &[common::BIN, "init", "--dry-run"]);
@@ -401,12 +410,20 @@ fn init_is_idempotent_and_remove_restores_the_rules_exactly() {
         once.contains("-A OUTPUT -p tcp -j BULWARK_OUTPUT"),
         "{once}"
     );
+    let once6 = v6_filter_rules(&mesh, &pod.ns);
+    assert!(
+        once6.contains("-A BULWARK_V6_OUTPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j REJECT --reject-with tcp-reset")
+            && once6.contains("-A INPUT -p tcp -j BULWARK_V6_INPUT"),
+        "{once6}"
+    );
     mesh.net.exec_ok(&pod.ns, &[common::BIN, "init"]);
     assert_eq!(nat_rules(&mesh, &pod.ns), once, "init twice = init once");
+    assert_eq!(v6_filter_rules(&mesh, &pod.ns), once6);
 
     mesh.net
         .exec_ok(&pod.ns, &[common::BIN, "init", "--remove"]);
     assert_eq!(nat_rules(&mesh, &pod.ns), before);
+    assert_eq!(v6_filter_rules(&mesh, &pod.ns), before6);
     mesh.net
         .exec_ok(&pod.ns, &[common::BIN, "init", "--remove"]);
     assert_eq!(
@@ -414,6 +431,78 @@ fn init_is_idempotent_and_remove_restores_the_rules_exactly() {
         before,
         "remove twice is harmless"
     );
+}
+
+/// The listeners are IPv4: IPv6 TCP is refused both ways rather than let
+/// around the sidecar, except the excluded inbound ports (health, metrics).
+#[test]
+fn ipv6_tcp_cannot_go_around_the_sidecar() {
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    let web = mesh.add_pod("web");
+    let api = mesh.add_pod("api");
+    mesh.write_config(&basic_config(&[(&api, "api")], &["web"]));
+    mesh.start_sidecar("web", "web", &[]);
+    mesh.start_sidecar("api", "api", &[]);
+    mesh.wait_ready("web");
+    mesh.wait_ready("api");
+    let sw = mesh.net.switch.clone();
+    for (ns, dev, ip) in [
+        (&sw, "br0", "fd00:b::1"),
+        (&web.ns, "eth0", "fd00:b::2"),
+        (&api.ns, "eth0", "fd00:b::3"),
+    ] {
+        mesh.net.exec_ok(
+            ns,
+            &[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ],
+        );
+    }
+    // Plain TCP servers on IPv6: outside the mesh (the switch), and in the
+    // api pod on an ordinary port and on an excluded one.
+    let serve = |ns: &str, addr: &str| {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let l = mesh
+            .net
+            .in_ns(ns, move || std::net::TcpListener::bind(addr).unwrap());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                drop(c);
+            }
+        });
+    };
+    serve(&sw, "[fd00:b::1]:9099");
+    serve(&api.ns, "[fd00:b::3]:9099");
+    serve(&api.ns, "[fd00:b::3]:15021");
+    let reach = |ns: &str, addr: &str| {
+        let addr: SocketAddr = addr.parse().unwrap();
+        mesh.net.in_ns(ns, move || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).is_ok()
+        })
+    };
+    // The path works: the excluded port is reached from outside.
+    assert!(reach(&sw, "[fd00:b::3]:15021"), "no IPv6 path to the pod");
+    assert!(
+        !reach(&sw, "[fd00:b::3]:9099"),
+        "inbound IPv6 reached the app"
+    );
+    assert!(
+        !reach(&web.ns, "[fd00:b::1]:9099"),
+        "outbound IPv6 left the pod"
+    );
+    // Without the rules, the same connection goes through: they refused it.
+    mesh.net
+        .exec_ok(&web.ns, &[common::BIN, "init", "--remove"]);
+    assert!(reach(&web.ns, "[fd00:b::1]:9099"));
 }
 
 /// 3 minutes of new connections from A to B every 50 ms, with 60-second
@@ -694,6 +783,61 @@ fn local_config_changes_apply_live_and_bad_edits_keep_the_last_good_config() {
         "outsider to pass in PERMISSIVE",
         Duration::from_secs(10),
         || mesh.curl("outsider", &url).status.success().then_some(()),
+    );
+
+    // TLS the app terminates itself (no mesh ALPN) passes too, untouched:
+    // the sidecar does not take it for a mesh handshake.
+    let dir = mesh.net.dir.clone();
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=api",
+            "-days",
+            "1",
+            "-keyout",
+            "app.key",
+            "-out",
+            "app.crt",
+        ],
+    );
+    let (crt, key) = (dir.join("app.crt"), dir.join("app.key"));
+    mesh.net.spawn(
+        &api.ns,
+        "api-own-tls",
+        "openssl",
+        &[
+            "s_server",
+            "-quiet",
+            "-www",
+            "-accept",
+            "9443",
+            "-cert",
+            crt.to_str().unwrap(),
+            "-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let outsider_ns = mesh.pod("outsider").pod.ns.clone();
+    let tls_url = format!("https://{}:9443/", api.ip);
+    wait_for(
+        "an outside TLS client to reach the app's own TLS server",
+        Duration::from_secs(10),
+        || {
+            let o = mesh.net.exec(
+                &outsider_ns,
+                &["curl", "-sS", "-k", "--max-time", "5", &tls_url],
+            );
+            (o.status.success() && String::from_utf8_lossy(&o.stdout).contains("s_server"))
+                .then_some(())
+        },
     );
 }
 

@@ -19,6 +19,63 @@ use crate::{Proxy, reset};
 const FIRST_BYTE_WAIT: Duration = Duration::from_secs(5);
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
+/// Largest ClientHello looked at; a larger one is left to the mesh handshake.
+const MAX_HELLO: usize = 16 * 1024;
+
+/// Whether the ClientHello waiting on `s` offers a mesh ALPN protocol. It
+/// is read with `MSG_PEEK`, so nothing is consumed whatever the answer. A
+/// hello that does not parse, or is not whole within [`FIRST_BYTE_WAIT`],
+/// counts as the mesh's: the mesh handshake then refuses it as before.
+async fn offers_mesh_alpn(s: &TcpStream) -> bool {
+    let mut buf = vec![0u8; MAX_HELLO];
+    let deadline = tokio::time::Instant::now() + FIRST_BYTE_WAIT;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, s.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return true,
+        };
+        match client_hello_alpn(&buf[..n]) {
+            Hello::Alpn(offers_mesh) => return offers_mesh,
+            Hello::Invalid => return true,
+            Hello::Partial if n == MAX_HELLO => return true,
+            // The rest of a hello split over segments is on its way (post-
+            // quantum key shares make it larger than one); peek has no way
+            // to wait for more than is already there.
+            Hello::Partial if tokio::time::Instant::now() >= deadline => return true,
+            Hello::Partial => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    }
+}
+
+enum Hello {
+    /// Complete: whether it offers a `bulwark/*` protocol.
+    Alpn(bool),
+    Partial,
+    Invalid,
+}
+
+fn client_hello_alpn(bytes: &[u8]) -> Hello {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut rd = bytes;
+    while !rd.is_empty() {
+        match acceptor.read_tls(&mut rd) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(_) => return Hello::Invalid,
+        }
+    }
+    match acceptor.accept() {
+        Ok(Some(accepted)) => Hello::Alpn(
+            accepted
+                .client_hello()
+                .alpn()
+                .is_some_and(|mut protos| protos.any(|p| p.starts_with(b"bulwark/"))),
+        ),
+        Ok(None) => Hello::Partial,
+        Err(_) => Hello::Invalid,
+    }
+}
+
 pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let m = &proxy.metrics;
@@ -35,11 +92,17 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
     };
     let _ = down.set_nodelay(true);
     let mut first = [0u8; 1];
-    let is_tls = match tokio::time::timeout(FIRST_BYTE_WAIT, down.peek(&mut first)).await {
+    let mut is_tls = match tokio::time::timeout(FIRST_BYTE_WAIT, down.peek(&mut first)).await {
         Ok(Ok(n)) if n > 0 => first[0] == TLS_HANDSHAKE_RECORD,
         Ok(_) => return, // closed before sending anything
         Err(_) => false,
     };
+    // Outside STRICT, TLS that is not the mesh's (no `bulwark/*` ALPN) is
+    // the app's own, from a client without a sidecar: it passes like
+    // plaintext instead of failing a handshake that asks for a certificate.
+    if is_tls && snap.mtls_mode != MtlsMode::Strict && !offers_mesh_alpn(&down).await {
+        is_tls = false;
+    }
     let app = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), dst.port());
 
     if !is_tls {
@@ -190,5 +253,48 @@ async fn connect_app(proxy: &Proxy, app: SocketAddr) -> Option<TcpStream> {
             proxy.metrics.refused("inbound", "app_unreachable");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first flight of a rustls client offering `alpn`.
+    fn hello(alpn: &[&[u8]]) -> Vec<u8> {
+        let mut cfg = rustls::ClientConfig::builder_with_provider(bulwark_ca::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let mut conn =
+            rustls::ClientConnection::new(Arc::new(cfg), "api.example".try_into().unwrap())
+                .unwrap();
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut out).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn a_client_hello_is_the_mesh_s_only_when_it_offers_a_bulwark_protocol() {
+        let mesh = hello(&[crate::tls::ALPN_MESH_H2]);
+        assert!(matches!(client_hello_alpn(&mesh), Hello::Alpn(true)));
+        let tcp = hello(&[b"h2", bulwark_ca::tls::ALPN_MESH_TCP]);
+        assert!(matches!(client_hello_alpn(&tcp), Hello::Alpn(true)));
+        for other in [hello(&[b"h2", b"http/1.1"]), hello(&[])] {
+            assert!(matches!(client_hello_alpn(&other), Hello::Alpn(false)));
+        }
+        // Cut short: more is on its way; not TLS at all: left to the mesh.
+        assert!(matches!(
+            client_hello_alpn(&mesh[..mesh.len() / 2]),
+            Hello::Partial
+        ));
+        assert!(matches!(
+            client_hello_alpn(b"\x16\x03\x01\x00\x05hello"),
+            Hello::Invalid
+        ));
     }
 }

@@ -8,11 +8,18 @@
 //! Kubernetes sidecar running unprivileged relies on, since setting SO_MARK
 //! needs CAP_NET_ADMIN.
 
+//!
+//! IPv6 is not redirected (the listeners are IPv4): its TCP is refused in
+//! both directions instead (`ip6tables`, filter table), so that in a
+//! dual-stack pod it cannot go around the sidecar.
+
 use std::process::Command;
 
 /// Chains we own. Everything we add hangs off these, so removal is exact.
 pub const OUTPUT_CHAIN: &str = "BULWARK_OUTPUT";
 pub const INBOUND_CHAIN: &str = "BULWARK_INBOUND";
+pub const V6_OUTPUT_CHAIN: &str = "BULWARK_V6_OUTPUT";
+pub const V6_INPUT_CHAIN: &str = "BULWARK_V6_INPUT";
 
 #[derive(Debug, Clone)]
 pub struct RuleOptions {
@@ -44,12 +51,24 @@ impl Default for RuleOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
-    #[error("iptables not found: install it (Debian/Ubuntu: apt-get install iptables)")]
-    Missing,
+    #[error("{0} not found: install it (Debian/Ubuntu: apt-get install iptables){hint}", hint = missing_hint(.0))]
+    Missing(&'static str),
     #[error("not permitted to change iptables rules: run as root or with CAP_NET_ADMIN ({0})")]
     Permission(String),
-    #[error("`iptables {args}` failed: {stderr}")]
-    Failed { args: String, stderr: String },
+    #[error("`{tool} {args}` failed: {stderr}")]
+    Failed {
+        tool: &'static str,
+        args: String,
+        stderr: String,
+    },
+}
+
+fn missing_hint(tool: &str) -> &'static str {
+    if tool == "ip6tables" {
+        "; without it, IPv6 traffic would go around the sidecar"
+    } else {
+        ""
+    }
 }
 
 /// One iptables invocation (arguments after `iptables`).
@@ -192,41 +211,132 @@ fn jumps() -> Vec<Rule> {
     ]
 }
 
-/// Everything `init` would run, for `--dry-run`.
+/// The IPv6 rules: loopback, the proxy's own sockets and the excluded
+/// inbound ports (health, metrics) pass; other TCP is reset.
+pub fn v6_chain_rules(o: &RuleOptions) -> Vec<Rule> {
+    let (out, inb) = (V6_OUTPUT_CHAIN, V6_INPUT_CHAIN);
+    let mark = format!("0x{:x}", o.proxy_mark);
+    // New connections only (`--syn`): replies to the proxy's own and to
+    // the excluded ports' connections pass, and nothing else gets that far.
+    let reset = [
+        "-p",
+        "tcp",
+        "--syn",
+        "-j",
+        "REJECT",
+        "--reject-with",
+        "tcp-reset",
+    ];
+    let mut rules = vec![
+        r(&["-t", "filter", "-A", out, "-o", "lo", "-j", "RETURN"]),
+        r(&[
+            "-t", "filter", "-A", out, "-m", "mark", "--mark", &mark, "-j", "RETURN",
+        ]),
+    ];
+    if let Some(uid) = o.proxy_uid {
+        let uid = uid.to_string();
+        rules.push(r(&[
+            "-t",
+            "filter",
+            "-A",
+            out,
+            "-m",
+            "owner",
+            "--uid-owner",
+            &uid,
+            "-j",
+            "RETURN",
+        ]));
+    }
+    rules.push(r(&[&["-t", "filter", "-A", out][..], &reset[..]].concat()));
+    rules.push(r(&["-t", "filter", "-A", inb, "-i", "lo", "-j", "RETURN"]));
+    for p in &o.exclude_inbound_ports {
+        let p = p.to_string();
+        rules.push(r(&[
+            "-t", "filter", "-A", inb, "-p", "tcp", "--dport", &p, "-j", "RETURN",
+        ]));
+    }
+    rules.push(r(&[&["-t", "filter", "-A", inb][..], &reset[..]].concat()));
+    rules
+}
+
+fn v6_jumps() -> Vec<Rule> {
+    vec![
+        r(&["-t", "filter", "OUTPUT", "-p", "tcp", "-j", V6_OUTPUT_CHAIN]),
+        r(&["-t", "filter", "INPUT", "-p", "tcp", "-j", V6_INPUT_CHAIN]),
+    ]
+}
+
+/// One tool's share of the rules: its table, chains, rules and jumps.
+struct RuleSet {
+    tool: &'static str,
+    table: &'static str,
+    chains: [&'static str; 2],
+    rules: Vec<Rule>,
+    jumps: Vec<Rule>,
+}
+
+fn rule_sets(o: &RuleOptions) -> [RuleSet; 2] {
+    [
+        RuleSet {
+            tool: "iptables",
+            table: "nat",
+            chains: [OUTPUT_CHAIN, INBOUND_CHAIN],
+            rules: chain_rules(o),
+            jumps: jumps(),
+        },
+        RuleSet {
+            tool: "ip6tables",
+            table: "filter",
+            chains: [V6_OUTPUT_CHAIN, V6_INPUT_CHAIN],
+            rules: v6_chain_rules(o),
+            jumps: v6_jumps(),
+        },
+    ]
+}
+
+/// Everything `init` would run, for `--dry-run` (`init` skips the IPv6
+/// part where the kernel has no IPv6).
 pub fn plan(o: &RuleOptions) -> Vec<String> {
     let mut out = Vec::new();
-    for c in [OUTPUT_CHAIN, INBOUND_CHAIN] {
-        out.push(format!("iptables -t nat -N {c}"));
-    }
-    for rule in chain_rules(o) {
-        out.push(format!("iptables {}", rule.join(" ")));
-    }
-    for j in jumps() {
-        let (table, rest) = j.split_at(2);
-        out.push(format!(
-            "iptables {} -A {}",
-            table.join(" "),
-            rest.join(" ")
-        ));
+    for set in rule_sets(o) {
+        let tool = set.tool;
+        for c in set.chains {
+            out.push(format!("{tool} -t {} -N {c}", set.table));
+        }
+        for rule in &set.rules {
+            out.push(format!("{tool} {}", rule.join(" ")));
+        }
+        for j in &set.jumps {
+            let (table, rest) = j.split_at(2);
+            out.push(format!("{tool} {} -A {}", table.join(" "), rest.join(" ")));
+        }
     }
     out
 }
 
-fn iptables(args: &[String]) -> Result<std::process::Output, RulesError> {
-    Command::new("iptables")
+/// Whether this network namespace has IPv6 (its interfaces' addresses are
+/// listed only when the kernel has it enabled).
+fn ipv6_enabled() -> bool {
+    std::path::Path::new("/proc/net/if_inet6").exists()
+}
+
+fn run(tool: &'static str, args: &[String]) -> Result<std::process::Output, RulesError> {
+    Command::new(tool)
         .args(args)
         .output()
         .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => RulesError::Missing,
+            std::io::ErrorKind::NotFound => RulesError::Missing(tool),
             _ => RulesError::Failed {
+                tool,
                 args: args.join(" "),
                 stderr: e.to_string(),
             },
         })
 }
 
-fn must(args: &[String]) -> Result<(), RulesError> {
-    let out = iptables(args)?;
+fn must(tool: &'static str, args: &[String]) -> Result<(), RulesError> {
+    let out = run(tool, args)?;
     if out.status.success() {
         return Ok(());
     }
@@ -235,79 +345,112 @@ fn must(args: &[String]) -> Result<(), RulesError> {
         return Err(RulesError::Permission(stderr));
     }
     Err(RulesError::Failed {
+        tool,
         args: args.join(" "),
         stderr,
     })
 }
 
-fn succeeds(args: &[String]) -> Result<bool, RulesError> {
-    Ok(iptables(args)?.status.success())
+fn succeeds(tool: &'static str, args: &[String]) -> Result<bool, RulesError> {
+    Ok(run(tool, args)?.status.success())
 }
 
 fn s(parts: &[&str]) -> Vec<String> {
     parts.iter().map(|p| p.to_string()).collect()
 }
 
+/// `jump` with `op` (`-C`, `-A`, `-D`) after its table.
+fn jump_op(jump: &Rule, op: &str) -> Vec<String> {
+    let (table, rest) = jump.split_at(2);
+    table
+        .iter()
+        .cloned()
+        .chain([op.to_string()])
+        .chain(rest.iter().cloned())
+        .collect()
+}
+
 /// Installs the rules. Idempotent: running it twice leaves one set.
 pub fn install(o: &RuleOptions) -> Result<(), RulesError> {
-    // Probe first so a missing binary or privilege gives one clear error.
-    must(&s(&["-t", "nat", "-S", "OUTPUT"]))?;
-    for c in [OUTPUT_CHAIN, INBOUND_CHAIN] {
-        if succeeds(&s(&["-t", "nat", "-S", c]))? {
-            must(&s(&["-t", "nat", "-F", c]))?;
-        } else {
-            must(&s(&["-t", "nat", "-N", c]))?;
+    for set in rule_sets(o) {
+        if set.tool != "ip6tables" {
+            install_set(&set)?;
+            continue;
         }
-    }
-    for rule in chain_rules(o) {
-        must(&rule)?;
-    }
-    for j in jumps() {
-        let (table, rest) = j.split_at(2);
-        let check: Vec<String> = table
-            .iter()
-            .cloned()
-            .chain(["-C".to_string()])
-            .chain(rest.iter().cloned())
-            .collect();
-        if !succeeds(&check)? {
-            let add: Vec<String> = table
-                .iter()
-                .cloned()
-                .chain(["-A".to_string()])
-                .chain(rest.iter().cloned())
-                .collect();
-            must(&add)?;
+        if !ipv6_enabled() {
+            continue;
+        }
+        match install_set(&set) {
+            // Without a global IPv6 address there is no IPv6 path around
+            // the sidecar to close: a node whose ip6tables does not work
+            // need not keep the pod from starting.
+            Err(e) if !has_global_ipv6() => {
+                tracing::warn!(error = %e, "IPv6 rules not installed; the pod has no global IPv6 address");
+            }
+            r => r?,
         }
     }
     Ok(())
 }
 
-/// Removes exactly what `install` added. Safe to run when nothing is installed.
-pub fn remove() -> Result<(), RulesError> {
-    must(&s(&["-t", "nat", "-S", "OUTPUT"]))?;
-    for j in jumps() {
-        let (table, rest) = j.split_at(2);
-        let check: Vec<String> = table
-            .iter()
-            .cloned()
-            .chain(["-C".to_string()])
-            .chain(rest.iter().cloned())
-            .collect();
-        let del: Vec<String> = table
-            .iter()
-            .cloned()
-            .chain(["-D".to_string()])
-            .chain(rest.iter().cloned())
-            .collect();
-        while succeeds(&check)? {
-            must(&del)?;
+fn install_set(set: &RuleSet) -> Result<(), RulesError> {
+    let (tool, table) = (set.tool, set.table);
+    // Probe first so a missing binary or privilege gives one clear error.
+    must(tool, &s(&["-t", table, "-S", "OUTPUT"]))?;
+    for c in set.chains {
+        if succeeds(tool, &s(&["-t", table, "-S", c]))? {
+            must(tool, &s(&["-t", table, "-F", c]))?;
+        } else {
+            must(tool, &s(&["-t", table, "-N", c]))?;
         }
     }
-    for c in [OUTPUT_CHAIN, INBOUND_CHAIN] {
-        if succeeds(&s(&["-t", "nat", "-S", c]))? {
-            must(&s(&["-t", "nat", "-F", c]))?;
-            must(&s(&["-t", "nat", "-X", c]))?;
+    for rule in &set.rules {
+        must(tool, rule)?;
+    }
+    for j in &set.jumps {
+        if !succeeds(tool, &jump_op(j, "-C"))? {
+            must(tool, &jump_op(j, "-A"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether an interface of this namespace has a global-scope IPv6 address
+/// (`/proc/net/if_inet6`: address, index, prefix, scope, flags, name).
+fn has_global_ipv6() -> bool {
+    std::fs::read_to_string("/proc/net/if_inet6")
+        .map(|t| global_ipv6_in(&t))
+        .unwrap_or(false)
+}
+
+fn global_ipv6_in(if_inet6: &str) -> bool {
+    if_inet6
+        .lines()
+        .any(|l| l.split_whitespace().nth(3) == Some("00"))
+}
+
+/// Removes exactly what `install` added. Safe to run when nothing is installed.
+pub fn remove() -> Result<(), RulesError> {
+    for set in rule_sets(&RuleOptions::default()) {
+        let (tool, table) = (set.tool, set.table);
+        if tool == "ip6tables" && !ipv6_enabled() {
+            continue;
+        }
+        match must(tool, &s(&["-t", table, "-S", "OUTPUT"])) {
+            // Nothing of ours can be there without the tool.
+            Err(RulesError::Missing(_)) if tool == "ip6tables" => continue,
+            r => r?,
+        }
+        for j in &set.jumps {
+            while succeeds(tool, &jump_op(j, "-C"))? {
+                must(tool, &jump_op(j, "-D"))?;
+            }
+        }
+        for c in set.chains {
+            if succeeds(tool, &s(&["-t", table, "-S", c]))? {
+                must(tool, &s(&["-t", table, "-F", c]))?;
+                must(tool, &s(&["-t", table, "-X", c]))?;
+            }
         }
     }
     Ok(())
@@ -354,6 +497,47 @@ mod tests {
         );
         assert!(p.contains("-A OUTPUT -p tcp -j BULWARK_OUTPUT"));
         assert!(p.contains("-A PREROUTING -p tcp -j BULWARK_INBOUND"));
+    }
+
+    #[test]
+    fn ipv6_tcp_is_reset_both_ways_but_loopback_the_proxy_and_health_ports() {
+        let o = RuleOptions {
+            proxy_uid: Some(1337),
+            ..Default::default()
+        };
+        let p = plan(&o).join("\n");
+        let idx = |needle: &str| {
+            p.find(needle)
+                .unwrap_or_else(|| panic!("{needle} missing in\n{p}"))
+        };
+        let out_reset = idx(
+            "ip6tables -t filter -A BULWARK_V6_OUTPUT -p tcp --syn -j REJECT --reject-with tcp-reset",
+        );
+        for pass in [
+            "BULWARK_V6_OUTPUT -o lo -j RETURN",
+            "BULWARK_V6_OUTPUT -m mark --mark 0x539 -j RETURN",
+            "BULWARK_V6_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+        ] {
+            assert!(idx(pass) < out_reset, "{pass}");
+        }
+        let in_reset = idx("BULWARK_V6_INPUT -p tcp --syn -j REJECT --reject-with tcp-reset");
+        for pass in [
+            "BULWARK_V6_INPUT -i lo -j RETURN",
+            "BULWARK_V6_INPUT -p tcp --dport 15020 -j RETURN",
+        ] {
+            assert!(idx(pass) < in_reset, "{pass}");
+        }
+        assert!(p.contains("ip6tables -t filter -A OUTPUT -p tcp -j BULWARK_V6_OUTPUT"));
+        assert!(p.contains("ip6tables -t filter -A INPUT -p tcp -j BULWARK_V6_INPUT"));
+    }
+
+    #[test]
+    fn only_a_global_scope_address_counts_as_an_ipv6_path() {
+        let lo = "00000000000000000000000000000001 01 80 10 80       lo\n";
+        let link = "fe80000000000000b0a1c2fffed3e4f5 02 40 20 80     eth0\n";
+        let global = "fd00000b000000000000000000000003 02 40 00 80     eth0\n";
+        assert!(!global_ipv6_in(&format!("{lo}{link}")));
+        assert!(global_ipv6_in(&format!("{lo}{link}{global}")));
     }
 
     #[test]

@@ -89,6 +89,16 @@ fn sidecars_run_as_uid_1337_without_capabilities_and_traffic_flows_over_mtls() {
             "{pod}: {m}"
         );
     }
+    // api calling its own service: the unmarked proxy's dial to its own
+    // pod address stays on loopback and is sent inbound by uid.
+    let out = mesh.curl("api", &format!("http://{VIP}:8080/self"));
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && body.contains(&format!("caller={}", spiffe("api"))),
+        "{body}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        mesh.sidecar_log("api")
+    );
 }
 
 fn mode(p: &Path) -> u32 {

@@ -153,8 +153,8 @@ struct State {
     log: IssuanceLog,
     /// Signatures, charged once the caller is authenticated.
     bucket: TokenBucket,
-    /// Token checks (a TokenReview round trip for a Kubernetes token),
-    /// charged before the check and given back when it passes.
+    /// Kubernetes token checks (a TokenReview round trip each), charged
+    /// before the check and given back when it passes.
     token_checks: TokenBucket,
     metrics: Arc<CaMetrics>,
     reviewer: Option<crate::kube::TokenReviewer>,
@@ -479,9 +479,13 @@ impl State {
                 }
             }
         }
-        // A client certificate is checked locally, a few signatures at most,
-        // and is not charged: junk certificates must not hold up renewals.
-        if bearer.is_some() {
+        // A Kubernetes token costs a TokenReview round trip to the API
+        // server: charged, so that a flood of them costs a bounded amount.
+        // Bootstrap tokens and client certificates are checked here, about
+        // as cheaply as a signature, and are not: junk must hold up neither
+        // renewals nor first issuance.
+        let reviewed = self.reviewer.is_some() && bearer.is_some_and(crate::kube::is_jwt);
+        if reviewed {
             self.token_checks
                 .try_acquire()
                 .map_err(|wait| rate_limited(wait, "token check"))?;
@@ -531,7 +535,7 @@ impl State {
             )),
         };
         // Only refused tokens count against the check budget.
-        if bearer.is_some() && auth.is_ok() {
+        if reviewed && auth.is_ok() {
             self.token_checks.refund();
         }
         auth
@@ -796,7 +800,7 @@ mod tests {
     #[test]
     fn refused_credentials_do_not_use_up_the_signing_budget() {
         let dir = tempfile::tempdir().unwrap();
-        // Burst 8: 2 token checks; practically no refill during the test.
+        // Burst 8; practically no refill during the test.
         let state = state(dir.path(), 0.001, 8);
         let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
         let svid = state
@@ -824,12 +828,9 @@ mod tests {
                 r.err().unwrap().code
             })
             .collect();
-        assert_eq!(codes[..2], [Code::Unauthenticated; 2]);
-        assert_eq!(
-            codes[2..],
-            [Code::ResourceExhausted; 18],
-            "token checks limited"
-        );
+        // Bootstrap tokens are checked locally: refused, never rate limited,
+        // and they cost the workloads' budget nothing.
+        assert_eq!(codes, [Code::Unauthenticated; 20]);
         for _ in 0..7 {
             state
                 .decide(&chain, None, sign_request(&id), &mut Record::default())

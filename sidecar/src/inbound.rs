@@ -29,6 +29,9 @@ const MAX_HELLO: usize = 16 * 1024;
 async fn offers_mesh_alpn(s: &TcpStream) -> bool {
     let mut buf = vec![0u8; MAX_HELLO];
     let deadline = tokio::time::Instant::now() + FIRST_BYTE_WAIT;
+    // Backing off: a client that promises a long hello and stalls is
+    // looked at a few dozen times in the wait, not thousands.
+    let mut pause = Duration::from_millis(1);
     loop {
         let n = match tokio::time::timeout_at(deadline, s.peek(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => n,
@@ -42,7 +45,10 @@ async fn offers_mesh_alpn(s: &TcpStream) -> bool {
             // quantum key shares make it larger than one); peek has no way
             // to wait for more than is already there.
             Hello::Partial if tokio::time::Instant::now() >= deadline => return true,
-            Hello::Partial => tokio::time::sleep(Duration::from_millis(1)).await,
+            Hello::Partial => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
         }
     }
 }

@@ -706,6 +706,19 @@ impl Snapshot {
         Ok(decided)
     }
 
+    /// Whether an authorization rule of a service on `port` looks at the
+    /// request path (then a path the app would read as another one must
+    /// not be matched as written).
+    pub fn path_rules_on(&self, port: u16) -> bool {
+        self.local_ports.get(&port).is_some_and(|services| {
+            services.iter().any(|svc| {
+                self.authz
+                    .get(svc)
+                    .is_some_and(|rules| rules.iter().any(|r| !r.paths.is_empty()))
+            })
+        })
+    }
+
     /// Number of mesh endpoints known (for /config_dump and tests).
     pub fn endpoint_count(&self) -> usize {
         self.endpoints.len()

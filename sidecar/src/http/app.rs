@@ -69,7 +69,7 @@ impl AppPool {
         mut req: Request<Body>,
     ) -> Result<Response<Body>, AppError> {
         loop {
-            let (mut tx, reused) = match self.checkout(port).await {
+            let (mut tx, reused) = match self.checkout(port) {
                 Some(tx) => (tx, true),
                 None => (connect(port).await?, false),
             };
@@ -94,25 +94,44 @@ impl AppPool {
 
     /// The most recently used idle connection of `port` that is still open
     /// and ready for a request.
-    async fn checkout(&self, port: u16) -> Option<SendRequest<Body>> {
+    fn checkout(&self, port: u16) -> Option<SendRequest<Body>> {
         loop {
             let idle = {
                 let mut s = self.stacks.lock().unwrap_or_else(|p| p.into_inner());
                 s.by_port.get_mut(&port)?.pop()?
             };
-            let mut tx = idle.tx;
-            // Ready is immediate once the connection's task has seen the
-            // end of the last response; an error means the app closed it.
-            if !tx.is_closed() && tx.ready().await.is_ok() {
-                return Some(tx);
+            // Only ready connections are stacked; one that is not ready any
+            // more has been closed.
+            if idle.tx.is_ready() && !idle.tx.is_closed() {
+                return Some(idle.tx);
             }
         }
     }
 
-    fn check_in(self: Arc<Self>, port: u16, tx: SendRequest<Body>) {
+    /// Stacks `tx` once it can take the next request. Usually it can when
+    /// its response ends; not when the app answered before the request's
+    /// body was all sent (an early 401 or 413 to an upload), which then
+    /// still goes on: waited for off the request path, so that no request
+    /// ever queues behind another's upload.
+    fn check_in(self: Arc<Self>, port: u16, mut tx: SendRequest<Body>) {
         if tx.is_closed() {
             return;
         }
+        if !tx.is_ready() {
+            let pool = Arc::downgrade(&self);
+            tokio::spawn(async move {
+                if let Ok(Ok(())) = tokio::time::timeout(IDLE_TIMEOUT, tx.ready()).await
+                    && let Some(pool) = pool.upgrade()
+                {
+                    pool.stack(port, tx);
+                }
+            });
+            return;
+        }
+        self.stack(port, tx);
+    }
+
+    fn stack(self: Arc<Self>, port: u16, tx: SendRequest<Body>) {
         let start_sweeper = {
             let mut s = self.stacks.lock().unwrap_or_else(|p| p.into_inner());
             let stack = s.by_port.entry(port).or_default();
@@ -339,6 +358,59 @@ mod tests {
             }
         }
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 4);
+    }
+
+    /// An app that answers 413 as soon as it has a request's headers,
+    /// without reading its body.
+    async fn early_answering_app() -> u16 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if s.read(&mut b).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(b[0]);
+                    }
+                    let _ = s
+                        .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    // Keep the connection (and the unread upload) open.
+                    let mut sink = [0u8; 1024];
+                    while s.read(&mut sink).await.unwrap_or(0) > 0 {}
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_request_never_waits_behind_another_s_unfinished_upload() {
+        use tokio_stream::StreamExt;
+        let port = early_answering_app().await;
+        let pool = Arc::new(AppPool::default());
+        // An upload that never ends, answered early.
+        let endless = tokio_stream::iter([Ok::<_, BoxError>(Frame::data(
+            hyper::body::Bytes::from_static(b"x"),
+        ))])
+        .chain(tokio_stream::pending());
+        let upload = Request::post("/upload")
+            .header("host", "app")
+            .body(Body::new(http_body_util::StreamBody::new(endless)))
+            .unwrap();
+        let r = pool.send(port, upload).await.unwrap();
+        assert_eq!(r.status(), 413);
+        body_of(r).await;
+        let next = tokio::time::timeout(Duration::from_secs(5), pool.send(port, get("/")));
+        let r = next
+            .await
+            .expect("the next request waited on the upload's connection");
+        assert_eq!(r.unwrap().status(), 413);
     }
 
     #[tokio::test]

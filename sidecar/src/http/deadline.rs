@@ -18,6 +18,7 @@ pub struct FirstBytes<T> {
     inner: T,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     left: usize,
+    min: usize,
 }
 
 /// The HTTP/2 client preface is 24 bytes; an HTTP/1.1 request line is
@@ -30,6 +31,7 @@ impl<T> FirstBytes<T> {
             inner,
             deadline: Some(Box::pin(tokio::time::sleep(within))),
             left: min_bytes,
+            min: min_bytes,
         }
     }
 }
@@ -47,9 +49,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for FirstBytes<T> {
         };
         match r {
             Poll::Ready(Ok(())) => {
-                let got = buf.filled().len() - before;
-                self.left = self.left.saturating_sub(got);
-                if self.left == 0 || got == 0 {
+                let got = &buf.filled()[before..];
+                // Only the HTTP/2 preface (`PRI * ...`) needs all its bytes
+                // before anything has a timeout; HTTP/1.1's header timeout
+                // takes over from its first byte, and a request shorter
+                // than the preface (`OPTIONS / HTTP/1.0`, 22 bytes) must
+                // not stay under this deadline while it is answered.
+                let http1 = self.left == self.min && got.first().is_some_and(|&b| b != b'P');
+                self.left = self.left.saturating_sub(got.len());
+                if self.left == 0 || got.is_empty() || http1 {
                     self.deadline = None;
                 }
                 Poll::Ready(Ok(()))
@@ -104,6 +112,23 @@ mod tests {
         let mut buf = [0u8; 8];
         let e = s.read(&mut buf).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_http1_request_is_not_held_to_the_deadline() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut s = FirstBytes::new(server, PREFACE_BYTES, Duration::from_secs(30));
+        client
+            .write_all(b"OPTIONS / HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(s.read(&mut buf).await.unwrap(), 22);
+        // Answering takes long; the connection is read for its end meanwhile.
+        let read = tokio::spawn(async move { s.read(&mut buf).await.map(|_| ()) });
+        tokio::time::advance(Duration::from_secs(60)).await;
+        drop(client);
+        read.await.unwrap().unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -245,9 +245,12 @@ async fn handle(proxy: Arc<Proxy>, peer: &Peer, mut req: Request<Incoming>) -> R
             duration_us = started.elapsed().as_micros() as u64, "request");
         resp
     };
-    // Policies match the path as written: one the app would read as
-    // another path (`//admin`, `/x/../admin`, `/%61dmin`) is refused.
-    if let Err(why) = super::route::canonical_path(path) {
+    // Path rules match the path as written: where a policy has them, a
+    // path the app would read as another one (`/public/../admin`,
+    // `/%61dmin`) is refused. Elsewhere any path passes, as the app wrote it.
+    if snap.path_rules_on(port)
+        && let Err(why) = super::route::canonical_path(path)
+    {
         tracing::info!(port, %service, src_identity = %src, reason = why, "non-canonical request path refused");
         return finish(reply(400, "non-canonical-path"));
     }

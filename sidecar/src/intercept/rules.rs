@@ -84,49 +84,46 @@ pub fn chain_rules(o: &RuleOptions) -> Vec<Rule> {
     let out = OUTPUT_CHAIN;
     let mark = format!("0x{:x}", o.proxy_mark);
     let ip = o.inbound_port.to_string();
+    // The proxy's sockets: by mark, and by uid for a proxy that cannot set
+    // marks (an unprivileged Kubernetes sidecar).
+    let uid = o.proxy_uid.map(|u| u.to_string());
+    let mut proxy_owned: Vec<[&str; 4]> = vec![["-m", "mark", "--mark", &mark]];
+    if let Some(uid) = &uid {
+        proxy_owned.push(["-m", "owner", "--uid-owner", uid]);
+    }
     // The proxy dialling its own pod (a Service whose chosen endpoint is
     // this pod): the connection never leaves loopback, so PREROUTING never
     // sees it and the mTLS bytes would reach the app's port. It goes to the
     // inbound listener, as it would from any other pod. Not 127/8: that is
     // the inbound listener's own hand-off to the app.
-    rules.push(r(&[
-        "-t",
-        "nat",
-        "-A",
-        out,
-        "-o",
-        "lo",
-        "!",
-        "-d",
-        "127.0.0.0/8",
-        "-p",
-        "tcp",
-        "-m",
-        "mark",
-        "--mark",
-        &mark,
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &ip,
-    ]));
-    rules.push(r(&[
-        "-t", "nat", "-A", out, "-m", "mark", "--mark", &mark, "-j", "RETURN",
-    ]));
-    if let Some(uid) = o.proxy_uid {
-        let uid = uid.to_string();
-        rules.push(r(&[
+    for m in &proxy_owned {
+        let head = [
             "-t",
             "nat",
             "-A",
             out,
-            "-m",
-            "owner",
-            "--uid-owner",
-            &uid,
-            "-j",
-            "RETURN",
-        ]));
+            "-o",
+            "lo",
+            "!",
+            "-d",
+            "127.0.0.0/8",
+            "-p",
+            "tcp",
+        ];
+        rules.push(r(&[
+            &head[..],
+            &m[..],
+            &["-j", "REDIRECT", "--to-ports", &ip][..],
+        ]
+        .concat()));
+    }
+    for m in &proxy_owned {
+        rules.push(r(&[
+            &["-t", "nat", "-A", out][..],
+            &m[..],
+            &["-j", "RETURN"][..],
+        ]
+        .concat()));
     }
     // Loopback: the app talking to itself, and the inbound sidecar handing
     // connections to the app.
@@ -489,12 +486,16 @@ mod tests {
                 < idx("BULWARK_INBOUND -p tcp -j REDIRECT --to-ports 15006")
         );
         // The proxy's own connections to its pod's address go inbound,
-        // ahead of the rule that lets the proxy's traffic through.
-        assert!(
-            idx(
-                "BULWARK_OUTPUT -o lo ! -d 127.0.0.0/8 -p tcp -m mark --mark 0x539 -j REDIRECT --to-ports 15006"
-            ) < idx("--mark 0x539 -j RETURN")
-        );
+        // ahead of the rules that let the proxy's traffic through, whether
+        // they are told apart by mark or (unprivileged proxy) by uid.
+        for owner in ["-m mark --mark 0x539", "-m owner --uid-owner 1337"] {
+            assert!(
+                idx(&format!(
+                    "BULWARK_OUTPUT -o lo ! -d 127.0.0.0/8 -p tcp {owner} -j REDIRECT --to-ports 15006"
+                )) < idx(&format!("BULWARK_OUTPUT {owner} -j RETURN")),
+                "{owner}"
+            );
+        }
         assert!(p.contains("-A OUTPUT -p tcp -j BULWARK_OUTPUT"));
         assert!(p.contains("-A PREROUTING -p tcp -j BULWARK_INBOUND"));
     }

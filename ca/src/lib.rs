@@ -11,6 +11,8 @@ pub mod metrics;
 pub mod record;
 pub mod server;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tls;
 pub mod token;
 

@@ -432,7 +432,7 @@ mod tests {
             // A resumed session would admit the client on the certificate
             // it showed the first time, unverified.
             assert_eq!(
-                crate::tls::tests::handshake(&client, &server, name()),
+                bulwark_ca::testing::handshake(&client, &server, name()),
                 Some(rustls::HandshakeKind::Full)
             );
         }

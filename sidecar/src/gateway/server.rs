@@ -490,28 +490,6 @@ async fn serve(
     }
 }
 
-/// Removes the headers a client's `Connection` header lists, keeping only
-/// its `upgrade` token (and the `Upgrade` header it refers to).
-fn drop_connection_listed(h: &mut http::HeaderMap) {
-    let Some(c) = h.remove(http::header::CONNECTION) else {
-        return;
-    };
-    let mut upgrade = false;
-    for name in c.to_str().unwrap_or_default().split(',').map(str::trim) {
-        if name.eq_ignore_ascii_case("upgrade") {
-            upgrade = true;
-        } else if !name.is_empty() {
-            h.remove(name);
-        }
-    }
-    if upgrade {
-        h.insert(
-            http::header::CONNECTION,
-            http::HeaderValue::from_static("upgrade"),
-        );
-    }
-}
-
 fn host_of(req: &Request<()>) -> String {
     let raw = req
         .uri()
@@ -776,7 +754,7 @@ async fn decide(
     // clean-up on the way out would otherwise also remove the gateway's
     // own headers of those names (`Connection: x-tenant` dropping the
     // claim header the gateway vouches for). An upgrade is kept.
-    drop_connection_listed(&mut parts.headers);
+    crate::http::drop_connection_listed(&mut parts.headers);
     // What the service is told about the caller: only what the gateway
     // itself vouches for.
     for h in &gw.strip {
@@ -923,7 +901,7 @@ mod tests {
         h.insert("x-forwarded-for", "1.2.3.4".parse().unwrap());
         h.insert("upgrade", "websocket".parse().unwrap());
         h.insert("x-other", "o".parse().unwrap());
-        drop_connection_listed(&mut h);
+        crate::http::drop_connection_listed(&mut h);
         assert!(h.get("x-tenant").is_none() && h.get("x-forwarded-for").is_none());
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["upgrade"], "websocket");
@@ -931,7 +909,7 @@ mod tests {
         let mut h = http::HeaderMap::new();
         h.insert("connection", "keep-alive, x-a".parse().unwrap());
         h.insert("x-a", "a".parse().unwrap());
-        drop_connection_listed(&mut h);
+        crate::http::drop_connection_listed(&mut h);
         assert!(h.is_empty(), "{h:?}");
     }
 }

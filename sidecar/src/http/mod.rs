@@ -193,6 +193,29 @@ pub fn reply(status: u16, reason: &str) -> hyper::Response<Body> {
         .expect("static response parts are valid")
 }
 
+/// Removes the headers a `Connection` header lists, keeping only its
+/// `upgrade` token (and the `Upgrade` header it refers to).
+pub fn drop_connection_listed(h: &mut http::HeaderMap) {
+    // Owned, so the names it lists need no copy while they are removed.
+    let Some(c) = h.remove(http::header::CONNECTION) else {
+        return;
+    };
+    let mut upgrade = false;
+    for name in c.to_str().unwrap_or_default().split(',').map(str::trim) {
+        if name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        } else if !name.is_empty() {
+            h.remove(name);
+        }
+    }
+    if upgrade {
+        h.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
+    }
+}
+
 /// Headers that belong to one hop and must not be forwarded.
 pub fn strip_hop_headers(h: &mut http::HeaderMap) {
     use http::HeaderName;
@@ -202,15 +225,9 @@ pub fn strip_hop_headers(h: &mut http::HeaderMap) {
     // Typed names: removing by `&str` would parse each name on every request.
     const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
     const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-    // Owned, so the names it lists need no copy while they are removed.
-    if let Some(c) = h.remove(CONNECTION)
-        && let Ok(c) = c.to_str()
-    {
-        for name in c.split(',') {
-            h.remove(name.trim());
-        }
-    }
+    drop_connection_listed(h);
     for name in [
+        &CONNECTION,
         &KEEP_ALIVE,
         &PROXY_CONNECTION,
         &TRANSFER_ENCODING,

@@ -457,17 +457,25 @@ pub fn remove() -> Result<(), RulesError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn plan_excludes_proxy_loopback_and_control_ports_before_redirecting() {
+    /// The plan for a proxy excluded by mark and by uid 1337, one line per rule.
+    fn plan_with_proxy_uid() -> String {
         let o = RuleOptions {
             proxy_uid: Some(1337),
             ..Default::default()
         };
-        let p = plan(&o).join("\n");
-        let idx = |needle: &str| {
-            p.find(needle)
-                .unwrap_or_else(|| panic!("{needle} missing in\n{p}"))
-        };
+        plan(&o).join("\n")
+    }
+
+    /// Where `needle` is in `plan`; a missing rule fails the test.
+    fn position(plan: &str, needle: &str) -> usize {
+        plan.find(needle)
+            .unwrap_or_else(|| panic!("{needle} missing in\n{plan}"))
+    }
+
+    #[test]
+    fn plan_excludes_proxy_loopback_and_control_ports_before_redirecting() {
+        let p = plan_with_proxy_uid();
+        let idx = |needle: &str| position(&p, needle);
         let redirect = idx("-j REDIRECT --to-ports 15001");
         for must_precede in [
             "--mark 0x539 -j RETURN",
@@ -502,15 +510,8 @@ mod tests {
 
     #[test]
     fn ipv6_tcp_is_reset_both_ways_but_loopback_the_proxy_and_health_ports() {
-        let o = RuleOptions {
-            proxy_uid: Some(1337),
-            ..Default::default()
-        };
-        let p = plan(&o).join("\n");
-        let idx = |needle: &str| {
-            p.find(needle)
-                .unwrap_or_else(|| panic!("{needle} missing in\n{p}"))
-        };
+        let p = plan_with_proxy_uid();
+        let idx = |needle: &str| position(&p, needle);
         let out_reset = idx(
             "ip6tables -t filter -A BULWARK_V6_OUTPUT -p tcp --syn -j REJECT --reject-with tcp-reset",
         );

@@ -133,9 +133,18 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
         cargo test --release --locked -q --test xds_scale --test ca --no-run 2>/dev/null
     fi
 fi
-BIN=$ROOT/target/release/bulwark
+BIN=${BIN:-$ROOT/target/release/bulwark}
+# The sidecars' program (default: the same); tests/perf/text_order.sh runs them from a copy.
+SIDECAR_BIN=${SIDECAR_BIN:-$BIN}
 LOADGEN=$ROOT/target/release/examples/loadgen
 [ -x "$BIN" ] && [ -x "$LOADGEN" ] || die "missing $BIN or $LOADGEN"
+# How much of build.rs's hot-text layout the program has: functions renamed
+# since tests/perf/text_order.sh last ran are laid out as if not listed.
+ORDER=$ROOT/src/link/hot-text.order
+if [ -s "$ORDER" ]; then
+    ORDER_FOUND=$(nm "$BIN" | awk 'NR == FNR { have[$NF] = 1; next } ($1 in have) { n++ } END { print n + 0 }' - "$ORDER")
+    log "hot-text layout: $ORDER_FOUND of $(wc -l <"$ORDER") listed functions are in $BIN"
+fi
 # The test binaries as built (not `cargo test`, which would rebuild after a
 # source change, in the middle of the measurements).
 test_bin() { find "$ROOT/target/release/deps" -maxdepth 1 -type f -executable -name "$1-*" -printf '%T@ %p\n' | sort -g | tail -1 | cut -d' ' -f2-; }
@@ -329,7 +338,7 @@ spawn "$SRV" iperf-5202 iperf3 -s -p 5202
 # HAProxy is configured without logging; the sidecars' per-request access
 # log is turned off likewise (BULWARK_ACCESS_LOG=stdout measures it on).
 sidecar() { # ns name sa
-    spawn "$1" "$2" "$BIN" --access-log "$BULWARK_ACCESS_LOG" sidecar --identity "$(spiffe "$3")" --ca 198.18.0.1:15012 \
+    spawn "$1" "$2" "$SIDECAR_BIN" --access-log "$BULWARK_ACCESS_LOG" sidecar --identity "$(spiffe "$3")" --ca 198.18.0.1:15012 \
         --ca-cert "$WORK/ca/bundle.pem" --token-file "$WORK/$3.token" --config "$WORK/mesh.yaml" \
         ${SIDECAR_THREADS:+--worker-threads "$SIDECAR_THREADS"} $SIDECAR_ARGS
 }

@@ -60,8 +60,9 @@ fn unmodified_client_reaches_pod_b_over_mtls_and_b_sees_a_identity() {
         mesh.sidecar_log("web")
     );
     assert!(body.starts_with(&format!("api GET /{MARKER}")), "{body}");
-    // The app saw the connection come from its own sidecar over loopback.
-    assert!(body.contains("from 127.0.0.1:"), "{body}");
+    // The app saw the connection come from its own sidecar over loopback
+    // (its hand-off address, not the caller's).
+    assert!(body.contains("from 127.0.0.6:"), "{body}");
 
     // Wait until the packets of the exchange are on disk, then stop.
     wait_for(
@@ -146,6 +147,103 @@ fn a_pod_calling_its_own_service_reaches_itself_through_its_inbound_sidecar() {
     let m = mesh.metrics("api");
     assert!(metric_sum(&m, "bulwark_requests_total", &["direction=\"inbound\""]) >= 2.0);
     assert!(metric_sum(&m, "bulwark_requests_total", &["direction=\"outbound\""]) >= 2.0);
+}
+
+/// A port the app binds to 127.0.0.1 only is private to its pod: with a
+/// sidecar in front, the mesh can reach it no more than it could without
+/// one, over L4 or HTTP. The same ports bound to all addresses are reached,
+/// and the app sees its sidecar's hand-off address.
+#[test]
+fn an_app_port_bound_to_loopback_only_stays_private_to_its_pod() {
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    let _web = mesh.add_pod("web");
+    let api = mesh.add_pod("api");
+    let tcp_8080 = "    - port: 8080\n      protocol: tcp\n";
+    let config = basic_config(&[(&api, "api")], &["web"]).replace(
+        tcp_8080,
+        &format!("{tcp_8080}    - port: 8081\n      protocol: tcp\n    - port: 8082\n      protocol: http\n    - port: 8083\n      protocol: http\n"),
+    );
+    mesh.write_config(&config);
+    mesh.start_sidecar("web", "web", &[]);
+    mesh.start_sidecar("api", "api", &[]);
+    for (port, listen) in [
+        (8081, "127.0.0.1:8081"),
+        (8082, "127.0.0.1:8082"),
+        (8083, "0.0.0.0:8083"),
+    ] {
+        mesh.net.spawn_bulwark(
+            &api.ns,
+            &format!("app-{port}"),
+            &[
+                "demo-app",
+                "--listen",
+                listen,
+                "--name",
+                &format!("app-{port}"),
+            ],
+        );
+        // Up, and reachable from inside the pod.
+        wait_for("the extra app to listen", Duration::from_secs(10), || {
+            mesh.net
+                .exec(
+                    &api.ns,
+                    &["curl", "-fs", &format!("http://127.0.0.1:{port}/")],
+                )
+                .status
+                .success()
+                .then_some(())
+        });
+    }
+    mesh.wait_ready("web");
+    mesh.wait_ready("api");
+
+    // Bound to all addresses: reached over the mesh, from the hand-off address.
+    for port in [8080, 8083] {
+        let out = mesh.curl("web", &format!("http://{}:{port}/open", api.ip));
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && body.contains("from 127.0.0.6:"),
+            "port {port}: {body}{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            mesh.sidecar_log("api")
+        );
+    }
+    // Loopback only: the L4 port's connection is closed, the HTTP port answers
+    // 502 from the sidecar; neither app saw a request.
+    let l4 = mesh.curl("web", &format!("http://{}:8081/private", api.ip));
+    assert!(
+        !l4.status.success() && l4.stdout.is_empty(),
+        "the L4 port reached a loopback-only app: {}",
+        String::from_utf8_lossy(&l4.stdout)
+    );
+    let ns = &mesh.pod("web").pod.ns;
+    let code = mesh.net.exec_ok(
+        ns,
+        &[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{}:8082/private", api.ip),
+        ],
+    );
+    assert!(
+        code.starts_with('5'),
+        "the HTTP port reached a loopback-only app: {code}"
+    );
+    let m = mesh.metrics("api");
+    assert!(
+        metric_sum(
+            &m,
+            "bulwark_tcp_refused_total",
+            &["direction=\"inbound\"", "reason=\"app_unreachable\""]
+        ) >= 1.0,
+        "{m}"
+    );
 }
 
 fn openssl(dir: &std::path::Path, args: &[&str]) {

@@ -2,7 +2,7 @@
 //! Mesh peers arrive over mTLS; their SPIFFE ID is authorized, then the
 //! bytes go to the app on the original port over loopback.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,7 @@ use bulwark_ca::SpiffeId;
 use bulwark_proto::config::v1::MtlsMode;
 use tokio::net::TcpStream;
 
-use crate::intercept::{connect_marked, original_dst};
+use crate::intercept::{connect_app, original_dst};
 use crate::telemetry::{ConnLabels, DenialLabels, HandshakeLabels};
 use crate::{Proxy, reset};
 
@@ -109,7 +109,8 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
     if is_tls && snap.mtls_mode != MtlsMode::Strict && !offers_mesh_alpn(&down).await {
         is_tls = false;
     }
-    let app = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), dst.port());
+    // The app is reached at the address the peer dialled (see `APP_SOURCE`).
+    let app = dst;
 
     if !is_tls {
         if snap.mtls_mode == MtlsMode::Strict {
@@ -121,7 +122,7 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
             deny(&proxy, peer, dst, None, &service);
             return reset(down);
         }
-        let Some(up) = connect_app(&proxy, app).await else {
+        let Some(up) = dial_app(&proxy, app).await else {
             return reset(down);
         };
         count(&proxy, "", "inbound");
@@ -184,7 +185,7 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
     if tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_MESH_H2) {
         // Pooled HTTP/2 from a peer sidecar: authorized per request.
         count(&proxy, &src_id.to_string(), "inbound");
-        return crate::http::inbound::serve(proxy.clone(), tls, src_id, dst.port()).await;
+        return crate::http::inbound::serve(proxy.clone(), tls, src_id, dst).await;
     }
     match snap.authorize_l4(dst.port(), Some(&src_id)) {
         Ok(policy) => proxy.audit(
@@ -210,7 +211,7 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
             return;
         }
     }
-    let Some(up) = connect_app(&proxy, app).await else {
+    let Some(up) = dial_app(&proxy, app).await else {
         return;
     };
     let src = src_id.to_string();
@@ -247,8 +248,8 @@ fn deny(proxy: &Proxy, peer: SocketAddr, dst: SocketAddr, src: Option<&SpiffeId>
         src_identity = %src_identity, service, decision = "deny", "connection denied by authorization policy");
 }
 
-async fn connect_app(proxy: &Proxy, app: SocketAddr) -> Option<TcpStream> {
-    match tokio::time::timeout(proxy.connect_timeout, connect_marked(app, proxy.mark)).await {
+async fn dial_app(proxy: &Proxy, app: SocketAddr) -> Option<TcpStream> {
+    match tokio::time::timeout(proxy.connect_timeout, connect_app(app)).await {
         Ok(Ok(s)) => Some(s),
         Ok(Err(e)) => {
             tracing::info!(%app, error = %e, "cannot reach the app");

@@ -1,13 +1,13 @@
-//! HTTP/1.1 connections to the local app (`127.0.0.1:<port>`), kept open
-//! and reused. HTTP/1.1 carries one exchange at a time, so a connection
-//! goes back to its port's idle stack when its response has been read to
+//! HTTP/1.1 connections to the local app (the pod address and port a peer
+//! dialled, from `APP_SOURCE`), kept open and reused. HTTP/1.1 carries one
+//! exchange at a time, so a connection goes back to its address's idle stack when its response has been read to
 //! the end, and the most recently used one is taken first: a steady load
-//! keeps reusing a few warm connections. The app is always on loopback,
+//! keeps reusing a few warm connections. The app is always in the pod,
 //! so none of a general-purpose client pool's work (DNS, TLS, proxies,
 //! racing connects, per-request pool futures) is needed on this path.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
@@ -22,18 +22,18 @@ use super::{Body, BoxError};
 
 /// An idle connection is closed after this long unused.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Idle connections kept per port; a burst wider than this opens
+/// Idle connections kept per app address; a burst wider than this opens
 /// connections that close when their exchange ends.
 pub const MAX_IDLE_PER_PORT: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     /// The app refused or did not take the connection (not listening).
-    #[error("connect to the app on 127.0.0.1:{0}: {1}")]
-    Connect(u16, BoxError),
+    #[error("connect to the app on {0}: {1}")]
+    Connect(SocketAddr, BoxError),
     /// The exchange failed once connected (reset, malformed answer).
-    #[error("exchange with the app on 127.0.0.1:{0}: {1}")]
-    Exchange(u16, BoxError),
+    #[error("exchange with the app on {0}: {1}")]
+    Exchange(SocketAddr, BoxError),
 }
 
 impl AppError {
@@ -49,36 +49,36 @@ struct Idle {
 
 #[derive(Default)]
 struct Stacks {
-    by_port: HashMap<u16, Vec<Idle>>,
+    by_addr: HashMap<SocketAddr, Vec<Idle>>,
     sweeper: bool,
 }
 
-/// The pool of app connections, per port.
+/// The pool of app connections, per app address.
 #[derive(Default)]
 pub struct AppPool {
     stacks: Mutex<Stacks>,
 }
 
 impl AppPool {
-    /// Sends `req` (origin-form URI, `Host` set) to the app on `port` over
+    /// Sends `req` (origin-form URI, `Host` set) to the app at `app` over
     /// an idle connection, or a new one. A request that an idle connection
     /// could not take (the app had just closed it) is sent again on another.
     pub async fn send(
         self: &Arc<Self>,
-        port: u16,
+        app: SocketAddr,
         mut req: Request<Body>,
     ) -> Result<Response<Body>, AppError> {
         loop {
-            let (mut tx, reused) = match self.checkout(port) {
+            let (mut tx, reused) = match self.checkout(app) {
                 Some(tx) => (tx, true),
-                None => (connect(port).await?, false),
+                None => (connect(app).await?, false),
             };
             match tx.try_send_request(req).await {
                 Ok(resp) => {
                     let (parts, body) = resp.into_parts();
                     let body = CheckIn {
                         body,
-                        home: Some((Arc::downgrade(self), port, tx)),
+                        home: Some((Arc::downgrade(self), app, tx)),
                     };
                     return Ok(Response::from_parts(parts, Body::new(body)));
                 }
@@ -86,19 +86,19 @@ impl AppPool {
                     // Never written: a reused connection the app closed
                     // while idle. A fresh one failing this way is final.
                     Some(r) if reused => req = r,
-                    _ => return Err(AppError::Exchange(port, e.into_error().into())),
+                    _ => return Err(AppError::Exchange(app, e.into_error().into())),
                 },
             }
         }
     }
 
-    /// The most recently used idle connection of `port` that is still open
+    /// The most recently used idle connection to `app` that is still open
     /// and ready for a request.
-    fn checkout(&self, port: u16) -> Option<SendRequest<Body>> {
+    fn checkout(&self, app: SocketAddr) -> Option<SendRequest<Body>> {
         loop {
             let idle = {
                 let mut s = self.stacks.lock().unwrap_or_else(|p| p.into_inner());
-                s.by_port.get_mut(&port)?.pop()?
+                s.by_addr.get_mut(&app)?.pop()?
             };
             // Only ready connections are stacked; one that is not ready any
             // more has been closed.
@@ -113,7 +113,7 @@ impl AppPool {
     /// body was all sent (an early 401 or 413 to an upload), which then
     /// still goes on: waited for off the request path, so that no request
     /// ever queues behind another's upload.
-    fn check_in(self: Arc<Self>, port: u16, mut tx: SendRequest<Body>) {
+    fn check_in(self: Arc<Self>, app: SocketAddr, mut tx: SendRequest<Body>) {
         if tx.is_closed() {
             return;
         }
@@ -123,18 +123,18 @@ impl AppPool {
                 if let Ok(Ok(())) = tokio::time::timeout(IDLE_TIMEOUT, tx.ready()).await
                     && let Some(pool) = pool.upgrade()
                 {
-                    pool.stack(port, tx);
+                    pool.stack(app, tx);
                 }
             });
             return;
         }
-        self.stack(port, tx);
+        self.stack(app, tx);
     }
 
-    fn stack(self: Arc<Self>, port: u16, tx: SendRequest<Body>) {
+    fn stack(self: Arc<Self>, app: SocketAddr, tx: SendRequest<Body>) {
         let start_sweeper = {
             let mut s = self.stacks.lock().unwrap_or_else(|p| p.into_inner());
-            let stack = s.by_port.entry(port).or_default();
+            let stack = s.by_addr.entry(app).or_default();
             if stack.len() >= MAX_IDLE_PER_PORT {
                 return;
             }
@@ -153,7 +153,7 @@ impl AppPool {
     fn close_idle(&self, max_idle: Duration) {
         let now = Instant::now();
         let mut s = self.stacks.lock().unwrap_or_else(|p| p.into_inner());
-        for stack in s.by_port.values_mut() {
+        for stack in s.by_addr.values_mut() {
             // Oldest first: the stack is in check-in order.
             let stale = stack
                 .iter()
@@ -161,13 +161,13 @@ impl AppPool {
                 .count();
             stack.drain(..stale);
         }
-        s.by_port.retain(|_, stack| !stack.is_empty());
+        s.by_addr.retain(|_, stack| !stack.is_empty());
     }
 
-    /// Idle connections of `port` (for tests and metrics).
-    pub fn idle(&self, port: u16) -> usize {
+    /// Idle connections to `app` (for tests and metrics).
+    pub fn idle(&self, app: SocketAddr) -> usize {
         let s = self.stacks.lock().unwrap_or_else(|p| p.into_inner());
-        s.by_port.get(&port).map_or(0, Vec::len)
+        s.by_addr.get(&app).map_or(0, Vec::len)
     }
 }
 
@@ -183,19 +183,18 @@ async fn sweep(pool: Weak<AppPool>) {
     }
 }
 
-async fn connect(port: u16) -> Result<SendRequest<Body>, AppError> {
-    let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+async fn connect(app: SocketAddr) -> Result<SendRequest<Body>, AppError> {
+    // With TCP_NODELAY: small exchanges go out at once, not after delayed ACKs.
+    let tcp = crate::intercept::connect_app(app)
         .await
-        .map_err(|e| AppError::Connect(port, e.into()))?;
-    // Small exchanges go out at once instead of waiting on delayed ACKs.
-    let _ = tcp.set_nodelay(true);
+        .map_err(|e| AppError::Connect(app, e.into()))?;
     let (tx, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(tcp))
         .await
-        .map_err(|e| AppError::Exchange(port, e.into()))?;
+        .map_err(|e| AppError::Exchange(app, e.into()))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
-            tracing::debug!(port, error = %e, "app connection closed");
+            tracing::debug!(%app, error = %e, "app connection closed");
         }
     });
     Ok(tx)
@@ -206,15 +205,15 @@ async fn connect(port: u16) -> Result<SendRequest<Body>, AppError> {
 /// too: what is left of the response would be in the way of the next one.
 struct CheckIn {
     body: Incoming,
-    home: Option<(Weak<AppPool>, u16, SendRequest<Body>)>,
+    home: Option<(Weak<AppPool>, SocketAddr, SendRequest<Body>)>,
 }
 
 impl CheckIn {
     fn done(&mut self) {
-        if let Some((pool, port, tx)) = self.home.take()
+        if let Some((pool, app, tx)) = self.home.take()
             && let Some(pool) = pool.upgrade()
         {
-            pool.check_in(port, tx);
+            pool.check_in(app, tx);
         }
     }
 }
@@ -272,9 +271,9 @@ mod tests {
 
     /// An app answering `n` keep-alive requests per connection, then
     /// closing; counts the connections it accepted.
-    async fn app(per_conn: usize) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    async fn app(per_conn: usize) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
+        let addr = l.local_addr().unwrap();
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let a = accepted.clone();
         tokio::spawn(async move {
@@ -302,7 +301,7 @@ mod tests {
                 });
             }
         });
-        (port, accepted)
+        (addr, accepted)
     }
 
     async fn body_of(r: Response<Body>) -> String {
@@ -312,43 +311,43 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_is_reused_once_its_response_is_read() {
-        let (port, accepted) = app(100).await;
+        let (addr, accepted) = app(100).await;
         let pool = Arc::new(AppPool::default());
         for _ in 0..5 {
-            let r = pool.send(port, get("/")).await.unwrap();
+            let r = pool.send(addr, get("/")).await.unwrap();
             assert_eq!(body_of(r).await, "ok");
         }
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
-        assert_eq!(pool.idle(port), 1);
+        assert_eq!(pool.idle(addr), 1);
     }
 
     #[tokio::test]
     async fn a_response_dropped_unread_does_not_return_its_connection() {
-        let (port, accepted) = app(100).await;
+        let (addr, accepted) = app(100).await;
         let pool = Arc::new(AppPool::default());
-        let held = pool.send(port, get("/")).await.unwrap();
+        let held = pool.send(addr, get("/")).await.unwrap();
         // The first response is still unread: a second request needs a
         // second connection.
-        let r = pool.send(port, get("/")).await.unwrap();
+        let r = pool.send(addr, get("/")).await.unwrap();
         assert_eq!(body_of(r).await, "ok");
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
         drop(held);
-        assert_eq!(pool.idle(port), 1);
+        assert_eq!(pool.idle(addr), 1);
     }
 
     #[tokio::test]
     async fn a_connection_the_app_closed_while_idle_is_replaced_without_an_error() {
         // One request per connection, then the app closes it.
-        let (port, accepted) = app(1).await;
+        let (addr, accepted) = app(1).await;
         let pool = Arc::new(AppPool::default());
         for _ in 0..4 {
-            let r = pool.send(port, get("/")).await.unwrap();
+            let r = pool.send(addr, get("/")).await.unwrap();
             assert_eq!(body_of(r).await, "ok");
             // Until the close has reached the idle connection.
             let closed = || {
                 let s = pool.stacks.lock().unwrap();
-                s.by_port
-                    .get(&port)
+                s.by_addr
+                    .get(&addr)
                     .is_none_or(|st| st.iter().all(|i| i.tx.is_closed()))
             };
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -362,9 +361,9 @@ mod tests {
 
     /// An app that answers 413 as soon as it has a request's headers,
     /// without reading its body.
-    async fn early_answering_app() -> u16 {
+    async fn early_answering_app() -> SocketAddr {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
+        let addr = l.local_addr().unwrap();
         tokio::spawn(async move {
             loop {
                 let (mut s, _) = l.accept().await.unwrap();
@@ -386,13 +385,13 @@ mod tests {
                 });
             }
         });
-        port
+        addr
     }
 
     #[tokio::test]
     async fn a_request_never_waits_behind_another_s_unfinished_upload() {
         use tokio_stream::StreamExt;
-        let port = early_answering_app().await;
+        let addr = early_answering_app().await;
         let pool = Arc::new(AppPool::default());
         // An upload that never ends, answered early.
         let endless = tokio_stream::iter([Ok::<_, BoxError>(Frame::data(
@@ -403,10 +402,10 @@ mod tests {
             .header("host", "app")
             .body(Body::new(http_body_util::StreamBody::new(endless)))
             .unwrap();
-        let r = pool.send(port, upload).await.unwrap();
+        let r = pool.send(addr, upload).await.unwrap();
         assert_eq!(r.status(), 413);
         body_of(r).await;
-        let next = tokio::time::timeout(Duration::from_secs(5), pool.send(port, get("/")));
+        let next = tokio::time::timeout(Duration::from_secs(5), pool.send(addr, get("/")));
         let r = next
             .await
             .expect("the next request waited on the upload's connection");
@@ -416,23 +415,23 @@ mod tests {
     #[tokio::test]
     async fn nothing_listening_is_a_connect_error() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
+        let addr = l.local_addr().unwrap();
         drop(l);
         let pool = Arc::new(AppPool::default());
-        let e = pool.send(port, get("/")).await.unwrap_err();
+        let e = pool.send(addr, get("/")).await.unwrap_err();
         assert!(e.is_connect(), "{e}");
     }
 
     #[tokio::test]
     async fn idle_connections_past_the_timeout_are_closed() {
-        let (port, _) = app(100).await;
+        let (addr, _) = app(100).await;
         let pool = Arc::new(AppPool::default());
-        let r = pool.send(port, get("/")).await.unwrap();
+        let r = pool.send(addr, get("/")).await.unwrap();
         body_of(r).await;
-        assert_eq!(pool.idle(port), 1);
+        assert_eq!(pool.idle(addr), 1);
         pool.close_idle(Duration::from_secs(3600));
-        assert_eq!(pool.idle(port), 1);
+        assert_eq!(pool.idle(addr), 1);
         pool.close_idle(Duration::ZERO);
-        assert_eq!(pool.idle(port), 0);
+        assert_eq!(pool.idle(addr), 0);
     }
 }

@@ -101,7 +101,8 @@ async fn probe(proxy: &Proxy, port: u16, proto: Proto, hc: &HealthCheck) -> bool
         .body(empty())
         .expect("valid probe request");
     let attempt = async {
-        let resp = proxy.local.send(port, proto, req).await.ok()?;
+        let app = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+        let resp = proxy.local.send(app, proto, req).await.ok()?;
         let ok = resp.status().is_success();
         let _ = resp.into_body().collect().await;
         Some(ok)

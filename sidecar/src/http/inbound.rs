@@ -3,6 +3,7 @@
 //! limited, and forwarded to the app in the protocol it speaks.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,6 +35,7 @@ impl Default for LocalClients {
         let mut c = HttpConnector::new();
         c.set_nodelay(true);
         c.enforce_http(true);
+        c.set_local_address(Some(crate::intercept::APP_SOURCE.into()));
         Self {
             h1: Arc::default(),
             h2: Client::builder(TokioExecutor::new())
@@ -44,11 +46,11 @@ impl Default for LocalClients {
 }
 
 impl LocalClients {
-    /// Sends `req` to the app on `port`, in HTTP/2 or HTTP/1.1. `req`'s URI
-    /// is `http://127.0.0.1:<port>/...`; `Host` is kept or else set from it.
+    /// Sends `req` to the app at `app`, in HTTP/2 or HTTP/1.1. `req`'s URI
+    /// is `http://<app>/...`; `Host` is kept or else set from it.
     pub async fn send(
         &self,
-        port: u16,
+        app: SocketAddr,
         proto: Proto,
         mut req: Request<Body>,
     ) -> Result<Response<Body>, AppError> {
@@ -56,8 +58,8 @@ impl LocalClients {
             *req.version_mut() = http::Version::HTTP_2;
             return match self.h2.request(req).await {
                 Ok(r) => Ok(r.map(|b| b.map_err(|e| -> super::BoxError { Box::new(e) }).boxed())),
-                Err(e) if e.is_connect() => Err(AppError::Connect(port, e.into())),
-                Err(e) => Err(AppError::Exchange(port, e.into())),
+                Err(e) if e.is_connect() => Err(AppError::Connect(app, e.into())),
+                Err(e) => Err(AppError::Exchange(app, e.into())),
             };
         }
         *req.version_mut() = http::Version::HTTP_11;
@@ -75,7 +77,7 @@ impl LocalClients {
             .path_and_query()
             .map_or_else(|| http::uri::PathAndQuery::from_static("/"), Clone::clone);
         *req.uri_mut() = http::Uri::from(origin);
-        self.h1.send(port, req).await
+        self.h1.send(app, req).await
     }
 }
 
@@ -143,7 +145,7 @@ pub fn mesh_h2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
 }
 
 /// Serves one mTLS connection from a peer sidecar as HTTP/2.
-pub async fn serve<S>(proxy: Arc<Proxy>, tls: S, peer: SpiffeId, port: u16)
+pub async fn serve<S>(proxy: Arc<Proxy>, tls: S, peer: SpiffeId, dst: SocketAddr)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -151,9 +153,9 @@ where
         header: http::HeaderValue::from_str(peer.as_str())
             .expect("SPIFFE IDs are valid header values"),
         id: peer,
-        app: http::uri::Authority::try_from(format!("127.0.0.1:{port}"))
-            .expect("an address is an authority"),
-        port,
+        app: http::uri::Authority::try_from(dst.to_string()).expect("an address is an authority"),
+        addr: dst,
+        port: dst.port(),
     });
     let mut draining = proxy.draining.subscribe();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -181,8 +183,9 @@ struct Peer {
     /// The peer sidecar's verified identity, and as the header the app sees.
     id: SpiffeId,
     header: http::HeaderValue,
-    /// The app's address for this port, `127.0.0.1:<port>`.
+    /// The app's address: the pod address and port the peer dialled.
     app: http::uri::Authority,
+    addr: SocketAddr,
     port: u16,
 }
 
@@ -323,7 +326,7 @@ async fn handle(proxy: Arc<Proxy>, peer: &Peer, mut req: Request<Incoming>) -> R
     };
     match proxy
         .local
-        .send(port, proto, Request::from_parts(parts, body))
+        .send(peer.addr, proto, Request::from_parts(parts, body))
         .await
     {
         Ok(r) => {

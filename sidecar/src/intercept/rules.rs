@@ -91,6 +91,24 @@ pub fn chain_rules(o: &RuleOptions) -> Vec<Rule> {
     if let Some(uid) = &uid {
         proxy_owned.push(["-m", "owner", "--uid-owner", uid]);
     }
+    // The inbound sidecar handing a connection to its app, at the pod
+    // address the peer dialled, from APP_SOURCE: first, so the self-call
+    // rule below does not take it.
+    let app_source = format!("{}/32", super::APP_SOURCE);
+    rules.push(r(&[
+        "-t",
+        "nat",
+        "-A",
+        out,
+        "-o",
+        "lo",
+        "-s",
+        &app_source,
+        "-p",
+        "tcp",
+        "-j",
+        "RETURN",
+    ]));
     // The proxy dialling its own pod (a Service whose chosen endpoint is
     // this pod): the connection never leaves loopback, so PREROUTING never
     // sees it and the mTLS bytes would reach the app's port. It goes to the
@@ -125,8 +143,7 @@ pub fn chain_rules(o: &RuleOptions) -> Vec<Rule> {
         ]
         .concat()));
     }
-    // Loopback: the app talking to itself, and the inbound sidecar handing
-    // connections to the app.
+    // Loopback: the app talking to itself.
     rules.push(r(&["-t", "nat", "-A", out, "-o", "lo", "-j", "RETURN"]));
     rules.push(r(&[
         "-t",
@@ -501,6 +518,14 @@ mod tests {
                 idx(&format!(
                     "BULWARK_OUTPUT -o lo ! -d 127.0.0.0/8 -p tcp {owner} -j REDIRECT --to-ports 15006"
                 )) < idx(&format!("BULWARK_OUTPUT {owner} -j RETURN")),
+                "{owner}"
+            );
+            // ... but not the inbound sidecar's hand-off to its app.
+            assert!(
+                idx("BULWARK_OUTPUT -o lo -s 127.0.0.6/32 -p tcp -j RETURN")
+                    < idx(&format!(
+                        "BULWARK_OUTPUT -o lo ! -d 127.0.0.0/8 -p tcp {owner} -j REDIRECT"
+                    )),
                 "{owner}"
             );
         }

@@ -91,43 +91,24 @@ pub fn chain_rules(o: &RuleOptions) -> Vec<Rule> {
     if let Some(uid) = &uid {
         proxy_owned.push(["-m", "owner", "--uid-owner", uid]);
     }
+    // Both rules below are for the proxy's own dials over loopback.
+    let lo_out = ["-t", "nat", "-A", out, "-o", "lo"];
     // The inbound sidecar handing a connection to its app, at the pod
     // address the peer dialled, from APP_SOURCE: first, so the self-call
     // rule below does not take it.
     let app_source = format!("{}/32", super::APP_SOURCE);
     rules.push(r(&[
-        "-t",
-        "nat",
-        "-A",
-        out,
-        "-o",
-        "lo",
-        "-s",
-        &app_source,
-        "-p",
-        "tcp",
-        "-j",
-        "RETURN",
-    ]));
+        &lo_out[..],
+        &["-s", &app_source, "-p", "tcp", "-j", "RETURN"][..],
+    ]
+    .concat()));
     // The proxy dialling its own pod (a Service whose chosen endpoint is
     // this pod): the connection never leaves loopback, so PREROUTING never
     // sees it and the mTLS bytes would reach the app's port. It goes to the
-    // inbound listener, as it would from any other pod. Not 127/8: that is
-    // the inbound listener's own hand-off to the app.
+    // inbound listener, as it would from any other pod. Not 127/8: the
+    // proxy's own loopback calls (the app's health probes).
     for m in &proxy_owned {
-        let head = [
-            "-t",
-            "nat",
-            "-A",
-            out,
-            "-o",
-            "lo",
-            "!",
-            "-d",
-            "127.0.0.0/8",
-            "-p",
-            "tcp",
-        ];
+        let head = [&lo_out[..], &["!", "-d", "127.0.0.0/8", "-p", "tcp"][..]].concat();
         rules.push(r(&[
             &head[..],
             &m[..],

@@ -823,6 +823,7 @@ SECTION="$WORK/section.md"
     echo
     echo "Run $DATE on $MACHINE. Versions: $VERSIONS."
     echo "Load average (1/5/15 min) at start $LOAD_START, at end $LOAD_END."
+    [ -n "${ORDER_FOUND:-}" ] && echo "Hot-text layout (build.rs): $ORDER_FOUND of $(wc -l <"$ORDER") listed functions in the program."
     echo
     echo "Pods are network namespaces (client pod $CLI_IP, server pod $SRV_IP) on a bridge in a switch"
     echo "namespace that also runs the Bulwark CA. Backend: \`bulwark demo-app --body-bytes $BODY\` in the"

@@ -8,71 +8,95 @@
 //! - Relative relocations are packed (`DT_RELR`): 0.8 MB of `.rela.dyn`,
 //!   all read at start-up, becomes a few kilobytes.
 //!
-//! Both need LLD, the default linker of rustc 1.90 and later on
-//! x86_64-unknown-linux-gnu. Elsewhere, or with another linker chosen, or with
-//! `BULWARK_LINK_LAYOUT=0`, the program links as before.
+//! Both need LLD (the default linker of rustup's rustc 1.90 and later on
+//! x86_64-unknown-linux-gnu) and, for `DT_RELR`, glibc 2.36 or later. Rather
+//! than guess, a release build links and runs an empty program with the same
+//! compiler, flags and arguments first; if that fails, or when cross
+//! compiling, or with `BULWARK_LINK_LAYOUT=0`, the program links as before
+//! (with a warning saying why).
 use std::{env, path::Path, process::Command};
 
 fn main() {
     let order = Path::new(&env::var("CARGO_MANIFEST_DIR").expect("set by cargo"))
         .join("src/link/hot-text.order");
     println!("cargo:rerun-if-changed={}", order.display());
-    println!("cargo:rerun-if-env-changed=BULWARK_LINK_LAYOUT");
-    if let Some(why) = skip_reason() {
-        if env::var("PROFILE").as_deref() == Ok("release") {
-            println!("cargo:warning=release link layout not applied: {why}");
-        }
+    for var in [
+        "BULWARK_LINK_LAYOUT",
+        "RUSTC_LINKER",
+        "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER",
+    ] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    // Test and debug builds link many programs; the layout is for releases.
+    if env::var("PROFILE").as_deref() != Ok("release") {
         return;
     }
-    let arg = |a: &str| println!("cargo:rustc-link-arg-bin=bulwark={a}");
-    arg("-Wl,-z,pack-relative-relocs");
+    let mut args = vec!["-Wl,-z,pack-relative-relocs".to_string()];
     if order.exists() {
-        arg(&format!("-Wl,--symbol-ordering-file={}", order.display()));
+        args.push(format!("-Wl,--symbol-ordering-file={}", order.display()));
         // Names the program no longer has (renamed functions) are skipped.
-        arg("-Wl,--no-warn-symbol-ordering");
+        args.push("-Wl,--no-warn-symbol-ordering".into());
+    }
+    match check(&args) {
+        Ok(()) => {
+            for a in &args {
+                println!("cargo:rustc-link-arg-bin=bulwark={a}");
+            }
+        }
+        Err(why) => println!("cargo:warning=release link layout not applied: {why}"),
     }
 }
 
-/// Why the layout cannot be applied to this build, if it cannot.
-fn skip_reason() -> Option<String> {
-    // Test and debug builds link many programs; the layout is for releases.
-    if env::var("PROFILE").as_deref() != Ok("release") {
-        return Some("not a release build".into());
-    }
+/// Links and runs an empty program as the real one will be linked.
+fn check(args: &[String]) -> Result<(), String> {
     if env::var("BULWARK_LINK_LAYOUT").as_deref() == Ok("0") {
-        return Some("BULWARK_LINK_LAYOUT=0".into());
+        return Err("BULWARK_LINK_LAYOUT=0".into());
     }
-    let target = ["ARCH", "OS", "ENV"]
-        .map(|k| env::var(format!("CARGO_CFG_TARGET_{k}")).unwrap_or_default());
-    if target != ["x86_64", "linux", "gnu"] {
-        return Some(format!(
-            "target {target:?} does not link with LLD by default"
+    let (target, host) = (env::var("TARGET"), env::var("HOST"));
+    if target != host {
+        return Err("cross compiling: the probe program could not run".into());
+    }
+    if target.as_deref() != Ok("x86_64-unknown-linux-gnu") {
+        return Err(format!(
+            "target {target:?}: only x86_64-unknown-linux-gnu is laid out"
         ));
     }
+    let out = env::var("OUT_DIR").map_err(|e| e.to_string())?;
+    let dir = Path::new(&out);
+    let src = dir.join("layout_probe.rs");
+    let bin = dir.join("layout_probe");
+    std::fs::write(&src, "fn main() {}\n").map_err(|e| e.to_string())?;
+    let mut rustc = Command::new(env::var("RUSTC").unwrap_or_else(|_| "rustc".into()));
     let flags = env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
-    if flags.contains("linker")
-        || env::var_os("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER").is_some()
-    {
-        return Some("a linker is chosen explicitly".into());
+    rustc.args(flags.split('\x1f').filter(|f| !f.is_empty()));
+    if let Ok(linker) = env::var("RUSTC_LINKER") {
+        rustc.arg(format!("-Clinker={linker}"));
     }
-    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let version = Command::new(rustc)
-        .arg("-vV")
+    for a in args {
+        rustc.arg(format!("-Clink-arg={a}"));
+    }
+    let built = rustc
+        .arg("-o")
+        .arg(&bin)
+        .arg(&src)
         .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|v| {
-            v.lines()
-                .find_map(|l| l.strip_prefix("release: ").map(str::to_owned))
-        });
-    let minor = version
-        .as_deref()
-        .and_then(|v| v.split('.').nth(1))
-        .and_then(|m| m.parse::<u32>().ok());
-    match minor {
-        Some(m) if m >= 90 => None,
-        _ => Some(format!(
-            "rustc {version:?} links with the system linker, not LLD"
-        )),
+        .map_err(|e| format!("cannot run rustc: {e}"))?;
+    if !built.status.success() {
+        let err = String::from_utf8_lossy(&built.stderr);
+        let first = err
+            .lines()
+            .find(|l| l.contains("error"))
+            .unwrap_or("link failed");
+        return Err(format!("the linker refused it (not LLD?): {first}"));
     }
+    let ran = Command::new(&bin)
+        .output()
+        .map_err(|e| format!("the probe program did not start: {e}"))?;
+    if !ran.status.success() {
+        return Err(format!(
+            "the probe program failed (glibc older than 2.36?): {}",
+            String::from_utf8_lossy(&ran.stderr).trim()
+        ));
+    }
+    Ok(())
 }

@@ -210,8 +210,8 @@ fn an_app_port_bound_to_loopback_only_stays_private_to_its_pod() {
             mesh.sidecar_log("api")
         );
     }
-    // Loopback only: the L4 port's connection is closed, the HTTP port answers
-    // 502 from the sidecar; neither app saw a request.
+    // Loopback only: the L4 port's connection is closed; on the HTTP port the
+    // server sidecar answers 503 app-unreachable (its connect was refused).
     let l4 = mesh.curl("web", &format!("http://{}:8081/private", api.ip));
     assert!(
         !l4.status.success() && l4.stdout.is_empty(),
@@ -219,21 +219,21 @@ fn an_app_port_bound_to_loopback_only_stays_private_to_its_pod() {
         String::from_utf8_lossy(&l4.stdout)
     );
     let ns = &mesh.pod("web").pod.ns;
-    let code = mesh.net.exec_ok(
+    let head = mesh.net.exec_ok(
         ns,
         &[
             "curl",
             "-s",
             "-o",
             "/dev/null",
-            "-w",
-            "%{http_code}",
+            "-D",
+            "-",
             &format!("http://{}:8082/private", api.ip),
         ],
     );
     assert!(
-        code.starts_with('5'),
-        "the HTTP port reached a loopback-only app: {code}"
+        head.starts_with("HTTP/1.1 503") && head.contains("x-bulwark-reason: app-unreachable"),
+        "the HTTP port reached a loopback-only app: {head}"
     );
     let m = mesh.metrics("api");
     assert!(

@@ -92,6 +92,17 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
             return reset(down);
         }
     };
+    // Our own hand-off to the app, sent back here: the rule that lets
+    // APP_SOURCE through is missing (rules older than this proxy). Dialling
+    // the app again would loop until the descriptors run out.
+    if peer.ip() == std::net::IpAddr::from(crate::intercept::APP_SOURCE) {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::error!(%dst, "the sidecar's own connection to the app came back to it: rerun `bulwark init` (its rules predate the 127.0.0.6 hand-off)");
+        });
+        m.refused("inbound", "loop");
+        return reset(down);
+    }
     let Some(snap) = proxy.config.load() else {
         m.refused("inbound", "no_config");
         return reset(down);
@@ -251,6 +262,12 @@ fn deny(proxy: &Proxy, peer: SocketAddr, dst: SocketAddr, src: Option<&SpiffeId>
 async fn dial_app(proxy: &Proxy, app: SocketAddr) -> Option<TcpStream> {
     match tokio::time::timeout(proxy.connect_timeout, connect_app(app)).await {
         Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            // A loopback source cannot reach an address off this pod.
+            tracing::info!(%app, error = %e, "the original destination is not this pod's address");
+            proxy.metrics.refused("inbound", "not_local");
+            None
+        }
         Ok(Err(e)) => {
             tracing::info!(%app, error = %e, "cannot reach the app");
             proxy.metrics.refused("inbound", "app_unreachable");

@@ -60,6 +60,9 @@ pub struct SidecarOptions {
     pub park_idle_http: bool,
     /// Also run as this edge gateway (public listeners from its `Gateway`).
     pub gateway: Option<gateway::GatewayOptions>,
+    /// This pod's address: health probes reach the app there, as mesh
+    /// traffic does (127.0.0.1 when unknown).
+    pub pod_ip: Option<std::net::IpAddr>,
 }
 
 impl SidecarOptions {
@@ -77,6 +80,7 @@ impl SidecarOptions {
             trace: None,
             park_idle_http: true,
             gateway: None,
+            pod_ip: None,
         }
     }
 }
@@ -97,6 +101,8 @@ pub struct Proxy {
     pub mark: u32,
     pub connect_timeout: Duration,
     pub park_idle_http: bool,
+    /// Where health probes reach the app (`SidecarOptions::pod_ip`).
+    pub app_host: std::net::IpAddr,
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub pool: http::pool::MeshPool,
@@ -259,6 +265,7 @@ impl Sidecar {
             mark: opts.proxy_mark,
             connect_timeout: opts.connect_timeout,
             park_idle_http: opts.park_idle_http,
+            app_host: opts.pod_ip.unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
             outbound_port: opts.outbound_listen.port(),
             inbound_port: opts.inbound_listen.port(),
             pool: Default::default(),

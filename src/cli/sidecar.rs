@@ -181,6 +181,14 @@ pub fn run(a: SidecarArgs) -> anyhow::Result<()> {
     opts.max_connections = a.max_connections;
     opts.drain_grace = a.drain_grace;
     opts.park_idle_http = a.park_idle_http;
+    // This pod's address: announced to the control plane, and where health
+    // probes reach the app, as mesh traffic does.
+    let pod_ip = match (a.pod_ip, a.xds.first()) {
+        (Some(ip), _) => Some(ip),
+        (None, Some(cp)) => Some(local_ip_towards(cp)?),
+        (None, None) => None,
+    };
+    opts.pod_ip = pod_ip;
     opts.trace = a
         .otlp_endpoint
         .map(|endpoint| bulwark_sidecar::telemetry::trace::TraceOptions {
@@ -242,10 +250,7 @@ pub fn run(a: SidecarArgs) -> anyhow::Result<()> {
             ConfigSource::File(path)
         }
         None => {
-            let address = match a.pod_ip {
-                Some(ip) => ip,
-                None => local_ip_towards(&a.xds[0])?,
-            };
+            let address = pod_ip.context("no --pod-ip and no control plane to find it by")?;
             let suffix: [u8; 4] = bulwark_ca::random_bytes();
             let node = bulwark_proto::xds::v1::Node {
                 id: format!(

@@ -134,7 +134,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
     fi
 fi
 BIN=${BIN:-$ROOT/target/release/bulwark}
-# The sidecars' program (default: the same); tests/perf/text_order.sh runs them from a copy.
+# The sidecars' program (default: the same); tests/perf/text_order.sh runs them under callgrind.
 SIDECAR_BIN=${SIDECAR_BIN:-$BIN}
 LOADGEN=$ROOT/target/release/examples/loadgen
 [ -x "$BIN" ] && [ -x "$LOADGEN" ] || die "missing $BIN or $LOADGEN"

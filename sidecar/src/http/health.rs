@@ -1,5 +1,5 @@
 //! Active health checking, done where it is cheapest: each sidecar probes
-//! its own app over loopback for the services it serves whose
+//! its own app, at the pod address mesh traffic uses, for the services it serves whose
 //! `TrafficPolicy` names a `healthCheck`, and reports the verdict on its
 //! discovery stream; the control plane then withdraws (or restores) the
 //! workload's endpoints in every client's pool. Passive outlier detection
@@ -97,11 +97,11 @@ pub async fn run(proxy: Arc<Proxy>) {
 
 async fn probe(proxy: &Proxy, port: u16, proto: Proto, hc: &HealthCheck) -> bool {
     let timeout = Duration::from_millis(hc.timeout_ms.max(50));
-    let req = http::Request::get(format!("http://127.0.0.1:{port}{}", hc.path))
+    let app = std::net::SocketAddr::new(proxy.app_host, port);
+    let req = http::Request::get(format!("http://{app}{}", hc.path))
         .body(empty())
         .expect("valid probe request");
     let attempt = async {
-        let app = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
         let resp = proxy.local.send(app, proto, req).await.ok()?;
         let ok = resp.status().is_success();
         let _ = resp.into_body().collect().await;

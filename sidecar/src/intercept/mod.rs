@@ -65,6 +65,7 @@ pub const APP_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 /// dialled, from [`APP_SOURCE`]. Not to 127.0.0.1: a port the app binds to
 /// loopback only is private to the pod, and stays so behind the sidecar.
 pub async fn connect_app(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
     let socket = match addr {
         SocketAddr::V4(_) => {
             let s = tokio::net::TcpSocket::new_v4()?;

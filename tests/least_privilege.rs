@@ -99,6 +99,69 @@ fn sidecars_run_as_uid_1337_without_capabilities_and_traffic_flows_over_mtls() {
         String::from_utf8_lossy(&out.stderr),
         mesh.sidecar_log("api")
     );
+
+    // Rules without the hand-off's exception (older than this proxy): the
+    // hand-off to the app comes back to the inbound listener by uid. It is
+    // refused there, once, instead of dialled again and again.
+    let ns = api.ns.clone();
+    let rule = [
+        "-t",
+        "nat",
+        "-D",
+        "BULWARK_OUTPUT",
+        "-o",
+        "lo",
+        "-s",
+        "127.0.0.6/32",
+        "-p",
+        "tcp",
+        "-j",
+        "RETURN",
+    ];
+    mesh.net
+        .exec_ok(&ns, &[["iptables"].as_slice(), rule.as_slice()].concat());
+    // A new app process: the sidecar's pooled connections to the old one
+    // are gone, so the next request needs a new hand-off.
+    let app = mesh.pod("api").app.unwrap();
+    mesh.net.proc_mut(app).terminate(Duration::from_secs(5));
+    mesh.net.spawn_bulwark(
+        &ns,
+        "api-app-2",
+        &["demo-app", "--listen", "0.0.0.0:8080", "--name", "api"],
+    );
+    wait_for("the app to listen again", Duration::from_secs(10), || {
+        mesh.net
+            .exec(&ns, &["curl", "-fs", "http://127.0.0.1:8080/"])
+            .status
+            .success()
+            .then_some(())
+    });
+    let out = mesh.curl("web", &format!("http://{VIP}:8080/loop"));
+    assert!(
+        !out.status.success() || !String::from_utf8_lossy(&out.stdout).contains("api GET"),
+        "the app answered through a looping hand-off"
+    );
+    let loops = || {
+        netns::mesh::metric_sum(
+            &mesh.metrics("api"),
+            "bulwark_tcp_refused_total",
+            &["direction=\"inbound\"", "reason=\"loop\""],
+        )
+    };
+    let refused = loops();
+    assert!(refused >= 1.0, "{}", mesh.sidecar_log("api"));
+    // Each request is refused a bounded number of times (the app pool's one
+    // retry of a fresh connection at most), not until descriptors run out.
+    assert!(refused <= 4.0, "refused {refused} times for one request");
+    // `bulwark init` again restores the rule and the hand-off.
+    mesh.net
+        .exec_ok(&ns, &[common::BIN, "init", "--proxy-uid", PROXY_UID]);
+    let out = mesh.curl("web", &format!("http://{VIP}:8080/again"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn mode(p: &Path) -> u32 {

@@ -20,13 +20,7 @@ fn main() {
     let order = Path::new(&env::var("CARGO_MANIFEST_DIR").expect("set by cargo"))
         .join("src/link/hot-text.order");
     println!("cargo:rerun-if-changed={}", order.display());
-    for var in [
-        "BULWARK_LINK_LAYOUT",
-        "RUSTC_LINKER",
-        "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER",
-    ] {
-        println!("cargo:rerun-if-env-changed={var}");
-    }
+    println!("cargo:rerun-if-env-changed=BULWARK_LINK_LAYOUT");
     // Test and debug builds link many programs; the layout is for releases.
     if env::var("PROFILE").as_deref() != Ok("release") {
         return;
@@ -69,13 +63,18 @@ fn check(args: &[String]) -> Result<(), String> {
     let mut rustc = Command::new(env::var("RUSTC").unwrap_or_else(|_| "rustc".into()));
     let flags = env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
     rustc.args(flags.split('\x1f').filter(|f| !f.is_empty()));
+    // The empty program must not fail on the user's lint flags.
+    rustc.arg("--cap-lints=allow");
     if let Ok(linker) = env::var("RUSTC_LINKER") {
         rustc.arg(format!("-Clinker={linker}"));
     }
     for a in args {
         rustc.arg(format!("-Clink-arg={a}"));
     }
+    // In OUT_DIR, with any coverage or profile data it writes kept there.
+    let profile = dir.join("layout_probe-%p.profraw");
     let built = rustc
+        .current_dir(dir)
         .arg("-o")
         .arg(&bin)
         .arg(&src)
@@ -83,13 +82,13 @@ fn check(args: &[String]) -> Result<(), String> {
         .map_err(|e| format!("cannot run rustc: {e}"))?;
     if !built.status.success() {
         let err = String::from_utf8_lossy(&built.stderr);
-        let first = err
-            .lines()
-            .find(|l| l.contains("error"))
-            .unwrap_or("link failed");
-        return Err(format!("the linker refused it (not LLD?): {first}"));
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
+        return Err(format!("the linker refused it (not LLD?): {tail}"));
     }
     let ran = Command::new(&bin)
+        .current_dir(dir)
+        .env("LLVM_PROFILE_FILE", &profile)
         .output()
         .map_err(|e| format!("the probe program did not start: {e}"))?;
     if !ran.status.success() {

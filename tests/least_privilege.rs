@@ -157,11 +157,13 @@ fn sidecars_run_as_uid_1337_without_capabilities_and_traffic_flows_over_mtls() {
     mesh.net
         .exec_ok(&ns, &[common::BIN, "init", "--proxy-uid", PROXY_UID]);
     let out = mesh.curl("web", &format!("http://{VIP}:8080/again"));
+    let body = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success(),
-        "{}",
+        body.starts_with("api GET /again"),
+        "{body}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert_eq!(loops(), refused, "refused again after init");
 }
 
 fn mode(p: &Path) -> u32 {

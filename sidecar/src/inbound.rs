@@ -95,10 +95,10 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
     // Our own hand-off to the app, sent back here: the rule that lets
     // APP_SOURCE through is missing (rules older than this proxy). Dialling
     // the app again would loop until the descriptors run out.
-    if peer.ip() == std::net::IpAddr::from(crate::intercept::APP_SOURCE) {
+    if peer.ip().to_canonical() == std::net::IpAddr::from(crate::intercept::APP_SOURCE) {
         static WARNED: std::sync::Once = std::sync::Once::new();
         WARNED.call_once(|| {
-            tracing::error!(%dst, "the sidecar's own connection to the app came back to it: rerun `bulwark init` (its rules predate the 127.0.0.6 hand-off)");
+            tracing::error!(%dst, "the sidecar's own connection to the app came back to it: restart the pod: its interception rules predate the 127.0.0.6 hand-off");
         });
         m.refused("inbound", "loop");
         return reset(down);

@@ -34,8 +34,9 @@ pub struct SidecarArgs {
     /// Control-plane replicas (host:port, comma-separated), tried in turn.
     #[arg(long, value_delimiter = ',')]
     xds: Vec<String>,
-    /// This pod's IP, announced to the control plane (default: the address
-    /// used to reach the first control-plane replica).
+    /// This pod's IP: announced to the control plane, and where health
+    /// probes reach the app (default: the address used to reach the first
+    /// control-plane replica; with --config, 127.0.0.1 for probes).
     #[arg(long)]
     pod_ip: Option<std::net::IpAddr>,
     /// Ports the workload serves, announced to the control plane (comma-separated).

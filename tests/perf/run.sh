@@ -140,10 +140,10 @@ LOADGEN=$ROOT/target/release/examples/loadgen
 [ -x "$BIN" ] && [ -x "$LOADGEN" ] || die "missing $BIN or $LOADGEN"
 # How much of build.rs's hot-text layout the program has: functions renamed
 # since tests/perf/text_order.sh last ran are laid out as if not listed.
-ORDER=$ROOT/src/link/hot-text.order
-if [ -s "$ORDER" ]; then
-    ORDER_FOUND=$(nm "$BIN" | awk 'NR == FNR { have[$NF] = 1; next } ($1 in have) { n++ } END { print n + 0 }' - "$ORDER")
-    log "hot-text layout: $ORDER_FOUND of $(wc -l <"$ORDER") listed functions are in $BIN"
+HOT_ORDER=$ROOT/src/link/hot-text.order
+if [ -s "$HOT_ORDER" ]; then
+    ORDER_FOUND="$(nm "$BIN" | awk 'NR == FNR { have[$NF] = 1; next } ($1 in have) { n++ } END { print n + 0 }' - "$HOT_ORDER") of $(wc -l <"$HOT_ORDER")"
+    log "hot-text layout: $ORDER_FOUND listed functions are in $BIN"
 fi
 # The test binaries as built (not `cargo test`, which would rebuild after a
 # source change, in the middle of the measurements).
@@ -823,7 +823,7 @@ SECTION="$WORK/section.md"
     echo
     echo "Run $DATE on $MACHINE. Versions: $VERSIONS."
     echo "Load average (1/5/15 min) at start $LOAD_START, at end $LOAD_END."
-    [ -n "${ORDER_FOUND:-}" ] && echo "Hot-text layout (build.rs): $ORDER_FOUND of $(wc -l <"$ORDER") listed functions in the program."
+    [ -n "${ORDER_FOUND:-}" ] && echo "Hot-text layout (build.rs): $ORDER_FOUND listed functions in the program."
     echo
     echo "Pods are network namespaces (client pod $CLI_IP, server pod $SRV_IP) on a bridge in a switch"
     echo "namespace that also runs the Bulwark CA. Backend: \`bulwark demo-app --body-bytes $BODY\` in the"

@@ -30,7 +30,7 @@
 # memory, never a failed build.
 # Environment: SKIP_BUILD=1 (use target/release/bulwark as built).
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+ROOT=$(cd -P "$(dirname "$0")/../.." && pwd -P) # as valgrind names it
 OUT=$ROOT/src/link/hot-text.order
 die() { echo "text_order.sh: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "needs root (network namespaces, as run.sh)"
@@ -45,7 +45,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 BIN=$ROOT/target/release/bulwark
 TMP=$(mktemp -d /tmp/bworder.XXXXXX)
-RIG_PID= HOLD_DIR=
+RIG_PID= HOLD_DIR= PERF= PASS=0
 stop_rig() {
     if [ -n "$HOLD_DIR" ]; then
         touch "$HOLD_DIR/stop"
@@ -53,10 +53,11 @@ stop_rig() {
         kill -TERM "$RIG_PID" 2>/dev/null || true # run.sh cleans up on TERM
     fi
     [ -n "$RIG_PID" ] && { wait "$RIG_PID" 2>/dev/null || true; }
-    RIG_PID= HOLD_DIR=
+    RIG_PID= HOLD_DIR= PERF= PASS=0
 }
 finish() {
     local rc=$?
+    [ -n "$PERF" ] && kill -INT "$PERF" 2>/dev/null
     stop_rig
     if [ $rc -ne 0 ]; then echo "text_order.sh: logs in $TMP" >&2; else rm -rf "$TMP"; fi
     exit $rc
@@ -65,17 +66,17 @@ trap finish EXIT
 trap 'exit 130' INT TERM
 
 start_rig() { # sidecar program
-    SKIP_BUILD=1 HOLD=1 CONTROL_PLANE=0 SIDECAR_BIN="$1" "$ROOT/tests/perf/run.sh" \
-        >"$TMP/rig.log" 2>&1 &
+    PASS=$((PASS + 1))
+    local log="$TMP/rig-$PASS.log" _
+    SKIP_BUILD=1 HOLD=1 CONTROL_PLANE=0 SIDECAR_BIN="$1" "$ROOT/tests/perf/run.sh" >"$log" 2>&1 &
     RIG_PID=$!
-    local _
     for _ in $(seq 1 600); do
-        HOLD_DIR=$(sed -nE 's/.*holding: (.*)\/rig\.env.*/\1/p' "$TMP/rig.log")
+        HOLD_DIR=$(sed -nE 's/.*holding: (.*)\/rig\.env.*/\1/p' "$log")
         [ -n "$HOLD_DIR" ] && break
-        kill -0 "$RIG_PID" 2>/dev/null || die "run.sh ended early: $(tail -3 "$TMP/rig.log")"
+        kill -0 "$RIG_PID" 2>/dev/null || die "run.sh ended early: $(tail -3 "$log")"
         sleep 0.5
     done
-    [ -n "$HOLD_DIR" ] || die "the rig did not come up: $(tail -3 "$TMP/rig.log")"
+    [ -n "$HOLD_DIR" ] || die "the rig did not come up: $(tail -3 "$log")"
     # shellcheck disable=SC1091
     . "$HOLD_DIR/rig.env"
 }
@@ -122,19 +123,24 @@ stop_rig
 
 # ---- 2. native samples -------------------------------------------------------
 start_rig "$BIN"
-perf record -q -e cpu-clock -F 2000 -o "$TMP/perf.data" -p "$SC_CLI,$SC_SRV" >/dev/null 2>&1 &
+perf record -e cpu-clock -F 2000 -o "$TMP/perf.data" -p "$SC_CLI,$SC_SRV" >"$TMP/perf.log" 2>&1 &
 PERF=$!
+# perf says nothing until it stops; give it a moment to attach first.
+sleep 1
+kill -0 "$PERF" 2>/dev/null || die "perf record failed: $(tail -3 "$TMP/perf.log")"
 traffic
 kill -INT "$PERF"
 wait "$PERF" || true
+PERF=
 stop_rig
 perf report -i "$TMP/perf.data" --no-demangle --stdio --sort dso,sym -q 2>/dev/null |
     awk '$2 == "bulwark" && $3 == "[.]" { print $4 }' >"$TMP/native.txt"
 
 # ---- the file ----------------------------------------------------------------
 python3 - "$TMP" "$BIN" "$OUT" <<'EOF'
-import collections, glob, subprocess, sys
+import collections, glob, os, subprocess, sys
 tmp, binary, out = sys.argv[1:]
+binary = os.path.realpath(binary)
 ours = set()  # functions of the program (nm: address, size, type, name)
 for line in subprocess.run(["nm", "-S", binary], capture_output=True, text=True, check=True).stdout.splitlines():
     parts = line.split()
@@ -147,7 +153,7 @@ def costs(suffix):
         ob, fn, after_call = "", None, False
         for line in open(path, errors="replace"):
             if line.startswith("ob="):
-                ob = line[3:].strip()
+                ob = os.path.realpath(line[3:].strip())
             elif line.startswith("fn="):
                 fn, after_call = (line[3:].strip() if ob == binary else None), False
                 if fn:
@@ -163,6 +169,8 @@ def costs(suffix):
                     total[fn] += int(f[1])
     return total
 startup, traffic = costs(1), costs(2)
+if not startup or not traffic:
+    sys.exit(f"text_order.sh: no function of {binary} in the callgrind dumps")
 native = [l.strip() for l in open(f"{tmp}/native.txt")]
 order, seen = [], set()
 for f in [f for f, _ in traffic.most_common()] + native + [f for f, _ in startup.most_common()]:

@@ -39,6 +39,8 @@
 # Environment: ROUNDS (3), LAT_SECS (6), LAT_WARMUP (1), SAT_SECS (5),
 # IPERF_SECS (4), CONNS (8, loadgen connections), WRK_CONNS (16),
 # IDLE_CONNS (1000), CONTROL_PLANE (1: run the control-plane and CA figures),
+# CONFIG_SOURCE (file: sidecars read the mesh config; xds: a control plane
+# serves it),
 # SIDECAR_THREADS (the sidecars' --worker-threads; empty: their default, 1),
 # HAPROXY_THREADS (HAProxy's nbthread; default: as many as each sidecar
 # runs, 1 unless SIDECAR_THREADS says otherwise, the one thread per proxy of
@@ -64,6 +66,8 @@ WRK_CONNS=${WRK_CONNS:-16}
 QUIET_WAIT=${QUIET_WAIT:-0}
 IDLE_CONNS=${IDLE_CONNS:-1000}
 CONTROL_PLANE=${CONTROL_PLANE:-1}
+CONFIG_SOURCE=${CONFIG_SOURCE:-file}
+case $CONFIG_SOURCE in file | xds) ;; *) echo "run.sh: CONFIG_SOURCE is file or xds" >&2; exit 2 ;; esac
 SIDECAR_THREADS=${SIDECAR_THREADS:-}
 SIDECAR_ARGS=${SIDECAR_ARGS:-}
 HAPROXY_THREADS=${HAPROXY_THREADS:-${SIDECAR_THREADS:-1}}
@@ -319,6 +323,16 @@ spec:
 EOF
 "$BIN" xds validate "$WORK/mesh.yaml" >/dev/null 2>"$WORK/validate.log" ||
     { cat "$WORK/validate.log" >&2; die "mesh config invalid"; }
+# CONFIG_SOURCE=file: each sidecar reads mesh.yaml. xds: a control plane in
+# the switch namespace serves it over the discovery stream, as in Kubernetes.
+if [ "$CONFIG_SOURCE" = xds ]; then
+    spawn "$SW" xds "$BIN" --access-log off xds serve --config "$WORK/mesh.yaml" \
+        --ca-dir "$WORK/ca" --listen 198.18.0.1:15010 --admin-listen 127.0.0.1:15011
+    wait_tcp "$SW" 198.18.0.1 15010 "the control plane"
+    CONFIG_ARGS=(--xds 198.18.0.1:15010)
+else
+    CONFIG_ARGS=(--config "$WORK/mesh.yaml")
+fi
 
 # Ports kept out of interception: direct app 9090, HAProxy TLS 9443 (http)
 # and 5203 (tcp), direct iperf3 5202.
@@ -339,7 +353,7 @@ spawn "$SRV" iperf-5202 iperf3 -s -p 5202
 # log is turned off likewise (BULWARK_ACCESS_LOG=stdout measures it on).
 sidecar() { # ns name sa
     spawn "$1" "$2" "$SIDECAR_BIN" --access-log "$BULWARK_ACCESS_LOG" sidecar --identity "$(spiffe "$3")" --ca 198.18.0.1:15012 \
-        --ca-cert "$WORK/ca/bundle.pem" --token-file "$WORK/$3.token" --config "$WORK/mesh.yaml" \
+        --ca-cert "$WORK/ca/bundle.pem" --token-file "$WORK/$3.token" "${CONFIG_ARGS[@]}" \
         ${SIDECAR_THREADS:+--worker-threads "$SIDECAR_THREADS"} $SIDECAR_ARGS
 }
 sidecar "$SRV" sidecar-srv bench-server
@@ -853,6 +867,7 @@ SECTION="$WORK/section.md"
     fi
     echo "iperf3: ${IPERF_SECS} s. Sidecars run with \`--access-log $BULWARK_ACCESS_LOG\` (HAProxy has no \`log\` line),"
     echo "${SIDECAR_THREADS:-the default number of} worker thread(s) each${SIDECAR_ARGS:+, and \`$SIDECAR_ARGS\`}; HAProxy with \`nbthread $HAPROXY_THREADS\`."
+    echo "The sidecars' config: $([ "$CONFIG_SOURCE" = xds ] && echo "from a control plane (\`bulwark xds serve\` in the switch namespace)" || echo "read from mesh.yaml (\`--config\`)")."
     echo "Everything (load generator, both proxies, app) shares the same 2 cores."
     echo "Failed or wrong-size requests during latency runs: $ERRS."
     echo

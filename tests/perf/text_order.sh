@@ -10,18 +10,20 @@
 # so 12-13 MB of text were resident in every idle sidecar. Packed together,
 # the same functions fit in about 60 windows.
 #
-# How: tests/perf/run.sh's rig (HOLD=1), twice.
+# How: tests/perf/run.sh's rig (HOLD=1), three times.
 #  1. Both sidecars under callgrind, which lists every function that ran: its
 #     counts are dumped once the sidecars are ready (start-up), and again
 #     after one pass of each kind of traffic run.sh measures (HTTP/1.1, h2c,
 #     a new connection per request, opaque TCP, idle client connections, a
-#     metrics scrape).
+#     metrics scrape). Twice: with the config from a file, and from a
+#     control plane.
 #  2. The sidecars run natively under `perf record` through the same
 #     traffic: valgrind has no AVX-512, so the CPU-specific routines the
 #     crypto library picks on this machine (AES-GCM, X25519) are only seen
 #     here.
 # Functions that ran under traffic come first (by instructions run, then
-# the natively sampled ones), then start-up only ones.
+# the natively sampled ones), then start-up only ones: those of both ways of
+# configuring, then those of each.
 #
 # The names are mangled symbols. They stay the same across most source edits
 # but not across a compiler or dependency version change (regenerate the file
@@ -65,10 +67,11 @@ finish() {
 trap finish EXIT
 trap 'exit 130' INT TERM
 
-start_rig() { # sidecar program
+start_rig() { # sidecar-program config-source
     PASS=$((PASS + 1))
     local log="$TMP/rig-$PASS.log" _
-    SKIP_BUILD=1 HOLD=1 CONTROL_PLANE=0 SIDECAR_BIN="$1" "$ROOT/tests/perf/run.sh" >"$log" 2>&1 &
+    SKIP_BUILD=1 HOLD=1 CONTROL_PLANE=0 SIDECAR_BIN="$1" CONFIG_SOURCE="$2" \
+        "$ROOT/tests/perf/run.sh" >"$log" 2>&1 &
     RIG_PID=$!
     for _ in $(seq 1 600); do
         HOLD_DIR=$(sed -nE 's/.*holding: (.*)\/rig\.env.*/\1/p' "$log")
@@ -104,25 +107,31 @@ exec valgrind --tool=callgrind --callgrind-out-file=$TMP/cg.%p --demangle=no \\
     --dump-instr=no --compress-strings=no --compress-pos=no "$BIN" "\$@"
 EOF
 chmod +x "$TMP/sidecar"
-dumps() { local f=("$TMP"/cg.*.*); [ -e "${f[0]}" ] && echo ${#f[@]} || echo 0; }
-dump() { # name count: every sidecar writes its counts since the last dump
+dump() { # n: every sidecar writes its counts since the last dump to cg.PID.n
+    # (callgrind numbers its dumps: n must be this pass's next)
     local p _
-    for p in $SC_CLI $SC_SRV; do callgrind_control -d "$1" "$p" >/dev/null 2>&1; done
+    for p in $SC_CLI $SC_SRV; do callgrind_control --dump="phase-$1" "$p" >/dev/null 2>&1; done
     # callgrind writes the dump at its next scheduling point: wait for both.
     for _ in $(seq 1 100); do
-        [ "$(dumps)" -ge "$2" ] && return 0
+        [ -e "$TMP/cg.$SC_CLI.$1" ] && [ -e "$TMP/cg.$SC_SRV.$1" ] && return 0
         sleep 0.1
     done
-    die "callgrind dump '$1' did not appear (have $(dumps) files)"
+    die "callgrind dump $1 did not appear"
 }
-start_rig "$TMP/sidecar"
-dump startup 2
-traffic
-dump traffic 4
-stop_rig
+# Both ways a sidecar gets its config: a file (the benchmark's default), and
+# a control plane's discovery stream (Kubernetes, `bulwark up`).
+for source in file xds; do
+    start_rig "$TMP/sidecar" "$source"
+    dump 1 # start-up
+    traffic
+    dump 2 # traffic
+    stop_rig
+    mkdir "$TMP/$source"
+    mv "$TMP"/cg.* "$TMP/$source/"
+done
 
 # ---- 2. native samples -------------------------------------------------------
-start_rig "$BIN"
+start_rig "$BIN" file
 perf record -e cpu-clock -F 2000 -o "$TMP/perf.data" -p "$SC_CLI,$SC_SRV" >"$TMP/perf.log" 2>&1 &
 PERF=$!
 # perf says nothing until it stops; give it a moment to attach first.
@@ -146,10 +155,10 @@ for line in subprocess.run(["nm", "-S", binary], capture_output=True, text=True,
     parts = line.split()
     if len(parts) == 4 and parts[2] in "tTwW":
         ours.add(parts[3])
-def costs(suffix):
+def costs(source, suffix):
     """Self cost (instructions) of each function of the program in a dump."""
     total = collections.Counter()
-    for path in glob.glob(f"{tmp}/cg.*.{suffix}"):
+    for path in glob.glob(f"{tmp}/{source}/cg.*.{suffix}"):
         ob, fn, after_call = "", None, False
         for line in open(path, errors="replace"):
             if line.startswith("ob="):
@@ -168,12 +177,19 @@ def costs(suffix):
                 if len(f) >= 2 and f[1].isdigit():
                     total[fn] += int(f[1])
     return total
-startup, traffic = costs(1), costs(2)
-if not startup or not traffic:
+start = {s: costs(s, 1) for s in ("file", "xds")}
+traffic = costs("file", 2) + costs("xds", 2)
+if not traffic or not all(start.values()):
     sys.exit(f"text_order.sh: no function of {binary} in the callgrind dumps")
 native = [l.strip() for l in open(f"{tmp}/native.txt")]
+# Start-up code both ways of configuring first, then each way's own: a
+# sidecar maps only one of the two ranges.
+both = start["file"] & start["xds"]
+def ranked(c):
+    return [f for f, _ in c.most_common()]
+startup = ranked(both) + ranked(start["file"] - both) + ranked(start["xds"] - both)
 order, seen = [], set()
-for f in [f for f, _ in traffic.most_common()] + native + [f for f, _ in startup.most_common()]:
+for f in ranked(traffic) + native + startup:
     if f in ours and f not in seen:
         order.append(f)
         seen.add(f)

@@ -1,8 +1,9 @@
 //! HTTP/1.1 connections to the local app (the pod address and port a peer
 //! dialled, from `APP_SOURCE`), kept open and reused. HTTP/1.1 carries one
-//! exchange at a time, so a connection goes back to its address's idle stack when its response has been read to
-//! the end, and the most recently used one is taken first: a steady load
-//! keeps reusing a few warm connections. The app is always in the pod,
+//! exchange at a time, so a connection goes back to its address's idle
+//! stack when its response has been read to the end, and the most recently
+//! used one is taken first: a steady load keeps reusing a few warm
+//! connections. The app is always in the pod,
 //! so none of a general-purpose client pool's work (DNS, TLS, proxies,
 //! racing connects, per-request pool futures) is needed on this path.
 

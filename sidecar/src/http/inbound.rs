@@ -155,7 +155,6 @@ where
         id: peer,
         app: http::uri::Authority::try_from(dst.to_string()).expect("an address is an authority"),
         addr: dst,
-        port: dst.port(),
     });
     let mut draining = proxy.draining.subscribe();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -183,15 +182,15 @@ struct Peer {
     /// The peer sidecar's verified identity, and as the header the app sees.
     id: SpiffeId,
     header: http::HeaderValue,
-    /// The app's address: the pod address and port the peer dialled.
-    app: http::uri::Authority,
+    /// The app's address, the pod address and port the peer dialled: to
+    /// connect to, and as the requests' authority.
     addr: SocketAddr,
-    port: u16,
+    app: http::uri::Authority,
 }
 
 async fn handle(proxy: Arc<Proxy>, peer: &Peer, mut req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
-    let port = peer.port;
+    let port = peer.addr.port();
     let me = proxy.identity.identity().as_str();
     let src = peer.id.as_str();
     let Some(snap) = proxy.config.load() else {

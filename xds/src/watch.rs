@@ -175,6 +175,12 @@ impl ConfigWatcher {
                 tracing::info!(path = %self.path.display(), documents = n, "config reloaded");
             }
             Err(errors) => {
+                // Status first: whoever sees the counter move must find the
+                // rejection it counts.
+                *lock(&self.rejection) = Some(ConfigRejection {
+                    at_unix_ms: unix_ms(SystemTime::now()),
+                    errors: errors.iter().map(|e| e.to_string()).collect(),
+                });
                 self.metrics.config_rejections.inc();
                 for e in &errors {
                     tracing::warn!(path = %self.path.display(), "config error: {e}");
@@ -184,10 +190,6 @@ impl ConfigWatcher {
                     errors = errors.len(),
                     "config rejected; still serving the last good config"
                 );
-                *lock(&self.rejection) = Some(ConfigRejection {
-                    at_unix_ms: unix_ms(SystemTime::now()),
-                    errors: errors.iter().map(|e| e.to_string()).collect(),
-                });
             }
         }
     }

@@ -160,6 +160,13 @@ fn config_edit_reaches_every_sidecar_within_a_second_and_status_shows_convergenc
         .collect();
     mesh.write_cp_file("many.yaml", &many);
     let v2 = converged_version(&mesh, Some(&v1), Duration::from_secs(10));
+    // Every part carries v2, and a sidecar applies each part as it comes:
+    // the control plane says converged once the last one is ACKed.
+    wait_for("status to show convergence", Duration::from_secs(5), || {
+        mesh.xds_status(CP1_ADMIN)
+            .contains("converged: yes")
+            .then_some(())
+    });
     let dump = mesh.config_dump("web");
     let services = dump["resources"]
         .as_array()
@@ -177,11 +184,6 @@ fn config_edit_reaches_every_sidecar_within_a_second_and_status_shows_convergenc
             0.0
         );
     }
-    wait_for("status to show convergence", Duration::from_secs(5), || {
-        mesh.xds_status(CP1_ADMIN)
-            .contains("converged: yes")
-            .then_some(())
-    });
 }
 
 #[test]
@@ -254,7 +256,10 @@ fn invalid_config_keeps_the_old_snapshot_and_sidecar_side_rejections_are_nacked(
     for sa in ["web", "api", "db"] {
         assert!(status.contains(&spiffe(sa)), "{status}");
     }
-    assert!(metric_sum(&mesh.metrics("web"), "bulwark_xds_nacks_total", &[]) >= 1.0);
+    // The status may show another sidecar's NACK before web's.
+    wait_for("web to NACK", Duration::from_secs(10), || {
+        (metric_sum(&mesh.metrics("web"), "bulwark_xds_nacks_total", &[]) >= 1.0).then_some(())
+    });
     // Still on the last good config: the MeshConfig applied is the old one.
     let dump = mesh.config_dump("web");
     let mesh_cfg = dump["resources"]
@@ -464,6 +469,12 @@ fn a_sidecar_restarted_while_the_control_plane_is_down_serves_its_last_known_goo
     let url = api_url(&mesh);
     wait_for("web to reach api", Duration::from_secs(10), || {
         mesh.curl("web", &url).status.success().then_some(())
+    });
+    // A config is live before it is on disk; it is ACKed after.
+    wait_for("the sidecars to ACK", Duration::from_secs(10), || {
+        mesh.xds_status(CP1_ADMIN)
+            .contains("converged: yes")
+            .then_some(())
     });
 
     mesh.net.proc_mut(mesh_proc(&mesh, "cp1")).kill();
@@ -794,7 +805,10 @@ fn oversized_and_deeply_nested_yaml_are_refused_and_the_last_good_config_kept() 
         "last good snapshot kept"
     );
     assert!(cp.child.try_wait().unwrap().is_none(), "still running");
-    assert!(cp.log_text().contains("huge.yaml"), "{}", cp.log_text());
+    // Logged just after the status is set.
+    wait_for("the rejection to be logged", Duration::from_secs(5), || {
+        cp.log_text().contains("huge.yaml").then_some(())
+    });
     let rss1 = rss_kb(cp.pid());
     println!("control plane RSS {rss0} kB -> {rss1} kB");
     assert!(rss1 < rss0 + 30_000, "memory grew by {} kB", rss1 - rss0);

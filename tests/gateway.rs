@@ -777,14 +777,20 @@ fn partners_need_a_client_certificate_and_garbage_does_not_hurt_the_gateway() {
     assert!(closed, "the gateway closes a connection that speaks no TLS");
     let (code, text) = edge.call("/public/after", None, &[]);
     assert_eq!(code, 200, "{text}");
-    let m = edge.mesh.metrics("gw");
-    assert!(
-        metric_sum(
-            &m,
-            "bulwark_tls_handshakes_total",
-            &["direction=\"gateway\"", "result=\"error\""]
-        ) >= 3.0,
-        "failed handshakes are counted: {m}"
+    // Counted once the accept has given the socket up, just after the
+    // client sees it closed.
+    wait_for(
+        "failed handshakes to be counted",
+        Duration::from_secs(5),
+        || {
+            let m = edge.mesh.metrics("gw");
+            let failed = metric_sum(
+                &m,
+                "bulwark_tls_handshakes_total",
+                &["direction=\"gateway\"", "result=\"error\""],
+            );
+            (failed >= 3.0).then_some(())
+        },
     );
 }
 

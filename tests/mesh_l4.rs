@@ -161,9 +161,16 @@ fn an_app_port_bound_to_loopback_only_stays_private_to_its_pod() {
     let _web = mesh.add_pod("web");
     let api = mesh.add_pod("api");
     let tcp_8080 = "    - port: 8080\n      protocol: tcp\n";
-    let config = basic_config(&[(&api, "api")], &["web"]).replace(
+    // A mesh endpoint of `api` that is routed to its pod but is not its
+    // address.
+    let elsewhere = netns::Pod {
+        name: "elsewhere".into(),
+        ns: api.ns.clone(),
+        ip: std::net::Ipv4Addr::new(203, 0, 113, 7),
+    };
+    let config = basic_config(&[(&api, "api"), (&elsewhere, "api")], &["web"]).replace(
         tcp_8080,
-        &format!("{tcp_8080}    - port: 8081\n      protocol: tcp\n    - port: 8082\n      protocol: http\n    - port: 8083\n      protocol: http\n"),
+        &format!("{tcp_8080}    - port: 8081\n      protocol: tcp\n    - port: 8082\n      protocol: http\n    - port: 8083\n      protocol: http\n    - port: 8084\n      protocol: http2\n"),
     );
     mesh.write_config(&config);
     mesh.start_sidecar("web", "web", &[]);
@@ -219,18 +226,7 @@ fn an_app_port_bound_to_loopback_only_stays_private_to_its_pod() {
         String::from_utf8_lossy(&l4.stdout)
     );
     let ns = &mesh.pod("web").pod.ns;
-    let head = mesh.net.exec_ok(
-        ns,
-        &[
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-D",
-            "-",
-            &format!("http://{}:8082/private", api.ip),
-        ],
-    );
+    let head = response_head(&mesh, ns, &format!("http://{}:8082/private", api.ip));
     assert!(
         head.starts_with("HTTP/1.1 503") && head.contains("x-bulwark-reason: app-unreachable"),
         "the HTTP port reached a loopback-only app: {head}"
@@ -244,6 +240,43 @@ fn an_app_port_bound_to_loopback_only_stays_private_to_its_pod() {
         ) >= 1.0,
         "{m}"
     );
+
+    // A peer that dialled an address routed to the pod but not the pod's
+    // own gets no further than the sidecar, which is not a router: neither
+    // on the L4 port nor on the HTTP one, though an app listens on both.
+    let via = api.ip.to_string();
+    mesh.net
+        .exec_ok(ns, &["ip", "route", "add", "203.0.113.7/32", "via", &via]);
+    let l4 = mesh.curl("web", "http://203.0.113.7:8080/elsewhere");
+    assert!(
+        !l4.status.success() && l4.stdout.is_empty(),
+        "the L4 port was relayed off the pod: {}",
+        String::from_utf8_lossy(&l4.stdout)
+    );
+    wait_for("not_local to be counted", Duration::from_secs(5), || {
+        let m = mesh.metrics("api");
+        let n = metric_sum(
+            &m,
+            "bulwark_tcp_refused_total",
+            &["direction=\"inbound\"", "reason=\"not_local\""],
+        );
+        (n >= 1.0).then_some(())
+    });
+    // An app speaking HTTP/1.1 and one speaking HTTP/2 (two clients).
+    for port in [8083, 8084] {
+        let head = response_head(&mesh, ns, &format!("http://203.0.113.7:{port}/elsewhere"));
+        assert!(
+            head.starts_with("HTTP/1.1 421") && head.contains("x-bulwark-reason: not-local"),
+            "port {port} was relayed off the pod: {head}\n{}",
+            mesh.sidecar_log("api")
+        );
+    }
+}
+
+/// The status line and headers `curl` gets for `url` from namespace `ns`.
+fn response_head(mesh: &Mesh, ns: &str, url: &str) -> String {
+    mesh.net
+        .exec_ok(ns, &["curl", "-s", "-o", "/dev/null", "-D", "-", url])
 }
 
 fn openssl(dir: &std::path::Path, args: &[&str]) {
@@ -360,7 +393,22 @@ fn non_mesh_foreign_expired_wrong_identity_and_unauthorized_peers_are_refused_an
     let out = mesh.curl("web", "http://198.18.0.250:8080/");
     assert!(!out.status.success());
 
-    let m = mesh.metrics("api");
+    // A failed handshake is counted once the accept has given the socket
+    // up, just after its client sees it closed.
+    let m = wait_for(
+        "failed handshakes to be counted",
+        Duration::from_secs(5),
+        || {
+            let m = mesh.metrics("api");
+            // The last of the two counters a failure moves.
+            let refused = metric_sum(
+                &m,
+                "bulwark_tcp_refused_total",
+                &["direction=\"inbound\"", "reason=\"tls_handshake\""],
+            );
+            (refused >= 2.0).then_some(m)
+        },
+    );
     assert!(
         metric_sum(
             &m,
@@ -455,8 +503,12 @@ fn v6_filter_rules(mesh: &Mesh, ns: &str) -> String {
 }
 
 fn saved_rules(mesh: &Mesh, ns: &str, tool: &str, table: &str) -> String {
-    let out = mesh.net.exec_ok(ns, &[tool, "-t", table]);
-    // Drop comments and packet counters: they change on their own.
+    without_counters(&mesh.net.exec_ok(ns, &[tool, "-t", table]))
+}
+
+/// `iptables-save` output without comments and packet counters: they
+/// change on their own.
+fn without_counters(out: &str) -> String {
     out.lines()
         .filter(|l| !l.starts_with('#'))
         .map(|l| {
@@ -517,6 +569,46 @@ fn init_is_idempotent_and_remove_restores_the_rules_exactly() {
     mesh.net.exec_ok(&pod.ns, &[common::BIN, "init"]);
     assert_eq!(nat_rules(&mesh, &pod.ns), once, "init twice = init once");
     assert_eq!(v6_filter_rules(&mesh, &pod.ns), once6);
+
+    // Re-running init in a live pod swaps the rules in one transaction: a
+    // reader polling meanwhile never finds our chains empty or half-built
+    // (they would let connections skip the sidecar).
+    /// Stops the poller however the re-runs end, a failed one included.
+    struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let polls = std::thread::scope(|s| {
+        let poller = s.spawn(|| {
+            let mut polls = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = Command::new("ip")
+                    .args(["netns", "exec", &pod.ns, "iptables-save", "-t", "nat"])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success());
+                let now = without_counters(&String::from_utf8_lossy(&out.stdout));
+                if now != once {
+                    return Err(now);
+                }
+                polls += 1;
+            }
+            Ok(polls)
+        });
+        let stop = Done(&done);
+        for _ in 0..5 {
+            mesh.net.exec_ok(&pod.ns, &[common::BIN, "init"]);
+        }
+        drop(stop);
+        poller.join().unwrap()
+    });
+    match polls {
+        Ok(n) => assert!(n >= 3, "only {n} polls overlapped the re-runs"),
+        Err(seen) => panic!("a re-run of init exposed\n{seen}\ninstead of\n{once}"),
+    }
 
     mesh.net
         .exec_ok(&pod.ns, &[common::BIN, "init", "--remove"]);

@@ -813,7 +813,10 @@ fn on_request(
     // The latest snapshot, without marking it seen: if it is new, the push
     // for every type still happens in `on_snapshot`.
     let snap = snapshots.borrow().clone();
-    let out = lock(&on_board.state).on_request(req, &snap).map_err(|e| {
+    // Held until the events are counted: whoever reads the status an ACK
+    // or NACK changed finds it counted too.
+    let mut state = lock(&on_board.state);
+    let out = state.on_request(req, &snap).map_err(|e| {
         tracing::warn!(error = %e, "protocol error; ending the stream");
         Status::invalid_argument(e.to_string())
     })?;
@@ -841,6 +844,7 @@ fn on_request(
             }
         }
     }
+    drop(state);
     Ok(out.responses)
 }
 

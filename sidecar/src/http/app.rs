@@ -41,6 +41,24 @@ impl AppError {
     pub fn is_connect(&self) -> bool {
         matches!(self, Self::Connect(..))
     }
+
+    /// The connect failed because the address is not this pod's: from the
+    /// loopback hand-off source the kernel refuses any other destination
+    /// (`EINVAL`). The peer dialled an address routed to this pod that the
+    /// pod does not own; the sidecar is not a router, so it goes no further.
+    pub fn is_not_local(&self) -> bool {
+        let Self::Connect(_, e) = self else {
+            return false;
+        };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
+        while let Some(c) = cause {
+            if let Some(io) = c.downcast_ref::<std::io::Error>() {
+                return io.kind() == std::io::ErrorKind::InvalidInput;
+            }
+            cause = c.source();
+        }
+        false
+    }
 }
 
 struct Idle {
@@ -199,6 +217,36 @@ async fn connect(app: SocketAddr) -> Result<SendRequest<Body>, AppError> {
         }
     });
     Ok(tx)
+}
+
+/// Dials the app for the HTTP/2 client as every other hand-off to the app
+/// is dialled ([`crate::intercept::connect_app`]): from `APP_SOURCE`, with
+/// the source port chosen at `connect`. The request URI's authority is the
+/// app's address.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AppConnector;
+
+impl tower::Service<http::Uri> for AppConnector {
+    type Response = TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let app = uri
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+        Box::pin(async move {
+            let app = app.ok_or_else(|| {
+                std::io::Error::other(format!("app URI {uri} has no socket address"))
+            })?;
+            crate::intercept::connect_app(app).await.map(TokioIo::new)
+        })
+    }
 }
 
 /// A response body that gives its connection back to the pool once it has

@@ -12,10 +12,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use super::app::{AppError, AppPool};
+use super::app::{AppConnector, AppError, AppPool};
 
 use super::outbound::MAX_HEADER_BYTES;
 use super::{Body, PEER_IDENTITY_HEADER, body_limit, reply, strip_hop_headers};
@@ -27,20 +26,16 @@ use crate::telemetry::{DenialLabels, RequestKey, ServiceLabel};
 /// Clients towards the local app, one per protocol, pooled.
 pub struct LocalClients {
     pub h1: Arc<AppPool>,
-    pub h2: Client<HttpConnector, Body>,
+    pub h2: Client<AppConnector, Body>,
 }
 
 impl Default for LocalClients {
     fn default() -> Self {
-        let mut c = HttpConnector::new();
-        c.set_nodelay(true);
-        c.enforce_http(true);
-        c.set_local_address(Some(crate::intercept::APP_SOURCE.into()));
         Self {
             h1: Arc::default(),
             h2: Client::builder(TokioExecutor::new())
                 .http2_only(true)
-                .build(c),
+                .build(AppConnector),
         }
     }
 }
@@ -337,6 +332,11 @@ async fn handle(proxy: Arc<Proxy>, peer: &Peer, mut req: Request<Incoming>) -> R
         Err(_) if cut_off.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) => {
             tracing::info!(port, %service, src_identity = %src, "request body over the service's limit; request aborted");
             finish(reply(413, "body-too-large"))
+        }
+        Err(e) if e.is_not_local() => {
+            tracing::info!(app = %peer.addr, error = %e, "the original destination is not this pod's address");
+            // Counted with the other local answers, by reason.
+            finish(reply(421, "not-local"))
         }
         Err(e) => {
             tracing::info!(port, error = %e, "local app request failed");

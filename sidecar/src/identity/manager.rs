@@ -110,6 +110,12 @@ impl CertManager {
         self.metrics.cert_expiry.set(svid.not_after);
         self.metrics.cert_issued.set(now_unix());
         tracing::info!(identity = %svid.identity, serial = %svid.serial, not_after = svid.not_after, roots = svid.bundle.roots().len(), "SVID installed");
+        // Counted before it is published (readiness follows the SVID), so
+        // whoever sees the new SVID finds it counted.
+        self.metrics
+            .renewals
+            .get_or_create(&crate::telemetry::ResultLabel { result: "ok" })
+            .inc();
         self.svid.store(Some(Arc::new(svid)));
         Ok(())
     }
@@ -145,10 +151,6 @@ impl CertManager {
                     if let Err(e) = self.install(svid) {
                         tracing::error!(error = %e, "issued SVID is unusable");
                     } else {
-                        self.metrics
-                            .renewals
-                            .get_or_create(&crate::telemetry::ResultLabel { result: "ok" })
-                            .inc();
                         backoff.reset();
                         // Renew after a jittered fraction of the remaining
                         // life (computed from now: notBefore is backdated).

@@ -64,7 +64,7 @@ pub enum RulesError {
 }
 
 fn missing_hint(tool: &str) -> &'static str {
-    if tool == "ip6tables" {
+    if tool.starts_with("ip6tables") {
         "; without it, IPv6 traffic would go around the sidecar"
     } else {
         ""
@@ -290,24 +290,38 @@ fn rule_sets(o: &RuleOptions) -> [RuleSet; 2] {
     ]
 }
 
-/// Everything `init` would run, for `--dry-run` (`init` skips the IPv6
-/// part where the kernel has no IPv6).
+/// Everything `init` would run, for `--dry-run`: per tool, the input it
+/// feeds `<tool>-restore --noflush` (`init` skips the IPv6 part where the
+/// kernel has no IPv6, and adds a jump only where it is not there yet).
 pub fn plan(o: &RuleOptions) -> Vec<String> {
     let mut out = Vec::new();
     for set in rule_sets(o) {
-        let tool = set.tool;
-        for c in set.chains {
-            out.push(format!("{tool} -t {} -N {c}", set.table));
-        }
-        for rule in &set.rules {
-            out.push(format!("{tool} {}", rule.join(" ")));
-        }
-        for j in &set.jumps {
-            let (table, rest) = j.split_at(2);
-            out.push(format!("{tool} {} -A {}", table.join(" "), rest.join(" ")));
-        }
+        out.push(format!("# {}-restore --noflush", set.tool));
+        out.extend(restore_input(&set, &set.jumps).lines().map(str::to_string));
     }
     out
+}
+
+/// The `iptables-restore` input that replaces our chains' content and adds
+/// `jumps`, as one transaction. With `--noflush`, declaring a chain that
+/// exists flushes it: the kernel swaps the old rules for the new ones at
+/// once, so a connection opened meanwhile meets one set or the other,
+/// never an empty or half-built chain.
+fn restore_input(set: &RuleSet, jumps: &[Rule]) -> String {
+    let mut t = format!("*{}\n", set.table);
+    for c in set.chains {
+        t.push_str(&format!(":{c} - [0:0]\n"));
+    }
+    // Rules are `-t <table> -A <chain> ...`; jumps `-t <table> <chain> ...`.
+    for rule in &set.rules {
+        t.push_str(&rule[2..].join(" "));
+        t.push('\n');
+    }
+    for j in jumps {
+        t.push_str(&format!("-A {}\n", j[2..].join(" ")));
+    }
+    t.push_str("COMMIT\n");
+    t
 }
 
 /// Whether this network namespace has IPv6 (its interfaces' addresses are
@@ -316,18 +330,27 @@ fn ipv6_enabled() -> bool {
     std::path::Path::new("/proc/net/if_inet6").exists()
 }
 
+/// Waits up to this long for the xtables lock (iptables-legacy) rather
+/// than fail at once when another program holds it; a no-op with nft.
+const WAIT: [&str; 2] = ["-w", "5"];
+
 fn run(tool: &'static str, args: &[String]) -> Result<std::process::Output, RulesError> {
     Command::new(tool)
+        .args(WAIT)
         .args(args)
         .output()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => RulesError::Missing(tool),
-            _ => RulesError::Failed {
-                tool,
-                args: args.join(" "),
-                stderr: e.to_string(),
-            },
-        })
+        .map_err(|e| spawn_error(tool, args, e))
+}
+
+fn spawn_error(tool: &'static str, args: &[String], e: std::io::Error) -> RulesError {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => RulesError::Missing(tool),
+        _ => RulesError::Failed {
+            tool,
+            args: args.join(" "),
+            stderr: e.to_string(),
+        },
+    }
 }
 
 fn must(tool: &'static str, args: &[String]) -> Result<(), RulesError> {
@@ -336,22 +359,45 @@ fn must(tool: &'static str, args: &[String]) -> Result<(), RulesError> {
         return Ok(());
     }
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    Err(failure(tool, args, stderr))
+}
+
+fn failure(tool: &'static str, args: &[String], stderr: String) -> RulesError {
     if stderr.contains("Permission denied") || stderr.contains("Operation not permitted") {
-        return Err(RulesError::Permission(stderr));
+        return RulesError::Permission(stderr);
     }
-    Err(RulesError::Failed {
+    RulesError::Failed {
         tool,
         args: args.join(" "),
         stderr,
-    })
+    }
 }
 
+/// Whether a check (`-C`, `-S <chain>`) holds. Exit status 1 is "no such
+/// rule or chain"; any other failure (a held lock, a bad argument) is an
+/// error, not a "no" that would make `install` add a second jump.
 fn succeeds(tool: &'static str, args: &[String]) -> Result<bool, RulesError> {
-    Ok(run(tool, args)?.status.success())
+    let out = run(tool, args)?;
+    match out.status.code() {
+        Some(0) => Ok(true),
+        Some(1) => Ok(false),
+        _ => {
+            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            Err(failure(tool, args, format!("{} ({})", stderr, out.status)))
+        }
+    }
 }
 
 fn s(parts: &[&str]) -> Vec<String> {
     parts.iter().map(|p| p.to_string()).collect()
+}
+
+/// Whether `jump` is in its built-in chain. Its target chain is looked up
+/// first: `-C` on a jump to a chain that does not exist is an error (exit
+/// status 2), not a "no".
+fn jump_present(tool: &'static str, table: &str, jump: &Rule) -> Result<bool, RulesError> {
+    let target = jump.last().expect("a jump names its chain");
+    Ok(succeeds(tool, &s(&["-t", table, "-S", target]))? && succeeds(tool, &jump_op(jump, "-C"))?)
 }
 
 /// `jump` with `op` (`-C`, `-A`, `-D`) after its table.
@@ -365,7 +411,9 @@ fn jump_op(jump: &Rule, op: &str) -> Vec<String> {
         .collect()
 }
 
-/// Installs the rules. Idempotent: running it twice leaves one set.
+/// Installs the rules. Idempotent: running it twice leaves one set. Each
+/// tool's rules change in one transaction, so re-running it in a live pod
+/// opens no window in which traffic skips the sidecar.
 pub fn install(o: &RuleOptions) -> Result<(), RulesError> {
     for set in rule_sets(o) {
         if set.tool != "ip6tables" {
@@ -392,22 +440,51 @@ fn install_set(set: &RuleSet) -> Result<(), RulesError> {
     let (tool, table) = (set.tool, set.table);
     // Probe first so a missing binary or privilege gives one clear error.
     must(tool, &s(&["-t", table, "-S", "OUTPUT"]))?;
-    for c in set.chains {
-        if succeeds(tool, &s(&["-t", table, "-S", c]))? {
-            must(tool, &s(&["-t", table, "-F", c]))?;
-        } else {
-            must(tool, &s(&["-t", table, "-N", c]))?;
-        }
-    }
-    for rule in &set.rules {
-        must(tool, rule)?;
-    }
+    let mut missing = Vec::new();
     for j in &set.jumps {
-        if !succeeds(tool, &jump_op(j, "-C"))? {
-            must(tool, &jump_op(j, "-A"))?;
+        if !jump_present(tool, table, j)? {
+            missing.push(j.clone());
         }
     }
-    Ok(())
+    restore(tool, &restore_input(set, &missing))
+}
+
+/// Feeds `input` to `<tool>-restore --noflush`, which commits it whole or
+/// not at all.
+fn restore(tool: &'static str, input: &str) -> Result<(), RulesError> {
+    use std::io::Write;
+    let restore: &'static str = match tool {
+        "ip6tables" => "ip6tables-restore",
+        _ => "iptables-restore",
+    };
+    let args = ["--noflush".to_string()];
+    let spawned = Command::new(restore)
+        .args(WAIT)
+        .args(&args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = spawned.map_err(|e| spawn_error(restore, &args, e))?;
+    // The input is a few kB: it fits the pipe, so writing before reading
+    // the output cannot deadlock.
+    let written = child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(input.as_bytes());
+    let out = child
+        .wait_with_output()
+        .map_err(|e| spawn_error(restore, &args, e))?;
+    if out.status.success() {
+        return written.map_err(|e| spawn_error(restore, &args, e));
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    Err(failure(
+        restore,
+        &args,
+        format!("{} ({})", stderr, out.status),
+    ))
 }
 
 /// Whether an interface of this namespace has a global-scope IPv6 address
@@ -437,7 +514,7 @@ pub fn remove() -> Result<(), RulesError> {
             r => r?,
         }
         for j in &set.jumps {
-            while succeeds(tool, &jump_op(j, "-C"))? {
+            while jump_present(tool, table, j)? {
                 must(tool, &jump_op(j, "-D"))?;
             }
         }
@@ -518,9 +595,7 @@ mod tests {
     fn ipv6_tcp_is_reset_both_ways_but_loopback_the_proxy_and_health_ports() {
         let p = plan_with_proxy_uid();
         let idx = |needle: &str| position(&p, needle);
-        let out_reset = idx(
-            "ip6tables -t filter -A BULWARK_V6_OUTPUT -p tcp --syn -j REJECT --reject-with tcp-reset",
-        );
+        let out_reset = idx("-A BULWARK_V6_OUTPUT -p tcp --syn -j REJECT --reject-with tcp-reset");
         for pass in [
             "BULWARK_V6_OUTPUT -o lo -j RETURN",
             "BULWARK_V6_OUTPUT -m mark --mark 0x539 -j RETURN",
@@ -535,8 +610,12 @@ mod tests {
         ] {
             assert!(idx(pass) < in_reset, "{pass}");
         }
-        assert!(p.contains("ip6tables -t filter -A OUTPUT -p tcp -j BULWARK_V6_OUTPUT"));
-        assert!(p.contains("ip6tables -t filter -A INPUT -p tcp -j BULWARK_V6_INPUT"));
+        let v6 = &p[idx("# ip6tables-restore --noflush")..];
+        assert!(
+            v6.starts_with("# ip6tables-restore --noflush\n*filter\n:BULWARK_V6_OUTPUT - [0:0]\n")
+        );
+        assert!(v6.contains("\n-A OUTPUT -p tcp -j BULWARK_V6_OUTPUT\n"));
+        assert!(v6.contains("\n-A INPUT -p tcp -j BULWARK_V6_INPUT\nCOMMIT"));
     }
 
     #[test]

@@ -297,6 +297,17 @@ fn start_with(xds: bool) -> Option<Edge> {
 /// [`start_with`] plus a pod per `(service, app args)` in `more`, and
 /// `routes` (Gateway route entries) to them.
 fn start_full(xds: bool, more: &[(&str, &[&str])], routes: &str, docs: &str) -> Option<Edge> {
+    start_gateway(xds, more, routes, docs, &[])
+}
+
+/// [`start_full`] with `gw_extra`, more flags for the gateway.
+fn start_gateway(
+    xds: bool,
+    more: &[(&str, &[&str])],
+    routes: &str,
+    docs: &str,
+    gw_extra: &[&str],
+) -> Option<Edge> {
     let mut mesh = Mesh::start(&[])?;
     let dir = mesh.net.dir.join("edge");
     std::fs::create_dir_all(&dir).unwrap();
@@ -358,15 +369,19 @@ fn start_full(xds: bool, more: &[(&str, &[&str])], routes: &str, docs: &str) -> 
     // The gateway pod captures only its app port: 8443 is the gateway's own.
     let init = ["--inbound-ports", "8080"];
     let gw_args = [
-        "--mode",
-        "gateway",
-        "--gateway",
-        "edge",
-        "--audit-dir",
-        audit_dir.to_str().unwrap(),
-        "--audit-key-file",
-        audit_key.to_str().unwrap(),
-    ];
+        &[
+            "--mode",
+            "gateway",
+            "--gateway",
+            "edge",
+            "--audit-dir",
+            audit_dir.to_str().unwrap(),
+            "--audit-key-file",
+            audit_key.to_str().unwrap(),
+        ],
+        gw_extra,
+    ]
+    .concat();
     if xds {
         mesh.start_sidecar_xds_with("gw", "edge-gateway", XDS, &init, &gw_args);
     } else {
@@ -792,6 +807,141 @@ fn partners_need_a_client_certificate_and_garbage_does_not_hurt_the_gateway() {
             (failed >= 3.0).then_some(())
         },
     );
+}
+
+/// A TCP connection to the gateway's public port from the outside pod
+/// (run in its namespace), and whether the gateway keeps it open: reset
+/// at once when refused, waiting for a TLS ClientHello when taken.
+fn held_open(addr: std::net::SocketAddr) -> (std::net::TcpStream, bool) {
+    use std::io::Read;
+    let s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let open = matches!(
+        (&s).read(&mut [0u8; 1]),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+    );
+    (s, open)
+}
+
+#[test]
+fn one_client_cannot_hold_every_connection_and_idle_connections_are_closed() {
+    let _g = serial();
+    let Some(edge) = start_gateway(
+        false,
+        &[],
+        "",
+        "",
+        &[
+            "--gateway-max-connections-per-client",
+            "3",
+            "--gateway-idle-timeout",
+            "2s",
+        ],
+    ) else {
+        return;
+    };
+    let ns = edge.mesh.pod("outside").pod.ns.clone();
+    let addr: std::net::SocketAddr = format!("{}:8443", edge.gw_ip).parse().unwrap();
+
+    // Three connections that never say a word hold the client's budget
+    // (the start-up calls' connections may take a moment to be let go);
+    // the fourth is reset at once.
+    let held = wait_for(
+        "three held connections and a refused fourth",
+        Duration::from_secs(8),
+        || {
+            edge.mesh.net.in_ns(&ns, move || {
+                let held: Vec<_> = (0..3).map(|_| held_open(addr)).collect();
+                if !held.iter().all(|(_, open)| *open) {
+                    return None;
+                }
+                let (_, fourth_open) = held_open(addr);
+                assert!(
+                    !fourth_open,
+                    "a fourth connection from the same client was taken"
+                );
+                Some(held.into_iter().map(|(s, _)| s).collect::<Vec<_>>())
+            })
+        },
+    );
+    let (code, _) = edge.call("/public/ping", None, &[]);
+    assert_eq!(code, 0, "a client at its cap gets no connection");
+    let mut held = held;
+    drop(held.pop());
+    wait_for("a freed slot to be taken", Duration::from_secs(5), || {
+        (edge.call("/public/ping", None, &[]).0 == 200).then_some(())
+    });
+    drop(held);
+    let m = edge.mesh.metrics("gw");
+    assert!(
+        metric_sum(
+            &m,
+            "bulwark_tcp_refused_total",
+            &["direction=\"gateway\"", "reason=\"client_limit\""]
+        ) >= 2.0,
+        "{m}"
+    );
+
+    // HTTP/2, whose client answers keep-alive pings: one request, then
+    // nothing. The gateway ends the connection (GOAWAY, close) once it has
+    // been idle for 2 s, well before hyper's or h2's own timeouts.
+    let ca = edge.public_ca.clone();
+    let (status, idle) = edge.mesh.net.in_ns(&ns, move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(h2_request_then_idle(addr, &ca))
+    });
+    assert_eq!(status, 200);
+    assert!(
+        idle >= Duration::from_millis(1900) && idle < Duration::from_secs(8),
+        "closed after {idle:?} idle, expected about 2 s"
+    );
+}
+
+/// One HTTP/2 request to the gateway at `addr` (trusting `ca`), then how
+/// long the connection stays open with nothing in flight.
+async fn h2_request_then_idle(addr: std::net::SocketAddr, ca: &Path) -> (u16, Duration) {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(bulwark_ca::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(ServerName::try_from(HOST).unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::get(format!("https://{HOST}/public/ping"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    resp.into_body().collect().await.unwrap();
+    let answered = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), conn)
+        .await
+        .expect("the idle connection was not closed")
+        .unwrap()
+        .unwrap();
+    (status, answered.elapsed())
 }
 
 #[test]

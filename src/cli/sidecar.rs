@@ -111,6 +111,13 @@ pub struct SidecarArgs {
     /// Address the gateway's public listeners bind to.
     #[arg(long, default_value = "0.0.0.0")]
     gateway_bind: std::net::IpAddr,
+    /// Connections one client (an IPv4 address, an IPv6 /64) may hold open
+    /// to the gateway's listeners; beyond them its new ones are reset (0: no cap).
+    #[arg(long, default_value_t = bulwark_sidecar::gateway::server::DEFAULT_MAX_CONNECTIONS_PER_CLIENT)]
+    gateway_max_connections_per_client: usize,
+    /// A gateway connection with no request in flight for this long is closed.
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    gateway_idle_timeout: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -208,8 +215,10 @@ pub fn run(a: SidecarArgs) -> anyhow::Result<()> {
                 format!("{namespace}/{g}")
             };
             opts.gateway = Some(bulwark_sidecar::gateway::GatewayOptions {
-                name,
                 bind: a.gateway_bind,
+                max_connections_per_client: a.gateway_max_connections_per_client,
+                idle_timeout: a.gateway_idle_timeout,
+                ..bulwark_sidecar::gateway::GatewayOptions::new(name)
             });
         }
         (Mode::Sidecar, Some(_)) => anyhow::bail!("--gateway needs --mode gateway"),

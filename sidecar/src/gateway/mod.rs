@@ -4,6 +4,7 @@
 //! the mesh over mTLS like any sidecar request.
 
 pub mod certs;
+pub mod clients;
 pub mod jwks;
 pub mod jwt;
 pub mod schema;

@@ -24,6 +24,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use super::certs::{self, CertSet};
+use super::clients::{Activity, ClientSlots, client_block};
 use super::jwt::{self, AuthOutcome, Authenticator, Principal};
 use super::schema::BodySchema;
 use crate::Proxy;
@@ -51,7 +52,32 @@ pub struct GatewayOptions {
     /// `namespace/name` of the `Gateway` resource.
     pub name: String,
     pub bind: IpAddr,
+    /// Connections one client (an IPv4 address, an IPv6 /64) may hold at
+    /// once; beyond them its new ones are reset. 0: no per-client cap.
+    pub max_connections_per_client: usize,
+    /// A connection with no request in flight for this long is closed
+    /// (gracefully: GOAWAY, or no more keep-alive).
+    pub idle_timeout: Duration,
 }
+
+impl GatewayOptions {
+    /// The defaults for the gateway `name` (`namespace/name`).
+    pub fn new(name: String) -> Self {
+        Self {
+            name,
+            bind: IpAddr::from([0, 0, 0, 0]),
+            max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// Per-client connection cap: well above what one browser or service
+/// opens (browsers keep about 6 per host), far below `--max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 256;
+/// Idle timeout of a public connection (an HTTP/2 connection kept alive by
+/// pings would otherwise hold its slot for good).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// How a rate-limited route tells clients apart.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,19 +117,6 @@ impl ClientKey {
                 None => format!("ip:{ip}"),
             },
         }
-    }
-}
-
-/// The address a client is limited by: IPv4 as is, IPv6 by its /64 (one
-/// host usually holds a whole /64, and would otherwise get a bucket per
-/// address it cares to use). An IPv4-mapped address counts as IPv4.
-fn client_block(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-        },
-        v4 => v4,
     }
 }
 
@@ -288,6 +301,7 @@ pub async fn run(proxy: Arc<Proxy>, opts: GatewayOptions, slots: Arc<Semaphore>)
     let mut poll = tokio::time::interval(CERT_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut applied = None;
+    let clients = ClientSlots::new(opts.max_connections_per_client);
     loop {
         tokio::select! {
             _ = poll.tick() => {
@@ -335,7 +349,12 @@ pub async fn run(proxy: Arc<Proxy>, opts: GatewayOptions, slots: Arc<Semaphore>)
                 continue;
             }
         }
-        reconcile(&proxy, &opts, gw, &state, &slots, &mut listeners).await;
+        let budget = Budget {
+            slots: slots.clone(),
+            clients: clients.clone(),
+            idle_timeout: opts.idle_timeout,
+        };
+        reconcile(&proxy, &opts, gw, &state, &budget, &mut listeners).await;
     }
 }
 
@@ -344,7 +363,7 @@ async fn reconcile(
     opts: &GatewayOptions,
     gw: &v1::Gateway,
     state: &Arc<ArcSwap<Option<Arc<Compiled>>>>,
-    slots: &Arc<Semaphore>,
+    budget: &Budget,
     listeners: &mut HashMap<u16, Listener>,
 ) {
     let wanted: HashMap<u16, &v1::GatewayListener> =
@@ -381,7 +400,7 @@ async fn reconcile(
             socket,
             tls,
             state.clone(),
-            slots.clone(),
+            budget.clone(),
         ));
         listeners.insert(
             port,
@@ -394,12 +413,21 @@ async fn reconcile(
     }
 }
 
+/// What every connection of the gateway's listeners draws on.
+#[derive(Clone)]
+struct Budget {
+    /// `--max-connections`, shared by the listeners.
+    slots: Arc<Semaphore>,
+    clients: Arc<ClientSlots>,
+    idle_timeout: Duration,
+}
+
 async fn accept_loop(
     proxy: Arc<Proxy>,
     socket: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     state: Arc<ArcSwap<Option<Arc<Compiled>>>>,
-    slots: Arc<Semaphore>,
+    budget: Budget,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
@@ -411,14 +439,23 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        // The client's own budget first: a client at its cap takes no
+        // slot from the others.
+        let Some(client) = budget.clients.try_acquire(peer.ip()) else {
+            proxy.metrics.refused("gateway", "client_limit");
+            tracing::debug!(%peer, "client at its connection cap; reset");
+            crate::reset(stream);
+            continue;
+        };
+        let Ok(permit) = budget.slots.clone().try_acquire_owned() else {
             proxy.metrics.refused("gateway", "overload");
             crate::reset(stream);
             continue;
         };
         let (proxy, acceptor, state) = (proxy.clone(), acceptor.clone(), state.clone());
+        let idle_timeout = budget.idle_timeout;
         tokio::spawn(async move {
-            let _permit = permit;
+            let _held = (permit, client);
             let _ = stream.set_nodelay(true);
             let hs = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
             let result = if matches!(hs, Ok(Ok(_))) {
@@ -445,7 +482,7 @@ async fn accept_loop(
                     return;
                 }
             };
-            serve(proxy, tls, peer, state).await;
+            serve(proxy, tls, peer, state, idle_timeout).await;
         });
     }
 }
@@ -455,16 +492,23 @@ async fn serve(
     tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     peer: SocketAddr,
     state: Arc<ArcSwap<Option<Arc<Compiled>>>>,
+    idle_timeout: Duration,
 ) {
     let mut draining = proxy.draining.subscribe();
-    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (proxy, state) = (proxy.clone(), state.clone());
-        async move {
-            let compiled = state.load_full();
-            Ok::<_, Infallible>(match compiled.as_ref() {
-                Some(c) => handle(&proxy, c, peer, req).await,
-                None => reply(503, "no-config"),
-            })
+    let activity = Activity::new();
+    let svc = hyper::service::service_fn({
+        let activity = activity.clone();
+        move |req: Request<Incoming>| {
+            let (proxy, state) = (proxy.clone(), state.clone());
+            let busy = activity.begin();
+            async move {
+                let _busy = busy;
+                let compiled = state.load_full();
+                Ok::<_, Infallible>(match compiled.as_ref() {
+                    Some(c) => handle(&proxy, c, peer, req).await,
+                    None => reply(503, "no-config"),
+                })
+            }
         }
     });
     let mut b = crate::http::server_builder(MAX_HEADER_BYTES, 256);
@@ -481,6 +525,11 @@ async fn serve(
     let r = tokio::select! {
         r = conn.as_mut() => r,
         () = async { let _ = draining.wait_for(|d| *d).await; } => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        () = activity.idle_for(idle_timeout) => {
+            tracing::debug!(%peer, idle_timeout_ms = idle_timeout.as_millis() as u64, "gateway connection idle; closing it");
             conn.as_mut().graceful_shutdown();
             conn.await
         }

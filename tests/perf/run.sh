@@ -39,8 +39,8 @@
 # Environment: ROUNDS (3), LAT_SECS (6), LAT_WARMUP (1), SAT_SECS (5),
 # IPERF_SECS (4), CONNS (8, loadgen connections), WRK_CONNS (16),
 # IDLE_CONNS (1000), CONTROL_PLANE (1: run the control-plane and CA figures),
-# CONFIG_SOURCE (file: sidecars read the mesh config; xds: a control plane
-# serves it),
+# CONFIG_SOURCE (xds: a control plane serves the mesh config, as in
+# Kubernetes and `bulwark up`; file: each sidecar reads it, `--config`),
 # SIDECAR_THREADS (the sidecars' --worker-threads; empty: their default, 1),
 # HAPROXY_THREADS (HAProxy's nbthread; default: as many as each sidecar
 # runs, 1 unless SIDECAR_THREADS says otherwise, the one thread per proxy of
@@ -66,7 +66,7 @@ WRK_CONNS=${WRK_CONNS:-16}
 QUIET_WAIT=${QUIET_WAIT:-0}
 IDLE_CONNS=${IDLE_CONNS:-1000}
 CONTROL_PLANE=${CONTROL_PLANE:-1}
-CONFIG_SOURCE=${CONFIG_SOURCE:-file}
+CONFIG_SOURCE=${CONFIG_SOURCE:-xds}
 case $CONFIG_SOURCE in file | xds) ;; *) echo "run.sh: CONFIG_SOURCE is file or xds" >&2; exit 2 ;; esac
 SIDECAR_THREADS=${SIDECAR_THREADS:-}
 SIDECAR_ARGS=${SIDECAR_ARGS:-}
@@ -149,6 +149,8 @@ if [ -s "$HOT_ORDER" ]; then
     ORDER_FOUND="$(nm "$BIN" | awk 'NR == FNR { have[$NF] = 1; next } ($1 in have) { n++ } END { print n + 0 }' - "$HOT_ORDER") of $(wc -l <"$HOT_ORDER")"
     log "hot-text layout: $ORDER_FOUND listed functions are in $BIN"
 fi
+# Every shared library loaded costs each sidecar its resident pages (src/math.rs).
+log "shared libraries: $(readelf -d "$BIN" | sed -nE 's/.*\(NEEDED\).*\[(.*)\]/\1/p' | tr '\n' ' ')"
 # The test binaries as built (not `cargo test`, which would rebuild after a
 # source change, in the middle of the measurements).
 test_bin() { find "$ROOT/target/release/deps" -maxdepth 1 -type f -executable -name "$1-*" -printf '%T@ %p\n' | sort -g | tail -1 | cut -d' ' -f2-; }
@@ -323,8 +325,8 @@ spec:
 EOF
 "$BIN" xds validate "$WORK/mesh.yaml" >/dev/null 2>"$WORK/validate.log" ||
     { cat "$WORK/validate.log" >&2; die "mesh config invalid"; }
-# CONFIG_SOURCE=file: each sidecar reads mesh.yaml. xds: a control plane in
-# the switch namespace serves it over the discovery stream, as in Kubernetes.
+# CONFIG_SOURCE=xds: a control plane in the switch namespace serves mesh.yaml
+# over the discovery stream, as in Kubernetes. file: each sidecar reads it.
 if [ "$CONFIG_SOURCE" = xds ]; then
     spawn "$SW" xds "$BIN" --access-log off xds serve --config "$WORK/mesh.yaml" \
         --ca-dir "$WORK/ca" --listen 198.18.0.1:15010 --admin-listen 127.0.0.1:15011

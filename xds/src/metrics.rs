@@ -1,11 +1,12 @@
 //! The control plane's Prometheus metrics. Labels are bounded: `type` is one
 //! of the eight resource kinds, `reason` one of a fixed set.
 
+use bulwark_ca::metrics::doubling_buckets;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// A resource kind (`Service`, `Route`, ...), not the full type URL.
@@ -67,9 +68,9 @@ impl Default for XdsMetrics {
     fn default() -> Self {
         let connected_sidecars = Gauge::default();
         // 0.5 ms .. ~16 s
-        let push_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let push_duration = Histogram::new(doubling_buckets(0.0005, 16));
         // 1 ms .. ~65 s
-        let apply_latency = Histogram::new(exponential_buckets(0.001, 2.0, 17));
+        let apply_latency = Histogram::new(doubling_buckets(0.001, 17));
         let resources_sent = Family::<TypeLabel, Counter>::default();
         let nacks = Family::<TypeLabel, Counter>::default();
         let config_rejections = Counter::default();

@@ -7,11 +7,12 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::RwLock;
 use std::sync::atomic::AtomicI64;
 
+use bulwark_ca::metrics::doubling_buckets;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -126,7 +127,7 @@ type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
     // 100 µs to ~13 s.
-    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+    Histogram::new(doubling_buckets(0.0001, 18))
 }
 
 pub struct Metrics {

@@ -115,7 +115,8 @@ pub struct SidecarArgs {
     /// to the gateway's listeners; beyond them its new ones are reset (0: no cap).
     #[arg(long, default_value_t = bulwark_sidecar::gateway::server::DEFAULT_MAX_CONNECTIONS_PER_CLIENT)]
     gateway_max_connections_per_client: usize,
-    /// A gateway connection with no request in flight for this long is closed.
+    /// A gateway connection with no request in flight (a request counts until
+    /// its response is sent) for this long is closed (0: never).
     #[arg(long, default_value = "300s", value_parser = parse_duration)]
     gateway_idle_timeout: Duration,
 }

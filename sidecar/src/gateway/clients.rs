@@ -101,9 +101,50 @@ pub struct Activity {
     in_flight: watch::Sender<usize>,
 }
 
-/// One request in flight; dropped when its handler has answered.
+/// One request in flight, until its response has been sent whole (or
+/// dropped): see [`Answering`].
 #[derive(Debug)]
 pub struct Busy(Arc<Activity>);
+
+/// A response body that keeps its request counted in flight until it ends,
+/// so that a long download is never taken for an idle connection.
+pub struct Answering {
+    body: crate::http::Body,
+    busy: Option<Busy>,
+}
+
+impl Answering {
+    pub fn new(body: crate::http::Body, busy: Busy) -> Self {
+        Self {
+            body,
+            busy: Some(busy),
+        }
+    }
+}
+
+impl hyper::body::Body for Answering {
+    type Data = hyper::body::Bytes;
+    type Error = crate::http::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
+            self.busy = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
 
 impl Activity {
     pub fn new() -> Arc<Self> {
@@ -118,9 +159,11 @@ impl Activity {
     }
 
     /// Resolves once the connection has had nothing in flight for
-    /// `timeout`. A request still streaming its response body counts as
-    /// answered: the connection's graceful shutdown lets it finish.
+    /// `timeout`; never, for a zero `timeout` (no idle timeout).
     pub async fn idle_for(&self, timeout: Duration) {
+        if timeout.is_zero() {
+            return std::future::pending().await;
+        }
         let mut rx = self.in_flight.subscribe();
         loop {
             // The sender lives in `self`: these cannot fail.
@@ -229,6 +272,35 @@ mod tests {
             took >= Duration::from_secs(40) && took < Duration::from_millis(40_010),
             "{took:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_is_in_flight_until_its_response_body_ends() {
+        use http_body_util::BodyExt;
+        let activity = Activity::new();
+        let body = Answering::new(crate::http::full("answer"), activity.begin());
+        let idle = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.idle_for(Duration::from_secs(10)).await }
+        });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!idle.is_finished(), "idle while the response was unsent");
+        let sent = tokio::time::Instant::now();
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "answer");
+        idle.await.unwrap();
+        let took = sent.elapsed();
+        assert!(
+            took >= Duration::from_secs(10) && took < Duration::from_millis(10_010),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_idle_timeout_never_fires() {
+        let activity = Activity::new();
+        let idle =
+            tokio::time::timeout(Duration::from_secs(3600), activity.idle_for(Duration::ZERO));
+        assert!(idle.await.is_err());
     }
 
     #[tokio::test(start_paused = true)]

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use bulwark_proto::config::v1;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
@@ -24,7 +25,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use super::certs::{self, CertSet};
-use super::clients::{Activity, ClientSlots, client_block};
+use super::clients::{Activity, Answering, ClientSlots, client_block};
 use super::jwt::{self, AuthOutcome, Authenticator, Principal};
 use super::schema::BodySchema;
 use crate::Proxy;
@@ -32,7 +33,7 @@ use crate::config::Snapshot;
 use crate::http::deadline::{FirstBytes, PREFACE_BYTES};
 use crate::http::outbound::{EdgeCaller, Plan, exchange};
 use crate::http::route::{RouteTable, Rule};
-use crate::http::{Body, DrainOnDrop, PEER_IDENTITY_HEADER, full, reply};
+use crate::http::{Body, ConnectionHold, DrainOnDrop, PEER_IDENTITY_HEADER, full, reply};
 use crate::resilience::ratelimit::{KeyedLimiter, RateDecision};
 use crate::telemetry::{HandshakeLabels, RequestKey, ServiceLabel};
 
@@ -56,7 +57,8 @@ pub struct GatewayOptions {
     /// once; beyond them its new ones are reset. 0: no per-client cap.
     pub max_connections_per_client: usize,
     /// A connection with no request in flight for this long is closed
-    /// (gracefully: GOAWAY, or no more keep-alive).
+    /// (gracefully: GOAWAY, or no more keep-alive). A request is in flight
+    /// until its response's last byte. Zero: no idle timeout.
     pub idle_timeout: Duration,
 }
 
@@ -455,7 +457,8 @@ async fn accept_loop(
         let (proxy, acceptor, state) = (proxy.clone(), acceptor.clone(), state.clone());
         let idle_timeout = budget.idle_timeout;
         tokio::spawn(async move {
-            let _held = (permit, client);
+            // Held by the connection, and by a tunnel that takes it over.
+            let held = ConnectionHold(Arc::new((permit, client)));
             let _ = stream.set_nodelay(true);
             let hs = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
             let result = if matches!(hs, Ok(Ok(_))) {
@@ -482,7 +485,7 @@ async fn accept_loop(
                     return;
                 }
             };
-            serve(proxy, tls, peer, state, idle_timeout).await;
+            serve(proxy, tls, peer, state, idle_timeout, held).await;
         });
     }
 }
@@ -493,21 +496,24 @@ async fn serve(
     peer: SocketAddr,
     state: Arc<ArcSwap<Option<Arc<Compiled>>>>,
     idle_timeout: Duration,
+    held: ConnectionHold,
 ) {
     let mut draining = proxy.draining.subscribe();
     let activity = Activity::new();
     let svc = hyper::service::service_fn({
         let activity = activity.clone();
-        move |req: Request<Incoming>| {
+        move |mut req: Request<Incoming>| {
             let (proxy, state) = (proxy.clone(), state.clone());
+            // In flight from its head until its response's last byte.
             let busy = activity.begin();
+            req.extensions_mut().insert(held.clone());
             async move {
-                let _busy = busy;
                 let compiled = state.load_full();
-                Ok::<_, Infallible>(match compiled.as_ref() {
+                let resp = match compiled.as_ref() {
                     Some(c) => handle(&proxy, c, peer, req).await,
                     None => reply(503, "no-config"),
-                })
+                };
+                Ok::<_, Infallible>(resp.map(|b| Answering::new(b, busy).boxed()))
             }
         }
     });

@@ -26,6 +26,13 @@ pub const PEER_IDENTITY_HEADER: &str = "x-bulwark-peer-identity";
 /// Header saying why the sidecar itself answered (bulkhead-full, ...).
 pub const REASON_HEADER: &str = "x-bulwark-reason";
 
+/// What a client connection holds (the gateway's connection slots) that a
+/// tunnel taking the connection over with an HTTP/1.1 upgrade must go on
+/// holding: carried in the request's extensions, kept by the tunnel's task
+/// until the tunnel closes.
+#[derive(Clone)]
+pub struct ConnectionHold(pub std::sync::Arc<dyn std::any::Any + Send + Sync>);
+
 pub fn full(b: impl Into<Bytes>) -> Body {
     http_body_util::Full::new(b.into())
         .map_err(|never| match never {})

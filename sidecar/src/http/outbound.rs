@@ -779,6 +779,7 @@ async fn upgrade_tunnel(proxy: &Arc<Proxy>, plan: &Plan<'_>, mut req: Request<Bo
     // A parked app connection hands its socket over itself; others (the
     // gateway's, HTTP/2) through hyper's upgrade.
     let manual = req.extensions_mut().remove::<super::park::ManualUpgrade>();
+    let hold = req.extensions_mut().remove::<super::ConnectionHold>();
     let down_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
     parts.headers.remove(super::PEER_IDENTITY_HEADER);
@@ -809,6 +810,8 @@ async fn upgrade_tunnel(proxy: &Arc<Proxy>, plan: &Plan<'_>, mut req: Request<Bo
             }),
         };
         tokio::spawn(async move {
+            // The client connection's slots, for as long as the tunnel lives.
+            let _hold = hold;
             match (down.await, up_upgrade.await) {
                 (Some(mut d), Ok(u)) => {
                     let _ = tokio::io::copy_bidirectional(&mut d, &mut TokioIo::new(u)).await;

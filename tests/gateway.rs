@@ -916,6 +916,23 @@ fn one_client_cannot_hold_every_connection_and_idle_connections_are_closed() {
         || (edge.call("/public/ping", None, &[]).0 == 200).then_some(()),
     );
 
+    // A body the route reads whole (to validate it) that stops coming:
+    // 408 once the idle timeout has passed, not a connection held for good.
+    let token = edge.key1.sign(&claims("alice", "orders:write"));
+    let ca = edge.public_ca.clone();
+    let (head, waited) = edge
+        .mesh
+        .net
+        .in_ns(&ns, move || stalled_upload(addr, &ca, &token));
+    assert!(
+        head.starts_with("HTTP/1.1 408") && head.contains("x-bulwark-reason: body-timeout"),
+        "{head}"
+    );
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(8),
+        "answered after {waited:?}, expected about 2 s"
+    );
+
     // HTTP/2, whose client answers keep-alive pings: one request, then
     // nothing. The gateway ends the connection (GOAWAY, close) once it has
     // been idle for 2 s, well before hyper's or h2's own timeouts.
@@ -982,6 +999,32 @@ fn websocket_tunnel(
     tls.read_exact(&mut echo).unwrap();
     assert_eq!(&echo, b"ping");
     tls
+}
+
+/// A POST to the validating route at `addr` that announces 100 bytes and
+/// sends 9; the response head, and how long it took after the 9.
+fn stalled_upload(addr: std::net::SocketAddr, ca: &Path, token: &str) -> (String, Duration) {
+    use std::io::{Read, Write};
+    let name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
+    let conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(public_client(ca, b"http/1.1")), name)
+            .unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(addr).unwrap());
+    tls.sock
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    write!(tls, "POST /orders/new HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"item\":").unwrap();
+    tls.flush().unwrap();
+    let sent = std::time::Instant::now();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        if tls.read(&mut b).unwrap_or(0) == 0 {
+            break;
+        }
+        head.push(b[0]);
+    }
+    (String::from_utf8_lossy(&head).into_owned(), sent.elapsed())
 }
 
 /// One HTTP/2 request to the gateway at `addr` (trusting `ca`), then how

@@ -510,7 +510,7 @@ async fn serve(
             async move {
                 let compiled = state.load_full();
                 let resp = match compiled.as_ref() {
-                    Some(c) => handle(&proxy, c, peer, req).await,
+                    Some(c) => handle(&proxy, c, peer, req, idle_timeout).await,
                     None => reply(503, "no-config"),
                 };
                 Ok::<_, Infallible>(resp.map(|b| Answering::new(b, busy).boxed()))
@@ -617,17 +617,21 @@ fn with_header(
     r
 }
 
+/// `body_timeout`: how long a body the gateway reads whole may take to
+/// arrive (zero: no limit).
 async fn handle(
     proxy: &Arc<Proxy>,
     gw: &Compiled,
     client: SocketAddr,
     req: Request<Incoming>,
+    body_timeout: Duration,
 ) -> Response<Body> {
     let (parts, body) = req.into_parts();
     // A body the gateway refuses before reading it all is read to its end
     // in the background when dropped (see DrainOnDrop).
     let mut body = Some(DrainOnDrop::new(body));
-    decide(proxy, gw, client, Request::from_parts(parts, ()), &mut body).await
+    let req = Request::from_parts(parts, ());
+    decide(proxy, gw, client, req, &mut body, body_timeout).await
 }
 
 /// The pipeline. `body_slot` is taken when the request goes on; left in place
@@ -638,6 +642,7 @@ async fn decide(
     client: SocketAddr,
     req: Request<()>,
     body_slot: &mut Option<DrainOnDrop>,
+    body_timeout: Duration,
 ) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
@@ -776,9 +781,19 @@ async fn decide(
             if declared.is_some_and(|n| n > max) {
                 return local.reply(413, "body-too-large");
             }
-            let Some(bytes) =
-                crate::http::collect_limited(body_slot.as_mut().expect("body"), max as usize).await
-            else {
+            let collect =
+                crate::http::collect_limited(body_slot.as_mut().expect("body"), max as usize);
+            let collected = if body_timeout.is_zero() {
+                Some(collect.await)
+            } else {
+                tokio::time::timeout(body_timeout, collect).await.ok()
+            };
+            // A client that stops sending the body it announced would
+            // otherwise hold its connection for good.
+            let Some(collected) = collected else {
+                return local.reply(408, "body-timeout");
+            };
+            let Some(bytes) = collected else {
                 return local.reply(413, "body-too-large");
             };
             *body_slot = None;

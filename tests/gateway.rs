@@ -967,21 +967,26 @@ fn public_client(ca: &Path, alpn: &[u8]) -> rustls::ClientConfig {
     cfg
 }
 
-/// A WebSocket-style upgrade through the gateway at `addr` to the echoing
-/// app, checked by one echo; the tunnel stays open.
-fn websocket_tunnel(
-    addr: std::net::SocketAddr,
-    ca: &Path,
-) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
-    use std::io::{Read, Write};
+/// A client's TLS connection to the gateway's public listener.
+type PublicTls = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
+/// An HTTP/1.1 TLS connection to the gateway at `addr`, trusting `ca`;
+/// reads give up after `read_timeout`.
+fn public_tls(addr: std::net::SocketAddr, ca: &Path, read_timeout: Duration) -> PublicTls {
     let name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
     let conn =
         rustls::ClientConnection::new(std::sync::Arc::new(public_client(ca, b"http/1.1")), name)
             .unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(addr).unwrap());
-    tls.sock
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let tls = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(addr).unwrap());
+    tls.sock.set_read_timeout(Some(read_timeout)).unwrap();
+    tls
+}
+
+/// A WebSocket-style upgrade through the gateway at `addr` to the echoing
+/// app, checked by one echo; the tunnel stays open.
+fn websocket_tunnel(addr: std::net::SocketAddr, ca: &Path) -> PublicTls {
+    use std::io::{Read, Write};
+    let mut tls = public_tls(addr, ca, Duration::from_secs(10));
     write!(tls, "GET /public/chat HTTP/1.1\r\nHost: {HOST}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").unwrap();
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
@@ -1005,14 +1010,7 @@ fn websocket_tunnel(
 /// sends 9; the response head, and how long it took after the 9.
 fn stalled_upload(addr: std::net::SocketAddr, ca: &Path, token: &str) -> (String, Duration) {
     use std::io::{Read, Write};
-    let name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
-    let conn =
-        rustls::ClientConnection::new(std::sync::Arc::new(public_client(ca, b"http/1.1")), name)
-            .unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(addr).unwrap());
-    tls.sock
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
+    let mut tls = public_tls(addr, ca, Duration::from_secs(15));
     write!(tls, "POST /orders/new HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"item\":").unwrap();
     tls.flush().unwrap();
     let sent = std::time::Instant::now();

@@ -870,6 +870,17 @@ fn one_client_cannot_hold_every_connection_and_idle_connections_are_closed() {
             })
         },
     );
+    // The kernel probes them (TCP keepalive): a client gone without a FIN
+    // does not keep its slots.
+    let gw_ns = edge.mesh.pod("gw").pod.ns.clone();
+    let sockets = edge.mesh.net.exec_ok(
+        &gw_ns,
+        &["ss", "-tnoH", "state", "established", "( sport = :8443 )"],
+    );
+    assert!(
+        sockets.lines().count() >= 3 && sockets.lines().all(|l| l.contains("timer:(keepalive")),
+        "{sockets}"
+    );
     let (code, _) = edge.call("/public/ping", None, &[]);
     assert_eq!(code, 0, "a client at its cap gets no connection");
     let mut held = held;

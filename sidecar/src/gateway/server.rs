@@ -44,6 +44,12 @@ const MAX_CLIENT_KEYS: usize = 100_000;
 /// Largest request header block.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Public connections are probed after a minute of silence, and dropped
+/// after three unanswered probes 10 s apart.
+const CLIENT_KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(Duration::from_secs(60))
+    .with_interval(Duration::from_secs(10))
+    .with_retries(3);
 /// How often certificate files are checked for changes.
 const CERT_POLL: Duration = Duration::from_secs(1);
 
@@ -460,6 +466,9 @@ async fn accept_loop(
             // Held by the connection, and by a tunnel that takes it over.
             let held = ConnectionHold(Arc::new((permit, client)));
             let _ = stream.set_nodelay(true);
+            // A client gone without a FIN is found by the kernel, whatever
+            // the connection carries (an upgraded tunnel has no pings).
+            let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&CLIENT_KEEPALIVE);
             let hs = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
             let result = if matches!(hs, Ok(Ok(_))) {
                 "ok"

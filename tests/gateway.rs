@@ -829,12 +829,13 @@ fn still_open(s: &std::net::TcpStream, wait: Duration) -> bool {
 }
 
 #[test]
-fn one_client_cannot_hold_every_connection_and_idle_connections_are_closed() {
+fn one_client_cannot_hold_every_connection_and_idle_or_stalled_connections_are_closed() {
     let _g = serial();
+    let big: &[&str] = &["--body-bytes", "16777216"];
     let Some(edge) = start_gateway(
         false,
-        &[],
-        "",
+        &[("big", big)],
+        "    - name: big\n      matches: [{path: {prefix: /big}}]\n      backends: [{service: big}]\n",
         "",
         &[
             "--gateway-max-connections-per-client",
@@ -899,8 +900,9 @@ fn one_client_cannot_hold_every_connection_and_idle_connections_are_closed() {
         "{m}"
     );
 
-    // A WebSocket tunnel keeps its connection's slot until it closes: one
-    // open tunnel and two silent connections put the client at its cap.
+    // A WebSocket tunnel in use keeps its connection's slot: one busy
+    // tunnel (an echo every 250 ms) and two silent connections put the
+    // client at its cap.
     let ca = edge.public_ca.clone();
     let (tunnel, silent) = wait_for(
         "a tunnel and two held connections",
@@ -908,7 +910,7 @@ fn one_client_cannot_hold_every_connection_and_idle_connections_are_closed() {
         || {
             let ca = ca.clone();
             edge.mesh.net.in_ns(&ns, move || {
-                let tunnel = websocket_tunnel(addr, &ca);
+                let tunnel = Busy::start(websocket_tunnel(addr, &ca));
                 let short = Duration::from_millis(300);
                 let silent: Vec<_> = (0..2).map(|_| held_open(addr, short)).collect();
                 let (_, third_open) = held_open(addr, Duration::from_secs(3));
@@ -920,7 +922,17 @@ fn one_client_cannot_hold_every_connection_and_idle_connections_are_closed() {
     );
     let (code, _) = edge.call("/public/ping", None, &[]);
     assert_eq!(code, 0, "the tunnel's connection gave its slot up");
-    drop((tunnel, silent));
+    // Once nothing goes through it for the idle timeout, the tunnel is
+    // closed and its slot freed.
+    let (mut tunnel, echoes, last) = tunnel.stop();
+    assert!(echoes >= 2, "the tunnel echoed {echoes} times");
+    closed_within(&mut tunnel, Duration::from_secs(15));
+    let quiet = last.elapsed();
+    assert!(
+        quiet >= Duration::from_secs(2) && quiet < Duration::from_secs(8),
+        "an idle tunnel closed after {quiet:?}, expected about 2 s"
+    );
+    drop(silent);
     wait_for(
         "the tunnel's slot to be free",
         Duration::from_secs(5),
@@ -931,10 +943,10 @@ fn one_client_cannot_hold_every_connection_and_idle_connections_are_closed() {
     // 408 once the idle timeout has passed, not a connection held for good.
     let token = edge.key1.sign(&claims("alice", "orders:write"));
     let ca = edge.public_ca.clone();
-    let (head, waited) = edge
-        .mesh
-        .net
-        .in_ns(&ns, move || stalled_upload(addr, &ca, &token));
+    let (head, waited) = edge.mesh.net.in_ns(&ns, {
+        let token = token.clone();
+        move || stalled_upload(addr, &ca, "/orders/new", &token)
+    });
     assert!(
         head.starts_with("HTTP/1.1 408") && head.contains("x-bulwark-reason: body-timeout"),
         "{head}"
@@ -943,6 +955,57 @@ fn one_client_cannot_hold_every_connection_and_idle_connections_are_closed() {
         waited >= Duration::from_secs(2) && waited < Duration::from_secs(8),
         "answered after {waited:?}, expected about 2 s"
     );
+
+    // A body streamed to the upstream (no validation) that stops coming:
+    // the connection is dropped once the upstream has waited on the client
+    // for the idle timeout (checked every quarter of it).
+    let stalls = || {
+        metric_sum(
+            &edge.mesh.metrics("gw"),
+            "bulwark_tcp_refused_total",
+            &["direction=\"gateway\"", "reason=\"client_stalled\""],
+        )
+    };
+    let before = stalls();
+    let ca = edge.public_ca.clone();
+    let (head, waited) = edge.mesh.net.in_ns(&ns, move || {
+        stalled_upload(addr, &ca, "/public/upload", &token)
+    });
+    assert_eq!(head, "", "no answer to a request the client never finished");
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(8),
+        "dropped after {waited:?}, expected about 2 s"
+    );
+    wait_for("the stall counted", Duration::from_secs(5), || {
+        (stalls() >= before + 1.0).then_some(())
+    });
+
+    // A client that stops reading a 16 MiB response: dropped once the
+    // gateway has waited for room for the idle timeout, not held for good.
+    let before = stalls();
+    let ca = edge.public_ca.clone();
+    let mut reader = edge.mesh.net.in_ns(&ns, move || {
+        use std::io::{Read, Write};
+        let mut tls = public_tls(addr, &ca, Duration::from_secs(15));
+        write!(tls, "GET /big/file HTTP/1.1\r\nHost: {HOST}\r\n\r\n").unwrap();
+        let mut first = [0u8; 12];
+        tls.read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"HTTP/1.1 200");
+        tls
+    });
+    wait_for("the slow reader dropped", Duration::from_secs(10), || {
+        (stalls() >= before + 1.0).then_some(())
+    });
+    let mut got = 0usize;
+    let ended = loop {
+        use std::io::Read;
+        let mut buf = [0u8; 65536];
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => break got,
+            Ok(n) => got += n,
+        }
+    };
+    assert!(ended < 16 << 20, "read {ended} bytes: the whole response");
 
     // HTTP/2, whose client answers keep-alive pings: one request, then
     // nothing. The gateway ends the connection (GOAWAY, close) once it has
@@ -1017,12 +1080,77 @@ fn websocket_tunnel(addr: std::net::SocketAddr, ca: &Path) -> PublicTls {
     tls
 }
 
-/// A POST to the validating route at `addr` that announces 100 bytes and
-/// sends 9; the response head, and how long it took after the 9.
-fn stalled_upload(addr: std::net::SocketAddr, ca: &Path, token: &str) -> (String, Duration) {
+/// A tunnel kept busy by a thread that sends "ping" and reads the echo
+/// every 250 ms, until [`Busy::stop`].
+struct Busy {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(PublicTls, usize, std::time::Instant)>,
+}
+
+impl Busy {
+    fn start(mut tls: PublicTls) -> Self {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let (mut echoes, mut last) = (0, std::time::Instant::now());
+                while !stop.load(Ordering::Relaxed) {
+                    tls.write_all(b"ping").unwrap();
+                    let mut echo = [0u8; 4];
+                    tls.read_exact(&mut echo).unwrap();
+                    assert_eq!(&echo, b"ping");
+                    echoes += 1;
+                    last = std::time::Instant::now();
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                (tls, echoes, last)
+            }
+        });
+        Self { stop, thread }
+    }
+
+    /// The tunnel, idle from now on, how many echoes it carried, and when
+    /// the last one came back.
+    fn stop(self) -> (PublicTls, usize, std::time::Instant) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .join()
+            .expect("the tunnel stayed up while in use")
+    }
+}
+
+/// Waits until the gateway closes `tls` (end of stream or an error),
+/// reading whatever comes meanwhile; panics if it is open after `limit`.
+fn closed_within(tls: &mut PublicTls, limit: Duration) {
+    use std::io::{ErrorKind, Read};
+    tls.sock.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tls.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!("still open after {limit:?}")
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// A POST to `path` at `addr` that announces 100 bytes and sends 9; the
+/// response head (empty if the connection closed first), and how long it
+/// took after the 9.
+fn stalled_upload(
+    addr: std::net::SocketAddr,
+    ca: &Path,
+    path: &str,
+    token: &str,
+) -> (String, Duration) {
     use std::io::{Read, Write};
     let mut tls = public_tls(addr, ca, Duration::from_secs(15));
-    write!(tls, "POST /orders/new HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"item\":").unwrap();
+    write!(tls, "POST {path} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"item\":").unwrap();
     tls.flush().unwrap();
     let sent = std::time::Instant::now();
     let mut head = Vec::new();

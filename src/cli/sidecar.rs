@@ -116,7 +116,10 @@ pub struct SidecarArgs {
     #[arg(long, default_value_t = bulwark_sidecar::gateway::server::DEFAULT_MAX_CONNECTIONS_PER_CLIENT)]
     gateway_max_connections_per_client: usize,
     /// A gateway connection with no request in flight (a request counts until
-    /// its response is sent) for this long is closed (0: never).
+    /// its response is sent) for this long is closed; one whose client
+    /// stalls a request (sends none of the body the upstream waits for, or
+    /// reads none of the response) for this long is dropped; a tunnel with
+    /// no bytes either way for this long is closed (0: never).
     #[arg(long, default_value = "300s", value_parser = parse_duration)]
     gateway_idle_timeout: Duration,
 }

@@ -4,14 +4,17 @@
 //! nothing to keep, and the TLS handshake and the request's token come
 //! later), and a connection with nothing in flight is closed after an idle
 //! timeout ([`Activity`]), which keep-alive pings would otherwise extend
-//! forever.
+//! forever; one whose client stalls (stops sending a request body it
+//! started, or stops reading its response) is dropped after the same time.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// The address a client is counted by: IPv4 as is, IPv6 by its /64 (one
 /// host usually holds a whole /64, and would otherwise get a budget per
@@ -95,10 +98,15 @@ impl Drop for ClientSlot {
     }
 }
 
-/// Requests in flight on one connection, for its idle timeout.
+/// What one connection is doing, for its timeouts: requests in flight (the
+/// idle timeout counts only without any), and what it waits on from its
+/// client (a stall: the next bytes of a request body the upstream is
+/// reading, or room for the response's next bytes).
 #[derive(Debug)]
 pub struct Activity {
     in_flight: watch::Sender<usize>,
+    epoch: Instant,
+    waits: Mutex<Vec<Weak<Wait>>>,
 }
 
 /// One request in flight, until its response has been sent whole (or
@@ -106,18 +114,55 @@ pub struct Activity {
 #[derive(Debug)]
 pub struct Busy(Arc<Activity>);
 
+/// Since when a body has waited on the client, in milliseconds from its
+/// connection's epoch ([`NOT_WAITING`]: it does not).
+#[derive(Debug)]
+pub struct Wait {
+    epoch: Instant,
+    since: AtomicU64,
+}
+
+const NOT_WAITING: u64 = u64::MAX;
+
+impl Wait {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Waiting from now, unless already waiting.
+    fn start(&self) {
+        if self.since.load(Ordering::Relaxed) == NOT_WAITING {
+            self.since.store(self.now(), Ordering::Relaxed);
+        }
+    }
+
+    /// Waiting, counted from now.
+    fn restart(&self) {
+        self.since.store(self.now(), Ordering::Relaxed);
+    }
+
+    fn stop(&self) {
+        self.since.store(NOT_WAITING, Ordering::Relaxed);
+    }
+}
+
 /// A response body that keeps its request counted in flight until it ends,
-/// so that a long download is never taken for an idle connection.
+/// so that a long download is never taken for an idle connection. Between
+/// handing a frame on and being asked for the next one, it waits on the
+/// client: a client that stops reading leaves it there (a stall).
 pub struct Answering {
     body: crate::http::Body,
     busy: Option<Busy>,
+    wait: Option<Arc<Wait>>,
 }
 
 impl Answering {
     pub fn new(body: crate::http::Body, busy: Busy) -> Self {
+        let wait = busy.0.wait();
         Self {
             body,
             busy: Some(busy),
+            wait: Some(wait),
         }
     }
 }
@@ -130,9 +175,72 @@ impl hyper::body::Body for Answering {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        // Asked again: the client took what came before (or room for it).
+        if let Some(w) = &self.wait {
+            w.stop();
+        }
         let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
-        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
-            self.busy = None;
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(_))) => {
+                if let Some(w) = &self.wait {
+                    w.restart();
+                }
+            }
+            std::task::Poll::Ready(None | Some(Err(_))) => {
+                self.busy = None;
+                self.wait = None;
+            }
+            // Waiting on the upstream, not on the client.
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A request body streamed to the upstream: while the upstream asks for
+/// bytes the client has not sent, it waits on the client (a stall, when
+/// that lasts).
+pub struct Uploading<B> {
+    body: B,
+    wait: Option<Arc<Wait>>,
+}
+
+impl<B: hyper::body::Body + Unpin> Uploading<B> {
+    pub fn new(body: B, activity: &Arc<Activity>) -> Self {
+        let wait = (!body.is_end_stream()).then(|| activity.wait());
+        Self { body, wait }
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Uploading<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Pending => {
+                if let Some(w) = &self.wait {
+                    w.start();
+                }
+            }
+            std::task::Poll::Ready(Some(Ok(_))) => {
+                if let Some(w) = &self.wait {
+                    w.stop();
+                }
+            }
+            std::task::Poll::Ready(None | Some(Err(_))) => self.wait = None,
         }
         polled
     }
@@ -150,12 +258,25 @@ impl Activity {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             in_flight: watch::Sender::new(0),
+            epoch: Instant::now(),
+            waits: Mutex::new(Vec::new()),
         })
     }
 
     pub fn begin(self: &Arc<Self>) -> Busy {
         self.in_flight.send_modify(|n| *n += 1);
         Busy(self.clone())
+    }
+
+    fn wait(&self) -> Arc<Wait> {
+        let w = Arc::new(Wait {
+            epoch: self.epoch,
+            since: AtomicU64::new(NOT_WAITING),
+        });
+        let mut waits = self.waits.lock().unwrap_or_else(|p| p.into_inner());
+        waits.retain(|w| w.strong_count() > 0);
+        waits.push(Arc::downgrade(&w));
+        w
     }
 
     /// Resolves once the connection has had nothing in flight for
@@ -171,6 +292,29 @@ impl Activity {
             match tokio::time::timeout(timeout, rx.changed()).await {
                 Err(_) => return,
                 Ok(_) => continue,
+            }
+        }
+    }
+
+    /// Resolves once a body has waited on the client for `timeout` (checked
+    /// every quarter of it, so within 1.25 × `timeout`); never, for zero.
+    pub async fn stalled_for(&self, timeout: Duration) {
+        if timeout.is_zero() {
+            return std::future::pending().await;
+        }
+        let limit = timeout.as_millis() as u64;
+        let mut tick = tokio::time::interval((timeout / 4).max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = self.epoch.elapsed().as_millis() as u64;
+            let waits = self.waits.lock().unwrap_or_else(|p| p.into_inner());
+            let stalled = waits.iter().filter_map(Weak::upgrade).any(|w| {
+                let since = w.since.load(Ordering::Relaxed);
+                since != NOT_WAITING && now.saturating_sub(since) >= limit
+            });
+            if stalled {
+                return;
             }
         }
     }
@@ -252,26 +396,85 @@ mod tests {
         assert_eq!(slots.held(ip), held.len());
     }
 
+    /// Resolves when `activity` has been idle for `secs`.
+    fn idle_after(activity: &Arc<Activity>, secs: u64) -> tokio::task::JoinHandle<()> {
+        let activity = activity.clone();
+        tokio::spawn(async move { activity.idle_for(Duration::from_secs(secs)).await })
+    }
+
+    /// Resolves when something on `activity` has waited on the client for `secs`.
+    fn stall_after(activity: &Arc<Activity>, secs: u64) -> tokio::task::JoinHandle<()> {
+        let activity = activity.clone();
+        tokio::spawn(async move { activity.stalled_for(Duration::from_secs(secs)).await })
+    }
+
+    /// That `from` was between `at_least` and `below` ago.
+    fn assert_took(from: Instant, at_least: Duration, below: Duration) {
+        let took = from.elapsed();
+        assert!(took >= at_least && took < below, "{took:?}");
+    }
+
+    /// Timers tick in whole milliseconds: `secs`, give or take that.
+    fn assert_took_secs(from: Instant, secs: u64) {
+        assert_took(
+            from,
+            Duration::from_secs(secs),
+            Duration::from_millis(secs * 1000 + 10),
+        );
+    }
+
+    /// That `stall` (10 s) fires, between 10 s after `from` and a check
+    /// later (every quarter of the timeout).
+    async fn assert_stalls_10s_after(stall: tokio::task::JoinHandle<()>, from: Instant) {
+        let stalled = tokio::time::timeout(Duration::from_secs(60), stall).await;
+        stalled.expect("a stall within a minute").unwrap();
+        assert_took(from, Duration::from_secs(10), Duration::from_millis(12_510));
+    }
+
+    /// A body whose frames arrive when a test sends them.
+    struct Sent(tokio::sync::mpsc::Receiver<&'static str>);
+
+    impl hyper::body::Body for Sent {
+        type Data = hyper::body::Bytes;
+        type Error = crate::http::BoxError;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|f| f.map(|s| Ok(hyper::body::Frame::data(s.into()))))
+        }
+    }
+
+    fn sent() -> (tokio::sync::mpsc::Sender<&'static str>, Sent) {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        (tx, Sent(rx))
+    }
+
+    async fn next_data<B>(body: &mut B) -> String
+    where
+        B: hyper::body::Body<Data = hyper::body::Bytes> + Unpin,
+        B::Error: std::fmt::Debug,
+    {
+        use http_body_util::BodyExt;
+        let frame = body.frame().await.expect("a frame").expect("data");
+        String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn idle_counts_from_the_last_answer_and_not_while_a_request_is_in_flight() {
         let activity = Activity::new();
-        let start = tokio::time::Instant::now();
+        let start = Instant::now();
         let busy = activity.begin();
-        let idle = tokio::spawn({
-            let activity = activity.clone();
-            async move { activity.idle_for(Duration::from_secs(10)).await }
-        });
+        let idle = idle_after(&activity, 10);
         // A request in flight for 30 s: not idle meanwhile.
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert!(!idle.is_finished());
         drop(busy);
         idle.await.unwrap();
-        // Timers tick in whole milliseconds.
-        let took = start.elapsed();
-        assert!(
-            took >= Duration::from_secs(40) && took < Duration::from_millis(40_010),
-            "{took:?}"
-        );
+        assert_took_secs(start, 40);
     }
 
     #[tokio::test(start_paused = true)]
@@ -279,20 +482,13 @@ mod tests {
         use http_body_util::BodyExt;
         let activity = Activity::new();
         let body = Answering::new(crate::http::full("answer"), activity.begin());
-        let idle = tokio::spawn({
-            let activity = activity.clone();
-            async move { activity.idle_for(Duration::from_secs(10)).await }
-        });
+        let idle = idle_after(&activity, 10);
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(!idle.is_finished(), "idle while the response was unsent");
-        let sent = tokio::time::Instant::now();
+        let sent = Instant::now();
         assert_eq!(body.collect().await.unwrap().to_bytes(), "answer");
         idle.await.unwrap();
-        let took = sent.elapsed();
-        assert!(
-            took >= Duration::from_secs(10) && took < Duration::from_millis(10_010),
-            "{took:?}"
-        );
+        assert_took_secs(sent, 10);
     }
 
     #[tokio::test(start_paused = true)]
@@ -301,23 +497,91 @@ mod tests {
         let idle =
             tokio::time::timeout(Duration::from_secs(3600), activity.idle_for(Duration::ZERO));
         assert!(idle.await.is_err());
+        let stall = tokio::time::timeout(
+            Duration::from_secs(3600),
+            activity.stalled_for(Duration::ZERO),
+        );
+        assert!(stall.await.is_err());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_new_request_restarts_the_idle_timer() {
         let activity = Activity::new();
-        let start = tokio::time::Instant::now();
-        let idle = tokio::spawn({
-            let activity = activity.clone();
-            async move { activity.idle_for(Duration::from_secs(10)).await }
-        });
+        let start = Instant::now();
+        let idle = idle_after(&activity, 10);
         tokio::time::sleep(Duration::from_secs(6)).await;
         drop(activity.begin());
         idle.await.unwrap();
-        let took = start.elapsed();
-        assert!(
-            took >= Duration::from_secs(16) && took < Duration::from_millis(16_010),
-            "{took:?}"
-        );
+        assert_took_secs(start, 16);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_body_the_client_stops_sending_is_a_stall() {
+        let activity = Activity::new();
+        let (tx, body) = sent();
+        let mut body = Uploading::new(body, &activity);
+        let stall = stall_after(&activity, 10);
+        // A client that sends a part every 8 s keeps going.
+        for _ in 0..5 {
+            tx.send("part").await.unwrap();
+            assert_eq!(next_data(&mut body).await, "part");
+            tokio::time::sleep(Duration::from_secs(8)).await;
+        }
+        tx.send("part").await.unwrap();
+        assert_eq!(next_data(&mut body).await, "part");
+        assert!(!stall.is_finished(), "a steady client stalled");
+        // Then the upstream asks for more and none comes.
+        let asked = Instant::now();
+        let _waiting = tokio::spawn(async move { next_data(&mut body).await });
+        assert_stalls_10s_after(stall, asked).await;
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_that_reads_slowly_or_a_finished_body_is_no_stall() {
+        let activity = Activity::new();
+        let (tx, body) = sent();
+        let mut body = Uploading::new(body, &activity);
+        let stall = stall_after(&activity, 10);
+        // The client has sent; the upstream takes a minute to read it.
+        tx.send("part").await.unwrap();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(next_data(&mut body).await, "part");
+        drop(tx);
+        use http_body_util::BodyExt;
+        assert!(body.frame().await.is_none());
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!stall.is_finished());
+        // A request without a body waits on nothing.
+        let _empty = Uploading::new(crate::http::full(""), &activity);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!stall.is_finished());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_the_client_does_not_take_is_a_stall_but_a_slow_upstream_is_not() {
+        use http_body_util::BodyExt;
+        let activity = Activity::new();
+        let (tx, body) = sent();
+        let mut body = Answering::new(body.boxed(), activity.begin());
+        let stall = stall_after(&activity, 10);
+        // The upstream answers a part a minute: hyper waits on it, not on
+        // the client.
+        for _ in 0..3 {
+            let next = tokio::spawn(async move {
+                let got = next_data(&mut body).await;
+                (body, got)
+            });
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            tx.send("part").await.unwrap();
+            let (b, got) = next.await.unwrap();
+            body = b;
+            assert_eq!(got, "part");
+            assert!(!stall.is_finished(), "a slow upstream taken for a stall");
+        }
+        // Then hyper never comes back for more: the client is not reading.
+        let handed = Instant::now();
+        assert_stalls_10s_after(stall, handed).await;
+        drop(body);
     }
 }

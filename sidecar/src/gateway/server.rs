@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use super::certs::{self, CertSet};
-use super::clients::{Activity, Answering, ClientSlots, client_block};
+use super::clients::{Activity, Answering, ClientSlots, Uploading, client_block};
 use super::jwt::{self, AuthOutcome, Authenticator, Principal};
 use super::schema::BodySchema;
 use crate::Proxy;
@@ -33,7 +33,9 @@ use crate::config::Snapshot;
 use crate::http::deadline::{FirstBytes, PREFACE_BYTES};
 use crate::http::outbound::{EdgeCaller, Plan, exchange};
 use crate::http::route::{RouteTable, Rule};
-use crate::http::{Body, ConnectionHold, DrainOnDrop, PEER_IDENTITY_HEADER, full, reply};
+use crate::http::{
+    Body, ConnectionHold, DrainOnDrop, PEER_IDENTITY_HEADER, TunnelIdle, full, reply,
+};
 use crate::resilience::ratelimit::{KeyedLimiter, RateDecision};
 use crate::telemetry::{HandshakeLabels, RequestKey, ServiceLabel};
 
@@ -509,6 +511,10 @@ async fn serve(
 ) {
     let mut draining = proxy.draining.subscribe();
     let activity = Activity::new();
+    let stalled = {
+        let proxy = proxy.clone();
+        move || proxy.metrics.refused("gateway", "client_stalled")
+    };
     let svc = hyper::service::service_fn({
         let activity = activity.clone();
         move |mut req: Request<Incoming>| {
@@ -516,10 +522,12 @@ async fn serve(
             // In flight from its head until its response's last byte.
             let busy = activity.begin();
             req.extensions_mut().insert(held.clone());
+            req.extensions_mut().insert(TunnelIdle(idle_timeout));
+            let activity = activity.clone();
             async move {
                 let compiled = state.load_full();
                 let resp = match compiled.as_ref() {
-                    Some(c) => handle(&proxy, c, peer, req, idle_timeout).await,
+                    Some(c) => handle(&proxy, c, peer, req, &activity, idle_timeout).await,
                     None => reply(503, "no-config"),
                 };
                 Ok::<_, Infallible>(resp.map(|b| Answering::new(b, busy).boxed()))
@@ -537,6 +545,7 @@ async fn serve(
     let io = FirstBytes::new(tls, PREFACE_BYTES, crate::http::HEADER_READ_TIMEOUT);
     let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
+    let idle_timeout_ms = idle_timeout.as_millis() as u64;
     let r = tokio::select! {
         r = conn.as_mut() => r,
         () = async { let _ = draining.wait_for(|d| *d).await; } => {
@@ -544,9 +553,24 @@ async fn serve(
             conn.await
         }
         () = activity.idle_for(idle_timeout) => {
-            tracing::debug!(%peer, idle_timeout_ms = idle_timeout.as_millis() as u64, "gateway connection idle; closing it");
+            tracing::debug!(%peer, idle_timeout_ms, "gateway connection idle; closing it");
             conn.as_mut().graceful_shutdown();
-            conn.await
+            // The goodbye (or a response's last bytes) must be read too:
+            // a client that does not gets the same time again, no more.
+            match tokio::time::timeout(idle_timeout, conn).await {
+                Ok(r) => r,
+                Err(_) => {
+                    stalled();
+                    Ok(())
+                }
+            }
+        }
+        () = activity.stalled_for(idle_timeout) => {
+            // The client holds up a request it started: no goodbye would
+            // get through, the connection is dropped.
+            tracing::info!(%peer, idle_timeout_ms, "gateway client stalled (a request body not sent, or a response not read); connection dropped");
+            stalled();
+            Ok(())
         }
     };
     if let Err(e) = r {
@@ -633,6 +657,7 @@ async fn handle(
     gw: &Compiled,
     client: SocketAddr,
     req: Request<Incoming>,
+    activity: &Arc<Activity>,
     body_timeout: Duration,
 ) -> Response<Body> {
     let (parts, body) = req.into_parts();
@@ -640,7 +665,7 @@ async fn handle(
     // in the background when dropped (see DrainOnDrop).
     let mut body = Some(DrainOnDrop::new(body));
     let req = Request::from_parts(parts, ());
-    decide(proxy, gw, client, req, &mut body, body_timeout).await
+    decide(proxy, gw, client, req, &mut body, activity, body_timeout).await
 }
 
 /// The pipeline. `body_slot` is taken when the request goes on; left in place
@@ -651,6 +676,7 @@ async fn decide(
     client: SocketAddr,
     req: Request<()>,
     body_slot: &mut Option<DrainOnDrop>,
+    activity: &Arc<Activity>,
     body_timeout: Duration,
 ) -> Response<Body> {
     let started = Instant::now();
@@ -780,7 +806,10 @@ async fn decide(
 
     let (mut parts, ()) = req.into_parts();
     let body: Body = match route.max_body {
-        None => body_slot.take().expect("body not taken yet").boxed(),
+        // Streamed: a client that stops sending it is a stall.
+        None => Uploading::new(body_slot.take().expect("body not taken yet"), activity)
+            .map_err(|e| -> crate::http::BoxError { Box::new(e) })
+            .boxed(),
         Some(max) => {
             let declared = parts
                 .headers

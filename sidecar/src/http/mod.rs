@@ -13,6 +13,7 @@ pub mod park;
 pub mod pool;
 pub mod replay;
 pub mod route;
+pub mod tunnel;
 
 use http_body_util::BodyExt;
 use hyper::body::Bytes;
@@ -22,6 +23,8 @@ pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
 /// Header naming the verified SPIFFE ID of the calling workload, set by
 /// the inbound sidecar (any such header from the client is replaced).
+pub use tunnel::TunnelIdle;
+
 pub const PEER_IDENTITY_HEADER: &str = "x-bulwark-peer-identity";
 /// Header saying why the sidecar itself answered (bulkhead-full, ...).
 pub const REASON_HEADER: &str = "x-bulwark-reason";

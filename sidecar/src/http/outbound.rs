@@ -780,6 +780,10 @@ async fn upgrade_tunnel(proxy: &Arc<Proxy>, plan: &Plan<'_>, mut req: Request<Bo
     // gateway's, HTTP/2) through hyper's upgrade.
     let manual = req.extensions_mut().remove::<super::park::ManualUpgrade>();
     let hold = req.extensions_mut().remove::<super::ConnectionHold>();
+    let idle = req
+        .extensions_mut()
+        .remove::<super::TunnelIdle>()
+        .map(|t| t.0);
     let down_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
     parts.headers.remove(super::PEER_IDENTITY_HEADER);
@@ -814,7 +818,9 @@ async fn upgrade_tunnel(proxy: &Arc<Proxy>, plan: &Plan<'_>, mut req: Request<Bo
             let _hold = hold;
             match (down.await, up_upgrade.await) {
                 (Some(mut d), Ok(u)) => {
-                    let _ = tokio::io::copy_bidirectional(&mut d, &mut TokioIo::new(u)).await;
+                    if super::tunnel::relay(&mut d, &mut TokioIo::new(u), idle).await {
+                        tracing::debug!("upgraded connection idle; closed");
+                    }
                 }
                 (d, u) => {
                     tracing::debug!(

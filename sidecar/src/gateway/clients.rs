@@ -207,7 +207,10 @@ impl hyper::body::Body for Answering {
 
 /// A request body streamed to the upstream: while the upstream asks for
 /// bytes the client has not sent, it waits on the client (a stall, when
-/// that lasts).
+/// that lasts). Only a body of announced length: one of unknown length
+/// (gRPC, a chunked stream) may be quiet for good reasons, and the
+/// upstream's HTTP/2 client asks for its next bytes whether or not it
+/// needs them to answer.
 pub struct Uploading<B> {
     body: B,
     wait: Option<Arc<Wait>>,
@@ -215,7 +218,8 @@ pub struct Uploading<B> {
 
 impl<B: hyper::body::Body + Unpin> Uploading<B> {
     pub fn new(body: B, activity: &Arc<Activity>) -> Self {
-        let wait = (!body.is_end_stream()).then(|| activity.wait());
+        let announced = body.size_hint().exact().is_some_and(|n| n > 0);
+        let wait = (announced && !body.is_end_stream()).then(|| activity.wait());
         Self { body, wait }
     }
 }
@@ -431,8 +435,9 @@ mod tests {
         assert_took(from, Duration::from_secs(10), Duration::from_millis(12_510));
     }
 
-    /// A body whose frames arrive when a test sends them.
-    struct Sent(tokio::sync::mpsc::Receiver<&'static str>);
+    /// A body whose frames arrive when a test sends them, announcing its
+    /// length (like a Content-Length) or not.
+    struct Sent(tokio::sync::mpsc::Receiver<&'static str>, Option<u64>);
 
     impl hyper::body::Body for Sent {
         type Data = hyper::body::Bytes;
@@ -446,11 +451,18 @@ mod tests {
                 .poll_recv(cx)
                 .map(|f| f.map(|s| Ok(hyper::body::Frame::data(s.into()))))
         }
+
+        fn size_hint(&self) -> hyper::body::SizeHint {
+            self.1
+                .map(hyper::body::SizeHint::with_exact)
+                .unwrap_or_default()
+        }
     }
 
-    fn sent() -> (tokio::sync::mpsc::Sender<&'static str>, Sent) {
+    /// A body of `announced` bytes (`None`: unknown) and its sender.
+    fn sent(announced: Option<u64>) -> (tokio::sync::mpsc::Sender<&'static str>, Sent) {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
-        (tx, Sent(rx))
+        (tx, Sent(rx, announced))
     }
 
     async fn next_data<B>(body: &mut B) -> String
@@ -518,17 +530,21 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_request_body_the_client_stops_sending_is_a_stall() {
         let activity = Activity::new();
-        let (tx, body) = sent();
+        let (tx, body) = sent(Some(100));
         let mut body = Uploading::new(body, &activity);
         let stall = stall_after(&activity, 10);
-        // A client that sends a part every 8 s keeps going.
+        // The upstream waits for each part; the client sends one every 8 s.
         for _ in 0..5 {
-            tx.send("part").await.unwrap();
-            assert_eq!(next_data(&mut body).await, "part");
+            let next = tokio::spawn(async move {
+                let got = next_data(&mut body).await;
+                (body, got)
+            });
             tokio::time::sleep(Duration::from_secs(8)).await;
+            tx.send("part").await.unwrap();
+            let (b, got) = next.await.unwrap();
+            body = b;
+            assert_eq!(got, "part");
         }
-        tx.send("part").await.unwrap();
-        assert_eq!(next_data(&mut body).await, "part");
         assert!(!stall.is_finished(), "a steady client stalled");
         // Then the upstream asks for more and none comes.
         let asked = Instant::now();
@@ -540,7 +556,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_upstream_that_reads_slowly_or_a_finished_body_is_no_stall() {
         let activity = Activity::new();
-        let (tx, body) = sent();
+        let (tx, body) = sent(Some(100));
         let mut body = Uploading::new(body, &activity);
         let stall = stall_after(&activity, 10);
         // The client has sent; the upstream takes a minute to read it.
@@ -559,10 +575,25 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_quiet_stream_of_unknown_length_is_no_stall() {
+        // A gRPC stream whose client sends one message, then listens.
+        let activity = Activity::new();
+        let (tx, body) = sent(None);
+        let mut body = Uploading::new(body, &activity);
+        let stall = stall_after(&activity, 10);
+        tx.send("hello").await.unwrap();
+        assert_eq!(next_data(&mut body).await, "hello");
+        let _waiting = tokio::spawn(async move { next_data(&mut body).await });
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(!stall.is_finished());
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_response_the_client_does_not_take_is_a_stall_but_a_slow_upstream_is_not() {
         use http_body_util::BodyExt;
         let activity = Activity::new();
-        let (tx, body) = sent();
+        let (tx, body) = sent(None);
         let mut body = Answering::new(body.boxed(), activity.begin());
         let stall = stall_after(&activity, 10);
         // The upstream answers a part a minute: hyper waits on it, not on

@@ -501,6 +501,10 @@ async fn accept_loop(
     }
 }
 
+/// HTTP/2 receive window of a public connection, four times a stream's
+/// (hyper's 1 MiB).
+const GATEWAY_CONNECTION_WINDOW: u32 = 4 << 20;
+
 async fn serve(
     proxy: Arc<Proxy>,
     tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
@@ -539,7 +543,11 @@ async fn serve(
     b.http2()
         .timer(hyper_util::rt::TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10));
+        .keep_alive_timeout(Duration::from_secs(10))
+        // Room for several streams' windows: a stream whose upstream reads
+        // slowly must not starve the others' bodies (which would then look
+        // like stalls of the client).
+        .initial_connection_window_size(GATEWAY_CONNECTION_WINDOW);
     // A client that completes the handshake and then says nothing is
     // dropped like one that never finishes its headers.
     let io = FirstBytes::new(tls, PREFACE_BYTES, crate::http::HEADER_READ_TIMEOUT);
@@ -560,7 +568,7 @@ async fn serve(
             match tokio::time::timeout(idle_timeout, conn).await {
                 Ok(r) => r,
                 Err(_) => {
-                    stalled();
+                    tracing::debug!(%peer, "gateway connection's goodbye not taken; dropped");
                     Ok(())
                 }
             }

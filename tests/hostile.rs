@@ -432,17 +432,31 @@ fn sigterm_on_one_of_two_upstream_sidecars_under_load_fails_no_request() {
     // process is still finishing what it has.
     let sw = mesh.net.switch.clone();
     let target: SocketAddr = format!("{}:8080", api1.ip).parse().unwrap();
-    let refused = mesh.net.in_ns(&sw, move || {
+    // Whether the sidecar was alive when the refusal came is read at that
+    // moment (a zombie is not alive): the drain may end a moment later.
+    // Attempts are short, so a SYN lost as the listener closes does not
+    // hold the check for a retransmission's second.
+    let alive = move || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
+            !matches!(state, Some("Z" | "X") | None)
+        })
+    };
+    let (refused, alive_while_refusing) = mesh.net.in_ns(&sw, move || {
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            match TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
-                _ if Instant::now() > deadline => return false,
+            match TcpStream::connect_timeout(&target, Duration::from_millis(100)) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    return (true, alive());
+                }
+                _ if Instant::now() > deadline => return (false, alive()),
                 _ => std::thread::sleep(Duration::from_millis(20)), // polling
             }
         }
     });
-    let alive_while_refusing = mesh.net.proc_mut(i).child.try_wait().unwrap().is_none();
     wait_for("api-1's sidecar to exit", Duration::from_secs(15), || {
         mesh.net.proc_mut(i).child.try_wait().unwrap().map(|_| ())
     });

@@ -475,6 +475,28 @@ mod tests {
         String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap()
     }
 
+    /// `body` is asked for its next frame; "part" is sent `secs` later and
+    /// must be what the asker gets.
+    async fn part_asked_for<B>(
+        mut body: B,
+        tx: &tokio::sync::mpsc::Sender<&'static str>,
+        secs: u64,
+    ) -> B
+    where
+        B: hyper::body::Body<Data = hyper::body::Bytes> + Unpin + Send + 'static,
+        B::Error: std::fmt::Debug,
+    {
+        let next = tokio::spawn(async move {
+            let got = next_data(&mut body).await;
+            (body, got)
+        });
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        tx.send("part").await.unwrap();
+        let (body, got) = next.await.unwrap();
+        assert_eq!(got, "part");
+        body
+    }
+
     #[tokio::test(start_paused = true)]
     async fn idle_counts_from_the_last_answer_and_not_while_a_request_is_in_flight() {
         let activity = Activity::new();
@@ -535,15 +557,7 @@ mod tests {
         let stall = stall_after(&activity, 10);
         // The upstream waits for each part; the client sends one every 8 s.
         for _ in 0..5 {
-            let next = tokio::spawn(async move {
-                let got = next_data(&mut body).await;
-                (body, got)
-            });
-            tokio::time::sleep(Duration::from_secs(8)).await;
-            tx.send("part").await.unwrap();
-            let (b, got) = next.await.unwrap();
-            body = b;
-            assert_eq!(got, "part");
+            body = part_asked_for(body, &tx, 8).await;
         }
         assert!(!stall.is_finished(), "a steady client stalled");
         // Then the upstream asks for more and none comes.
@@ -599,15 +613,7 @@ mod tests {
         // The upstream answers a part a minute: hyper waits on it, not on
         // the client.
         for _ in 0..3 {
-            let next = tokio::spawn(async move {
-                let got = next_data(&mut body).await;
-                (body, got)
-            });
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            tx.send("part").await.unwrap();
-            let (b, got) = next.await.unwrap();
-            body = b;
-            assert_eq!(got, "part");
+            body = part_asked_for(body, &tx, 60).await;
             assert!(!stall.is_finished(), "a slow upstream taken for a stall");
         }
         // Then hyper never comes back for more: the client is not reading.

@@ -27,7 +27,9 @@
 #
 # The names are mangled symbols. They stay the same across most source edits
 # but not across a compiler or dependency version change (regenerate the file
-# then, and when run.sh reports that many listed names are missing). A name
+# then, and when run.sh reports that many listed names are missing). Fat
+# LTO's numbered copies (name.N) are renumbered by any edit; build.rs lists
+# them without the number and places every copy. A name
 # the program no longer has is skipped by the linker: a stale file costs
 # memory, never a failed build.
 # Environment: SKIP_BUILD=1 (use target/release/bulwark as built).

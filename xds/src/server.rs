@@ -19,20 +19,20 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bulwark_ca::SpiffeId;
 use bulwark_proto::xds::v1::discovery_service_server::{DiscoveryService, DiscoveryServiceServer};
 use bulwark_proto::xds::v1::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
-use tonic::codegen::Service;
+use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -52,7 +52,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS handshakes in progress at once; connections beyond are closed.
 pub const MAX_HANDSHAKES: usize = 256;
 /// Concurrent requests (streams) per connection; a sidecar needs one.
-pub const CONCURRENCY_PER_CONNECTION: u32 = 8;
+pub const CONCURRENCY_PER_CONNECTION: usize = 8;
 /// How long a new stream may take to send its first request (the node).
 pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Responses handed to a stream's HTTP/2 body ahead of sending. Few: the
@@ -60,10 +60,6 @@ pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// outbox, not in HTTP/2's frame queue, which keeps its largest size for
 /// the connection's life.
 pub const SEND_QUEUE: usize = 4;
-/// Bytes of responses HTTP/2 buffers per stream before the stream waits.
-/// hyper's default, 400 KiB, let a sync queue dozens of frames at once, and
-/// HTTP/2's frame queue keeps its largest size for the connection's life.
-pub const SEND_BUFFER: usize = 16 * 1024;
 /// A burst of changes is folded into one snapshot at most this long after
 /// its first change.
 pub const MAX_DEBOUNCE: Duration = Duration::from_secs(1);
@@ -135,6 +131,8 @@ pub enum ServeError {
     Listen(SocketAddr, io::Error),
     #[error("TLS setup failed: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
     #[error("startup task failed: {0}")]
     Startup(String),
 }
@@ -354,46 +352,46 @@ impl ControlPlane {
             ca_dir = %opts.ca_dir.display(),
             "control plane listening"
         );
-        let svc = DiscoveryServiceServer::new(Discovery(shared.clone()))
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE);
-        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new())
-            // Finds sidecars that vanished without a FIN.
-            .keep_alive_interval(Some(Duration::from_secs(30)))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .max_concurrent_streams(CONCURRENCY_PER_CONNECTION)
-            .max_send_buf_size(SEND_BUFFER);
-        let serving = Serving {
-            h2,
-            svc,
-            stop: shared.stop.subscribe(),
-        };
-        let max_connections = u32::try_from(opts.max_connections)
-            .unwrap_or(u32::MAX)
-            .min(Semaphore::MAX_PERMITS as u32);
-        let connections = Arc::new(Semaphore::new(max_connections as usize));
+        let (tx, rx) = mpsc::channel(128);
         tasks.spawn(accept(
             listener,
             tokio_rustls::TlsAcceptor::from(tls),
-            serving,
+            tx,
             shared.metrics.clone(),
-            connections.clone(),
+            opts.max_connections,
         ));
-        shutdown.await;
-        tracing::info!("shutting down: closing discovery streams");
-        shared.stop.send_replace(true);
-        // Every connection holds a slot until it has closed: all slots free
-        // means every stream has delivered its closing status.
-        tokio::select! {
-            _ = connections.acquire_many(max_connections) => {}
-            _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
+
+        let svc = DiscoveryServiceServer::new(Discovery(shared.clone()))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let stopping = shared.clone();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down: closing discovery streams");
+            stopping.stop.send_replace(true);
+        };
+        let server = tonic::transport::Server::builder()
+            .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
+            .max_concurrent_streams(Some(CONCURRENCY_PER_CONNECTION as u32))
+            // Finds sidecars that vanished without a FIN.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(svc)
+            .serve_with_incoming_shutdown(ReceiverStream::new(rx), signal);
+        let mut stop = shared.stop.subscribe();
+        let result = tokio::select! {
+            r = server => r.map_err(ServeError::from),
+            _ = async {
+                let _ = stop.wait_for(|s| *s).await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {
                 tracing::warn!("discovery streams did not close in time; exiting anyway");
+                Ok(())
             }
-        }
+        };
         tasks.abort_all();
         tracing::info!("control plane stopped");
-        Ok(())
+        result
     }
 }
 
@@ -434,87 +432,76 @@ async fn rebuild(shared: Arc<Shared>, debounce: Duration) {
     }
 }
 
-/// Serves discovery on one verified connection. hyper's HTTP/2 server runs
-/// it directly: tonic's own server put an HTTP/1-or-2 detector and a stack
-/// of tower layers around every connection, which a thousand connected
-/// sidecars paid for each (`tests/perf/RESULTS.md`).
-#[derive(Clone)]
-struct Serving {
-    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
-    svc: DiscoveryServiceServer<Discovery>,
-    stop: watch::Receiver<bool>,
+/// A verified TLS connection, holding its slot in the connection limit.
+struct Conn {
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    _slot: OwnedSemaphorePermit,
 }
 
-impl Serving {
-    async fn connection(
-        mut self,
-        tls: tokio_rustls::server::TlsStream<TcpStream>,
-        peer: SocketAddr,
-    ) {
-        // Read once per connection, handed to each of its streams.
-        let identity = Peer(Arc::new(match tls.get_ref().1.peer_certificates() {
-            Some([leaf, ..]) => {
-                bulwark_ca::tls::spiffe_id_of(leaf).map_err(|e| format!("client certificate: {e}"))
-            }
-            _ => Err("no client certificate".into()),
-        }));
-        let svc = self.svc;
-        let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
-            request.extensions_mut().insert(identity.clone());
-            let mut svc = svc.clone();
-            async move { svc.call(request).await }
-        });
-        let conn = self.h2.serve_connection(TokioIo::new(tls), service);
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            () = stopped(&mut self.stop) => {
-                // GOAWAY now; the connection ends once its streams have
-                // sent their closing status.
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
-        if let Err(e) = result {
-            tracing::debug!(%peer, error = %e, "discovery connection ended");
-        }
+impl Connected for Conn {
+    type ConnectInfo = <tokio_rustls::server::TlsStream<TcpStream> as Connected>::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.tls.connect_info()
     }
 }
 
-/// Resolves once the control plane stops (at once if it has).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    // An error means the sender is gone: stopped as well.
-    let _ = stop.wait_for(|s| *s).await;
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_read(cx, buf)
+    }
 }
 
-/// The client's SPIFFE ID, from the certificate verified in the handshake.
-#[derive(Clone)]
-struct Peer(Arc<Result<SpiffeId, String>>);
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tls).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tls).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+}
 
-/// Accepts TCP connections, completes their TLS handshakes (client
+/// Accepts TCP connections and completes their TLS handshakes (client
 /// certificate verified against the trust bundle), each bounded in time and
-/// in number, and serves them. Stops accepting once the control plane stops.
+/// in number, and hands them to the gRPC server.
 async fn accept(
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
-    serving: Serving,
+    tx: mpsc::Sender<Result<Conn, io::Error>>,
     metrics: Arc<XdsMetrics>,
-    connections: Arc<Semaphore>,
+    max_connections: usize,
 ) {
+    let connections = Arc::new(Semaphore::new(max_connections));
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    let mut stop = serving.stop.clone();
     loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(c) => c,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = stopped(&mut stop) => return,
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let (Ok(slot), Ok(handshake)) = (
             connections.clone().try_acquire_owned(),
@@ -525,14 +512,15 @@ async fn accept(
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
-        let serving = serving.clone();
+        let tx = tx.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let _slot = slot;
             let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
             drop(handshake);
             match result {
-                Ok(Ok(tls)) => serving.connection(tls, peer).await,
+                Ok(Ok(tls)) => {
+                    let _ = tx.send(Ok(Conn { tls, _slot: slot })).await;
+                }
                 Ok(Err(e)) => {
                     metrics.tls_handshake_failures.inc();
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -636,11 +624,12 @@ impl DiscoveryService for Discovery {
 
 /// The SPIFFE ID of the client certificate (verified during the handshake).
 fn peer_identity<T>(request: &Request<T>) -> Result<SpiffeId, Status> {
-    match request.extensions().get::<Peer>().map(|p| &*p.0) {
-        Some(Ok(id)) => Ok(id.clone()),
-        Some(Err(e)) => Err(Status::unauthenticated(e.clone())),
-        None => Err(Status::unauthenticated("no client certificate")),
-    }
+    let certs = request
+        .peer_certs()
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    bulwark_ca::tls::spiffe_id_of(&certs[0])
+        .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))
 }
 
 /// Keeps `bulwark_xds_connected_sidecars` counting this stream.

@@ -70,8 +70,11 @@ fn layout_files(order: &Path, out: &Path) -> Result<(PathBuf, Option<PathBuf>), 
     let (mut names, mut copies) = (Vec::new(), Vec::new());
     let mut seen = HashSet::new();
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        // Only Rust's mangled names (`_ZN`, `_R`) get LTO numbers; a C
+        // function's `.part.0` or `.constprop.0` is its real, stable name.
+        let rust = line.starts_with("_ZN") || line.starts_with("_R");
         let (name, numbered) = match line.rsplit_once('.') {
-            Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+            Some((base, n)) if rust && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
                 (base, true)
             }
             _ => (line, false),

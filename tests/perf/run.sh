@@ -146,8 +146,8 @@ LOADGEN=$ROOT/target/release/examples/loadgen
 # since tests/perf/text_order.sh last ran are laid out as if not listed.
 HOT_ORDER=$ROOT/src/link/hot-text.order
 if [ -s "$HOT_ORDER" ]; then
-    # A numbered LTO copy (name.N) counts under any number: build.rs places them all.
-    ORDER_FOUND="$(nm "$BIN" | awk 'function base(s) { sub(/\.[0-9]+$/, "", s); return s }
+    # A Rust function's numbered LTO copy (name.N) counts under any number: build.rs places them all.
+    ORDER_FOUND="$(nm "$BIN" | awk 'function base(s) { if (s ~ /^_(ZN|R)/) sub(/\.[0-9]+$/, "", s); return s }
         NR == FNR { have[base($NF)] = 1; next } (base($1) in have) { n++ } END { print n + 0 }' - "$HOT_ORDER") of $(wc -l <"$HOT_ORDER")"
     log "hot-text layout: $ORDER_FOUND listed functions are in $BIN"
 fi

@@ -6,7 +6,9 @@
 //! been idle for [`PARK_AFTER`], the hyper connection is taken apart (its
 //! socket and any unparsed bytes kept) and built again when the client
 //! next sends something: an idle connection costs its socket and a small
-//! task.
+//! task. A client whose last request came [`PARK_AFTER`] or more after the
+//! one before is parked as soon as its exchange is done, without a timer:
+//! the proxy wakes once per request, not twice.
 //!
 //! A connection is parked only at a point where nothing can be lost: no
 //! request in flight, the last request had no body (so hyper has read all
@@ -254,19 +256,44 @@ where
     });
     let watch = Arc::new(Watch::default());
     let mut io = Prefixed::new(down);
+    // When the connection last finished an exchange (or opened).
+    let mut idle_from = tokio::time::Instant::now();
+    // The deadline for a next request, armed once for the connection and
+    // moved on only when it fires early (the connection was used
+    // meanwhile): parking registers no timer.
+    let idle_timer = tokio::time::sleep_until(idle_from + idle);
+    tokio::pin!(idle_timer);
     loop {
+        // Whether the client's last gap between requests was at least
+        // `park_after`. Such a client (most of them, in a fleet) has its
+        // connection parked as soon as an exchange is done: a timer firing
+        // `park_after` later would wake the proxy once more per request.
+        let quick;
         // Parked: the socket, the unparsed bytes and this task, nothing more.
         if io.prefix.is_empty() {
             let _parked = (watch.parks.load(Ordering::Relaxed) > 0).then(|| OnGauge::new(&parked));
-            let woke = tokio::select! {
-                r = tokio::time::timeout(idle, io.inner.readable()) => matches!(r, Ok(Ok(()))),
-                _ = draining.wait_for(|d| *d) => false,
+            let woke = loop {
+                tokio::select! {
+                    r = io.inner.readable() => break r.is_ok(),
+                    () = &mut idle_timer => {
+                        let deadline = idle_from + idle;
+                        if tokio::time::Instant::now() >= deadline {
+                            break false;
+                        }
+                        idle_timer.as_mut().reset(deadline);
+                    }
+                    _ = draining.wait_for(|d| *d) => break false,
+                }
             };
             if !woke {
                 return Ended::Closed {
                     parks: watch.parks.load(Ordering::Relaxed),
                 };
             }
+            quick = idle_from.elapsed() >= park_after;
+        } else {
+            // The next request had begun: a busy client.
+            quick = false;
         }
         watch.taken.store(0, Ordering::Relaxed);
         watch.write_blocked.store(false, Ordering::Relaxed);
@@ -299,10 +326,11 @@ where
         let mut conn = Box::new(builder.serve_connection(TokioIo::new(io), svc));
         // The exchange(s) run until hyper ends the connection, or is idle
         // with nothing buffered (park), or the proxy drains.
-        // The connection parks once it has been idle for `park_after`. The
-        // timer is armed once and, when it fires early (the connection was
-        // busy meanwhile), moved to the new deadline: a busy connection
-        // costs a timer event per `park_after`, not one per request.
+        // The connection parks once it has been idle for `park_after` (at
+        // once when `quick`). The timer is armed once and, when it fires
+        // early (the connection was busy meanwhile), moved to the new
+        // deadline: a busy connection costs a timer event per `park_after`,
+        // not one per request.
         let mut park_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let mut idle_since: Option<tokio::time::Instant> = None;
         let step = tokio::select! {
@@ -314,11 +342,12 @@ where
                     idle_since = None;
                     return Poll::Pending;
                 }
-                if park_after.is_zero() {
+                let now = tokio::time::Instant::now();
+                let since = *idle_since.get_or_insert(now);
+                if quick || park_after.is_zero() {
                     return Poll::Ready(Step::Park);
                 }
-                let now = tokio::time::Instant::now();
-                let due = *idle_since.get_or_insert(now) + park_after;
+                let due = since + park_after;
                 if now >= due {
                     return Poll::Ready(Step::Park);
                 }
@@ -337,6 +366,7 @@ where
             _ = draining.wait_for(|d| *d) => Step::Drain,
         };
         drop(park_timer);
+        idle_from = idle_since.unwrap_or_else(tokio::time::Instant::now);
         let park = match step {
             Step::Ended(Err(e)) => return Ended::Error(e),
             Step::Ended(Ok(())) => false,
@@ -447,6 +477,14 @@ mod tests {
         (Client { c, got: Vec::new() }, served, gauge)
     }
 
+    /// How many times a connection that ended closed was parked.
+    async fn parks_of(served: tokio::task::JoinHandle<Ended>) -> usize {
+        match served.await.unwrap() {
+            Ended::Closed { parks } => parks,
+            other => panic!("{other:?}"),
+        }
+    }
+
     /// The client's end, with what it has read and not yet looked at.
     struct Client {
         c: TcpStream,
@@ -485,6 +523,14 @@ mod tests {
                 );
                 self.got.extend_from_slice(&buf[..n]);
             }
+        }
+
+        /// A GET of `path`, answered on this connection.
+        async fn get(&mut self, path: &str) {
+            self.send(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+                .await;
+            let r = self.response().await;
+            assert!(r.ends_with(&format!("{path} 0")), "{r}");
         }
 
         /// Exactly `n` more bytes.
@@ -527,14 +573,64 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         // Busy: requests back to back are served without parking.
         for _ in 0..20 {
-            c.send(b"GET /seven HTTP/1.1\r\nHost: a\r\n\r\n").await;
-            assert!(c.response().await.ends_with("/seven 0"));
+            c.get("/seven").await;
         }
         drop(c);
-        match served.await.unwrap() {
-            Ended::Closed { parks } => assert!((3..=4).contains(&parks), "parked {parks} times"),
-            other => panic!("{other:?}"),
+        // After /one (idle), /four (idle), /six (at once: the client had
+        // been away) and the first /seven (likewise); the next /seven came
+        // at once, so the rest were served without parking.
+        let parks = parks_of(served).await;
+        assert!((4..=5).contains(&parks), "parked {parks} times");
+    }
+
+    #[tokio::test]
+    async fn a_slow_client_is_parked_at_once_and_a_busy_one_keeps_its_connection() {
+        let (mut c, served, parked) = pair(Duration::from_secs(5)).await;
+        let gap = Duration::from_millis(30);
+        // Every gap longer than `park_after` (5 ms): after the first
+        // exchange, parked by the timer; after each later one, at once.
+        for i in 0..4 {
+            c.get(&format!("/slow{i}")).await;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while parked.get() != 1 {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "request {i} not parked"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            tokio::time::sleep(gap).await;
         }
+        // Back to back: the first is parked at once (the client had been
+        // away), the next ones are not.
+        for i in 0..50 {
+            c.get(&format!("/busy{i}")).await;
+        }
+        drop(c);
+        // 4 slow ones and the first busy one; at most one more if this
+        // machine paused the client for longer than `park_after`.
+        let parks = parks_of(served).await;
+        assert!((5..=6).contains(&parks), "parked {parks} times");
+    }
+
+    #[tokio::test]
+    async fn a_connection_in_use_is_not_closed_by_its_first_idle_deadline() {
+        let (mut c, served, _) = pair(Duration::from_secs(1)).await;
+        // Used every 400 ms: past the first deadline (1 s from the start),
+        // never idle for 1 s.
+        for i in 0..5 {
+            c.get(&format!("/r{i}")).await;
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        assert!(!served.is_finished(), "closed while in use");
+        // Then idle: closed within the deadline.
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), c.c.read(&mut buf))
+            .await
+            .expect("closed once idle")
+            .unwrap();
+        assert_eq!(n, 0);
+        assert!(matches!(served.await.unwrap(), Ended::Closed { .. }));
     }
 
     #[tokio::test]

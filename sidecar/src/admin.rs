@@ -77,15 +77,7 @@ fn clusters(proxy: &Proxy) -> String {
     let now = std::time::Instant::now();
     let mut out = serde_json::Map::new();
     for svc in &snap.resources.services {
-        let key = format!(
-            "{}/{}",
-            if svc.namespace.is_empty() {
-                "default"
-            } else {
-                &svc.namespace
-            },
-            svc.name
-        );
+        let key = crate::config::service_key(&svc.namespace, &svc.name);
         let Some(port) = svc.ports.first().map(|p| p.port as u16) else {
             continue;
         };

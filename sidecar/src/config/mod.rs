@@ -4,7 +4,9 @@
 mod snapshot;
 pub mod xds_client;
 
-pub use snapshot::{ConfigError, Decision, IdentityPattern, Proto, Snapshot, Target, Upstream};
+pub use snapshot::{
+    ConfigError, Decision, IdentityPattern, Proto, Snapshot, Target, Upstream, service_key,
+};
 
 use std::sync::Arc;
 

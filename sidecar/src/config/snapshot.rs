@@ -165,7 +165,9 @@ pub struct Snapshot {
     pub resources: Resources,
 }
 
-fn key(ns: &str, name: &str) -> String {
+/// A service's key in the config: `namespace/name`, the namespace `default`
+/// when unset.
+pub fn service_key(ns: &str, name: &str) -> String {
     format!("{}/{}", if ns.is_empty() { "default" } else { ns }, name)
 }
 
@@ -271,10 +273,10 @@ impl Snapshot {
                     local_ports
                         .entry(*target)
                         .or_default()
-                        .push(key(&s.namespace, &s.name));
+                        .push(service_key(&s.namespace, &s.name));
                 }
             }
-            service_ports.insert(key(&s.namespace, &s.name), ports);
+            service_ports.insert(service_key(&s.namespace, &s.name), ports);
         }
 
         let mut add_endpoint = |kind: &str,
@@ -344,7 +346,7 @@ impl Snapshot {
             }
         }
         for e in &resources.service_entries {
-            let k = key(&e.namespace, &e.name);
+            let k = service_key(&e.namespace, &e.name);
             let ports = target_ports("ServiceEntry", &e.namespace, &e.name, &e.ports)?;
             let internal = e.location == Location::MeshInternal as i32;
             for ep in &e.endpoints {
@@ -383,7 +385,7 @@ impl Snapshot {
             service_ports.entry(k).or_insert(ports);
         }
         for s in &resources.services {
-            let k = key(&s.namespace, &s.name);
+            let k = service_key(&s.namespace, &s.name);
             for a in &s.addresses {
                 let ip = parse_ip("Service", &s.namespace, &s.name, a)?;
                 for (port, target) in service_ports.get(&k).into_iter().flatten() {
@@ -418,7 +420,7 @@ impl Snapshot {
             let service = if p.service.contains('/') {
                 p.service.clone()
             } else {
-                key(&p.namespace, &p.service)
+                service_key(&p.namespace, &p.service)
             };
             let rules = authz.entry(service).or_default();
             for r in &p.rules {
@@ -466,7 +468,7 @@ impl Snapshot {
                 let svc = if p.service.contains('/') {
                     p.service.clone()
                 } else {
-                    key(&p.namespace, &p.service)
+                    service_key(&p.namespace, &p.service)
                 };
                 (svc, Arc::new(p.clone()))
             })
@@ -474,7 +476,7 @@ impl Snapshot {
         let mut ports = HashMap::new();
         let mut local_protos = HashMap::new();
         for s in &resources.services {
-            let k = key(&s.namespace, &s.name);
+            let k = service_key(&s.namespace, &s.name);
             let mine = s.identities.iter().any(|i| i == &me_str);
             for p in &s.ports {
                 let proto = Proto::from_proto(p.protocol);
@@ -492,7 +494,7 @@ impl Snapshot {
             }
         }
         for e in &resources.service_entries {
-            let k = key(&e.namespace, &e.name);
+            let k = service_key(&e.namespace, &e.name);
             for p in &e.ports {
                 let port = p.port as u16;
                 let target = if p.target_port == 0 {

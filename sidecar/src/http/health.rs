@@ -75,15 +75,7 @@ pub async fn run(proxy: Arc<Proxy>) {
 fn wanted(snap: &crate::config::Snapshot) -> Vec<Wanted> {
     let mut wanted = Vec::new();
     for svc in &snap.resources.services {
-        let key = format!(
-            "{}/{}",
-            if svc.namespace.is_empty() {
-                "default"
-            } else {
-                &svc.namespace
-            },
-            svc.name
-        );
+        let key = crate::config::service_key(&svc.namespace, &svc.name);
         let Some(hc) = snap
             .policy(&key)
             .and_then(|p| p.health_check.clone())

@@ -38,7 +38,8 @@
 #
 # Environment: ROUNDS (3), LAT_SECS (6), LAT_WARMUP (1), SAT_SECS (5),
 # IPERF_SECS (4), CONNS (8, loadgen connections), WRK_CONNS (16),
-# IDLE_CONNS (1000), CONTROL_PLANE (1: run the control-plane and CA figures),
+# IDLE_CONNS (1000), IDLE_WAKE_SECS (5, the idle wake-up window),
+# CONTROL_PLANE (1: run the control-plane and CA figures),
 # CONFIG_SOURCE (xds: a control plane serves the mesh config, as in
 # Kubernetes and `bulwark up`; file: each sidecar reads it, `--config`),
 # SIDECAR_THREADS (the sidecars' --worker-threads; empty: their default, 1),
@@ -433,6 +434,20 @@ RSS_IDLE_HAP_CLI=$(rss_kb "$HAP_CLI") RSS_IDLE_HAP_SRV=$(rss_kb "$HAP_SRV")
 for p in "sidecar-client:$SC_CLI" "sidecar-server:$SC_SRV" "haproxy-client:$HAP_CLI"; do
     log "idle ${p%%:*}: $(awk '/^(VmRSS|RssAnon|RssFile|Threads):/{printf "%s %s  ", $1, $2}' "/proc/${p#*:}/status")$(awk '/^Pss:/{printf "Pss: %s", $2}' "/proc/${p#*:}/smaps_rollup")"
 done
+# How often an idle proxy wakes: context switches of all its threads over
+# IDLE_WAKE_SECS, before any request (a timer per connection or a polling
+# task would show here; every pod pays it).
+ctxt() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/{s += $2} END{print s+0}'; }
+IDLE_WAKE_SECS=${IDLE_WAKE_SECS:-5}
+declare -A WAKE0
+for p in "$SC_CLI" "$SC_SRV" "$HAP_CLI" "$HAP_SRV"; do WAKE0[$p]=$(ctxt "$p"); done
+sleep "$IDLE_WAKE_SECS" # the measurement window
+wakes() { # pid...: the largest rate among them, per second
+    for p in "$@"; do echo $(($(ctxt "$p") - ${WAKE0[$p]})); done |
+        sort -g | tail -1 | awk -v t="$IDLE_WAKE_SECS" '{printf "%.1f", $1 / t}'
+}
+WAKE_SC=$(wakes "$SC_CLI" "$SC_SRV") WAKE_HAP=$(wakes "$HAP_CLI" "$HAP_SRV")
+log "idle wake-ups per second (larger of each pair): sidecar $WAKE_SC, haproxy $WAKE_HAP"
 declare -A URL=([direct]="http://$SRV_IP:9090/" [bulwark]="http://$VIP:8080/" [haproxy]="http://127.0.0.1:10080/")
 declare -A IPERF=([direct]="$SRV_IP 5202" [bulwark]="$VIP 5201" [haproxy]="127.0.0.1 15201")
 declare -A PROXY_PIDS=([direct]="" [bulwark]="$SC_CLI $SC_SRV" [haproxy]="$HAP_CLI $HAP_SRV")
@@ -790,6 +805,9 @@ mb() { awk -v v="$1" 'BEGIN{printf "%.1f MB", v/1024}'; }
     b=$(med_val bulwark cpu_5k)
     h=$(med_val haproxy cpu_5k)
     echo "| CPU per request per proxy at 5k req/s | $(f2 "$b") µs | $(f2 "$h") µs | ≤ 10 µs | $(verdict "$b" le 10) |"
+    b=$(med_val bulwark cpu_1k)
+    h=$(med_val haproxy cpu_1k)
+    echo "| CPU per request per proxy at 1k req/s | $(f2 "$b") µs | $(f2 "$h") µs | — | info |"
     b=$(med_ratio bulwark direct close)
     h=$(med_ratio haproxy direct close)
     bh=$(med_ratio bulwark haproxy close)
@@ -804,6 +822,7 @@ mb() { awk -v v="$1" 'BEGIN{printf "%.1f MB", v/1024}'; }
     b=$(printf '%s\n' "$RSS_IDLE_SC_CLI" "$RSS_IDLE_SC_SRV" | sort -g | tail -1)
     h=$(printf '%s\n' "$RSS_IDLE_HAP_CLI" "$RSS_IDLE_HAP_SRV" | sort -g | tail -1)
     echo "| RSS idle per proxy (larger of the pair) | $(mb "$b") | $(mb "$h") | ≤ 8 MB | $(verdict "$b" le 8192) |"
+    echo "| wake-ups per second of an idle proxy (larger of the pair, ${IDLE_WAKE_SECS} s before any request) | $WAKE_SC | $WAKE_HAP | — | info |"
     echo "| RSS per idle client connection ($IDLE_CONNS, client-side proxy) | $(f2 "$CONN_KB_BULWARK") kB | $(f2 "$CONN_KB_HAPROXY") kB | ≤ 10 kB | $(verdict "$CONN_KB_BULWARK" le 10) |"
     if [ "$CONTROL_PLANE" = 1 ]; then
         echo "| control plane: 1,000 streams ACK a change, p99 (worst of 3 pushes) | $CP_P99 ms | — | < 500 ms | $(awk -v v="$CP_P99" 'BEGIN{print (v+0 == v && v < 500) ? "PASS" : "FAIL"}') |"

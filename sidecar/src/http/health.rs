@@ -19,6 +19,8 @@ use crate::config::Proto;
 
 #[derive(Debug, Default)]
 struct Check {
+    /// The check as last configured: a changed one is probed at once.
+    config: Option<HealthCheck>,
     next_due: Option<Instant>,
     /// Positive: consecutive successes; negative: consecutive failures.
     streak: i32,
@@ -107,6 +109,11 @@ async fn probe_due(
     let now = Instant::now();
     for (k, hc) in wanted {
         let c = checks.entry(k.clone()).or_default();
+        if c.config.as_ref() != Some(hc) {
+            // A new interval (or path) applies now, not after the old one.
+            c.config = Some(hc.clone());
+            c.next_due = None;
+        }
         if c.next_due.is_some_and(|d| d > now) {
             continue;
         }

@@ -149,3 +149,165 @@ async fn probe(proxy: &Proxy, port: u16, proto: Proto, hc: &HealthCheck) -> bool
     };
     matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+
+    use bulwark_ca::SpiffeId;
+    use bulwark_ca::tls::TrustBundle;
+    use bulwark_proto::config::Resources;
+    use bulwark_proto::config::v1;
+
+    use super::*;
+    use crate::identity::IdentityOptions;
+    use crate::{Sidecar, SidecarOptions};
+
+    const ME: &str = "spiffe://cluster.local/ns/default/sa/api";
+
+    /// A local app whose `/healthz` answers with the status in `status`,
+    /// counting the probes.
+    struct App {
+        port: u16,
+        status: Arc<AtomicU16>,
+        probes: Arc<AtomicUsize>,
+    }
+
+    async fn app() -> App {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let status = Arc::new(AtomicU16::new(200));
+        let probes = Arc::new(AtomicUsize::new(0));
+        let (s, p) = (status.clone(), probes.clone());
+        tokio::spawn(async move {
+            while let Ok((c, _)) = l.accept().await {
+                let (s, p) = (s.clone(), p.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        p.fetch_add(1, Ordering::SeqCst);
+                        let code = s.load(Ordering::SeqCst);
+                        async move {
+                            let mut resp = http::Response::new(empty());
+                            *resp.status_mut() = http::StatusCode::from_u16(code).unwrap();
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(c), svc)
+                        .await;
+                });
+            }
+        });
+        App {
+            port,
+            status,
+            probes,
+        }
+    }
+
+    /// A sidecar (never started: its config and health only) for `ME`.
+    fn proxy(dir: &std::path::Path) -> Arc<Proxy> {
+        bulwark_ca::store::init(
+            dir,
+            &bulwark_ca::store::Settings::new("cluster.local"),
+            bulwark_ca::store::RootSource::Generate,
+        )
+        .unwrap();
+        let bundle = std::fs::read_to_string(dir.join("bundle.pem")).unwrap();
+        let opts = SidecarOptions::new(IdentityOptions {
+            identity: ME.parse().unwrap(),
+            ca_addr: "127.0.0.1:1".into(),
+            ca_bundle: TrustBundle::from_pem(&bundle).unwrap(),
+            token_file: dir.join("no-token"),
+            ttl: None,
+            renew_fraction: 0.5,
+        });
+        Sidecar::new(opts).proxy
+    }
+
+    /// The config: service `api` served by `ME` on `port`, with a health
+    /// check every `interval_ms` (none for 0).
+    fn config(port: u16, interval_ms: u64) -> Resources {
+        Resources {
+            mesh: Some(v1::MeshConfig {
+                trust_domain: "cluster.local".into(),
+                ..Default::default()
+            }),
+            services: vec![v1::Service {
+                name: "api".into(),
+                namespace: "default".into(),
+                ports: vec![v1::ServicePort {
+                    port: u32::from(port),
+                    protocol: v1::Protocol::Http as i32,
+                    ..Default::default()
+                }],
+                identities: vec![ME.into()],
+                ..Default::default()
+            }],
+            traffic_policies: (interval_ms > 0)
+                .then(|| v1::TrafficPolicy {
+                    name: "api".into(),
+                    namespace: "default".into(),
+                    service: "api".into(),
+                    health_check: Some(HealthCheck {
+                        path: "/healthz".into(),
+                        interval_ms,
+                        timeout_ms: 1000,
+                        unhealthy_threshold: 2,
+                        healthy_threshold: 1,
+                    }),
+                    ..Default::default()
+                })
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn apply(proxy: &Proxy, version: &str, res: Resources) {
+        let me: SpiffeId = ME.parse().unwrap();
+        proxy.config.apply(&me, version, res, false).unwrap();
+    }
+
+    /// Waits (up to 10 s) until `f` holds.
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn verdicts_follow_the_app_and_the_config_wakes_the_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = proxy(dir.path());
+        let app = app().await;
+        // No health check configured: the task waits on the config alone.
+        apply(&proxy, "1", config(app.port, 0));
+        tokio::spawn(run(proxy.clone()));
+        let health = proxy.health.subscribe();
+        // A check every minute: the first probe is due at once.
+        apply(&proxy, "2", config(app.port, 60_000));
+        until("a first probe", || app.probes.load(Ordering::SeqCst) == 1).await;
+        // Every 50 ms now: applies at once, not after the minute.
+        apply(&proxy, "3", config(app.port, 50));
+        until("probes at the new interval", || {
+            app.probes.load(Ordering::SeqCst) >= 3
+        })
+        .await;
+        app.status.store(503, Ordering::SeqCst);
+        until("reported unhealthy", || *health.borrow()).await;
+        app.status.store(200, Ordering::SeqCst);
+        until("reported healthy again", || !*health.borrow()).await;
+        // Unhealthy, then the check is removed: healthy at once, no probe.
+        app.status.store(503, Ordering::SeqCst);
+        until("reported unhealthy", || *health.borrow()).await;
+        apply(&proxy, "4", config(app.port, 0));
+        until("healthy without a check", || !*health.borrow()).await;
+        let probes = app.probes.load(Ordering::SeqCst);
+        // Ten former intervals: a check left scheduled would have probed.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(app.probes.load(Ordering::SeqCst), probes);
+    }
+}

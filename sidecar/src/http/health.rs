@@ -270,12 +270,8 @@ mod tests {
     }
 
     /// Waits (up to 10 s) until `f` holds.
-    async fn until(what: &str, f: impl Fn() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !f() {
-            assert!(tokio::time::Instant::now() < deadline, "never: {what}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    async fn until(what: &str, f: impl FnMut() -> bool) {
+        super::super::until(what, Duration::from_secs(10), f).await
     }
 
     #[tokio::test]

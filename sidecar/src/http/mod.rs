@@ -252,3 +252,14 @@ pub fn strip_hop_headers(h: &mut http::HeaderMap) {
         h.remove(TE);
     }
 }
+
+/// Waits until `f` holds, failing the test with `what` if it does not
+/// within `within`.
+#[cfg(test)]
+pub(crate) async fn until(what: &str, within: std::time::Duration, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}

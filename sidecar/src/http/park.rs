@@ -604,14 +604,8 @@ mod tests {
         // parked by the timer; after each later one, at once.
         for i in 0..4 {
             c.get(&format!("/slow{i}")).await;
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            while parked.get() != 1 {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "request {i} not parked"
-                );
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+            let what = format!("request {i} parked");
+            super::super::until(&what, Duration::from_secs(5), || parked.get() == 1).await;
             tokio::time::sleep(gap).await;
         }
         // Back to back: the first is parked at once (the client had been
@@ -667,14 +661,10 @@ mod tests {
         let (mut c, served, parked) = pair(Duration::from_millis(300), PARK).await;
         c.send(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n").await;
         assert!(c.response().await.ends_with("/one 0"));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while parked.get() != 1 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "never counted as parked"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        super::super::until("counted as parked", Duration::from_secs(5), || {
+            parked.get() == 1
+        })
+        .await;
         let mut buf = [0u8; 16];
         let n = tokio::time::timeout(Duration::from_secs(5), c.c.read(&mut buf))
             .await

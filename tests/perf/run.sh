@@ -50,7 +50,8 @@
 # QUIET_WAIT (0: seconds to wait for the 1-minute load average to fall
 # below QUIET_LOAD=0.8 first), BULWARK_ACCESS_LOG (off | stdout), PROFILE=1
 # (after the rounds, `perf record` both sidecars under wrk and print the
-# top symbols), SKIP_BUILD=1, KEEP=1 (leave logs in $WORK), HOLD=1 (set up,
+# top symbols), SKIP_BUILD=1, KEEP=1 (leave logs in $WORK), READY_HOOK (a
+# command run once the sidecars are ready, before any request), HOLD=1 (set up,
 # then wait, for measurements by hand, until $WORK/stop exists), MEASURE (which
 # data-plane figures to take, a subset of "latency wrk h2load close iperf
 # memory"; default all: a subset is for trying a change, not for the record).
@@ -429,6 +430,11 @@ done
 rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
 RSS_IDLE_SC_CLI=$(rss_kb "$SC_CLI") RSS_IDLE_SC_SRV=$(rss_kb "$SC_SRV")
 RSS_IDLE_HAP_CLI=$(rss_kb "$HAP_CLI") RSS_IDLE_HAP_SRV=$(rss_kb "$HAP_SRV")
+# READY_HOOK: a command run here, with SC_CLI and SC_SRV (the sidecars'
+# PIDs) in its environment: the sidecars are ready and have served nothing.
+if [ -n "${READY_HOOK:-}" ]; then
+    SC_CLI=$SC_CLI SC_SRV=$SC_SRV bash -c "$READY_HOOK" || die "READY_HOOK failed"
+fi
 # Where each proxy's idle RSS is: heap and stacks (anonymous) or the
 # program's own pages (file).
 for p in "sidecar-client:$SC_CLI" "sidecar-server:$SC_SRV" "haproxy-client:$HAP_CLI"; do

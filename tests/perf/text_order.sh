@@ -10,20 +10,23 @@
 # so 12-13 MB of text were resident in every idle sidecar. Packed together,
 # the same functions fit in about 60 windows.
 #
-# How: tests/perf/run.sh's rig (HOLD=1), three times.
+# How: tests/perf/run.sh's rig (HOLD=1), four times.
 #  1. Both sidecars under callgrind, which lists every function that ran: its
 #     counts are dumped once the sidecars are ready (start-up), and again
 #     after one pass of each kind of traffic run.sh measures (HTTP/1.1, h2c,
 #     a new connection per request, opaque TCP, idle client connections, a
 #     metrics scrape). Twice: with the config from a file, and from a
 #     control plane.
-#  2. The sidecars run natively under `perf record` through the same
-#     traffic: valgrind has no AVX-512, so the CPU-specific routines the
-#     crypto library picks on this machine (AES-GCM, X25519) are only seen
-#     here.
-# Functions that ran under traffic come first (by instructions run, then
-# the natively sampled ones), then start-up only ones: those of both ways of
-# configuring, then those of each.
+#  2. The sidecars start natively with every page fault recorded, then run
+#     under `perf record` through the same traffic: valgrind has no AVX-512,
+#     so the CPU-specific routines the crypto library picks on this machine
+#     (AES-GCM, X25519, ML-KEM) are only seen here.
+# An idle sidecar runs only its start-up code, so start-up comes first and
+# packed: the functions that also serve traffic (by instructions run under
+# traffic), the CPU-specific ones it faulted on natively, the rest of
+# start-up (both ways of configuring, then a control plane's own, then a
+# file's). Traffic-only functions follow (by instructions run, then the
+# natively sampled ones): under load they are all mapped anyway.
 #
 # The names are mangled symbols. They stay the same across most source edits
 # but not across a compiler or dependency version change (regenerate the file
@@ -32,7 +35,8 @@
 # them without the number and places every copy. A name
 # the program no longer has is skipped by the linker: a stale file costs
 # memory, never a failed build.
-# Environment: SKIP_BUILD=1 (use target/release/bulwark as built).
+# Environment: SKIP_BUILD=1 (use target/release/bulwark as built), KEEP=1
+# (keep the traces in the temporary directory it prints).
 set -euo pipefail
 ROOT=$(cd -P "$(dirname "$0")/../.." && pwd -P) # as valgrind names it
 OUT=$ROOT/src/link/hot-text.order
@@ -63,16 +67,16 @@ finish() {
     local rc=$?
     [ -n "$PERF" ] && kill -INT "$PERF" 2>/dev/null
     stop_rig
-    if [ $rc -ne 0 ]; then echo "text_order.sh: logs in $TMP" >&2; else rm -rf "$TMP"; fi
+    if [ $rc -ne 0 ] || [ "${KEEP:-0}" = 1 ]; then echo "text_order.sh: logs in $TMP" >&2; else rm -rf "$TMP"; fi
     exit $rc
 }
 trap finish EXIT
 trap 'exit 130' INT TERM
 
-start_rig() { # sidecar-program config-source
+start_rig() { # sidecar-program config-source [ready-hook]
     PASS=$((PASS + 1))
     local log="$TMP/rig-$PASS.log" _
-    SKIP_BUILD=1 HOLD=1 CONTROL_PLANE=0 SIDECAR_BIN="$1" CONFIG_SOURCE="$2" \
+    SKIP_BUILD=1 HOLD=1 CONTROL_PLANE=0 SIDECAR_BIN="$1" CONFIG_SOURCE="$2" READY_HOOK="${3:-}" \
         "$ROOT/tests/perf/run.sh" >"$log" 2>&1 &
     RIG_PID=$!
     for _ in $(seq 1 600); do
@@ -111,7 +115,7 @@ EOF
 chmod +x "$TMP/sidecar"
 dump() { # n: every sidecar writes its counts since the last dump to cg.PID.n
     # (callgrind numbers its dumps: n must be this pass's next)
-    local p _
+    local p _ SC_CLI=${SC_CLI:?} SC_SRV=${SC_SRV:?}
     for p in $SC_CLI $SC_SRV; do callgrind_control --dump="phase-$1" "$p" >/dev/null 2>&1; done
     # callgrind writes the dump at its next scheduling point: wait for both.
     for _ in $(seq 1 100); do
@@ -122,9 +126,12 @@ dump() { # n: every sidecar writes its counts since the last dump to cg.PID.n
 }
 # Both ways a sidecar gets its config: a file (the benchmark's default), and
 # a control plane's discovery stream (Kubernetes, `bulwark up`).
+# Start-up is dumped by run.sh's READY_HOOK, as soon as the sidecars are
+# ready: run.sh's own checks send requests before it holds.
+export -f dump die
+export TMP
 for source in file xds; do
-    start_rig "$TMP/sidecar" "$source"
-    dump 1 # start-up
+    start_rig "$TMP/sidecar" "$source" "dump 1"
     traffic
     dump 2 # traffic
     stop_rig
@@ -133,6 +140,20 @@ for source in file xds; do
 done
 
 # ---- 2. native samples -------------------------------------------------------
+# Start-up natively, every page fault recorded: the crypto library picks
+# CPU-specific routines (X25519, ML-KEM) that valgrind never runs, and a
+# TLS handshake to the CA runs them once, too briefly for sampling to see.
+perf record -e page-faults -c 1 -d -a -o "$TMP/faults.data" >"$TMP/faults.log" 2>&1 &
+PERF=$!
+sleep 1
+kill -0 "$PERF" 2>/dev/null || die "perf record failed: $(tail -3 "$TMP/faults.log")"
+start_rig "$BIN" xds
+kill -INT "$PERF"
+wait "$PERF" || true
+PERF=
+echo "$SC_CLI $SC_SRV" >"$TMP/faults.pids"
+stop_rig
+perf script -i "$TMP/faults.data" -F pid,addr --show-mmap-events 2>/dev/null >"$TMP/faults.txt"
 start_rig "$BIN" file
 perf record -e cpu-clock -F 2000 -o "$TMP/perf.data" -p "$SC_CLI,$SC_SRV" >"$TMP/perf.log" 2>&1 &
 PERF=$!
@@ -152,11 +173,44 @@ python3 - "$TMP" "$BIN" "$OUT" <<'EOF'
 import collections, glob, os, subprocess, sys
 tmp, binary, out = sys.argv[1:]
 binary = os.path.realpath(binary)
-ours = set()  # functions of the program (nm: address, size, type, name)
+ours = set()  # functions of the program (nm: address, [size,] type, name;
 for line in subprocess.run(["nm", "-S", binary], capture_output=True, text=True, check=True).stdout.splitlines():
-    parts = line.split()
-    if len(parts) == 4 and parts[2] in "tTwW":
-        ours.add(parts[3])
+    parts = line.split()  # assembly routines often have no size)
+    if len(parts) >= 3 and parts[-2] in "tTwW":
+        ours.add(parts[-1])
+def faulted(tmp, binary):
+    """Functions of the program on which the sidecars' start-up took a page
+    fault (perf script -F pid,addr --show-mmap-events), in fault order."""
+    import bisect, re
+    pids = open(f"{tmp}/faults.pids").read().split()
+    syms = []
+    for line in subprocess.run(["nm", "--defined-only", binary], capture_output=True, text=True, check=True).stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] in "tTwW":
+            syms.append((int(parts[0], 16), parts[2]))
+    syms.sort()
+    addrs = [a for a, _ in syms]
+    bias, text, names = {}, {}, []
+    for line in open(f"{tmp}/faults.txt", errors="replace"):
+        m = re.search(r" (\d+)/\d+: \[0x([0-9a-f]+)\(0x([0-9a-f]+)\) @ (?:0x)?([0-9a-f]+) .*: (\S+) (\S+)$", line)
+        if m:
+            pid, start, size, off, prot, path = m.groups()
+            if pid in pids and os.path.realpath(path) == binary:
+                start, size, off = int(start, 16), int(size, 16), int(off, 16)
+                if off == 0:
+                    bias[pid] = start
+                if "x" in prot:
+                    text[pid] = (start, start + size)
+            continue
+        f = line.split()
+        if len(f) == 2 and f[0] in text and f[0] in bias:
+            a = int(f[1], 16)
+            lo, hi = text[f[0]]
+            if lo <= a < hi:
+                i = bisect.bisect_right(addrs, a - bias[f[0]]) - 1
+                if i >= 0 and syms[i][1] not in names:
+                    names.append(syms[i][1])
+    return names
 def costs(source, suffix):
     """Self cost (instructions) of each function of the program in a dump."""
     total = collections.Counter()
@@ -180,24 +234,49 @@ def costs(source, suffix):
                     total[fn] += int(f[1])
     return total
 start = {s: costs(s, 1) for s in ("file", "xds")}
-traffic = costs("file", 2) + costs("xds", 2)
+traffic = costs("file", 2)
+traffic.update(costs("xds", 2))  # (update keeps functions with no cost of their own)
 if not traffic or not all(start.values()):
     sys.exit(f"text_order.sh: no function of {binary} in the callgrind dumps")
 native = [l.strip() for l in open(f"{tmp}/native.txt")]
-# Start-up code both ways of configuring first, then each way's own: a
-# sidecar maps only one of the two ranges.
-both = start["file"] & start["xds"]
-def ranked(c):
-    return [f for f, _ in c.most_common()]
-startup = ranked(both) + ranked(start["file"] - both) + ranked(start["xds"] - both)
+native_start = faulted(tmp, binary)
+both = set(start["file"]) & set(start["xds"])
+def ranked(c, among=None):
+    """Functions of counter c, most instructions first (those run with no
+    cost of their own included), only those in among if given."""
+    return [f for f, _ in c.most_common() if among is None or f in among]
+# An idle sidecar runs only its start-up code, so that comes first, packed
+# (the idle memory is the windows it touches): what also serves traffic,
+# hottest first; the CPU-specific routines; the rest of start-up, both ways
+# of configuring, then a control plane's own (the default), then a file's.
+# Traffic-only code follows: under load all of it is mapped anyway.
+started = collections.Counter()
+for c in start.values():
+    started.update(c)
 order, seen = [], set()
-for f in ranked(traffic) + native + startup:
+for f in (
+    ranked(traffic, both)
+    + native_start
+    + ranked(started, both)
+    + ranked(start["xds"])
+    + ranked(start["file"])
+    + ranked(traffic)
+    + native
+):
     if f in ours and f not in seen:
         order.append(f)
         seen.add(f)
 with open(out, "w") as o:
     o.write("".join(f + "\n" for f in order))
 added = sum(1 for f in set(native) if f in ours and f not in traffic)
+idle = [f for f in order if f in start["xds"] or f in native_start]
+sizes = {}
+for line in subprocess.run(["nm", "-S", binary], capture_output=True, text=True, check=True).stdout.splitlines():
+    parts = line.split()
+    if len(parts) == 4:
+        sizes[parts[3]] = int(parts[1], 16)
 print(f"text_order.sh: {len(traffic)} traffic functions, {added} more sampled natively, "
-      f"{len(order)} in all -> {out}")
+      f"{len(native_start)} faulted on natively at start-up; "
+      f"{len(idle)} run by a sidecar fed by a control plane before any traffic "
+      f"({sum(sizes.get(f, 0) for f in idle) / 1e6:.1f} MB), {len(order)} in all -> {out}")
 EOF

@@ -130,7 +130,7 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
             return reset(down);
         }
         if let Err(service) = snap.authorize_l4(dst.port(), None) {
-            deny(&proxy, peer, dst, None, &service);
+            deny(&proxy, peer, dst, None, service);
             return reset(down);
         }
         let Some(up) = dial_app(&proxy, app).await else {
@@ -205,20 +205,20 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
             "",
             "",
             true,
-            &policy,
+            policy,
             None,
         ),
         Err(service) => {
             proxy.audit(
                 &src_id.to_string(),
-                &service,
+                service,
                 "",
                 "",
                 false,
                 "default-deny",
                 Some("no AuthorizationPolicy rule allows this caller"),
             );
-            deny(&proxy, peer, dst, Some(&src_id), &service);
+            deny(&proxy, peer, dst, Some(&src_id), service);
             return;
         }
     }

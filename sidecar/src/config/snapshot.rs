@@ -1,3 +1,4 @@
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -150,11 +151,11 @@ pub struct Snapshot {
     local_ports: HashMap<u16, Vec<String>>,
     /// Service → authorization rules (present = default deny).
     authz: HashMap<String, Vec<L4Rule>>,
-    /// Service → its endpoints (all ports), shared with the requests
-    /// routed to them.
-    by_service: HashMap<String, Vec<Arc<Upstream>>>,
-    /// (service, port) → protocol and target port.
-    ports: HashMap<(String, u16), (Proto, u16)>,
+    /// Service → its endpoints by target port, lent to the requests routed
+    /// to them (no list is built per request).
+    by_target: HashMap<String, Vec<PortEndpoints>>,
+    /// Service → port → protocol and target port (looked up by `&str`).
+    ports: HashMap<String, HashMap<u16, (Proto, u16)>>,
     /// Inbound port → protocol the local app speaks.
     local_protos: HashMap<u16, Proto>,
     /// Service → compiled routes.
@@ -164,6 +165,9 @@ pub struct Snapshot {
     rr: AtomicUsize,
     pub resources: Resources,
 }
+
+/// A target port and the service's endpoints on it.
+type PortEndpoints = (u16, Vec<Arc<Upstream>>);
 
 /// A service's key in the config: `namespace/name`, the namespace `default`
 /// when unset.
@@ -486,8 +490,9 @@ impl Snapshot {
                 } else {
                     p.target_port as u16
                 };
-                ports.insert((k.clone(), port), (proto, target));
-                ports.insert((k.clone(), target), (proto, target));
+                let of: &mut HashMap<u16, (Proto, u16)> = ports.entry(k.clone()).or_default();
+                of.insert(port, (proto, target));
+                of.insert(target, (proto, target));
                 if mine || local_ports.get(&target).is_some_and(|v| v.contains(&k)) {
                     local_protos.insert(target, proto);
                 }
@@ -503,18 +508,30 @@ impl Snapshot {
                     p.target_port as u16
                 };
                 ports
-                    .entry((k.clone(), port))
+                    .entry(k.clone())
+                    .or_default()
+                    .entry(port)
                     .or_insert((Proto::from_proto(p.protocol), target));
             }
         }
-        let by_service = by_service
+        let by_target = by_service
             .into_iter()
-            .map(|(k, v)| (k, v.into_iter().map(Arc::new).collect()))
+            .map(|(k, v)| {
+                let mut by_port: Vec<PortEndpoints> = Vec::new();
+                for u in v {
+                    let port = u.addr.port();
+                    match by_port.iter_mut().find(|(p, _)| *p == port) {
+                        Some((_, list)) => list.push(Arc::new(u)),
+                        None => by_port.push((port, vec![Arc::new(u)])),
+                    }
+                }
+                (k, by_port)
+            })
             .collect();
         Ok(Self {
             version: version.to_string(),
             stale: false,
-            by_service,
+            by_target,
             ports,
             local_protos,
             routes,
@@ -559,12 +576,12 @@ impl Snapshot {
     /// Whether a connection to local `port` from `source` (None when
     /// unauthenticated) is allowed at L4: the deciding policy (or `none`)
     /// on allow, the service whose policies deny it on deny.
-    pub fn authorize_l4(&self, port: u16, source: Option<&SpiffeId>) -> Result<String, String> {
+    pub fn authorize_l4(&self, port: u16, source: Option<&SpiffeId>) -> Result<&str, &str> {
         let Some(services) = self.local_ports.get(&port) else {
-            return Ok("none".into());
+            return Ok("none");
         };
-        let src = source.map(|s| s.to_string());
-        let mut decided = "none".to_string();
+        let src = source.map(SpiffeId::as_str);
+        let mut decided = "none";
         for svc in services {
             let Some(rules) = self.authz.get(svc) else {
                 continue;
@@ -572,13 +589,11 @@ impl Snapshot {
             let allowed = rules.iter().find(|r| {
                 !r.http_only
                     && (r.from.is_empty()
-                        || src
-                            .as_deref()
-                            .is_some_and(|s| r.from.iter().any(|p| p.matches(s))))
+                        || src.is_some_and(|s| r.from.iter().any(|p| p.matches(s))))
             });
             match allowed {
-                Some(r) => decided = r.policy.clone(),
-                None => return Err(svc.clone()),
+                Some(r) => decided = &r.policy,
+                None => return Err(svc),
             }
         }
         Ok(decided)
@@ -588,9 +603,7 @@ impl Snapshot {
     pub fn target(&self, dst: SocketAddr) -> Option<Target> {
         if let Some(up) = self.endpoints.get(&dst) {
             let (proto, _) = self
-                .ports
-                .get(&(up.service.clone(), dst.port()))
-                .copied()
+                .port(&up.service, dst.port())
                 .unwrap_or((Proto::Auto, dst.port()));
             return Some(Target {
                 service: up.service.clone(),
@@ -601,9 +614,7 @@ impl Snapshot {
         }
         let (service, _) = self.vip_service(dst)?;
         let (proto, _) = self
-            .ports
-            .get(&(service.clone(), dst.port()))
-            .copied()
+            .port(&service, dst.port())
             .unwrap_or((Proto::Auto, dst.port()));
         Some(Target {
             service,
@@ -621,23 +632,29 @@ impl Snapshot {
         self.vip_names.get(&dst).map(|s| (s.clone(), ()))
     }
 
-    /// Endpoints of `service` on its target port for `port`, filtered by `subset` labels.
+    /// Protocol and target port of `service`'s `port`, when declared.
+    fn port(&self, service: &str, port: u16) -> Option<(Proto, u16)> {
+        self.ports.get(service)?.get(&port).copied()
+    }
+
+    /// Endpoints of `service` on its target port for `port`, filtered by
+    /// `subset` labels: the snapshot's own list when no subset is asked for.
     pub fn endpoints_of(
         &self,
         service: &str,
         port: u16,
         subset: &[(String, String)],
-    ) -> Vec<Arc<Upstream>> {
-        let target = self
-            .ports
-            .get(&(service.to_string(), port))
-            .map(|(_, t)| *t)
-            .unwrap_or(port);
-        self.by_service
+    ) -> Cow<'_, [Arc<Upstream>]> {
+        let target = self.port(service, port).map_or(port, |(_, t)| t);
+        let all = self
+            .by_target
             .get(service)
-            .into_iter()
-            .flatten()
-            .filter(|u| u.addr.port() == target)
+            .and_then(|by_port| by_port.iter().find(|(p, _)| *p == target))
+            .map_or(&[][..], |(_, list)| list.as_slice());
+        if subset.is_empty() {
+            return Cow::Borrowed(all);
+        }
+        all.iter()
             .filter(|u| subset.iter().all(|(k, v)| u.labels.get(k) == Some(v)))
             .cloned()
             .collect()
@@ -646,11 +663,7 @@ impl Snapshot {
     /// The lowest port of `service` (`namespace/name`), for callers that
     /// name a service without a port (the gateway).
     pub fn default_port(&self, service: &str) -> Option<u16> {
-        self.ports
-            .keys()
-            .filter(|(s, _)| s == service)
-            .map(|(_, p)| *p)
-            .min()
+        self.ports.get(service)?.keys().min().copied()
     }
 
     pub fn route(&self, service: &str) -> Option<&Arc<crate::http::route::RouteTable>> {
@@ -682,27 +695,24 @@ impl Snapshot {
         source: Option<&SpiffeId>,
         method: &str,
         path: &str,
-    ) -> Result<String, String> {
+    ) -> Result<&str, &str> {
         let Some(services) = self.local_ports.get(&port) else {
-            return Ok("none".into());
+            return Ok("none");
         };
-        let src = source.map(|s| s.to_string());
-        let mut decided = "none".to_string();
+        let src = source.map(SpiffeId::as_str);
+        let mut decided = "none";
         for svc in services {
             let Some(rules) = self.authz.get(svc) else {
                 continue;
             };
             let allowed = rules.iter().find(|r| {
-                (r.from.is_empty()
-                    || src
-                        .as_deref()
-                        .is_some_and(|s| r.from.iter().any(|p| p.matches(s))))
+                (r.from.is_empty() || src.is_some_and(|s| r.from.iter().any(|p| p.matches(s))))
                     && (r.methods.is_empty() || r.methods.iter().any(|m| m == method))
                     && (r.paths.is_empty() || r.paths.iter().any(|p| p.matches(path)))
             });
             match allowed {
-                Some(r) => decided = r.policy.clone(),
-                None => return Err(svc.clone()),
+                Some(r) => decided = &r.policy,
+                None => return Err(svc),
             }
         }
         Ok(decided)
@@ -831,11 +841,61 @@ mod tests {
         );
         assert_eq!(
             s.authorize_l4(8080, Some(&id("spiffe://cluster.local/ns/default/sa/db"))),
-            Err("default/api".into())
+            Err("default/api")
         );
         assert!(s.authorize_l4(8080, None).is_err());
         // Ports no service of ours declares are not governed by these policies.
         assert!(s.authorize_l4(9999, None).is_ok());
+    }
+
+    #[test]
+    fn endpoints_are_lent_by_target_port_and_copied_only_for_a_subset() {
+        let mut r = res();
+        let ep = |addr: &str, version: &str, ports: Vec<u32>| v1::Endpoint {
+            address: addr.into(),
+            identity: me().to_string(),
+            labels: [("version".to_string(), version.to_string())].into(),
+            ports,
+            ..Default::default()
+        };
+        r.endpoints = vec![v1::ServiceEndpoints {
+            service: "default/api".into(),
+            endpoints: vec![
+                ep("10.0.0.1", "v1", vec![]),
+                ep("10.0.0.2", "v2", vec![]),
+                ep("10.0.0.3", "v1", vec![9000]),
+            ],
+            ..Default::default()
+        }];
+        let s = Snapshot::build(&me(), "1", r).unwrap();
+        let addrs = |ups: &[Arc<Upstream>]| {
+            let mut a: Vec<String> = ups.iter().map(|u| u.addr.to_string()).collect();
+            a.sort();
+            a
+        };
+        // Port 80 targets 8080: the endpoints without ports of their own.
+        let all = s.endpoints_of("default/api", 80, &[]);
+        assert!(matches!(all, Cow::Borrowed(_)));
+        assert_eq!(addrs(&all), ["10.0.0.1:8080", "10.0.0.2:8080"]);
+        assert_eq!(
+            addrs(&s.endpoints_of("default/api", 8080, &[])),
+            addrs(&all)
+        );
+        // An undeclared port is its own target.
+        assert_eq!(
+            addrs(&s.endpoints_of("default/api", 9000, &[])),
+            ["10.0.0.3:9000"]
+        );
+        let v2 = s.endpoints_of("default/api", 80, &[("version".into(), "v2".into())]);
+        assert!(matches!(v2, Cow::Owned(_)));
+        assert_eq!(addrs(&v2), ["10.0.0.2:8080"]);
+        assert!(
+            s.endpoints_of("default/api", 80, &[("version".into(), "v3".into())])
+                .is_empty()
+        );
+        assert!(s.endpoints_of("default/web", 80, &[]).is_empty());
+        assert_eq!(s.default_port("default/api"), Some(80));
+        assert_eq!(s.default_port("default/web"), None);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! healthy endpoints, guarded by bulkhead, breaker, retries and timeouts,
 //! and sent over the pooled HTTP/2 mTLS connection to the chosen endpoint.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -152,7 +153,7 @@ fn unprocessed(e: &hyper::Error) -> bool {
 pub(crate) struct Plan<'a> {
     pub route: &'a str,
     pub service: &'a str,
-    pub upstreams: Vec<Arc<Upstream>>,
+    pub upstreams: Cow<'a, [Arc<Upstream>]>,
     pub timeout: Option<Duration>,
     pub retry: Option<&'a v1::RetryPolicy>,
 }
@@ -185,7 +186,7 @@ fn plan<'a>(
         return Ok(Plan {
             route: "default",
             service: &target.service,
-            upstreams: vec![Arc::new(up.clone())],
+            upstreams: Cow::Owned(vec![Arc::new(up.clone())]),
             timeout: None,
             retry: None,
         });

@@ -51,7 +51,8 @@
 # below QUIET_LOAD=0.8 first), BULWARK_ACCESS_LOG (off | stdout), PROFILE=1
 # (after the rounds, `perf record` both sidecars under wrk and print the
 # top symbols), SKIP_BUILD=1, KEEP=1 (leave logs in $WORK), READY_HOOK (a
-# command run once the sidecars are ready, before any request), HOLD=1 (set up,
+# command run once the sidecars are ready and have idled, before any request
+# through them; SC_CLI and SC_SRV hold their PIDs), HOLD=1 (set up,
 # then wait, for measurements by hand, until $WORK/stop exists), MEASURE (which
 # data-plane figures to take, a subset of "latency wrk h2load close iperf
 # memory"; default all: a subset is for trying a change, not for the record).
@@ -430,11 +431,6 @@ done
 rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
 RSS_IDLE_SC_CLI=$(rss_kb "$SC_CLI") RSS_IDLE_SC_SRV=$(rss_kb "$SC_SRV")
 RSS_IDLE_HAP_CLI=$(rss_kb "$HAP_CLI") RSS_IDLE_HAP_SRV=$(rss_kb "$HAP_SRV")
-# READY_HOOK: a command run here, with SC_CLI and SC_SRV (the sidecars'
-# PIDs) in its environment: the sidecars are ready and have served nothing.
-if [ -n "${READY_HOOK:-}" ]; then
-    SC_CLI=$SC_CLI SC_SRV=$SC_SRV bash -c "$READY_HOOK" || die "READY_HOOK failed"
-fi
 # Where each proxy's idle RSS is: heap and stacks (anonymous) or the
 # program's own pages (file).
 for p in "sidecar-client:$SC_CLI" "sidecar-server:$SC_SRV" "haproxy-client:$HAP_CLI"; do
@@ -454,6 +450,13 @@ wakes() { # pid...: the largest rate among them, per second
 }
 WAKE_SC=$(wakes "$SC_CLI" "$SC_SRV") WAKE_HAP=$(wakes "$HAP_CLI" "$HAP_SRV")
 log "idle wake-ups per second (larger of each pair): sidecar $WAKE_SC, haproxy $WAKE_HAP"
+# READY_HOOK: a command run here, with SC_CLI and SC_SRV (the sidecars'
+# PIDs) in its environment: the sidecars have started, answered their
+# readiness probes and sat idle, and no request has gone through them. A
+# hook that fails ends the run.
+if [ -n "${READY_HOOK:-}" ]; then
+    SC_CLI=$SC_CLI SC_SRV=$SC_SRV bash -c "$READY_HOOK" || die "READY_HOOK failed"
+fi
 declare -A URL=([direct]="http://$SRV_IP:9090/" [bulwark]="http://$VIP:8080/" [haproxy]="http://127.0.0.1:10080/")
 declare -A IPERF=([direct]="$SRV_IP 5202" [bulwark]="$VIP 5201" [haproxy]="127.0.0.1 15201")
 declare -A PROXY_PIDS=([direct]="" [bulwark]="$SC_CLI $SC_SRV" [haproxy]="$HAP_CLI $HAP_SRV")

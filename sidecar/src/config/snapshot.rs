@@ -868,10 +868,9 @@ mod tests {
             ..Default::default()
         }];
         let s = Snapshot::build(&me(), "1", r).unwrap();
-        let addrs = |ups: &[Arc<Upstream>]| {
-            let mut a: Vec<String> = ups.iter().map(|u| u.addr.to_string()).collect();
-            a.sort();
-            a
+        // In the order declared: a round-robin index walks this list.
+        let addrs = |ups: &[Arc<Upstream>]| -> Vec<String> {
+            ups.iter().map(|u| u.addr.to_string()).collect()
         };
         // Port 80 targets 8080: the endpoints without ports of their own.
         let all = s.endpoints_of("default/api", 80, &[]);

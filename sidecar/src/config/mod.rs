@@ -6,6 +6,7 @@ pub mod xds_client;
 
 pub use snapshot::{
     ConfigError, Decision, IdentityPattern, Proto, Snapshot, Target, Upstream, service_key,
+    target_port,
 };
 
 use std::sync::Arc;

@@ -1,5 +1,5 @@
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -151,6 +151,8 @@ pub struct Snapshot {
     local_ports: HashMap<u16, Vec<String>>,
     /// Service → authorization rules (present = default deny).
     authz: HashMap<String, Vec<L4Rule>>,
+    /// Inbound ports with a service whose authorization rules match paths.
+    path_rule_ports: HashSet<u16>,
     /// Service → its endpoints by target port, lent to the requests routed
     /// to them (no list is built per request).
     by_target: HashMap<String, Vec<PortEndpoints>>,
@@ -191,6 +193,17 @@ fn port16(kind: &str, ns: &str, name: &str, p: u32) -> Result<u16, ConfigError> 
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(|| err(kind, ns, name, format!("port {p} is out of range")))
+}
+
+/// The port a service port sends to on its workloads: `target_port`, or
+/// the port itself when unset. Unchecked: [`Snapshot::build`] refuses ports
+/// over 65535 first.
+pub fn target_port(p: &v1::ServicePort) -> u16 {
+    if p.target_port == 0 {
+        p.port as u16
+    } else {
+        p.target_port as u16
+    }
 }
 
 fn target_ports(
@@ -484,12 +497,7 @@ impl Snapshot {
             let mine = s.identities.iter().any(|i| i == &me_str);
             for p in &s.ports {
                 let proto = Proto::from_proto(p.protocol);
-                let port = p.port as u16;
-                let target = if p.target_port == 0 {
-                    port
-                } else {
-                    p.target_port as u16
-                };
+                let (port, target) = (p.port as u16, target_port(p));
                 let of: &mut HashMap<u16, (Proto, u16)> = ports.entry(k.clone()).or_default();
                 of.insert(port, (proto, target));
                 of.insert(target, (proto, target));
@@ -501,12 +509,7 @@ impl Snapshot {
         for e in &resources.service_entries {
             let k = service_key(&e.namespace, &e.name);
             for p in &e.ports {
-                let port = p.port as u16;
-                let target = if p.target_port == 0 {
-                    port
-                } else {
-                    p.target_port as u16
-                };
+                let (port, target) = (p.port as u16, target_port(p));
                 ports
                     .entry(k.clone())
                     .or_default()
@@ -528,6 +531,17 @@ impl Snapshot {
                 (k, by_port)
             })
             .collect();
+        let path_rule_ports = local_ports
+            .iter()
+            .filter(|(_, services)| {
+                services.iter().any(|svc| {
+                    authz
+                        .get(svc)
+                        .is_some_and(|rules| rules.iter().any(|r| !r.paths.is_empty()))
+                })
+            })
+            .map(|(port, _)| *port)
+            .collect();
         Ok(Self {
             version: version.to_string(),
             stale: false,
@@ -543,6 +557,7 @@ impl Snapshot {
             vip_names,
             external_ips,
             local_ports,
+            path_rule_ports,
             authz,
             rr: AtomicUsize::new(0),
             resources,
@@ -722,13 +737,7 @@ impl Snapshot {
     /// request path (then a path the app would read as another one must
     /// not be matched as written).
     pub fn path_rules_on(&self, port: u16) -> bool {
-        self.local_ports.get(&port).is_some_and(|services| {
-            services.iter().any(|svc| {
-                self.authz
-                    .get(svc)
-                    .is_some_and(|rules| rules.iter().any(|r| !r.paths.is_empty()))
-            })
-        })
+        self.path_rule_ports.contains(&port)
     }
 
     /// Number of mesh endpoints known (for /config_dump and tests).
@@ -895,6 +904,20 @@ mod tests {
         assert!(s.endpoints_of("default/web", 80, &[]).is_empty());
         assert_eq!(s.default_port("default/api"), Some(80));
         assert_eq!(s.default_port("default/web"), None);
+    }
+
+    #[test]
+    fn only_ports_whose_policies_match_paths_have_path_rules() {
+        let s = Snapshot::build(&me(), "1", res()).unwrap();
+        assert!(!s.path_rules_on(8080));
+        let mut r = res();
+        r.authorization_policies[0].rules[0].paths = vec![v1::StringMatch {
+            kind: Some(v1::string_match::Kind::Prefix("/admin/".into())),
+        }];
+        let s = Snapshot::build(&me(), "1", r).unwrap();
+        assert!(s.path_rules_on(8080));
+        assert!(!s.path_rules_on(80));
+        assert!(!s.path_rules_on(9999));
     }
 
     #[test]

@@ -86,11 +86,7 @@ fn wanted(snap: &crate::config::Snapshot) -> Vec<Wanted> {
             continue;
         };
         for p in &svc.ports {
-            let target = if p.target_port == 0 {
-                p.port
-            } else {
-                p.target_port
-            } as u16;
+            let target = crate::config::target_port(p);
             if snap.local_service(target) == Some(key.as_str()) {
                 wanted.push(((key.clone(), target), hc.clone()));
             }

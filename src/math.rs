@@ -9,9 +9,9 @@
 //!
 //! A definition in the program takes precedence over a shared library's,
 //! and the linker (`--as-needed`) then drops `libm.so.6`. The release
-//! benchmark (`tests/perf/run.sh`) logs the program's shared libraries, so
-//! a new call to another C math function, which would bring the library
-//! back, shows there.
+//! benchmark (`tests/perf/run.sh`) logs the program's shared libraries and
+//! warns when `libm.so.6` is among them: a new call to another C math
+//! function brings the library back.
 
 /// `x` raised to the power `y`, as C's `pow`.
 #[unsafe(no_mangle)]

@@ -155,7 +155,11 @@ if [ -s "$HOT_ORDER" ]; then
     log "hot-text layout: $ORDER_FOUND listed functions are in $BIN"
 fi
 # Every shared library loaded costs each sidecar its resident pages (src/math.rs).
-log "shared libraries: $(readelf -d "$SIDECAR_BIN" | sed -nE 's/.*\(NEEDED\).*\[(.*)\]/\1/p' | tr '\n' ' ')"
+SHARED_LIBS=$(readelf -d "$SIDECAR_BIN" | sed -nE 's/.*\(NEEDED\).*\[(.*)\]/\1/p' | tr '\n' ' ')
+log "shared libraries: $SHARED_LIBS"
+case " $SHARED_LIBS" in
+*" libm.so"*) log "WARNING: the program loads the C math library again: a new call to a C math function? (src/math.rs)" ;;
+esac
 # The test binaries as built (not `cargo test`, which would rebuild after a
 # source change, in the middle of the measurements).
 test_bin() { find "$ROOT/target/release/deps" -maxdepth 1 -type f -executable -name "$1-*" -printf '%T@ %p\n' | sort -g | tail -1 | cut -d' ' -f2-; }

@@ -126,8 +126,9 @@ dump() { # n: every sidecar writes its counts since the last dump to cg.PID.n
 }
 # Both ways a sidecar gets its config: a file (the benchmark's default), and
 # a control plane's discovery stream (Kubernetes, `bulwark up`).
-# Start-up is dumped by run.sh's READY_HOOK, as soon as the sidecars are
-# ready: run.sh's own checks send requests before it holds.
+# Start-up is dumped by run.sh's READY_HOOK, once the sidecars are ready and
+# have idled, before any request through them: run.sh's own checks send
+# requests before it holds.
 export -f dump die
 export TMP
 for source in file xds; do

@@ -175,22 +175,21 @@ python3 - "$TMP" "$BIN" "$OUT" <<'EOF'
 import collections, glob, os, subprocess, sys
 tmp, binary, out = sys.argv[1:]
 binary = os.path.realpath(binary)
-ours = set()  # functions of the program (nm: address, [size,] type, name;
-for line in subprocess.run(["nm", "-S", binary], capture_output=True, text=True, check=True).stdout.splitlines():
-    parts = line.split()  # assembly routines often have no size)
+# The program's functions, from one nm pass: (address, size, name). nm
+# prints address, [size,] type, name: assembly routines often have no size.
+functions = []
+for line in subprocess.run(["nm", "-S", "--defined-only", binary], capture_output=True, text=True, check=True).stdout.splitlines():
+    parts = line.split()
     if len(parts) >= 3 and parts[-2] in "tTwW":
-        ours.add(parts[-1])
+        size = int(parts[1], 16) if len(parts) == 4 else 0
+        functions.append((int(parts[0], 16), size, parts[-1]))
+ours = {name for _, _, name in functions}
 def faulted(tmp, binary):
     """Functions of the program on which the sidecars' start-up took a page
     fault (perf script -F pid,addr --show-mmap-events), in fault order."""
     import bisect, re
     pids = open(f"{tmp}/faults.pids").read().split()
-    syms = []
-    for line in subprocess.run(["nm", "--defined-only", binary], capture_output=True, text=True, check=True).stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[1] in "tTwW":
-            syms.append((int(parts[0], 16), parts[2]))
-    syms.sort()
+    syms = sorted((address, name) for address, _, name in functions)
     addrs = [a for a, _ in syms]
     bias, text, names = {}, {}, []
     for line in open(f"{tmp}/faults.txt", errors="replace"):
@@ -282,11 +281,7 @@ with open(out, "w") as o:
     o.write("".join(f + "\n" for f in order))
 added = sum(1 for f in set(native) if f in ours and f not in traffic)
 idle = [f for f in order if f in start["xds"] or f in native_start]
-sizes = {}
-for line in subprocess.run(["nm", "-S", binary], capture_output=True, text=True, check=True).stdout.splitlines():
-    parts = line.split()
-    if len(parts) == 4:
-        sizes[parts[3]] = int(parts[1], 16)
+sizes = {name: size for _, size, name in functions}
 print(f"text_order.sh: {len(traffic)} traffic functions, {added} more sampled natively, "
       f"{len(native_start)} run natively at start-up only; "
       f"{len(idle)} run by a sidecar fed by a control plane before any traffic "

@@ -592,6 +592,18 @@ impl Snapshot {
     /// unauthenticated) is allowed at L4: the deciding policy (or `none`)
     /// on allow, the service whose policies deny it on deny.
     pub fn authorize_l4(&self, port: u16, source: Option<&SpiffeId>) -> Result<&str, &str> {
+        self.authorize(port, source, |r| !r.http_only)
+    }
+
+    /// The first rule of each service on `port` that `source` matches and
+    /// `allows` accepts decides; a service with rules and none of them
+    /// matching denies.
+    fn authorize(
+        &self,
+        port: u16,
+        source: Option<&SpiffeId>,
+        allows: impl Fn(&L4Rule) -> bool,
+    ) -> Result<&str, &str> {
         let Some(services) = self.local_ports.get(&port) else {
             return Ok("none");
         };
@@ -602,9 +614,8 @@ impl Snapshot {
                 continue;
             };
             let allowed = rules.iter().find(|r| {
-                !r.http_only
-                    && (r.from.is_empty()
-                        || src.is_some_and(|s| r.from.iter().any(|p| p.matches(s))))
+                (r.from.is_empty() || src.is_some_and(|s| r.from.iter().any(|p| p.matches(s))))
+                    && allows(r)
             });
             match allowed {
                 Some(r) => decided = &r.policy,
@@ -711,26 +722,10 @@ impl Snapshot {
         method: &str,
         path: &str,
     ) -> Result<&str, &str> {
-        let Some(services) = self.local_ports.get(&port) else {
-            return Ok("none");
-        };
-        let src = source.map(SpiffeId::as_str);
-        let mut decided = "none";
-        for svc in services {
-            let Some(rules) = self.authz.get(svc) else {
-                continue;
-            };
-            let allowed = rules.iter().find(|r| {
-                (r.from.is_empty() || src.is_some_and(|s| r.from.iter().any(|p| p.matches(s))))
-                    && (r.methods.is_empty() || r.methods.iter().any(|m| m == method))
-                    && (r.paths.is_empty() || r.paths.iter().any(|p| p.matches(path)))
-            });
-            match allowed {
-                Some(r) => decided = &r.policy,
-                None => return Err(svc),
-            }
-        }
-        Ok(decided)
+        self.authorize(port, source, |r| {
+            (r.methods.is_empty() || r.methods.iter().any(|m| m == method))
+                && (r.paths.is_empty() || r.paths.iter().any(|p| p.matches(path)))
+        })
     }
 
     /// Whether an authorization rule of a service on `port` looks at the

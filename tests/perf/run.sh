@@ -155,8 +155,11 @@ if [ -s "$HOT_ORDER" ]; then
     log "hot-text layout: $ORDER_FOUND listed functions are in $BIN"
 fi
 # Every shared library loaded costs each sidecar its resident pages (src/math.rs).
-SHARED_LIBS=$(readelf -d "$SIDECAR_BIN" | sed -nE 's/.*\(NEEDED\).*\[(.*)\]/\1/p' | tr '\n' ' ')
-log "shared libraries: $SHARED_LIBS"
+# A wrapper script (a profiler, an environment) is not an ELF file: read the program.
+LIB_BIN=$SIDECAR_BIN
+[ "$(head -c4 "$SIDECAR_BIN" | tr -d '\177')" = ELF ] || LIB_BIN=$BIN
+SHARED_LIBS=$(readelf -d "$LIB_BIN" | sed -nE 's/.*\(NEEDED\).*\[(.*)\]/\1/p' | tr '\n' ' ')
+log "shared libraries of $LIB_BIN: $SHARED_LIBS"
 case " $SHARED_LIBS" in
 *" libm.so"*) log "WARNING: the program loads the C math library again: a new call to a C math function? (src/math.rs)" ;;
 esac

@@ -55,8 +55,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A mesh with web, api and db pods whose sidecars use the control plane(s).
-fn start(xds: &str, replicas: &[(&str, u16)], sidecar_extra: &[&str]) -> Option<Mesh> {
+/// A mesh, no pods yet, whose control plane replicas serve the mesh
+/// config, the `api` Service and an authorization allowing `web`.
+fn control_planes(replicas: &[(&str, u16)]) -> Option<Mesh> {
     let mut mesh = Mesh::start(&[])?;
     mesh.write_cp_file("mesh.yaml", &mesh_yaml(TD));
     mesh.write_cp_file("services.yaml", SERVICES);
@@ -64,6 +65,12 @@ fn start(xds: &str, replicas: &[(&str, u16)], sidecar_extra: &[&str]) -> Option<
     for (name, port) in replicas {
         mesh.start_control_plane(name, *port);
     }
+    Some(mesh)
+}
+
+/// A mesh with web, api and db pods whose sidecars use the control plane(s).
+fn start(xds: &str, replicas: &[(&str, u16)], sidecar_extra: &[&str]) -> Option<Mesh> {
+    let mut mesh = control_planes(replicas)?;
     for (pod, sa) in [("web", "web"), ("api", "api"), ("db", "db")] {
         mesh.add_pod(pod);
         let labels = format!("app={pod}");
@@ -447,13 +454,9 @@ fn mesh_proc(mesh: &Mesh, name: &str) -> usize {
 #[test]
 fn a_sidecar_restarted_while_the_control_plane_is_down_serves_its_last_known_good_config() {
     let _serial = serial();
-    let Some(mut mesh) = Mesh::start(&[]) else {
+    let Some(mut mesh) = control_planes(&[("cp1", 15010)]) else {
         return;
     };
-    mesh.write_cp_file("mesh.yaml", &mesh_yaml(TD));
-    mesh.write_cp_file("services.yaml", SERVICES);
-    mesh.write_cp_file("authz.yaml", &authz(&["web"]));
-    mesh.start_control_plane("cp1", 15010);
     for pod in ["web", "api"] {
         mesh.add_pod(pod);
         let state = mesh.net.dir.join(format!("{pod}-state"));
@@ -822,4 +825,52 @@ fn oversized_and_deeply_nested_yaml_are_refused_and_the_last_good_config_kept() 
         let s = status();
         (s["config_rejected"].is_null() && s["system_version"] != good.as_str()).then_some(())
     });
+}
+
+/// The proxy's own connections to the CA and the control plane pass its
+/// pod's interception rules by its socket mark, whichever mark it is given.
+/// No outbound port goes around the proxy, so the app's own connection to
+/// the CA's port is the mesh's to decide: REGISTRY_ONLY refuses it.
+#[test]
+fn a_sidecar_with_its_own_mark_reaches_ca_and_control_plane_and_no_port_goes_around_it() {
+    let _serial = serial();
+    let Some(mut mesh) = control_planes(&[("cp1", 15010)]) else {
+        return;
+    };
+    mesh.add_pod("web");
+    let mark = ["--proxy-mark", "0x2a"];
+    mesh.start_sidecar_xds_with("web", "web", CP1, &mark, &mark);
+    // Ready means an SVID from the CA (:15012) and a config from the
+    // control plane (:15010), both reached from sockets marked 0x2a.
+    mesh.wait_ready("web");
+    let ns = mesh.pod("web").pod.ns.clone();
+    let rules = mesh
+        .net
+        .exec_ok(&ns, &["iptables", "-t", "nat", "-S", "BULWARK_OUTPUT"]);
+    assert!(rules.contains("--mark 0x2a"), "{rules}");
+    assert!(
+        !rules.contains("--dport"),
+        "a port goes around the proxy:\n{rules}"
+    );
+
+    let refused = |m: &str| {
+        metric_sum(
+            m,
+            "bulwark_tcp_refused_total",
+            &["direction=\"outbound\"", "reason=\"registry_only\""],
+        )
+    };
+    let before = refused(&mesh.metrics("web"));
+    for port in [15012, 15010] {
+        let out = mesh.curl("web", &format!("http://198.18.0.1:{port}/"));
+        assert!(
+            !out.status.success(),
+            "the app reached :{port} around the mesh"
+        );
+    }
+    wait_for(
+        "the sidecar to refuse the app's connections to the CA and control plane ports",
+        Duration::from_secs(10),
+        || (refused(&mesh.metrics("web")) >= before + 2.0).then_some(()),
+    );
 }

@@ -478,7 +478,7 @@ fn webhook_honours_excluded_ports_resources_and_log_level() {
     );
     assert_eq!(
         flag(&init, "--exclude-outbound-ports").unwrap(),
-        "15010,15012,5432,6379"
+        "5432,6379"
     );
     let proxy = &inits[1];
     // An excluded port is not the mesh's: not announced.

@@ -169,6 +169,9 @@ pub struct CaClient {
     /// The identity the CA's certificate must carry; by default the CA
     /// identity of the requested identity's trust domain.
     pub ca_identity: Option<SpiffeId>,
+    /// `SO_MARK` for the connections to the CA (0: none). A sidecar sets its
+    /// proxy mark, so its pod's interception rules let them through.
+    pub socket_mark: u32,
 }
 
 impl CaClient {
@@ -181,6 +184,7 @@ impl CaClient {
             retry_deadline: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),
             ca_identity: None,
+            socket_mark: 0,
         }
     }
 
@@ -226,13 +230,13 @@ impl CaClient {
             .unwrap_or_else(|| addr.clone());
         let server_name = ServerName::try_from(host)
             .unwrap_or_else(|_| ServerName::try_from("bulwark-ca").expect("static name"));
+        let mark = self.socket_mark;
         let connector = tower::service_fn(move |_uri: http::Uri| {
             let cfg = cfg.clone();
             let addr = addr.clone();
             let server_name = server_name.clone();
             async move {
-                let tcp = tokio::net::TcpStream::connect(&addr).await?;
-                tcp.set_nodelay(true)?;
+                let tcp = dial(&addr, mark).await?;
                 let tls = tokio_rustls::TlsConnector::from(cfg)
                     .connect(server_name, tcp)
                     .await?;
@@ -426,6 +430,52 @@ impl Backoff {
         let half = exp / 2;
         half + jitter(half, 1.0).saturating_sub(half)
     }
+}
+
+/// Connects to `host:port`, trying each address it resolves to in turn.
+async fn dial(addr: &str, mark: u32) -> std::io::Result<tokio::net::TcpStream> {
+    let mut last = None;
+    for sa in tokio::net::lookup_host(addr).await? {
+        match connect_marked(sa, mark).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{addr} resolves to no address"),
+        )
+    }))
+}
+
+/// Opens a TCP connection (`TCP_NODELAY`) to `addr` from a socket carrying
+/// `mark` (`SO_MARK`; 0 sets none), so that a pod's interception rules let
+/// the proxy's own connections through. Setting a mark needs CAP_NET_ADMIN:
+/// without it the socket goes unmarked (warned once), and the uid exclusion
+/// (`bulwark init --proxy-uid`) is what keeps it out of the proxy.
+pub async fn connect_marked(
+    addr: std::net::SocketAddr,
+    mark: u32,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if mark != 0
+        && let Err(e) = sock.set_mark(mark)
+    {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| tracing::warn!(error = %e, "cannot set SO_MARK on proxy sockets; relying on the uid exclusion"));
+    }
+    sock.set_nonblocking(true)?;
+    sock.set_tcp_nodelay(true)?;
+    let std_stream: std::net::TcpStream = sock.into();
+    tokio::net::TcpSocket::from_std_stream(std_stream)
+        .connect(addr)
+        .await
 }
 
 /// An open connection to the CA (see [`CaClient::session`]).

@@ -255,7 +255,7 @@ impl Sidecar {
     pub fn new(opts: SidecarOptions) -> Self {
         bulwark_ca::tls::provider();
         let metrics = Arc::new(Metrics::default());
-        let identity = CertManager::new(opts.identity.clone(), metrics.clone());
+        let identity = CertManager::new(opts.identity.clone(), opts.proxy_mark, metrics.clone());
         let proxy = Arc::new(Proxy {
             client_configs: tls::ClientConfigs::new(identity.clone()),
             server_config: tls::server_config(&identity),

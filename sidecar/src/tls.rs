@@ -142,6 +142,7 @@ mod tests {
                 ttl: None,
                 renew_fraction: 0.5,
             },
+            0,
             Arc::new(Metrics::default()),
         );
         m.install(svid).unwrap();

@@ -19,8 +19,10 @@ pub struct InitArgs {
     /// Inbound ports never captured.
     #[arg(long, value_delimiter = ',', default_value = "15000,15020,15021")]
     exclude_inbound_ports: Vec<u16>,
-    /// Outbound ports never captured (the CA and control plane by default).
-    #[arg(long, value_delimiter = ',', default_value = "15010,15012")]
+    /// Outbound ports never captured: the app reaches any host on them
+    /// around the mesh. None by default: the proxy's own connections (the
+    /// CA and control plane among them) pass by mark or uid.
+    #[arg(long, value_delimiter = ',')]
     exclude_outbound_ports: Vec<u16>,
     /// Print the rules instead of installing them.
     #[arg(long, conflicts_with = "remove")]

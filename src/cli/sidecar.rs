@@ -282,17 +282,18 @@ pub fn run(a: SidecarArgs) -> anyhow::Result<()> {
                 namespace,
                 unhealthy: false,
             };
-            ConfigSource::Xds(XdsOptions {
+            ConfigSource::Xds(Box::new(XdsOptions {
                 addrs: a.xds,
                 node,
                 state_dir: a.state_dir,
-            })
+                mark: a.proxy_mark,
+            }))
         }
     };
     rt.block_on(async move {
         let feeder = match source {
             ConfigSource::File(path) => tokio::spawn(watch_file(path, handle)),
-            ConfigSource::Xds(o) => tokio::spawn(xds_client::run(o, handle)),
+            ConfigSource::Xds(o) => tokio::spawn(xds_client::run(*o, handle)),
         };
         let r = sidecar.run(super::shutdown_signal()).await;
         feeder.abort();
@@ -303,7 +304,7 @@ pub fn run(a: SidecarArgs) -> anyhow::Result<()> {
 
 enum ConfigSource {
     File(PathBuf),
-    Xds(XdsOptions),
+    Xds(Box<XdsOptions>),
 }
 
 fn compile(path: &Path) -> anyhow::Result<bulwark_proto::config::Resources> {

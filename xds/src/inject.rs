@@ -78,8 +78,6 @@ const BUNDLE_DIR: &str = "/var/run/secrets/bulwark/ca";
 const STATE_DIR: &str = "/var/lib/bulwark";
 /// Inbound ports `bulwark init` never captures (admin, metrics/health).
 const BASE_EXCLUDE_INBOUND: [u16; 3] = [15000, 15020, 15021];
-/// Outbound ports `bulwark init` never captures (control plane, CA).
-const BASE_EXCLUDE_OUTBOUND: [u16; 2] = [15010, 15012];
 
 /// What the injected containers point at.
 #[derive(Debug, Clone, PartialEq)]
@@ -376,23 +374,26 @@ pub fn pod_patch(pod: &Value, prefix: &str, cfg: &InjectConfig) -> Result<Outcom
             .iter()
             .filter(|p| !BASE_EXCLUDE_INBOUND.contains(p)),
     );
-    let mut exclude_outbound: Vec<u16> = BASE_EXCLUDE_OUTBOUND.to_vec();
-    exclude_outbound.extend(
-        exclude_out
-            .iter()
-            .filter(|p| !BASE_EXCLUDE_OUTBOUND.contains(p)),
-    );
+    // None but the pod's own choice: the proxy's connections to the CA and
+    // control plane pass by uid, and any port let through here is open to
+    // every host around the mesh.
+    let mut init_args = vec![
+        "init".to_string(),
+        "--proxy-uid".to_string(),
+        PROXY_UID.to_string(),
+        "--exclude-inbound-ports".to_string(),
+        join(exclude_inbound),
+    ];
+    if !exclude_out.is_empty() {
+        init_args.push("--exclude-outbound-ports".to_string());
+        init_args.push(join(exclude_out.iter().copied()));
+    }
 
     let init = json!({
         "name": INIT_CONTAINER,
         "image": cfg.image,
         "imagePullPolicy": cfg.image_pull_policy,
-        "args": [
-            "init",
-            "--proxy-uid", PROXY_UID.to_string(),
-            "--exclude-inbound-ports", join(exclude_inbound),
-            "--exclude-outbound-ports", join(exclude_outbound),
-        ],
+        "args": init_args,
         "resources": {
             "requests": {"cpu": "10m", "memory": "16Mi"},
             "limits": {"memory": "64Mi"},

@@ -31,6 +31,9 @@ pub struct XdsOptions {
     pub node: Node,
     /// Where the last applied config is kept across restarts.
     pub state_dir: Option<PathBuf>,
+    /// The proxy's `SO_MARK`, which its connections to the control plane
+    /// carry so that its pod's interception rules let them through.
+    pub mark: u32,
 }
 
 /// The identity of the control plane's serving certificate.
@@ -179,6 +182,7 @@ pub async fn run(opts: XdsOptions, handle: ConfigHandle) {
 
 async fn connect(
     addr: &str,
+    mark: u32,
     handle: &ConfigHandle,
 ) -> Result<DiscoveryServiceClient<tonic::transport::Channel>, StreamError> {
     let identity = handle.identity();
@@ -202,7 +206,7 @@ async fn connect(
                 .await?
                 .next()
                 .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
-            let tcp = crate::intercept::connect_marked(sa, crate::DEFAULT_PROXY_MARK).await?;
+            let tcp = crate::intercept::connect_marked(sa, mark).await?;
             let tls = tokio_rustls::TlsConnector::from(cfg)
                 .connect(ServerName::IpAddress(sa.ip().into()), tcp)
                 .await?;
@@ -237,7 +241,7 @@ async fn stream_once(
     held: &mut Held,
     version: &mut String,
 ) -> Result<(), StreamError> {
-    let mut client = connect(addr, handle).await?;
+    let mut client = connect(addr, opts.mark, handle).await?;
     let mut health = handle.health();
     let mut node = opts.node.clone();
     node.unhealthy = *health.borrow_and_update();

@@ -59,8 +59,10 @@ fn now_unix() -> i64 {
 }
 
 impl CertManager {
-    pub fn new(opts: IdentityOptions, metrics: Arc<Metrics>) -> Arc<Self> {
-        let client = CaClient::new(opts.ca_addr.clone(), opts.ca_bundle.clone());
+    /// `mark`: the proxy's `SO_MARK`, which its connections to the CA carry.
+    pub fn new(opts: IdentityOptions, mark: u32, metrics: Arc<Metrics>) -> Arc<Self> {
+        let mut client = CaClient::new(opts.ca_addr.clone(), opts.ca_bundle.clone());
+        client.socket_mark = mark;
         Arc::new(Self {
             bundle: Arc::new(ArcSwap::from_pointee(opts.ca_bundle.clone())),
             client,
@@ -239,6 +241,7 @@ mod tests {
                 ttl: None,
                 renew_fraction: 0.5,
             },
+            0,
             Arc::new(Metrics::default()),
         );
         let refused = manager.fetch().await.unwrap_err();

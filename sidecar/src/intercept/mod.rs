@@ -31,28 +31,9 @@ pub fn original_dst(stream: &TcpStream, peer: SocketAddr) -> std::io::Result<Soc
     })
 }
 
-/// Opens a TCP connection to `addr` from a socket carrying the proxy's mark,
-/// so the interception rules let it through. If the mark cannot be set
-/// (no CAP_NET_ADMIN), the uid exclusion is what keeps it from looping.
-pub async fn connect_marked(addr: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
-    let domain = if addr.is_ipv4() {
-        socket2::Domain::IPV4
-    } else {
-        socket2::Domain::IPV6
-    };
-    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-    if mark != 0
-        && let Err(e) = sock.set_mark(mark)
-    {
-        static WARNED: std::sync::Once = std::sync::Once::new();
-        WARNED.call_once(|| tracing::warn!(error = %e, "cannot set SO_MARK on proxy sockets; relying on the uid exclusion"));
-    }
-    sock.set_nonblocking(true)?;
-    sock.set_tcp_nodelay(true)?;
-    let std_stream: std::net::TcpStream = sock.into();
-    let socket = tokio::net::TcpSocket::from_std_stream(std_stream);
-    socket.connect(addr).await
-}
+/// The proxy's own connections carry its mark (shared with the CA client,
+/// which a sidecar uses with the same mark).
+pub use bulwark_ca::client::connect_marked;
 
 /// The source address of the inbound sidecar's connections to its app.
 /// Loopback, so the app sees a caller on its own pod, but not 127.0.0.1:

@@ -43,8 +43,10 @@ impl Default for RuleOptions {
             inbound_ports: Vec::new(),
             // Health, metrics and admin stay reachable without mTLS.
             exclude_inbound_ports: vec![15000, 15020, 15021],
-            // The CA and control plane are reached directly by the proxy.
-            exclude_outbound_ports: vec![15010, 15012],
+            // None: the proxy's own connections (to the CA and control
+            // plane among them) pass by mark or uid. A port let through
+            // here would let the app reach any host on it around the mesh.
+            exclude_outbound_ports: Vec::new(),
         }
     }
 }
@@ -548,16 +550,30 @@ mod tests {
     }
 
     #[test]
-    fn plan_excludes_proxy_loopback_and_control_ports_before_redirecting() {
+    fn by_default_no_outbound_port_goes_around_the_proxy() {
         let p = plan_with_proxy_uid();
+        assert!(
+            !p.lines()
+                .any(|l| l.contains("BULWARK_OUTPUT") && l.contains("--dport")),
+            "{p}"
+        );
+    }
+
+    #[test]
+    fn plan_excludes_proxy_loopback_and_chosen_ports_before_redirecting() {
+        let p = plan(&RuleOptions {
+            proxy_uid: Some(1337),
+            exclude_outbound_ports: vec![5432],
+            ..Default::default()
+        })
+        .join("\n");
         let idx = |needle: &str| position(&p, needle);
         let redirect = idx("-j REDIRECT --to-ports 15001");
         for must_precede in [
             "--mark 0x539 -j RETURN",
             "--uid-owner 1337",
             "-o lo -j RETURN",
-            "--dport 15012 -j RETURN",
-            "--dport 15010 -j RETURN",
+            "BULWARK_OUTPUT -p tcp --dport 5432 -j RETURN",
         ] {
             assert!(
                 idx(must_precede) < redirect,

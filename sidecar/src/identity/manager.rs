@@ -185,16 +185,15 @@ impl CertManager {
 /// How long to wait before asking the CA again, given the backoff's delay
 /// and the seconds the current SVID has left. While it is valid, retry
 /// quickly enough to beat its expiry: never wait more than a tenth of what
-/// is left. Once it has expired there is nothing left to beat, and the
-/// backoff spares the CA.
+/// is left. Without a valid SVID there is nothing to beat: `CaClient::issue`
+/// has already retried a busy or unreachable CA for a minute, and what is
+/// left (a refused token, a long outage) asking every second would not fix.
+/// The backoff then spares the CA, a fleet's worth of sidecars at once.
 fn retry_delay(backoff: Duration, remaining_secs: Option<i64>) -> Duration {
-    let cap = match remaining_secs {
-        Some(r) if r > 0 => (r as f64 / 10.0).max(0.2),
-        Some(_) => return backoff,
-        // Before the first SVID, which the workload waits for.
-        None => 1.0,
-    };
-    backoff.min(Duration::from_secs_f64(cap))
+    match remaining_secs {
+        Some(r) if r > 0 => backoff.min(Duration::from_secs_f64((r as f64 / 10.0).max(0.2))),
+        _ => backoff,
+    }
 }
 
 #[cfg(test)]
@@ -263,18 +262,24 @@ mod tests {
     }
 
     #[test]
-    fn after_expiry_retries_back_off_instead_of_racing_the_expiry() {
+    fn without_a_valid_svid_retries_back_off_instead_of_racing_the_expiry() {
         let base = Duration::from_millis(200);
         let max = Duration::from_secs(10);
-        let mut backoff = Backoff::new(base, max);
-        let expired: Vec<Duration> = (0..10)
-            .map(|_| retry_delay(backoff.next_delay(), Some(-30)))
-            .collect();
-        assert!(expired[0] >= base / 2, "{expired:?}");
-        assert!(
-            expired[9] >= max / 2,
-            "reaches the backoff's maximum: {expired:?}"
-        );
+        // Expired, and never had one.
+        for remaining in [Some(-30), None] {
+            let mut backoff = Backoff::new(base, max);
+            let delays: Vec<Duration> = (0..10)
+                .map(|_| retry_delay(backoff.next_delay(), remaining))
+                .collect();
+            assert!(
+                delays[0] >= base / 2 && delays[0] <= base,
+                "{remaining:?}: {delays:?}"
+            );
+            assert!(
+                delays[9] >= max / 2,
+                "{remaining:?}: reaches the backoff's maximum: {delays:?}"
+            );
+        }
 
         // While valid: never more than a tenth of what is left.
         let mut backoff = Backoff::new(base, max);

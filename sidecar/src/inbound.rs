@@ -21,13 +21,16 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Largest ClientHello looked at; a larger one is left to the mesh handshake.
 const MAX_HELLO: usize = 16 * 1024;
+/// The first look: a hello with a post-quantum key share (about 1.5 kB)
+/// fits, so most connections never touch more than this.
+const FIRST_LOOK: usize = 2 * 1024;
 
 /// Whether the ClientHello waiting on `s` offers a mesh ALPN protocol. It
 /// is read with `MSG_PEEK`, so nothing is consumed whatever the answer. A
 /// hello that does not parse, or is not whole within [`FIRST_BYTE_WAIT`],
 /// counts as the mesh's: the mesh handshake then refuses it as before.
 async fn offers_mesh_alpn(s: &TcpStream) -> bool {
-    let mut buf = vec![0u8; MAX_HELLO];
+    let mut buf = vec![0u8; FIRST_LOOK];
     let deadline = tokio::time::Instant::now() + FIRST_BYTE_WAIT;
     // Backing off: a client that promises a long hello and stalls is
     // looked at a few dozen times in the wait, not thousands.
@@ -41,6 +44,8 @@ async fn offers_mesh_alpn(s: &TcpStream) -> bool {
             Hello::Alpn(offers_mesh) => return offers_mesh,
             Hello::Invalid => return true,
             Hello::Partial if n == MAX_HELLO => return true,
+            // More may be waiting than was looked at.
+            Hello::Partial if n == buf.len() => buf.resize((n * 4).min(MAX_HELLO), 0),
             // The rest of a hello split over segments is on its way (post-
             // quantum key shares make it larger than one); peek has no way
             // to wait for more than is already there.
@@ -320,5 +325,27 @@ mod tests {
             client_hello_alpn(b"\x16\x03\x01\x00\x05hello"),
             Hello::Invalid
         ));
+    }
+
+    /// Hellos larger than the first look are read whole, up to `MAX_HELLO`.
+    #[tokio::test]
+    async fn a_hello_larger_than_the_first_look_is_read_whole() {
+        let filler: Vec<Vec<u8>> = (0..40)
+            .map(|i| format!("x-{i:0>60}").into_bytes())
+            .collect();
+        let mut offers: Vec<&[u8]> = filler.iter().map(Vec::as_slice).collect();
+        let without = hello(&offers);
+        offers.push(crate::tls::ALPN_MESH_H2);
+        let with = hello(&offers);
+        assert!(with.len() > FIRST_LOOK, "{} bytes", with.len());
+        for (bytes, mesh) in [(with, true), (without, false)] {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut c, &bytes)
+                .await
+                .unwrap();
+            let (s, _) = l.accept().await.unwrap();
+            assert_eq!(offers_mesh_alpn(&s).await, mesh);
+        }
     }
 }

@@ -149,7 +149,8 @@ impl Wait {
 /// A response body that keeps its request counted in flight until it ends,
 /// so that a long download is never taken for an idle connection. Between
 /// handing a frame on and being asked for the next one, it waits on the
-/// client: a client that stops reading leaves it there (a stall).
+/// client: a client that stops reading leaves it there (a stall). hyper
+/// serves it as it is: boxing it again would cost an allocation a response.
 pub struct Answering {
     body: crate::http::Body,
     busy: Option<Busy>,

@@ -534,7 +534,7 @@ async fn serve(
                     Some(c) => handle(&proxy, c, peer, req, &activity, idle_timeout).await,
                     None => reply(503, "no-config"),
                 };
-                Ok::<_, Infallible>(resp.map(|b| Answering::new(b, busy).boxed()))
+                Ok::<_, Infallible>(resp.map(|b| Answering::new(b, busy)))
             }
         }
     });

@@ -372,6 +372,9 @@ fn webhook_injects_a_deployment_pod_with_a_native_sidecar() {
     let (init, proxy) = (&inits[0], &inits[1]);
     assert_eq!(init["name"], "bulwark-init");
     assert_eq!(args_of(init)[0], "init");
+    // The proxy passes by uid: no outbound port goes around it by default.
+    assert_eq!(flag(&args_of(init), "--proxy-uid").as_deref(), Some("1337"));
+    assert_eq!(flag(&args_of(init), "--exclude-outbound-ports"), None);
     assert_eq!(
         init["securityContext"]["capabilities"],
         json!({"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]})

@@ -236,7 +236,7 @@ impl CaClient {
             let addr = addr.clone();
             let server_name = server_name.clone();
             async move {
-                let tcp = dial(&addr, mark).await?;
+                let tcp = dial(addr.as_str(), mark).await?;
                 let tls = tokio_rustls::TlsConnector::from(cfg)
                     .connect(server_name, tcp)
                     .await?;
@@ -432,8 +432,13 @@ impl Backoff {
     }
 }
 
-/// Connects to `host:port`, trying each address it resolves to in turn.
-async fn dial(addr: &str, mark: u32) -> std::io::Result<tokio::net::TcpStream> {
+/// Connects to `addr` (`"host:port"`, `(host, port)`, ...), trying each
+/// address it resolves to in turn, from sockets carrying `mark` (see
+/// [`connect_marked`]).
+pub async fn dial(
+    addr: impl tokio::net::ToSocketAddrs,
+    mark: u32,
+) -> std::io::Result<tokio::net::TcpStream> {
     let mut last = None;
     for sa in tokio::net::lookup_host(addr).await? {
         match connect_marked(sa, mark).await {
@@ -442,10 +447,7 @@ async fn dial(addr: &str, mark: u32) -> std::io::Result<tokio::net::TcpStream> {
         }
     }
     Err(last.unwrap_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("{addr} resolves to no address"),
-        )
+        std::io::Error::new(std::io::ErrorKind::NotFound, "resolves to no address")
     }))
 }
 

@@ -352,7 +352,7 @@ fi
 # and 5203 (tcp), direct iperf3 5202.
 EXCL=9090,9443,5202,5203
 for ns in "$CLI" "$SRV"; do
-    in_ns "$ns" "$BIN" init --exclude-outbound-ports "15010,15012,$EXCL" \
+    in_ns "$ns" "$BIN" init --exclude-outbound-ports "$EXCL" \
         --exclude-inbound-ports "15000,15020,15021,$EXCL" >/dev/null
 done
 

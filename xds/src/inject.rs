@@ -864,6 +864,7 @@ mod tests {
         );
         assert_eq!(arg_after(&inits[1], "--ports"), Some("8080,9090"));
         assert_eq!(arg_after(&inits[1], "--labels"), Some("app=web,version=v1"));
+        assert_eq!(arg_after(&inits[0], "--exclude-outbound-ports"), None);
         assert_eq!(p["metadata"]["annotations"][STATUS_ANNOTATION], "injected");
         assert_eq!(p["spec"]["volumes"].as_array().unwrap().len(), 3);
         assert!(is_injected(&p));

@@ -4,7 +4,6 @@
 //! (in memory, and on disk when a state directory is given).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -202,13 +201,10 @@ async fn connect(
         let cfg = cfg.clone();
         let target = target.clone();
         async move {
-            let sa: SocketAddr = tokio::net::lookup_host(&target)
-                .await?
-                .next()
-                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
-            let tcp = crate::intercept::connect_marked(sa, mark).await?;
+            let tcp = bulwark_ca::client::dial(target.as_str(), mark).await?;
+            let peer = tcp.peer_addr()?;
             let tls = tokio_rustls::TlsConnector::from(cfg)
-                .connect(ServerName::IpAddress(sa.ip().into()), tcp)
+                .connect(ServerName::IpAddress(peer.ip().into()), tcp)
                 .await?;
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
         }

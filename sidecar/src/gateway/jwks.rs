@@ -207,6 +207,9 @@ struct HttpsTarget {
     path: String,
     server_name: ServerName<'static>,
     tls: Arc<rustls::ClientConfig>,
+    /// The proxy's `SO_MARK`: the fetch is the proxy's own connection, not
+    /// the app's, for its pod's interception rules.
+    mark: u32,
 }
 
 #[derive(Default)]
@@ -256,8 +259,13 @@ impl JwksSource {
 
     /// Keys from an https URL, its server verified against the roots in
     /// `ca_file` (PEM) or, when `None`, the system's roots.
-    pub fn https(uri: &str, ca_file: Option<&str>, refresh: Duration) -> Result<Self, JwksError> {
-        let target = HttpsTarget::new(uri, ca_file)?;
+    pub fn https(
+        uri: &str,
+        ca_file: Option<&str>,
+        refresh: Duration,
+        mark: u32,
+    ) -> Result<Self, JwksError> {
+        let target = HttpsTarget::new(uri, ca_file, mark)?;
         Ok(Self::with_origin(
             Origin::Https(target),
             Timing {
@@ -437,7 +445,7 @@ async fn read_file(path: &std::path::Path) -> Result<Vec<u8>, JwksError> {
 }
 
 impl HttpsTarget {
-    fn new(uri: &str, ca_file: Option<&str>) -> Result<Self, JwksError> {
+    fn new(uri: &str, ca_file: Option<&str>, mark: u32) -> Result<Self, JwksError> {
         let bad = |e: &str| JwksError::Uri {
             uri: uri.to_string(),
             error: e.to_string(),
@@ -474,6 +482,7 @@ impl HttpsTarget {
             path,
             server_name,
             tls: client_config(ca_file)?,
+            mark,
         })
     }
 
@@ -491,7 +500,7 @@ impl HttpsTarget {
     }
 
     async fn fetch_once(&self) -> Result<Vec<u8>, String> {
-        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+        let tcp = bulwark_ca::client::dial((self.host.as_str(), self.port), self.mark)
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
@@ -652,7 +661,7 @@ pub(crate) mod tests {
         ] {
             assert!(
                 matches!(
-                    JwksSource::https(bad, ca, DEFAULT_REFRESH),
+                    JwksSource::https(bad, ca, DEFAULT_REFRESH, 0),
                     Err(JwksError::Uri { .. })
                 ),
                 "{bad}"
@@ -666,6 +675,7 @@ pub(crate) mod tests {
             "https://idp.example.com/jwks",
             Some("/nonexistent/ca.pem"),
             DEFAULT_REFRESH,
+            0,
         );
         assert!(matches!(r, Err(JwksError::CaFile { .. })));
     }

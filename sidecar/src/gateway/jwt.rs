@@ -376,14 +376,15 @@ impl Authenticator {
     /// jwks_uri; the uri is https; algorithms all known asymmetric ones,
     /// RS256 + ES256 when none are given) and prepares the key sources.
     /// Keys themselves are loaded on first use.
-    pub fn new(providers: &[v1::JwtProvider]) -> Result<Self, AuthConfigError> {
+    /// `mark`: the proxy's `SO_MARK`, which key fetches carry.
+    pub fn new(providers: &[v1::JwtProvider], mark: u32) -> Result<Self, AuthConfigError> {
         let mut out = HashMap::new();
         for (index, p) in providers.iter().enumerate() {
             let issuer = p.issuer.trim().to_string();
             if issuer.is_empty() {
                 return Err(AuthConfigError::MissingIssuer { index });
             }
-            let provider = Provider::new(&issuer, p)?;
+            let provider = Provider::new(&issuer, p, mark)?;
             if out.insert(issuer.clone(), Arc::new(provider)).is_some() {
                 return Err(AuthConfigError::DuplicateIssuer { issuer });
             }
@@ -472,7 +473,7 @@ impl Authenticator {
 }
 
 impl Provider {
-    fn new(issuer: &str, p: &v1::JwtProvider) -> Result<Self, AuthConfigError> {
+    fn new(issuer: &str, p: &v1::JwtProvider, mark: u32) -> Result<Self, AuthConfigError> {
         let keys = match (p.jwks_file.is_empty(), p.jwks_uri.is_empty()) {
             (false, true) => JwksSource::file(&p.jwks_file),
             (true, false) => {
@@ -481,7 +482,7 @@ impl Provider {
                     0 => jwks::DEFAULT_REFRESH,
                     ms => Duration::from_millis(ms),
                 };
-                JwksSource::https(&p.jwks_uri, ca, refresh).map_err(|error| {
+                JwksSource::https(&p.jwks_uri, ca, refresh, mark).map_err(|error| {
                     AuthConfigError::Jwks {
                         issuer: issuer.to_string(),
                         error,
@@ -949,7 +950,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jwks.json");
         std::fs::write(&path, published()).unwrap();
-        let auth = Authenticator::new(&[provider(&path)]).unwrap();
+        let auth = Authenticator::new(&[provider(&path)], 0).unwrap();
         Fixture { dir, auth }
     }
 
@@ -1150,7 +1151,7 @@ mod tests {
         std::fs::write(&path, published()).unwrap();
         let mut p = provider(&path);
         p.clock_skew_ms = 1;
-        let auth = Authenticator::new(&[p]).unwrap();
+        let auth = Authenticator::new(&[p], 0).unwrap();
         let mut c = claims();
         c["exp"] = json!(secs() - 30);
         assert_eq!(rejected(&auth, &rs256(&c)).await.reason, "expired");
@@ -1163,7 +1164,7 @@ mod tests {
         std::fs::write(&path, published()).unwrap();
         let mut p = provider(&path);
         p.clock_skew_ms = 0;
-        let auth = Authenticator::new(&[p]).unwrap();
+        let auth = Authenticator::new(&[p], 0).unwrap();
         let mut c = claims();
         c["exp"] = json!(secs() - 1);
         assert_eq!(rejected(&auth, &rs256(&c)).await.reason, "expired");
@@ -1277,10 +1278,13 @@ mod tests {
         let path = dir.path().join("jwks.json");
         std::fs::write(&path, published()).unwrap();
         for algorithms in [vec![], vec!["RS256".to_string()]] {
-            let auth = Authenticator::new(&[v1::JwtProvider {
-                algorithms,
-                ..provider(&path)
-            }])
+            let auth = Authenticator::new(
+                &[v1::JwtProvider {
+                    algorithms,
+                    ..provider(&path)
+                }],
+                0,
+            )
             .unwrap();
             for kid in [Some("r1"), None] {
                 let t = sign(&secret, Algorithm::HS256, kid, &claims());
@@ -1289,10 +1293,13 @@ mod tests {
         }
         // And a provider cannot be configured to accept HMAC at all.
         for alg in ["HS256", "HS384", "HS512", "none"] {
-            let r = Authenticator::new(&[v1::JwtProvider {
-                algorithms: vec![alg.into()],
-                ..provider(&path)
-            }]);
+            let r = Authenticator::new(
+                &[v1::JwtProvider {
+                    algorithms: vec![alg.into()],
+                    ..provider(&path)
+                }],
+                0,
+            );
             assert!(r.is_err(), "{alg} must be refused");
         }
     }
@@ -1342,8 +1349,11 @@ mod tests {
 
     #[tokio::test]
     async fn missing_jwks_file_means_jwks_unavailable() {
-        let auth = Authenticator::new(&[provider(std::path::Path::new("/nonexistent/jwks.json"))])
-            .unwrap();
+        let auth = Authenticator::new(
+            &[provider(std::path::Path::new("/nonexistent/jwks.json"))],
+            0,
+        )
+        .unwrap();
         let failure = rejected(&auth, &rs256(&claims())).await;
         assert_eq!(failure.reason, "jwks-unavailable");
         assert!(
@@ -1362,7 +1372,7 @@ mod tests {
             jwks_file: "/etc/jwks.json".into(),
             ..Default::default()
         };
-        assert!(Authenticator::new(std::slice::from_ref(&ok)).is_ok());
+        assert!(Authenticator::new(std::slice::from_ref(&ok), 0).is_ok());
         let cases = [
             v1::JwtProvider {
                 issuer: String::new(),
@@ -1399,10 +1409,10 @@ mod tests {
             },
         ];
         for (i, c) in cases.into_iter().enumerate() {
-            assert!(Authenticator::new(&[c]).is_err(), "case {i}");
+            assert!(Authenticator::new(&[c], 0).is_err(), "case {i}");
         }
         assert!(matches!(
-            Authenticator::new(&[ok.clone(), ok]),
+            Authenticator::new(&[ok.clone(), ok], 0),
             Err(AuthConfigError::DuplicateIssuer { .. })
         ));
     }
@@ -1612,7 +1622,7 @@ mod tests {
     #[tokio::test]
     async fn https_jwks_is_fetched_once_and_cached() {
         let server = jwks_server(published()).await;
-        let auth = Authenticator::new(&[https_provider(&server)]).unwrap();
+        let auth = Authenticator::new(&[https_provider(&server)], 0).unwrap();
         accepted(&auth, &rs256(&claims())).await;
         accepted(
             &auth,
@@ -1625,7 +1635,7 @@ mod tests {
     #[tokio::test]
     async fn https_jwks_is_refetched_on_unknown_kid_and_rate_limited() {
         let server = jwks_server(published()).await;
-        let auth = Authenticator::new(&[https_provider(&server)]).unwrap();
+        let auth = Authenticator::new(&[https_provider(&server)], 0).unwrap();
         accepted(&auth, &rs256(&claims())).await;
 
         // The provider rotates in a new key.
@@ -1652,7 +1662,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_unknown_kids_share_one_fetch() {
         let server = jwks_server(published()).await;
-        let auth = Arc::new(Authenticator::new(&[https_provider(&server)]).unwrap());
+        let auth = Arc::new(Authenticator::new(&[https_provider(&server)], 0).unwrap());
         auth.set_jwks_timing(Timing {
             every: jwks::DEFAULT_REFRESH,
             min_interval: Duration::ZERO,
@@ -1684,7 +1694,7 @@ mod tests {
     #[tokio::test]
     async fn https_jwks_failures_keep_the_last_good_keys() {
         let server = jwks_server(published()).await;
-        let auth = Authenticator::new(&[https_provider(&server)]).unwrap();
+        let auth = Authenticator::new(&[https_provider(&server)], 0).unwrap();
         accepted(&auth, &rs256(&claims())).await;
         auth.set_jwks_timing(Timing {
             every: Duration::ZERO,
@@ -1704,10 +1714,13 @@ mod tests {
         let server = jwks_server(published()).await;
         let other = jwks_server(published()).await;
         // Verified against another CA: the TLS handshake fails.
-        let auth = Authenticator::new(&[v1::JwtProvider {
-            jwks_ca_file: other.ca_file.clone(),
-            ..https_provider(&server)
-        }])
+        let auth = Authenticator::new(
+            &[v1::JwtProvider {
+                jwks_ca_file: other.ca_file.clone(),
+                ..https_provider(&server)
+            }],
+            0,
+        )
         .unwrap();
         assert_eq!(
             rejected(&auth, &rs256(&claims())).await.reason,

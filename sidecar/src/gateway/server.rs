@@ -158,11 +158,14 @@ struct Reuse {
     limiters: HashMap<(String, String, u32, u32), Arc<KeyedLimiter>>,
 }
 
+/// `mark`: the proxy's `SO_MARK`, for the connections the config makes
+/// (fetching JWKS).
 fn compile(
     gw: &v1::Gateway,
     auths: &[&v1::RequestAuthentication],
     snap: &Snapshot,
     reuse: &mut Reuse,
+    mark: u32,
 ) -> Result<Compiled, String> {
     let providers: Vec<v1::JwtProvider> = auths
         .iter()
@@ -174,7 +177,7 @@ fn compile(
         match &reuse.auth {
             Some((p, a)) if *p == providers => Some(a.clone()),
             _ => {
-                let a = Arc::new(Authenticator::new(&providers).map_err(|e| e.to_string())?);
+                let a = Arc::new(Authenticator::new(&providers, mark).map_err(|e| e.to_string())?);
                 reuse.auth = Some((providers, a.clone()));
                 Some(a)
             }
@@ -352,7 +355,7 @@ pub async fn run(proxy: Arc<Proxy>, opts: GatewayOptions, slots: Arc<Semaphore>)
             .iter()
             .filter(|a| a.namespace == ns && a.gateway == name)
             .collect();
-        match compile(gw, &auths, &snap, &mut reuse) {
+        match compile(gw, &auths, &snap, &mut reuse, proxy.mark) {
             Ok(c) => state.store(Arc::new(Some(Arc::new(c)))),
             Err(e) => {
                 tracing::error!(gateway = %opts.name, error = %e, "gateway config not usable; keeping the previous one");

@@ -148,6 +148,8 @@ struct Backends<'a> {
     routes: &'a str,
     /// More YAML documents (TrafficPolicies for them, say).
     docs: &'a str,
+    /// More JWT providers, items of the gateway's one RequestAuthentication.
+    providers: &'a str,
 }
 
 fn backend_docs(services: &[(&str, String)]) -> String {
@@ -169,6 +171,7 @@ fn config(api_ip: &str, dir: &Path, more: &Backends<'_>) -> String {
     let d = dir.display();
     let more_routes = more.routes;
     let more_docs = backend_docs(&more.services) + more.docs;
+    let more_providers = more.providers;
     format!(
         r#"apiVersion: bulwark.dev/v1
 kind: MeshConfig
@@ -270,7 +273,7 @@ spec:
       algorithms: [ES256]
       clockSkew: 5s
       forwardClaims: {{sub: x-user-id}}
-{more_docs}"#
+{more_providers}{more_docs}"#
     )
 }
 
@@ -297,15 +300,17 @@ fn start_with(xds: bool) -> Option<Edge> {
 /// [`start_with`] plus a pod per `(service, app args)` in `more`, and
 /// `routes` (Gateway route entries) to them.
 fn start_full(xds: bool, more: &[(&str, &[&str])], routes: &str, docs: &str) -> Option<Edge> {
-    start_gateway(xds, more, routes, docs, &[])
+    start_gateway(xds, more, routes, docs, "", &[])
 }
 
-/// [`start_full`] with `gw_extra`, more flags for the gateway.
+/// [`start_full`] with `providers` (more JWT providers) and `gw_extra`
+/// (more flags for the gateway).
 fn start_gateway(
     xds: bool,
     more: &[(&str, &[&str])],
     routes: &str,
     docs: &str,
+    providers: &str,
     gw_extra: &[&str],
 ) -> Option<Edge> {
     let mut mesh = Mesh::start(&[])?;
@@ -330,6 +335,7 @@ fn start_gateway(
             services,
             routes,
             docs,
+            providers,
         },
     );
     if xds {
@@ -836,6 +842,7 @@ fn one_client_cannot_hold_every_connection_and_idle_or_stalled_connections_are_c
         false,
         &[("big", big)],
         "    - name: big\n      matches: [{path: {prefix: /big}}]\n      backends: [{service: big}]\n",
+        "",
         "",
         &[
             "--gateway-max-connections-per-client",
@@ -1470,5 +1477,74 @@ fn gateway_throughput_with_and_without_jwt() {
         off[1],
         on[1],
         on[1] / off[1]
+    );
+}
+
+/// Keys fetched over HTTPS (`jwksUri`) come through a socket of the
+/// gateway's own, carrying the proxy's mark: the gateway pod's interception
+/// rules let it pass, so the gateway's outbound listener never sees it.
+#[test]
+fn jwks_over_https_is_fetched_by_the_proxy_itself_not_through_its_interception() {
+    let _g = serial();
+    const ISSUER2: &str = "https://idp2.example.com";
+    const SITE: &str = "198.18.0.1:9443";
+    // The identity provider's site: its CA, a certificate for its address,
+    // and the key set, served from the switch namespace.
+    let site = common::tempdir();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["198.18.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(site.path().join("site-ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(site.path().join("site.crt"), cert.pem()).unwrap();
+    std::fs::write(site.path().join("site.key"), key.serialize_pem()).unwrap();
+    let key2 = SigningKey::new("k2");
+    write_jwks(&site.path().join("jwks2.json"), &[&key2]);
+    let provider = format!(
+        "    - issuer: {ISSUER2}\n      audiences: [{AUDIENCE}]\n      jwksUri: https://{SITE}/jwks2.json\n      jwksCaFile: {}\n      algorithms: [ES256]\n      forwardClaims: {{sub: x-user-id}}\n",
+        site.path().join("site-ca.pem").display()
+    );
+    let Some(mut edge) = start_gateway(false, &[], "", "", &provider, &[]) else {
+        return;
+    };
+    // Keys are fetched on first use: the site can start after the gateway.
+    let switch = edge.mesh.net.switch.clone();
+    let serve = format!(
+        "cd {} && exec openssl s_server -quiet -WWW -accept {SITE} -cert site.crt -key site.key",
+        site.path().display()
+    );
+    edge.mesh
+        .net
+        .spawn(&switch, "idp2", "sh", &["-c", serve.as_str()]);
+    let outbound = |edge: &Edge| {
+        metric_sum(
+            &edge.mesh.metrics("gw"),
+            "bulwark_tcp_connections_total",
+            &["direction=\"outbound\""],
+        )
+    };
+    let before = outbound(&edge);
+    let mut token_claims = claims("carol", "orders:read");
+    token_claims["iss"] = ISSUER2.into();
+    let carol = key2.sign(&token_claims);
+    let text = wait_for(
+        "a token of the second issuer to be accepted",
+        Duration::from_secs(20),
+        || {
+            let (code, text) = edge.call("/orders/1", Some(&carol), &[]);
+            (code == 200).then_some(text)
+        },
+    );
+    assert!(text.contains("x-user-id=carol"), "{text}");
+    assert_eq!(
+        outbound(&edge),
+        before,
+        "the key fetch went through the gateway's own interception"
     );
 }

@@ -1519,12 +1519,20 @@ fn jwks_over_https_is_fetched_by_the_proxy_itself_not_through_its_interception()
         "cd {} && exec openssl s_server -quiet -WWW -accept {SITE} -cert site.crt -key site.key",
         site.path().display()
     );
-    edge.mesh
+    let idp = edge
+        .mesh
         .net
         .spawn(&switch, "idp2", "sh", &["-c", serve.as_str()]);
     let outbound = |edge: &Edge| {
+        let m = edge.mesh.metrics("gw");
+        // A failed scrape would read as no connection at all (a family with
+        // no samples is not listed, so the scrape's end is what is checked).
+        assert!(
+            m.contains("bulwark_cert_renewals_total") && m.contains("# EOF"),
+            "{m}"
+        );
         metric_sum(
-            &edge.mesh.metrics("gw"),
+            &m,
             "bulwark_tcp_connections_total",
             &["direction=\"outbound\""],
         )
@@ -1537,6 +1545,10 @@ fn jwks_over_https_is_fetched_by_the_proxy_itself_not_through_its_interception()
         "a token of the second issuer to be accepted",
         Duration::from_secs(20),
         || {
+            let site = edge.mesh.net.proc_mut(idp);
+            if let Ok(Some(st)) = site.child.try_wait() {
+                panic!("the key site exited ({st}): {}", site.log_text());
+            }
             let (code, text) = edge.call("/orders/1", Some(&carol), &[]);
             (code == 200).then_some(text)
         },

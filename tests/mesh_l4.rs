@@ -697,9 +697,10 @@ fn ipv6_tcp_cannot_go_around_the_sidecar() {
     assert!(reach(&web.ns, "[fd00:b::1]:9099"));
 }
 
-/// 3 minutes of new connections from A to B every 50 ms, with 60-second
-/// SVIDs renewed at 30-36% of their remaining life, and the CA down for 30 s in the
-/// middle: zero failures, at least four renewals, renewal resumes.
+/// New connections from A to B every 50 ms, with 60-second SVIDs renewed at
+/// 30-36% of their remaining life, and the CA down for 25 s in the middle:
+/// zero failures, renewal resumes on both sides, at least four renewals
+/// each. The traffic runs until all of that has been seen (about 95 s).
 #[test]
 fn rotation_under_continuous_traffic_with_a_ca_outage_drops_nothing() {
     let Some(mut mesh) = Mesh::start(&["--max-ttl", "1m", "--default-ttl", "1m"]) else {
@@ -756,7 +757,9 @@ fn rotation_under_continuous_traffic_with_a_ca_outage_drops_nothing() {
     let down_at = Instant::now();
     let before_outage = renewals(&mesh);
     let api_before_outage = issued(&mesh, "api");
-    while down_at.elapsed() < Duration::from_secs(30) {
+    // 25 s: a renewal due just before the outage leaves at least 38 s of
+    // life, which must outlast the outage, the CA's restart and a retry.
+    while down_at.elapsed() < Duration::from_secs(25) {
         std::thread::sleep(Duration::from_millis(500)); // the outage itself
     }
     assert_eq!(
@@ -797,9 +800,10 @@ fn rotation_under_continuous_traffic_with_a_ca_outage_drops_nothing() {
         ok as usize + failed.len(),
         &failed[..failed.len().min(3)]
     );
-    // Continuous: at least 8 of the (at most 20) requests a second.
+    // Continuous: each request is a new mTLS connection, paced at 50 ms;
+    // 5.5 a second on average, as the 1,000 in 180 s this test used to ask.
     assert!(
-        f64::from(ok) >= ran.as_secs_f64() * 8.0,
+        f64::from(ok) >= ran.as_secs_f64() * 5.5,
         "only {ok} requests in {ran:?}"
     );
     println!(

@@ -154,13 +154,7 @@ impl Tracing {
         let connector = tower::service_fn(move |_u: http::Uri| {
             let authority = authority.clone();
             async move {
-                let addr = tokio::net::lookup_host(&authority)
-                    .await?
-                    .next()
-                    .ok_or_else(|| {
-                        std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
-                    })?;
-                let tcp = crate::intercept::connect_marked(addr, mark).await?;
+                let tcp = bulwark_ca::client::dial(authority.as_str(), mark).await?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tcp))
             }
         });

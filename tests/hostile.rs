@@ -326,15 +326,20 @@ fn sigterm_drains_in_flight_requests_before_exiting() {
             })
         })
         .collect();
-    wait_for("requests in flight", Duration::from_secs(10), || {
-        (metric_sum(
-            &mesh.metrics("web"),
-            "bulwark_tls_handshakes_total",
-            &["result=\"ok\""],
-        ) >= 1.0)
-            .then_some(())
-    });
-    std::thread::sleep(Duration::from_millis(300)); // let all ten reach the app
+    // All ten have reached the app: it holds a connection from its sidecar
+    // for each (HTTP/1.1, one request at a time on each).
+    let api_ns = mesh.pod("api").pod.ns.clone();
+    wait_for(
+        "all ten requests to reach the app",
+        Duration::from_secs(10),
+        || {
+            let out = mesh.net.exec(
+                &api_ns,
+                &["ss", "-Htn", "state", "established", "( sport = :8080 )"],
+            );
+            (String::from_utf8_lossy(&out.stdout).lines().count() >= 10).then_some(())
+        },
+    );
     // ...when it gets SIGTERM.
     let i = mesh.pod("api").sidecar.unwrap();
     let t = Instant::now();

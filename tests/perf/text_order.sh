@@ -248,9 +248,11 @@ native = [l.strip() for l in open(f"{tmp}/native.txt")]
 # file lists and callgrind does not know are kept too.
 started_anywhere = set(start["file"]) | set(start["xds"]) | set(traffic)
 listed = [l.strip() for l in open(out)] if os.path.exists(out) else []
-native_start = [f for f in faulted(tmp, binary) if f not in started_anywhere] + [
-    f for f in listed if f not in started_anywhere and f not in native
-]
+# (dict: once each, in order, so the count printed below is of functions.)
+native_start = list(dict.fromkeys(
+    [f for f in faulted(tmp, binary) if f not in started_anywhere]
+    + [f for f in listed if f not in started_anywhere and f not in native]
+))
 both = set(start["file"]) & set(start["xds"])
 def ranked(c, among=None):
     """Functions of counter c, most instructions first (those run with no

@@ -490,15 +490,15 @@ impl Snapshot {
                 (svc, Arc::new(p.clone()))
             })
             .collect();
-        let mut ports = HashMap::new();
+        let mut ports: HashMap<String, HashMap<u16, (Proto, u16)>> = HashMap::new();
         let mut local_protos = HashMap::new();
-        for s in &resources.services {
+        for s in resources.services.iter().filter(|s| !s.ports.is_empty()) {
             let k = service_key(&s.namespace, &s.name);
             let mine = s.identities.iter().any(|i| i == &me_str);
+            let of = ports.entry(k.clone()).or_default();
             for p in &s.ports {
                 let proto = Proto::from_proto(p.protocol);
                 let (port, target) = (p.port as u16, target_port(p));
-                let of: &mut HashMap<u16, (Proto, u16)> = ports.entry(k.clone()).or_default();
                 of.insert(port, (proto, target));
                 of.insert(target, (proto, target));
                 if mine || local_ports.get(&target).is_some_and(|v| v.contains(&k)) {
@@ -506,15 +506,15 @@ impl Snapshot {
                 }
             }
         }
-        for e in &resources.service_entries {
-            let k = service_key(&e.namespace, &e.name);
+        for e in resources
+            .service_entries
+            .iter()
+            .filter(|e| !e.ports.is_empty())
+        {
+            let of = ports.entry(service_key(&e.namespace, &e.name)).or_default();
             for p in &e.ports {
-                let (port, target) = (p.port as u16, target_port(p));
-                ports
-                    .entry(k.clone())
-                    .or_default()
-                    .entry(port)
-                    .or_insert((Proto::from_proto(p.protocol), target));
+                of.entry(p.port as u16)
+                    .or_insert((Proto::from_proto(p.protocol), target_port(p)));
             }
         }
         let by_target = by_service

@@ -620,6 +620,11 @@ fn bulkhead_rejects_fast_and_isolates_a_slow_service_from_a_fast_one() {
                     150,
                     Duration::from_millis(5),
                 );
+                assert!(
+                    r.iter().all(|(c, _)| *c == 200),
+                    "every request to the fast service is served: {:?}",
+                    r.iter().filter(|(c, _)| *c != 200).collect::<Vec<_>>()
+                );
                 p99(r.into_iter().map(|r| r.1).collect())
             })
             .collect();
@@ -678,9 +683,14 @@ fn bulkhead_rejects_fast_and_isolates_a_slow_service_from_a_fast_one() {
         "rejections are fast 503s"
     );
     assert!(served >= 4, "the bulkhead still admits up to its limit");
+    // A shared bulkhead would show as 503s above or as waits on the slow
+    // service's 2 s slots. The eight saturating clients also compete for
+    // this machine's two CPUs, which adds milliseconds to every request;
+    // that is scheduling, not a lack of isolation, hence the 25 ms floor.
+    let bar = (unloaded * 2).max(unloaded + Duration::from_millis(25));
     assert!(
-        loaded <= unloaded * 2,
-        "fast service p99 {loaded:?} vs unloaded {unloaded:?}"
+        loaded <= bar,
+        "fast service p99 {loaded:?} vs unloaded {unloaded:?} (bar {bar:?})"
     );
 }
 

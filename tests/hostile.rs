@@ -372,8 +372,10 @@ fn sigterm_on_one_of_two_upstream_sidecars_under_load_fails_no_request() {
         netns::mesh::spiffe("api")
     );
     mesh.write_config(&netns::mesh::http_api_config(&api1, &second));
+    // Requests take 500 ms, so the drain, which lasts as long as api-1's
+    // in-flight requests, is long enough to be seen refusing while alive.
     for p in ["api-1", "api-2"] {
-        mesh.set_app_args(p, &["--latency", "300ms"]);
+        mesh.set_app_args(p, &["--latency", "500ms"]);
     }
     mesh.start_sidecar("web", "web", &[]);
     mesh.start_sidecar("api-1", "api", &["--drain-grace", "10s"]);
@@ -508,7 +510,7 @@ fn sigterm_on_one_of_two_upstream_sidecars_under_load_fails_no_request() {
         "exited within the grace period: {exited:?}"
     );
     assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
-    assert!(ok >= 20, "only {ok} requests");
+    assert!(ok >= 16, "only {ok} requests");
 }
 
 /// Body size limit of `api` in [`request_bodies_over_the_limit_get_413_and_never_reach_the_app`].

@@ -301,7 +301,11 @@ pub enum OutboundPolicy {
 }
 
 /// `kind: Service`: a service, its ports, and which workloads serve it (by
-/// SPIFFE identity and/or label selector).
+/// SPIFFE identity and/or label selector). Labels are each sidecar's own
+/// claim: with `identities` listed, only workloads with one of them serve
+/// the Service, and a selector only narrows those (in the Service's
+/// namespace). With a selector alone, any workload of the namespace that
+/// carries the labels serves it.
 ///
 /// ```yaml
 /// apiVersion: bulwark.dev/v1

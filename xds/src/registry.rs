@@ -132,16 +132,25 @@ impl Workload {
         })
     }
 
-    /// Whether this workload serves `service`.
+    /// Whether this workload serves `service`. Labels are the sidecar's
+    /// own claim, checked against nothing, so they only narrow: a Service
+    /// that lists `identities` is served by those identities alone (and,
+    /// with a selector too, only by those of them whose labels match). A
+    /// workload cannot join such a service by copying its labels.
     pub fn serves(&self, service: &pb::Service) -> bool {
-        let id = self.identity.to_string();
-        service.identities.contains(&id)
-            || (!service.selector.is_empty()
-                && service.namespace == self.namespace
+        let selected = || {
+            service.namespace == self.namespace
                 && service
                     .selector
                     .iter()
-                    .all(|(k, v)| self.labels.get(k) == Some(v)))
+                    .all(|(k, v)| self.labels.get(k) == Some(v))
+        };
+        if service.identities.is_empty() {
+            !service.selector.is_empty() && selected()
+        } else {
+            let id = self.identity.to_string();
+            service.identities.contains(&id) && (service.selector.is_empty() || selected())
+        }
     }
 
     fn endpoint(&self) -> pb::Endpoint {
@@ -449,6 +458,25 @@ mod tests {
             Workload::from_node(&n, &id("api")),
             Err(NodeError::NamespaceMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn listed_identities_decide_and_labels_only_narrow_them() {
+        let r = Registry::new(DEFAULT_GRACE);
+        let api = "spiffe://cluster.local/ns/shop/sa/api";
+        let _v1 = r.connect(workload("api", "10.0.0.1", &[("app", "api"), ("v", "1")]));
+        // Another identity copying the selector's labels.
+        let _web = r.connect(workload("web", "10.0.0.3", &[("app", "api"), ("v", "1")]));
+        let both = service(&[("app", "api")], &[api]);
+        assert_eq!(addresses(&r, &both), ["10.0.0.1"]);
+        // A listed identity whose labels do not match is not selected.
+        let v2 = service(&[("app", "api"), ("v", "2")], &[api]);
+        assert!(addresses(&r, &v2).is_empty());
+        let mut elsewhere = service(&[("app", "api")], &[api]);
+        elsewhere.namespace = "billing".into();
+        assert!(r.endpoints(&[elsewhere]).is_empty());
+        // Neither identities nor selector: no workload.
+        assert!(addresses(&r, &service(&[], &[])).is_empty());
     }
 
     #[test]

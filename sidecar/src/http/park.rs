@@ -623,17 +623,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_in_use_is_not_closed_by_its_first_idle_deadline() {
-        let (mut c, served, _) = pair(Duration::from_secs(1), PARK).await;
-        // Used every 400 ms: past the first deadline (1 s from the start),
-        // never idle for 1 s.
-        for i in 0..5 {
+        // A 3 s deadline, not 1 s: a test thread stalled for half a second
+        // on a loaded machine must not look like an idle connection.
+        let (mut c, served, _) = pair(Duration::from_secs(3), PARK).await;
+        // Used every 400 ms: past the first deadline (3 s from the start),
+        // never idle for 3 s.
+        for i in 0..10 {
             c.get(&format!("/r{i}")).await;
             tokio::time::sleep(Duration::from_millis(400)).await;
         }
         assert!(!served.is_finished(), "closed while in use");
         // Then idle: closed within the deadline.
         let mut buf = [0u8; 16];
-        let n = tokio::time::timeout(Duration::from_secs(5), c.c.read(&mut buf))
+        let n = tokio::time::timeout(Duration::from_secs(10), c.c.read(&mut buf))
             .await
             .expect("closed once idle")
             .unwrap();
@@ -658,7 +660,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_parked_connection_idle_past_the_deadline_is_closed() {
-        let (mut c, served, parked) = pair(Duration::from_millis(300), PARK).await;
+        // 2 s: long enough that the parked count is seen before the close.
+        let (mut c, served, parked) = pair(Duration::from_secs(2), PARK).await;
         c.send(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n").await;
         assert!(c.response().await.ends_with("/one 0"));
         super::super::until("counted as parked", Duration::from_secs(5), || {

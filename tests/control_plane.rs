@@ -594,8 +594,13 @@ fn root_rotation_waits_until_every_sidecar_acked_the_new_bundle() {
 
 /// Which api pod served each of `n` requests from web to the api VIP.
 fn served_by(mesh: &Mesh, client: &str, n: usize) -> Vec<String> {
+    served_by_at(mesh, client, "198.18.100.1", n)
+}
+
+/// Which app answered each of `n` requests from pod `client` to `vip:8080`.
+fn served_by_at(mesh: &Mesh, client: &str, vip: &str, n: usize) -> Vec<String> {
     let ns = format!("/run/netns/{}", mesh.pod(client).pod.ns);
-    let target: SocketAddr = "198.18.100.1:8080".parse().unwrap();
+    let target: SocketAddr = format!("{vip}:8080").parse().unwrap();
     std::thread::spawn(move || {
         netns::enter(&ns);
         (0..n)
@@ -618,24 +623,7 @@ fn served_by(mesh: &Mesh, client: &str, n: usize) -> Vec<String> {
 
 /// The apps that answer `n` requests from pod `client` to `vip:8080`.
 fn answered_by(mesh: &Mesh, client: &str, vip: &str, n: usize) -> BTreeSet<String> {
-    let ns = format!("/run/netns/{}", mesh.pod(client).pod.ns);
-    let target: SocketAddr = format!("{vip}:8080").parse().unwrap();
-    std::thread::spawn(move || {
-        netns::enter(&ns);
-        (0..n)
-            .map(|_| match netns::http_get(target, "/") {
-                Some(r) if r.contains(" 200 ") => r
-                    .split("\r\n\r\n")
-                    .nth(1)
-                    .and_then(|b| b.split(' ').next())
-                    .unwrap_or("")
-                    .to_string(),
-                other => format!("!{other:?}"),
-            })
-            .collect()
-    })
-    .join()
-    .unwrap()
+    served_by_at(mesh, client, vip, n).into_iter().collect()
 }
 
 /// Labels are a sidecar's own claim: a workload of another identity that

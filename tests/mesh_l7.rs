@@ -715,6 +715,73 @@ fn bulkhead_rejects_fast_and_isolates_a_slow_service_from_a_fast_one() {
     );
 }
 
+/// An endpoint that drops connection attempts (a dead node) holds up only
+/// the requests to it: the sidecar's other services are served while its
+/// connect hangs.
+#[test]
+fn a_connect_hanging_on_one_endpoint_does_not_hold_up_other_services() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.add_pod("web");
+    let dead = mesh.add_pod("dead");
+    let fast = mesh.add_pod("fast");
+    mesh.write_config(&format!(
+        "{MESH}{}{}",
+        service_doc("dead", "198.18.100.2", &[&dead], ""),
+        service_doc("fast", "198.18.100.3", &[&fast], "")
+    ));
+    for (p, sa) in [("web", "web"), ("dead", "dead"), ("fast", "fast")] {
+        mesh.start_sidecar(p, sa, &[]);
+    }
+    for p in ["web", "dead", "fast"] {
+        mesh.wait_ready(p);
+    }
+    // `dead` drops every SYN from now on; web never reached it before, so
+    // its sidecar must connect and hangs there (up to its 5 s timeout).
+    mesh.net.exec_ok(
+        &dead.ns,
+        &[
+            "iptables", "-w", "-I", "INPUT", "-i", "eth0", "-p", "tcp", "-j", "DROP",
+        ],
+    );
+    let ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
+    let hung = std::thread::spawn(move || {
+        netns::enter(&ns);
+        raw_http(
+            "198.18.100.2:8080".parse().unwrap(),
+            "GET / HTTP/1.1\r\nHost: dead\r\nConnection: close\r\n\r\n",
+        )
+    });
+    let web_ns = mesh.pod("web").pod.ns.clone();
+    let dead_ip = dead.ip.to_string();
+    wait_for(
+        "web's sidecar to be connecting to dead",
+        Duration::from_secs(10),
+        || {
+            let out = mesh.net.exec(&web_ns, &["ss", "-Htn", "state", "syn-sent"]);
+            String::from_utf8_lossy(&out.stdout)
+                .contains(&dead_ip)
+                .then_some(())
+        },
+    );
+    let t = Instant::now();
+    let (code, text) = raw_http_from(
+        &mesh,
+        "web",
+        "198.18.100.3:8080",
+        "GET / HTTP/1.1\r\nHost: fast\r\nConnection: close\r\n\r\n",
+    );
+    let took = t.elapsed();
+    let (dead_code, _) = hung.join().unwrap();
+    println!("fast answered {code} in {took:?} while dead's connect hung; dead: {dead_code}");
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(dead_code, 503, "the hung connect ends in a clear 503");
+    // Held up, it would wait out the 5 s connect timeout.
+    assert!(took < Duration::from_secs(2), "fast took {took:?}");
+}
+
 #[test]
 fn breaker_caps_attempts_on_a_failing_upstream_and_closes_after_recovery() {
     let _serial = serial();

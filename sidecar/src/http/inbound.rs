@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use super::app::{AppConnector, AppError, AppPool};
 
 use super::outbound::MAX_HEADER_BYTES;
-use super::{Body, PEER_IDENTITY_HEADER, body_limit, reply, strip_hop_headers};
+use super::{Body, body_limit, reply, strip_hop_headers};
 use crate::Proxy;
 use crate::config::{Proto, Snapshot};
 use crate::resilience::state::ServiceGuards;
@@ -294,9 +294,7 @@ async fn handle(proxy: Arc<Proxy>, peer: &Peer, mut req: Request<Incoming>) -> R
     let (mut parts, body) = req.into_parts();
     strip_hop_headers(&mut parts.headers);
     // Only the sidecar may say who the caller is.
-    parts
-        .headers
-        .insert(PEER_IDENTITY_HEADER, peer.header.clone());
+    super::set_peer_identity(&mut parts.headers, peer.header.clone());
     let mut local = std::mem::take(&mut parts.uri).into_parts();
     let authority = local.authority.replace(peer.app.clone());
     parts.uri = super::http_uri(local).expect("scheme, authority and path make a URI");

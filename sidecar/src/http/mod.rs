@@ -227,6 +227,28 @@ pub fn drop_connection_listed(h: &mut http::HeaderMap) {
 }
 
 /// Headers that belong to one hop and must not be forwarded.
+/// Sets the verified caller identity, removing any spelling of the header
+/// the client sent: CGI-style servers (Rack, WSGI, PHP) read
+/// `x_bulwark_peer_identity` as the same variable as the real one.
+pub fn set_peer_identity(h: &mut http::HeaderMap, value: http::HeaderValue) {
+    let lookalikes: Vec<http::HeaderName> = h
+        .keys()
+        .filter(|n| {
+            let n = n.as_str();
+            n.contains('_')
+                && n.len() == PEER_IDENTITY_HEADER.len()
+                && n.bytes()
+                    .map(|b| if b == b'_' { b'-' } else { b })
+                    .eq(PEER_IDENTITY_HEADER.bytes())
+        })
+        .cloned()
+        .collect();
+    for n in lookalikes {
+        h.remove(n);
+    }
+    h.insert(PEER_IDENTITY_HEADER, value);
+}
+
 pub fn strip_hop_headers(h: &mut http::HeaderMap) {
     use http::HeaderName;
     use http::header::{
@@ -261,5 +283,37 @@ pub(crate) async fn until(what: &str, within: std::time::Duration, mut f: impl F
     while !f() {
         assert!(tokio::time::Instant::now() < deadline, "never: {what}");
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_callers_identity_replaces_every_spelling_the_client_sent() {
+        let mut h = http::HeaderMap::new();
+        for name in [
+            "x-bulwark-peer-identity",
+            "x_bulwark_peer_identity",
+            "x-bulwark_peer-identity",
+        ] {
+            h.append(
+                http::HeaderName::from_static(name),
+                http::HeaderValue::from_static("spiffe://cluster.local/ns/default/sa/admin"),
+            );
+        }
+        h.insert("x_request_id", http::HeaderValue::from_static("kept"));
+        set_peer_identity(
+            &mut h,
+            http::HeaderValue::from_static("spiffe://cluster.local/ns/default/sa/web"),
+        );
+        let names: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert_eq!(
+            h.get_all(PEER_IDENTITY_HEADER).iter().collect::<Vec<_>>(),
+            ["spiffe://cluster.local/ns/default/sa/web"]
+        );
+        assert_eq!(h["x_request_id"], "kept");
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bulwark_ca::SpiffeId;
 use hyper::client::conn::http2::SendRequest;
@@ -22,10 +23,15 @@ pub enum PoolError {
 }
 
 type Key = (SocketAddr, SpiffeId);
+/// One endpoint's connection, or nothing yet. Its own lock is held across
+/// a connect, so that concurrent first requests to the endpoint share one
+/// connection, while requests to other endpoints go on: one endpoint that
+/// drops SYNs or stalls its handshake must not hold up every service.
+type Slot = Arc<Mutex<Option<SendRequest<Body>>>>;
 
 #[derive(Default)]
 pub struct MeshPool {
-    conns: Mutex<HashMap<Key, SendRequest<Body>>>,
+    conns: std::sync::Mutex<HashMap<Key, Slot>>,
 }
 
 impl MeshPool {
@@ -37,24 +43,53 @@ impl MeshPool {
         identity: &SpiffeId,
     ) -> Result<SendRequest<Body>, PoolError> {
         let key = (addr, identity.clone());
-        // Held across the connect: concurrent first requests to one endpoint
-        // share one connection instead of racing to open several.
-        let mut conns = self.conns.lock().await;
-        if let Some(s) = conns.get(&key)
+        let slot = self.slot(&key);
+        let mut conn = slot.lock().await;
+        if let Some(s) = conn.as_ref()
             && !s.is_closed()
         {
             return Ok(s.clone());
         }
         // Boxed: the handshake's state is large and rare, and inline it
         // would be part of every request's future (copied per request).
-        let sender = Box::pin(connect(proxy, addr, identity)).await?;
-        conns.insert(key, sender.clone());
-        Ok(sender)
+        match Box::pin(connect(proxy, addr, identity)).await {
+            Ok(sender) => {
+                *conn = Some(sender.clone());
+                Ok(sender)
+            }
+            Err(e) => {
+                // No slot kept for an endpoint that never answered.
+                if conn.is_none() {
+                    drop(conn);
+                    self.remove_if(&key, &slot);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Drops a connection that failed so the next request reconnects.
     pub async fn evict(&self, addr: SocketAddr, identity: &SpiffeId) {
-        self.conns.lock().await.remove(&(addr, identity.clone()));
+        self.lock().remove(&(addr, identity.clone()));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Slot>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slot(&self, key: &Key) -> Slot {
+        let mut conns = self.lock();
+        if let Some(s) = conns.get(key) {
+            return s.clone();
+        }
+        conns.entry(key.clone()).or_default().clone()
+    }
+
+    fn remove_if(&self, key: &Key, slot: &Slot) {
+        let mut conns = self.lock();
+        if conns.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            conns.remove(key);
+        }
     }
 }
 

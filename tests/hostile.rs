@@ -302,6 +302,76 @@ fn oversized_headers_get_431_and_a_connection_flood_is_refused_fast() {
     });
 }
 
+/// Another pod holding every connection it can to a sidecar's metrics and
+/// health port leaves a slot for the kubelet's probe (from the node).
+#[test]
+fn a_pod_hoarding_health_port_connections_does_not_starve_the_probes() {
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    let api = mesh.add_pod("api");
+    mesh.add_pod("attacker");
+    mesh.write_config(&config(&api));
+    mesh.start_sidecar("api", "api", &[]);
+    mesh.wait_ready("api");
+    let target: SocketAddr = format!("{}:15020", api.ip).parse().unwrap();
+    let ns = format!("/run/netns/{}", mesh.pod("attacker").pod.ns);
+    // As many as the whole port allows, silent (each holds its slot for
+    // the 10 s header timeout); kept open until the probe has run.
+    let hoard = std::thread::spawn(move || {
+        netns::enter(&ns);
+        (0..64)
+            .filter_map(|_| TcpStream::connect_timeout(&target, Duration::from_secs(2)).ok())
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    // Every connection either held by the sidecar or refused by it.
+    let api_ns = api.ns.clone();
+    let refused = || {
+        metric_sum(
+            &mesh.metrics("api"),
+            "bulwark_tcp_refused_total",
+            &["direction=\"admin\""],
+        )
+    };
+    wait_for(
+        "the sidecar to have taken every hoarded connection",
+        Duration::from_secs(10),
+        || {
+            let out = mesh.net.exec(
+                &api_ns,
+                &["ss", "-Htn", "state", "established", "( sport = :15020 )"],
+            );
+            let held = String::from_utf8_lossy(&out.stdout).lines().count();
+            (held as f64 + refused() >= hoard.len() as f64).then_some(())
+        },
+    );
+    let probe = mesh.net.exec(
+        &mesh.net.switch,
+        &[
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+            &format!("http://{target}/healthz/ready"),
+        ],
+    );
+    let code = String::from_utf8_lossy(&probe.stdout).to_string();
+    let refused = refused();
+    println!(
+        "{} connections opened by the hoarder, {refused} refused; probe: {code}",
+        hoard.len()
+    );
+    assert_eq!(code, "200", "{}", String::from_utf8_lossy(&probe.stderr));
+    assert!(refused >= 50.0, "the hoarder keeps its share only");
+    drop(hoard);
+}
+
 #[test]
 fn sigterm_drains_in_flight_requests_before_exiting() {
     let Some(mut mesh) = Mesh::start(&[]) else {

@@ -1,9 +1,10 @@
 //! HTTP endpoints: `/metrics` and health on the metrics port, and the admin
 //! port (loopback) with `/config_dump` and `/certs`.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -24,6 +25,47 @@ fn reply(status: u16, content_type: &str, body: String) -> Response<Body> {
 
 /// Connections served at once per port (probes, scrapes, an operator).
 pub const MAX_CONNECTIONS: usize = 64;
+/// Connections one source address may hold at once. The metrics port is
+/// reachable from every pod, and the kubelet's probes must still find a
+/// slot while another pod holds as many connections as it can.
+pub const MAX_PER_SOURCE: usize = 8;
+
+/// Connections held per source address.
+#[derive(Default)]
+struct Sources(Mutex<HashMap<IpAddr, usize>>);
+
+/// One connection's share of its source's count, returned on drop.
+struct SourceSlot {
+    sources: Arc<Sources>,
+    ip: IpAddr,
+}
+
+impl Sources {
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = held.entry(ip).or_default();
+        if *n >= MAX_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            sources: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut held = self.sources.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.ip);
+            }
+        }
+    }
+}
 /// Longest wait for a request's headers.
 pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -228,10 +270,15 @@ pub async fn serve(
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(addr).await?;
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let sources = Arc::new(Sources::default());
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok((stream, peer)) = listener.accept().await else {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            let Some(source) = sources.take(peer.ip()) else {
+                proxy.metrics.refused("admin", "source_over_limit");
                 continue;
             };
             // Probes and scrapes need a handful; beyond that, close at once.
@@ -241,7 +288,7 @@ pub async fn serve(
             };
             let proxy = proxy.clone();
             tokio::spawn(async move {
-                let _permit = permit;
+                let _held = (permit, source);
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let resp = route(&proxy, port, &req);
                     async move { Ok::<_, Infallible>(resp) }

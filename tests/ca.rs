@@ -571,6 +571,56 @@ fn leaf_ttl_is_clamped_to_the_intermediate_and_the_maximum() {
     assert_eq!(code, Code::InvalidArgument);
 }
 
+/// Junk credentials cost the sender nothing, so their refusals are
+/// recorded at a bounded rate: a flood neither fills the CA's disk nor
+/// keeps the next issuance off the record.
+#[test]
+fn a_flood_of_junk_tokens_is_counted_not_recorded_line_by_line() {
+    let work = tempdir();
+    let ca = Ca::start(work.path(), &[], &[]);
+    let c = client(&ca);
+    let token = ca.token(WEB);
+    let rt = rt();
+    let web = id(WEB);
+    let (_, csr) = new_csr(&web).unwrap();
+    let n = 600;
+    let refused_all = rt.block_on(async {
+        let mut refused = 0;
+        for _ in 0..n {
+            if c.sign_once(&web, &csr, &Credential::Token("junk"), None)
+                .await
+                .is_err()
+            {
+                refused += 1;
+            }
+        }
+        refused
+    });
+    assert_eq!(refused_all, n, "every junk token is refused");
+    let svid = rt.block_on(c.issue(&web, Credential::Token(&token), None));
+    assert!(svid.is_ok(), "{svid:?}");
+    let recs = ca.records();
+    let recorded = recs.iter().filter(|r| r["outcome"] == "refused").count();
+    println!("{n} junk tokens: {recorded} refusals recorded");
+    assert!(recorded < n / 2, "{recorded} of {n} refusals recorded");
+    assert_eq!(recs.last().unwrap()["outcome"], "issued");
+    // Each record after a gap counts the refusals left out before it.
+    let left_out: u64 = recs
+        .iter()
+        .filter_map(|r| r["refusals_not_recorded"].as_u64())
+        .sum();
+    assert!(left_out > 0);
+    assert_eq!(recorded as u64 + left_out, n as u64);
+    // The metric still counts every one.
+    let metrics = ca.metrics_text();
+    let counted: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("bulwark_ca_sign_errors_total{") && l.contains("bad_token"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(counted, n as f64, "{metrics}");
+}
+
 #[test]
 fn over_the_rate_limit_clients_back_off_and_all_eventually_succeed() {
     let work = tempdir();

@@ -349,7 +349,6 @@ impl State {
                     .sign_errors
                     .get_or_create(&ReasonLabel { reason: r.reason })
                     .inc();
-                tracing::warn!(peer = ?peer, reason = r.reason, message = %r.message, "signing refused");
                 rec.outcome = "refused";
                 rec.code = Some(code_name(r.code));
                 rec.reason = Some(r.message.clone());
@@ -363,7 +362,10 @@ impl State {
                         .metadata_mut()
                         .insert(RETRY_AFTER_MS, ms.parse().expect("ascii digits"));
                 }
-                self.log.append(rec);
+                // Logged as recorded: at a bounded rate (see `record`).
+                if self.log.append(rec) {
+                    tracing::warn!(peer = ?peer, reason = r.reason, message = %status.message(), "signing refused");
+                }
                 Err(status)
             }
         }

@@ -32,6 +32,11 @@ use crate::status::{NackStatus, TypeState as State, TypeStatus, unix_ms};
 
 /// Most resource names per type in one request, and subscribed per type.
 pub(crate) const MAX_NAMES: usize = 65_536;
+/// Longest resource name (`namespace/name`: 63 + 1 + 253 in Kubernetes)
+/// and version a request may carry: a stream keeps the names it
+/// subscribed to, so their length is bounded along with their number.
+pub(crate) const MAX_NAME_LEN: usize = 512;
+pub(crate) const MAX_VERSION_LEN: usize = 256;
 /// Responses are split so that each stays below this many bytes (a
 /// resource larger than that goes alone, within the 4 MiB message limit).
 /// Small on purpose: gRPC's encoder keeps a buffer as large as the largest
@@ -55,6 +60,10 @@ pub enum ProtocolError {
     MissingType,
     #[error("too many resource names for {0} (at most {MAX_NAMES})")]
     TooManyNames(String),
+    #[error(
+        "a resource name or version for {0} is too long (names at most {MAX_NAME_LEN} bytes, versions {MAX_VERSION_LEN})"
+    )]
+    NameTooLong(String),
 }
 
 /// Something the server counts or logs, produced by a request.
@@ -309,6 +318,16 @@ impl StreamState {
             > MAX_NAMES
         {
             return Err(too_many());
+        }
+        let long = |n: &String| n.len() > MAX_NAME_LEN;
+        if req.resource_names_subscribe.iter().any(long)
+            || req.resource_names_unsubscribe.iter().any(long)
+            || req
+                .initial_resource_versions
+                .iter()
+                .any(|(n, v)| long(n) || v.len() > MAX_VERSION_LEN)
+        {
+            return Err(ProtocolError::NameTooLong(type_url.to_string()));
         }
         let Self {
             types,
@@ -819,6 +838,32 @@ mod tests {
             st.on_request(&untyped, &s).unwrap_err(),
             ProtocolError::MissingType
         );
+    }
+
+    #[test]
+    fn overlong_names_and_versions_are_protocol_errors() {
+        let s = snap(&[]);
+        let long = "a/".to_string() + &"x".repeat(MAX_NAME_LEN);
+        let longest = "a/".to_string() + &"x".repeat(MAX_NAME_LEN - 2);
+        let on = |req: DeltaDiscoveryRequest| StreamState::default().on_request(&req, &s);
+        let names = |sub: &str, unsub: &str| DeltaDiscoveryRequest {
+            type_url: type_url::SERVICE.into(),
+            resource_names_subscribe: vec![sub.to_string()],
+            resource_names_unsubscribe: vec![unsub.to_string()],
+            ..Default::default()
+        };
+        assert!(on(names(&longest, "b/c")).is_ok());
+        for req in [
+            names(&long, "b/c"),
+            names("b/c", &long),
+            subscribe(type_url::SERVICE, &[(&long, "v")]),
+            subscribe(
+                type_url::SERVICE,
+                &[("a/b", &"v".repeat(MAX_VERSION_LEN + 1))],
+            ),
+        ] {
+            assert!(matches!(on(req), Err(ProtocolError::NameTooLong(_))));
+        }
     }
 
     #[test]

@@ -302,6 +302,46 @@ fn oversized_headers_get_431_and_a_connection_flood_is_refused_fast() {
     });
 }
 
+/// A pod holding hundreds of silent connections to the CA and the control
+/// plane (each would hold a handshake place for 10 s) takes only its own
+/// share: a sidecar starting meanwhile gets its SVID and config at once.
+#[test]
+fn silent_connections_from_one_pod_do_not_lock_sidecars_out_of_ca_and_control_plane() {
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    let api = mesh.add_pod("api");
+    mesh.add_pod("attacker");
+    mesh.write_cp_file("mesh.yaml", &config(&api));
+    mesh.start_control_plane("cp1", 15010);
+    let ns = format!("/run/netns/{}", mesh.pod("attacker").pod.ns);
+    let hoard = std::thread::spawn(move || {
+        netns::enter(&ns);
+        ["198.18.0.1:15010", "198.18.0.1:15012"]
+            .iter()
+            .flat_map(|a| {
+                let addr: SocketAddr = a.parse().unwrap();
+                (0..300).filter_map(move |_| {
+                    TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()
+                })
+            })
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    let t = Instant::now();
+    mesh.start_sidecar_xds("api", "api", "198.18.0.1:15010", "app=api", &[]);
+    mesh.wait_ready("api");
+    let took = t.elapsed();
+    println!(
+        "{} silent connections held; a new sidecar was ready in {took:?}",
+        hoard.len()
+    );
+    // Locked out, it would wait for the hoard's 10 s handshake deadline.
+    assert!(took < Duration::from_secs(7), "ready after {took:?}");
+    drop(hoard);
+}
+
 /// Another pod holding every connection it can to a sidecar's metrics and
 /// health port leaves a slot for the kubelet's probe (from the node).
 #[test]

@@ -1,7 +1,11 @@
-//! Admission control for signing: a token bucket, so that a fleet restarting
-//! at once is spread out instead of stampeding the CA.
+//! Admission control: a token bucket for signing, so that a fleet
+//! restarting at once is spread out instead of stampeding the CA; and a
+//! cap on what one source address may hold of a listener's connections or
+//! handshakes, so that one client cannot take every place.
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Debug)]
@@ -46,9 +50,75 @@ impl TokenBucket {
     }
 }
 
+/// Places held per source address, at most `limit` each.
+#[derive(Debug)]
+pub struct PerSource {
+    limit: usize,
+    held: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One place, given back when dropped.
+#[derive(Debug)]
+pub struct SourcePlace {
+    sources: Arc<PerSource>,
+    ip: IpAddr,
+}
+
+impl PerSource {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            held: Mutex::default(),
+        })
+    }
+
+    /// A place for `ip`, or `None` when it holds `limit` already.
+    pub fn take(self: &Arc<Self>, ip: IpAddr) -> Option<SourcePlace> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let n = held.entry(ip).or_default();
+        if *n >= self.limit {
+            return None;
+        }
+        *n += 1;
+        Some(SourcePlace {
+            sources: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourcePlace {
+    fn drop(&mut self) {
+        let mut held = self.sources.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.ip);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_source_holds_at_most_its_limit_and_gets_places_back() {
+        let s = PerSource::new(2);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let first = s.take(a).unwrap();
+        let _second = s.take(a).unwrap();
+        assert!(s.take(a).is_none());
+        let _other = s.take(b).expect("another source has its own places");
+        drop(first);
+        assert!(s.take(a).is_some());
+        drop(_other);
+        assert!(
+            !s.held.lock().unwrap().contains_key(&b),
+            "no entry kept for an idle source"
+        );
+    }
 
     #[test]
     fn allows_burst_then_refuses_with_retry_hint_then_refills() {

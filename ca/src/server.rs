@@ -30,6 +30,12 @@ use crate::tls::{DeferredClientVerifier, TrustBundle, Usage};
 pub const MAX_MESSAGE: usize = 64 * 1024;
 /// Metadata key carrying the admission-control hint on `RESOURCE_EXHAUSTED`.
 pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+/// A client that has not finished its TLS handshake by then is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at once, and from one address; beyond
+/// either, a connection is closed at once.
+pub const MAX_HANDSHAKES: usize = 256;
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
 
 /// The identity in the CA's own serving certificate.
 pub fn ca_identity(trust_domain: &str) -> SpiffeId {
@@ -690,6 +696,8 @@ pub async fn serve(
 
     let (tx, rx) = tokio::sync::mpsc::channel(128);
     let accept_metrics = metrics.clone();
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let per_source = crate::admission::PerSource::new(MAX_HANDSHAKES_PER_SOURCE);
     let acceptor_task = tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
@@ -701,12 +709,24 @@ pub async fn serve(
                     continue;
                 }
             };
+            // Places for handshakes in progress, in all and per address:
+            // silent connections cannot hold up the fleet's first SVIDs.
+            let (Ok(handshake), Some(source)) = (
+                handshakes.clone().try_acquire_owned(),
+                per_source.take(peer.ip()),
+            ) else {
+                accept_metrics.tls_handshake_failures.inc();
+                tracing::debug!(%peer, "too many TLS handshakes in progress; closing");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let m = accept_metrics.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop((handshake, source));
+                match accepted {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
                     }

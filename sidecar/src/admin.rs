@@ -1,10 +1,9 @@
 //! HTTP endpoints: `/metrics` and health on the metrics port, and the admin
 //! port (loopback) with `/config_dump` and `/certs`.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -30,42 +29,6 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// slot while another pod holds as many connections as it can.
 pub const MAX_PER_SOURCE: usize = 8;
 
-/// Connections held per source address.
-#[derive(Default)]
-struct Sources(Mutex<HashMap<IpAddr, usize>>);
-
-/// One connection's share of its source's count, returned on drop.
-struct SourceSlot {
-    sources: Arc<Sources>,
-    ip: IpAddr,
-}
-
-impl Sources {
-    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
-        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = held.entry(ip).or_default();
-        if *n >= MAX_PER_SOURCE {
-            return None;
-        }
-        *n += 1;
-        Some(SourceSlot {
-            sources: self.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut held = self.sources.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = held.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                held.remove(&self.ip);
-            }
-        }
-    }
-}
 /// Longest wait for a request's headers.
 pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -270,7 +233,7 @@ pub async fn serve(
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(addr).await?;
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let sources = Arc::new(Sources::default());
+    let sources = bulwark_ca::admission::PerSource::new(MAX_PER_SOURCE);
     Ok(tokio::spawn(async move {
         loop {
             let Ok((stream, peer)) = listener.accept().await else {

@@ -51,6 +51,9 @@ pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS handshakes in progress at once; connections beyond are closed.
 pub const MAX_HANDSHAKES: usize = 256;
+/// Of those, from one address: a client opening silent connections cannot
+/// take every place and lock the fleet's sidecars out.
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
 /// Concurrent requests (streams) per connection; a sidecar needs one.
 pub const CONCURRENCY_PER_CONNECTION: usize = 8;
 /// How long a new stream may take to send its first request (the node).
@@ -493,6 +496,7 @@ async fn accept(
 ) {
     let connections = Arc::new(Semaphore::new(max_connections));
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let per_source = bulwark_ca::admission::PerSource::new(MAX_HANDSHAKES_PER_SOURCE);
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -502,6 +506,16 @@ async fn accept(
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        let Some(source) = per_source.take(peer.ip()) else {
+            metrics
+                .streams_refused
+                .get_or_create(&crate::metrics::ReasonLabel {
+                    reason: "source_handshakes",
+                })
+                .inc();
+            tracing::debug!(%peer, "too many handshakes in progress from this address; closing");
+            continue;
         };
         let (Ok(slot), Ok(handshake)) = (
             connections.clone().try_acquire_owned(),
@@ -516,7 +530,7 @@ async fn accept(
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
-            drop(handshake);
+            drop((handshake, source));
             match result {
                 Ok(Ok(tls)) => {
                     let _ = tx.send(Ok(Conn { tls, _slot: slot })).await;

@@ -643,6 +643,79 @@ fn curl_webhook(cp: &ControlPlane, path: &str, body: &[u8]) -> (u16, String) {
     (code.trim().parse().unwrap(), body.to_string())
 }
 
+/// Peak resident memory of `pid`, kB.
+fn peak_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Many clients sending the largest review at once: the control plane
+/// reads and parses a few at a time, so its memory stays bounded, and
+/// every client is answered.
+#[test]
+fn webhook_memory_stays_bounded_under_many_large_reviews_at_once() {
+    use rustls_pki_types::pem::PemObject;
+    use std::net::TcpStream;
+    use std::time::Duration;
+    let cp = control_plane();
+    let bundle = std::fs::read(cp.ca_dir.join("bundle.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&bundle) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let client = Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    // A review whose pod carries a 3.5 MB annotation: valid JSON, so it is
+    // parsed whole.
+    let mut review = fixture("deployment-pod.json");
+    review["request"]["object"]["metadata"]["annotations"]["big"] = json!("x".repeat(3_500_000));
+    let body = Arc::new(serde_json::to_vec(&review).unwrap());
+    let before = peak_rss_kb(cp.proc.pid());
+    let clients: Vec<_> = (0..96)
+        .map(|_| {
+            let (client, body, addr) = (client.clone(), body.clone(), cp.webhook);
+            std::thread::spawn(move || {
+                let name =
+                    rustls_pki_types::ServerName::try_from("bulwark-xds.bulwark-system.svc")
+                        .unwrap();
+                let tcp = TcpStream::connect(addr).unwrap();
+                tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let conn = rustls::ClientConnection::new(client, name).unwrap();
+                let mut s = rustls::StreamOwned::new(conn, tcp);
+                let head = format!(
+                    "POST /inject HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                s.write_all(head.as_bytes()).unwrap();
+                s.write_all(&body).unwrap();
+                let mut out = Vec::new();
+                let _ = s.read_to_end(&mut out);
+                String::from_utf8_lossy(&out[..out.len().min(12)]).to_string()
+            })
+        })
+        .collect();
+    let answers: Vec<String> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let grew = peak_rss_kb(cp.proc.pid()).saturating_sub(before);
+    println!(
+        "96 reviews of {} bytes at once: peak RSS grew {grew} kB",
+        body.len()
+    );
+    assert!(
+        answers.iter().all(|a| a.starts_with("HTTP/1.1 200")),
+        "{answers:?}"
+    );
+    // Four at a time, each holding about three times its 3.5 MB body, is
+    // at most about 40 MB; all at once, several times that.
+    assert!(grew < 80_000, "peak RSS grew {grew} kB");
+}
+
 #[test]
 fn webhook_serves_admission_reviews_over_tls_from_xds_serve() {
     let cp = control_plane();

@@ -21,6 +21,13 @@ use crate::inject::{InjectConfig, review};
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
 /// Connections served at once; more are closed straight away.
 pub const MAX_CONNECTIONS: usize = 256;
+/// Reviews read and answered at once; more wait (within the connection's
+/// deadline). A review takes milliseconds, and each holds its body and its
+/// parsed JSON, several times the body's size: without this bound, any pod
+/// that can reach the port could make the control plane hold
+/// `MAX_CONNECTIONS` such bodies and exhaust its memory.
+pub const REVIEWS_AT_ONCE: usize = 4;
+static REVIEWS: Semaphore = Semaphore::const_new(REVIEWS_AT_ONCE);
 /// A connection is closed after this long, whatever it is doing.
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// A client that has not finished its TLS handshake by then is dropped
@@ -108,6 +115,7 @@ async fn respond(req: Request<Incoming>, cfg: &InjectConfig) -> Response<Full<By
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
         (&Method::POST, "/inject") => {
+            let _review = REVIEWS.acquire().await.expect("never closed");
             let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
                 Ok(b) => b.to_bytes(),
                 Err(e) => {

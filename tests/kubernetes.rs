@@ -643,6 +643,21 @@ fn curl_webhook(cp: &ControlPlane, path: &str, body: &[u8]) -> (u16, String) {
     (code.trim().parse().unwrap(), body.to_string())
 }
 
+/// A TLS client trusting the mesh's bundle, as the API server does.
+fn webhook_tls_client(cp: &ControlPlane) -> Arc<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    let bundle = std::fs::read(cp.ca_dir.join("bundle.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&bundle) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
 /// Peak resident memory of `pid`, kB.
 fn peak_rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -658,20 +673,10 @@ fn peak_rss_kb(pid: u32) -> u64 {
 /// every client is answered.
 #[test]
 fn webhook_memory_stays_bounded_under_many_large_reviews_at_once() {
-    use rustls_pki_types::pem::PemObject;
     use std::net::TcpStream;
     use std::time::Duration;
     let cp = control_plane();
-    let bundle = std::fs::read(cp.ca_dir.join("bundle.pem")).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&bundle) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let client = Arc::new(
-        rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    );
+    let client = webhook_tls_client(&cp);
     // A review whose pod carries a 3.5 MB annotation: valid JSON, so it is
     // parsed whole.
     let mut review = fixture("deployment-pod.json");
@@ -740,7 +745,6 @@ fn webhook_serves_admission_reviews_over_tls_from_xds_serve() {
 
 #[test]
 fn webhook_port_refuses_garbage_foreign_tls_half_open_and_slowloris_and_keeps_serving() {
-    use rustls_pki_types::pem::PemObject;
     use std::net::TcpStream;
     use std::time::{Duration, Instant};
     let cp = control_plane();
@@ -765,16 +769,7 @@ fn webhook_port_refuses_garbage_foreign_tls_half_open_and_slowloris_and_keeps_se
     idle.set_read_timeout(Some(Duration::from_secs(15)))
         .unwrap();
     // Slowloris: a TLS connection sending one header line a second.
-    let bundle = std::fs::read(cp.ca_dir.join("bundle.pem")).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&bundle) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let client = Arc::new(
-        rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    );
+    let client = webhook_tls_client(&cp);
     let name = rustls_pki_types::ServerName::try_from("bulwark-xds.bulwark-system.svc").unwrap();
     let tcp = TcpStream::connect(cp.webhook).unwrap();
     tcp.set_read_timeout(Some(Duration::from_millis(900)))

@@ -621,6 +621,52 @@ fn served_by_at(mesh: &Mesh, client: &str, vip: &str, n: usize) -> Vec<String> {
     .unwrap()
 }
 
+/// A port the workload announces besides its Service's (here an admin
+/// listener on 9090) is reached over the mesh, and is no way around the
+/// Service's policy: web (allowed) gets through, db (not allowed) does not.
+#[test]
+fn a_port_no_service_maps_is_governed_by_the_workloads_policies() {
+    let _serial = serial();
+    let Some(mut mesh) = start(CP1, &[("cp1", 15010)], &["--ports", "9090"]) else {
+        return;
+    };
+    let ns = mesh.pod("api").pod.ns.clone();
+    mesh.net.spawn_bulwark(
+        &ns,
+        "api-admin",
+        &[
+            "demo-app",
+            "--listen",
+            "0.0.0.0:9090",
+            "--name",
+            "api-admin",
+        ],
+    );
+    let admin = format!("http://{}:9090/", mesh.pod("api").pod.ip);
+    wait_for(
+        "web to reach api's admin port",
+        Duration::from_secs(10),
+        || mesh.curl("web", &admin).status.success().then_some(()),
+    );
+    let denials = || {
+        metric_sum(
+            &mesh.metrics("api"),
+            "bulwark_authz_denials_total",
+            &[&format!("src_identity=\"{}\"", spiffe("db"))],
+        )
+    };
+    let before = denials();
+    // Detected as HTTP (the port's protocol is `auto`): a 403 from api's
+    // sidecar, never the app's answer.
+    let out = mesh.curl("db", &admin);
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !body.contains("api-admin") && (body.contains("authz-denied") || !out.status.success()),
+        "db reached a port of api that api's policy does not allow it: {body}"
+    );
+    assert!(denials() > before, "refused by api's policy");
+}
+
 /// The apps that answer `n` requests from pod `client` to `vip:8080`.
 fn answered_by(mesh: &Mesh, client: &str, vip: &str, n: usize) -> BTreeSet<String> {
     served_by_at(mesh, client, vip, n).into_iter().collect()

@@ -149,10 +149,17 @@ pub struct Snapshot {
     external_ips: Vec<IpAddr>,
     /// Inbound port → services of this workload on that port.
     local_ports: HashMap<u16, Vec<String>>,
+    /// Every service of this workload: a port none of them maps (one the
+    /// workload listens on besides its services' ports) is governed by all
+    /// of their policies, so that it is no way around them.
+    local_services: Vec<String>,
     /// Service → authorization rules (present = default deny).
     authz: HashMap<String, Vec<L4Rule>>,
     /// Inbound ports with a service whose authorization rules match paths.
     path_rule_ports: HashSet<u16>,
+    /// Whether any service of this workload has such rules (for the ports
+    /// no service maps).
+    path_rules_any: bool,
     /// Service → its endpoints by target port, lent to the requests routed
     /// to them (no list is built per request).
     by_target: HashMap<String, Vec<PortEndpoints>>,
@@ -531,6 +538,14 @@ impl Snapshot {
                 (k, by_port)
             })
             .collect();
+        let mut local_services: Vec<String> = local_ports.values().flatten().cloned().collect();
+        local_services.sort_unstable();
+        local_services.dedup();
+        let path_rules_any = local_services.iter().any(|svc| {
+            authz
+                .get(svc)
+                .is_some_and(|rules| rules.iter().any(|r| !r.paths.is_empty()))
+        });
         let path_rule_ports = local_ports
             .iter()
             .filter(|(_, services)| {
@@ -557,7 +572,9 @@ impl Snapshot {
             vip_names,
             external_ips,
             local_ports,
+            local_services,
             path_rule_ports,
+            path_rules_any,
             authz,
             rr: AtomicUsize::new(0),
             resources,
@@ -604,9 +621,7 @@ impl Snapshot {
         source: Option<&SpiffeId>,
         allows: impl Fn(&L4Rule) -> bool,
     ) -> Result<&str, &str> {
-        let Some(services) = self.local_ports.get(&port) else {
-            return Ok("none");
-        };
+        let services = self.local_ports.get(&port).unwrap_or(&self.local_services);
         let src = source.map(SpiffeId::as_str);
         let mut decided = "none";
         for svc in services {
@@ -733,6 +748,7 @@ impl Snapshot {
     /// not be matched as written).
     pub fn path_rules_on(&self, port: u16) -> bool {
         self.path_rule_ports.contains(&port)
+            || (self.path_rules_any && !self.local_ports.contains_key(&port))
     }
 
     /// Number of mesh endpoints known (for /config_dump and tests).
@@ -848,7 +864,20 @@ mod tests {
             Err("default/api")
         );
         assert!(s.authorize_l4(8080, None).is_err());
-        // Ports no service of ours declares are not governed by these policies.
+        // A port no service of ours declares is no way around the policies:
+        // every one of our services' policies must allow the caller.
+        assert_eq!(
+            s.authorize_l4(9999, Some(&id("spiffe://cluster.local/ns/default/sa/db"))),
+            Err("default/api")
+        );
+        assert!(s.authorize_l4(9999, None).is_err());
+        assert!(
+            s.authorize_l4(9999, Some(&id("spiffe://cluster.local/ns/default/sa/web")))
+                .is_ok()
+        );
+        // A workload that serves no service with a policy is open on every port.
+        let other: SpiffeId = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
+        let s = Snapshot::build(&other, "1", res()).unwrap();
         assert!(s.authorize_l4(9999, None).is_ok());
     }
 
@@ -911,8 +940,8 @@ mod tests {
         }];
         let s = Snapshot::build(&me(), "1", r).unwrap();
         assert!(s.path_rules_on(8080));
-        assert!(!s.path_rules_on(80));
-        assert!(!s.path_rules_on(9999));
+        // Ports no service maps are governed by every policy of ours.
+        assert!(s.path_rules_on(9999));
     }
 
     #[test]

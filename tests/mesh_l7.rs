@@ -1717,6 +1717,89 @@ fn adaptive_concurrency_sheds_load_when_upstream_latency_rises_and_keeps_admitte
     );
 }
 
+/// HTTP that reaches the server side in an opaque tunnel (here: a request
+/// line after a blank line, and one whose method stalls past the
+/// sniffing's wait, both of which the client side passes as opaque), or
+/// in plaintext from a client without a sidecar (PERMISSIVE), is still
+/// served as HTTP there: the app is told the caller's verified identity,
+/// or none, never one the client wrote into its request.
+#[test]
+fn no_path_hands_the_app_a_forged_caller_identity() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.add_pod("web");
+    mesh.add_pod("outsider");
+    let api = mesh.add_pod("api");
+    let cfg = format!(
+        "{}{}",
+        MESH.replace("mode: STRICT", "mode: PERMISSIVE"),
+        service_doc("api", "198.18.100.21", &[&api], "")
+            .replace("protocol: http", "protocol: auto"),
+    );
+    mesh.write_config(&cfg);
+    mesh.start_sidecar("web", "web", &[]);
+    mesh.start_sidecar("api", "api", &[]);
+    for p in ["web", "api"] {
+        mesh.wait_ready(p);
+    }
+    let forged = "spiffe://cluster.local/ns/default/sa/admin";
+    let send = |pod: &str, target: String, attempts: Vec<(&'static str, Duration)>| {
+        let ns = format!("/run/netns/{}", mesh.pod(pod).pod.ns);
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            netns::enter(&ns);
+            let target: SocketAddr = target.parse().unwrap();
+            let rest = format!(
+                " /x HTTP/1.1\r\nHost: api\r\nx-bulwark-peer-identity: {forged}\r\nx_bulwark_peer_identity: {forged}\r\nConnection: close\r\n\r\n"
+            );
+            let mut out = Vec::new();
+            for (first, pause) in attempts {
+                let mut c = std::net::TcpStream::connect(target).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                c.write_all(first.as_bytes()).unwrap();
+                // The shape of the request under test, not synchronisation:
+                // the method stalls past the client side's 1 s wait.
+                std::thread::sleep(pause);
+                c.write_all(rest.as_bytes()).unwrap();
+                let mut answer = String::new();
+                let _ = c.read_to_string(&mut answer);
+                out.push(answer);
+            }
+            out
+        })
+        .join()
+        .unwrap()
+    };
+    let meshed = send(
+        "web",
+        "198.18.100.21:8080".into(),
+        vec![
+            ("\r\nGET", Duration::ZERO),
+            ("GET", Duration::from_millis(1300)),
+        ],
+    );
+    let plaintext = send(
+        "outsider",
+        format!("{}:8080", api.ip),
+        vec![("GET", Duration::ZERO), ("\r\nGET", Duration::ZERO)],
+    );
+    let check = |answer: &String, caller: &str| {
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer.contains(&format!("caller={caller}\n")) && !answer.contains(forged),
+            "the app must see {caller} as the caller: {answer}"
+        );
+    };
+    for answer in &meshed {
+        check(answer, &spiffe("web"));
+    }
+    for answer in &plaintext {
+        check(answer, "-");
+    }
+}
+
 #[test]
 fn auto_ports_detect_http_and_never_stall_a_server_that_speaks_first() {
     let _serial = serial();

@@ -10,7 +10,11 @@ use bulwark_ca::SpiffeId;
 use bulwark_proto::config::v1::MtlsMode;
 use tokio::net::TcpStream;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::Proto;
 use crate::intercept::{connect_app, original_dst};
+use crate::outbound::{CLIENT_FIRST_WINDOW, PARTIAL_METHOD_WAIT, SNIFF_BYTES, Sniffed, sniff};
 use crate::telemetry::{ConnLabels, DenialLabels, HandshakeLabels};
 use crate::{Proxy, reset};
 
@@ -138,7 +142,25 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
             deny(&proxy, peer, dst, None, service);
             return reset(down);
         }
-        let Some(up) = dial_app(&proxy, app).await else {
+        // HTTP from a plaintext client is served as HTTP too: the app is
+        // told no caller identity, whatever the client wrote.
+        let mut down = down;
+        // Detected on every port but `tcp` ones: a plaintext client may
+        // also be the app's own TLS (see above), passed on as it is.
+        let (head, early) = match snap.local_proto(dst.port()) {
+            Proto::Tcp => (Vec::new(), None),
+            Proto::Http1 | Proto::Http2 | Proto::Auto => match detect(&proxy, &mut down, app).await
+            {
+                Found::Http(head) => {
+                    let io = Primed { head, io: down };
+                    return crate::http::inbound::serve_tunneled(proxy.clone(), io, None, dst)
+                        .await;
+                }
+                Found::Opaque(head, early) => (head, early),
+                Found::Gone => return,
+            },
+        };
+        let Some(up) = app_with(&proxy, app, &mut down, head, early).await else {
             return reset(down);
         };
         count(&proxy, "", "inbound");
@@ -227,7 +249,28 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
             return;
         }
     }
-    let Some(up) = dial_app(&proxy, app).await else {
+    // An opaque tunnel to a port that speaks HTTP carries HTTP/1.1 (an
+    // upgrade, or what sniffing took for opaque): served as such, so that
+    // each request is authorized and told the caller's identity, which a
+    // client could otherwise write into the bytes itself.
+    let mut tls = tls;
+    let (head, early) = match snap.local_proto(dst.port()) {
+        Proto::Tcp => (Vec::new(), None),
+        Proto::Http1 | Proto::Http2 => {
+            return crate::http::inbound::serve_tunneled(proxy.clone(), tls, Some(src_id), dst)
+                .await;
+        }
+        Proto::Auto => match detect(&proxy, &mut tls, app).await {
+            Found::Http(head) => {
+                let io = Primed { head, io: tls };
+                return crate::http::inbound::serve_tunneled(proxy.clone(), io, Some(src_id), dst)
+                    .await;
+            }
+            Found::Opaque(head, early) => (head, early),
+            Found::Gone => return,
+        },
+    };
+    let Some(up) = app_with(&proxy, app, &mut tls, head, early).await else {
         return;
     };
     let src = src_id.to_string();
@@ -264,7 +307,158 @@ fn deny(proxy: &Proxy, peer: SocketAddr, dst: SocketAddr, src: Option<&SpiffeId>
         src_identity = %src_identity, service, decision = "deny", "connection denied by authorization policy");
 }
 
-async fn dial_app(proxy: &Proxy, app: SocketAddr) -> Option<TcpStream> {
+/// What an opaque tunnel to an `auto` port carries.
+enum Found {
+    /// HTTP/1: the bytes read while deciding.
+    Http(Vec<u8>),
+    /// Anything else: the bytes read, and the app connection made if the
+    /// client said nothing at first (with what the app said first).
+    Opaque(Vec<u8>, Option<Early>),
+    /// The client left, or the app could not be reached.
+    Gone,
+}
+
+struct Early {
+    app: TcpStream,
+    greeting: Vec<u8>,
+}
+
+/// Protocol detection on an opaque tunnel, as the outbound side does it on
+/// an app's connection: the client's first bytes decide, and if it says
+/// nothing within the window, the app is connected at once, so that a
+/// server-speaks-first protocol is not stalled; whichever side speaks
+/// first then decides (an HTTP app never does). Bytes that could still be
+/// a request line after the wait count as HTTP here, not opaque: the app
+/// would read them as a request.
+async fn detect<S>(proxy: &Proxy, io: &mut S, app: SocketAddr) -> Found
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    let mut head = Vec::with_capacity(SNIFF_BYTES);
+    let client_first = tokio::time::timeout(CLIENT_FIRST_WINDOW, client_head(io, &mut head));
+    if let Ok(found) = client_first.await {
+        return found;
+    }
+    let Some(mut up) = dial_app(proxy, app).await else {
+        return Found::Gone;
+    };
+    let mut greeting = vec![0u8; 4096];
+    tokio::select! {
+        found = client_head(io, &mut head) => match found {
+            Found::Opaque(head, None) => Found::Opaque(head, Some(Early { app: up, greeting: Vec::new() })),
+            other => other,
+        },
+        n = up.read(&mut greeting) => {
+            greeting.truncate(n.unwrap_or(0));
+            Found::Opaque(head, Some(Early { app: up, greeting }))
+        }
+    }
+}
+
+/// Reads the client's first bytes into `head` until [`sniff`] decides.
+/// Only whole reads are added to `head`, so it may be abandoned between
+/// them and resumed.
+async fn client_head<S>(io: &mut S, head: &mut Vec<u8>) -> Found
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    let mut buf = [0u8; SNIFF_BYTES];
+    loop {
+        if !head.is_empty() {
+            match sniff(head) {
+                Sniffed::Http => return Found::Http(std::mem::take(head)),
+                Sniffed::Opaque => return Found::Opaque(std::mem::take(head), None),
+                Sniffed::NeedMore => {}
+            }
+        }
+        let room = SNIFF_BYTES - head.len();
+        let read = if head.is_empty() {
+            io.read(&mut buf[..room]).await
+        } else {
+            match tokio::time::timeout(PARTIAL_METHOD_WAIT, io.read(&mut buf[..room])).await {
+                Ok(r) => r,
+                // A request line left unfinished: still a request to the app.
+                Err(_) => return Found::Http(std::mem::take(head)),
+            }
+        };
+        match read {
+            Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+            _ if head.is_empty() => return Found::Gone,
+            _ => return Found::Opaque(std::mem::take(head), None),
+        }
+    }
+}
+
+/// The app connection for an opaque relay, with the bytes read while
+/// detecting passed on: the client's to the app, the app's to the client.
+async fn app_with<S>(
+    proxy: &Proxy,
+    app: SocketAddr,
+    client: &mut S,
+    head: Vec<u8>,
+    early: Option<Early>,
+) -> Option<TcpStream>
+where
+    S: tokio::io::AsyncWrite + Unpin,
+{
+    let mut up = match early {
+        Some(e) => {
+            client.write_all(&e.greeting).await.ok()?;
+            e.app
+        }
+        None => dial_app(proxy, app).await?,
+    };
+    up.write_all(&head).await.ok()?;
+    Some(up)
+}
+
+/// A stream with bytes already read from it to be read again first.
+struct Primed<S> {
+    head: Vec<u8>,
+    io: S,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Primed<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.head.is_empty() {
+            let n = self.head.len().min(buf.remaining());
+            buf.put_slice(&self.head[..n]);
+            self.head.drain(..n);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Primed<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+pub(crate) async fn dial_app(proxy: &Proxy, app: SocketAddr) -> Option<TcpStream> {
     match tokio::time::timeout(proxy.connect_timeout, connect_app(app)).await {
         Ok(Ok(s)) => Some(s),
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidInput => {

@@ -198,9 +198,30 @@ pub enum Sniffed {
 }
 
 /// Classifies the client's first bytes (at most [`SNIFF_BYTES`] are looked
-/// at; with that many and still undecided, the answer is opaque).
+/// at; with that many and still undecided, the answer is opaque). Empty
+/// lines before a request line are skipped, as HTTP servers do (RFC 9112
+/// section 2.2): `\r\nGET / HTTP/1.1` is HTTP to the app, so it is to us.
 pub fn sniff(first: &[u8]) -> Sniffed {
     let b = &first[..first.len().min(SNIFF_BYTES)];
+    let blank = b.iter().take_while(|c| matches!(c, b'\r' | b'\n')).count();
+    if blank > 0 {
+        let rest = &b[blank..];
+        let full = b.len() == SNIFF_BYTES;
+        // Undecided for want of room, the blank lines having taken it:
+        // whatever comes next is read by the app as a request, so it is
+        // one (never opaque, which would carry it past the proxy's HTTP).
+        return match sniff(rest) {
+            Sniffed::Opaque if rest.is_empty() => {
+                if full {
+                    Sniffed::Http
+                } else {
+                    Sniffed::NeedMore
+                }
+            }
+            Sniffed::NeedMore if full => Sniffed::Http,
+            other => other,
+        };
+    }
     if b.starts_with(b"PRI * HTTP/2") {
         return Sniffed::Http;
     }
@@ -243,12 +264,12 @@ async fn connect_mesh(
 /// also connects upstream. Clients of client-first protocols (HTTP, TLS)
 /// send at once; waiting this long first spares them a connection made for
 /// nothing, and a server-speaks-first protocol is delayed by no more.
-const CLIENT_FIRST_WINDOW: std::time::Duration = std::time::Duration::from_millis(10);
+pub(crate) const CLIENT_FIRST_WINDOW: std::time::Duration = std::time::Duration::from_millis(10);
 /// How long a client may sit on the first bytes of what could be an HTTP
 /// method before the connection is taken as opaque: HTTP clients send the
 /// request line in one write, and a binary protocol whose first bytes
 /// happen to be capital letters must not be held forever.
-const PARTIAL_METHOD_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+pub(crate) const PARTIAL_METHOD_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Largest server greeting read while detecting (the rest is relayed).
 const GREETING_BYTES: usize = 4096;
@@ -368,6 +389,13 @@ mod tests {
         assert_eq!(sniff(b"\x16\x03\x01"), Sniffed::Opaque);
         assert_eq!(sniff(b" GET"), Sniffed::Opaque);
         assert_eq!(sniff(b"get / HTTP/1.1"), Sniffed::Opaque);
+        // Blank lines before the request line are skipped, as apps do.
+        assert_eq!(sniff(b"\r\nGET / HTTP/1.1"), Sniffed::Http);
+        assert_eq!(sniff(b"\r\n"), Sniffed::NeedMore);
+        assert_eq!(sniff(b"\r\nGE"), Sniffed::NeedMore);
+        assert_eq!(sniff(b"\r\n\x16\x03"), Sniffed::Opaque);
+        assert_eq!(sniff(b"\r\n\r\n\r\n\r\n\r\n\r\n\r\nGE"), Sniffed::Http);
+        assert_eq!(sniff(&b"\r\n".repeat(8)), Sniffed::Http);
         assert_eq!(sniff(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"), Sniffed::Opaque);
         assert_eq!(sniff(b""), Sniffed::Opaque);
     }

@@ -144,13 +144,7 @@ pub async fn serve<S>(proxy: Arc<Proxy>, tls: S, peer: SpiffeId, dst: SocketAddr
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let peer = Arc::new(Peer {
-        header: http::HeaderValue::from_str(peer.as_str())
-            .expect("SPIFFE IDs are valid header values"),
-        id: peer,
-        app: http::uri::Authority::try_from(dst.to_string()).expect("an address is an authority"),
-        addr: dst,
-    });
+    let peer = Arc::new(Peer::new(peer, dst));
     let mut draining = proxy.draining.subscribe();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (proxy, peer) = (proxy.clone(), peer.clone());
@@ -172,26 +166,85 @@ where
     }
 }
 
+/// Serves HTTP that arrived in a peer's opaque mTLS tunnel: an
+/// upgrade its sidecar forwards (WebSocket and friends), or HTTP its app
+/// sent on an `auto` port in a form the sniffing took for opaque. Each
+/// request is authorized, limited and told the caller's identity like
+/// those of the pooled HTTP/2 connection, so that the tunnel is no way to
+/// hand the app a caller identity of one's own choosing; an upgrade the
+/// app accepts is then spliced.
+///
+/// `peer` is `None` for a plaintext client (PERMISSIVE): its requests are
+/// authorized as unauthenticated and the app is told no identity at all.
+pub async fn serve_tunneled<S>(proxy: Arc<Proxy>, io: S, peer: Option<SpiffeId>, dst: SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = Arc::new(match peer {
+        Some(id) => Peer::new(id, dst),
+        None => Peer::unauthenticated(dst),
+    });
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (proxy, peer) = (proxy.clone(), peer.clone());
+        async move { Ok::<_, Infallible>(handle(proxy, &peer, req).await) }
+    });
+    // HTTP/1.1, or h2c with prior knowledge from a plaintext client.
+    let builder = super::server_builder(MAX_HEADER_BYTES, MESH_MAX_STREAMS);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    if let Err(e) = conn.await {
+        tracing::debug!(error = ?e, "inbound HTTP connection in a tunnel ended with an error");
+    }
+}
+
 /// What every request on one peer connection shares, made once.
 struct Peer {
-    /// The peer sidecar's verified identity, and as the header the app sees.
-    id: SpiffeId,
-    header: http::HeaderValue,
+    /// The peer sidecar's verified identity, and as the header the app
+    /// sees (none for a plaintext client).
+    id: Option<SpiffeId>,
+    header: Option<http::HeaderValue>,
     /// The app's address, the pod address and port the peer dialled: to
     /// connect to, and as the requests' authority.
     addr: SocketAddr,
     app: http::uri::Authority,
 }
 
+impl Peer {
+    fn new(id: SpiffeId, dst: SocketAddr) -> Self {
+        Self {
+            header: Some(
+                http::HeaderValue::from_str(id.as_str())
+                    .expect("SPIFFE IDs are valid header values"),
+            ),
+            id: Some(id),
+            ..Self::unauthenticated(dst)
+        }
+    }
+
+    fn unauthenticated(dst: SocketAddr) -> Self {
+        Self {
+            id: None,
+            header: None,
+            app: http::uri::Authority::try_from(dst.to_string())
+                .expect("an address is an authority"),
+            addr: dst,
+        }
+    }
+}
+
 async fn handle(proxy: Arc<Proxy>, peer: &Peer, mut req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let port = peer.addr.port();
     let me = proxy.identity.identity().as_str();
-    let src = peer.id.as_str();
+    let src = peer.id.as_ref().map_or("", SpiffeId::as_str);
     let Some(snap) = proxy.config.load() else {
         return reply(503, "no-config");
     };
     let service = snap.local_service(port).unwrap_or("");
+    let version = req.version();
+    // HTTP/1.1 upgrades reach us only in a tunnel (HTTP/2 cannot carry them).
+    let upgrade = (version == http::Version::HTTP_11
+        && req.headers().contains_key(http::header::UPGRADE))
+    .then(|| hyper::upgrade::on(&mut req));
     let method = req.method().clone();
     // A reference count, not a copy: for the span, the audit and access logs.
     let uri = req.uri().clone();
@@ -251,7 +304,7 @@ async fn handle(proxy: Arc<Proxy>, peer: &Peer, mut req: Request<Incoming>) -> R
         tracing::info!(port, %service, src_identity = %src, reason = why, "non-canonical request path refused");
         return finish(reply(400, "non-canonical-path"));
     }
-    let verdict = snap.authorize_http(port, Some(&peer.id), method.as_str(), path);
+    let verdict = snap.authorize_http(port, peer.id.as_ref(), method.as_str(), path);
     match &verdict {
         Ok(policy) => proxy.audit(src, service, method.as_str(), path, true, policy, None),
         Err(svc) => proxy.audit(
@@ -292,7 +345,24 @@ async fn handle(proxy: Arc<Proxy>, peer: &Peer, mut req: Request<Incoming>) -> R
         return finish(reply(413, "body-too-large"));
     }
     let (mut parts, body) = req.into_parts();
+    // An upgrade keeps the two headers that ask for it.
+    let asked = upgrade.is_some().then(|| {
+        (
+            parts.headers.get(http::header::CONNECTION).cloned(),
+            parts.headers.get(http::header::UPGRADE).cloned(),
+        )
+    });
     strip_hop_headers(&mut parts.headers);
+    if let Some((connection, upgrade_to)) = asked {
+        for (name, value) in [
+            (http::header::CONNECTION, connection),
+            (http::header::UPGRADE, upgrade_to),
+        ] {
+            if let Some(v) = value {
+                parts.headers.insert(name, v);
+            }
+        }
+    }
     // Only the sidecar may say who the caller is.
     super::set_peer_identity(&mut parts.headers, peer.header.clone());
     let mut local = std::mem::take(&mut parts.uri).into_parts();
@@ -316,6 +386,11 @@ async fn handle(proxy: Arc<Proxy>, peer: &Peer, mut req: Request<Incoming>) -> R
             None,
         ),
     };
+    if let Some(down) = upgrade {
+        return finish(
+            upgrade_app(&proxy, peer.addr, Request::from_parts(parts, body), down).await,
+        );
+    }
     match proxy
         .local
         .send(peer.addr, proto, Request::from_parts(parts, body))
@@ -324,7 +399,7 @@ async fn handle(proxy: Arc<Proxy>, peer: &Peer, mut req: Request<Incoming>) -> R
         Ok(r) => {
             let (mut p, b) = r.into_parts();
             strip_hop_headers(&mut p.headers);
-            p.version = http::Version::HTTP_2;
+            p.version = version;
             finish(Response::from_parts(p, b))
         }
         Err(_) if cut_off.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) => {
@@ -349,6 +424,41 @@ async fn handle(proxy: Arc<Proxy>, peer: &Peer, mut req: Request<Incoming>) -> R
             ))
         }
     }
+}
+
+/// Sends an upgrade request to the app on a connection of its own and,
+/// if the app switches protocols, splices the two upgraded connections.
+async fn upgrade_app(
+    proxy: &Proxy,
+    app: SocketAddr,
+    req: Request<Body>,
+    down: hyper::upgrade::OnUpgrade,
+) -> Response<Body> {
+    let Some(tcp) = crate::inbound::dial_app(proxy, app).await else {
+        return reply(503, "app-unreachable");
+    };
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await
+    else {
+        return reply(502, "app-reset");
+    };
+    tokio::spawn(conn.with_upgrades());
+    let mut resp = match sender.send_request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(%app, error = %e, "upgrade request to the app failed");
+            return reply(502, "app-reset");
+        }
+    };
+    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        let up = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let (Ok(d), Ok(u)) = (down.await, up.await) {
+                let _ =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(u)).await;
+            }
+        });
+    }
+    resp.map(|b| b.map_err(|e| -> super::BoxError { Box::new(e) }).boxed())
 }
 
 #[cfg(test)]

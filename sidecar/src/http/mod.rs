@@ -227,10 +227,11 @@ pub fn drop_connection_listed(h: &mut http::HeaderMap) {
 }
 
 /// Headers that belong to one hop and must not be forwarded.
-/// Sets the verified caller identity, removing any spelling of the header
-/// the client sent: CGI-style servers (Rack, WSGI, PHP) read
-/// `x_bulwark_peer_identity` as the same variable as the real one.
-pub fn set_peer_identity(h: &mut http::HeaderMap, value: http::HeaderValue) {
+/// Sets the verified caller identity (`None`: no identity, for a plaintext
+/// caller), removing any spelling of the header the client sent:
+/// CGI-style servers (Rack, WSGI, PHP) read `x_bulwark_peer_identity` as
+/// the same variable as the real one.
+pub fn set_peer_identity(h: &mut http::HeaderMap, value: Option<http::HeaderValue>) {
     let lookalikes: Vec<http::HeaderName> = h
         .keys()
         .filter(|n| {
@@ -246,7 +247,10 @@ pub fn set_peer_identity(h: &mut http::HeaderMap, value: http::HeaderValue) {
     for n in lookalikes {
         h.remove(n);
     }
-    h.insert(PEER_IDENTITY_HEADER, value);
+    match value {
+        Some(v) => h.insert(PEER_IDENTITY_HEADER, v),
+        None => h.remove(PEER_IDENTITY_HEADER),
+    };
 }
 
 pub fn strip_hop_headers(h: &mut http::HeaderMap) {
@@ -306,7 +310,9 @@ mod tests {
         h.insert("x_request_id", http::HeaderValue::from_static("kept"));
         set_peer_identity(
             &mut h,
-            http::HeaderValue::from_static("spiffe://cluster.local/ns/default/sa/web"),
+            Some(http::HeaderValue::from_static(
+                "spiffe://cluster.local/ns/default/sa/web",
+            )),
         );
         let names: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
@@ -315,5 +321,11 @@ mod tests {
             ["spiffe://cluster.local/ns/default/sa/web"]
         );
         assert_eq!(h["x_request_id"], "kept");
+        // A plaintext caller: no identity, whatever it wrote.
+        set_peer_identity(&mut h, None);
+        assert_eq!(
+            h.keys().map(|n| n.as_str()).collect::<Vec<_>>(),
+            ["x_request_id"]
+        );
     }
 }

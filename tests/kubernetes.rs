@@ -721,6 +721,56 @@ fn webhook_memory_stays_bounded_under_many_large_reviews_at_once() {
     assert!(grew < 80_000, "peak RSS grew {grew} kB");
 }
 
+/// Clients trickling large bodies hold the webhook's few review places for
+/// 2 s at most: a review from the API server meanwhile is answered.
+#[test]
+fn webhook_reviews_are_answered_while_clients_trickle_bodies() {
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+    let cp = control_plane();
+    let client = webhook_tls_client(&cp);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (started, begun) = std::sync::mpsc::channel();
+    let trickles: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, addr, stop) = (client.clone(), cp.webhook, stop.clone());
+            let started = started.clone();
+            std::thread::spawn(move || {
+                let name = rustls_pki_types::ServerName::try_from("bulwark-xds.bulwark-system.svc")
+                    .unwrap();
+                let tcp = TcpStream::connect(addr).unwrap();
+                let conn = rustls::ClientConnection::new(client, name).unwrap();
+                let mut s = rustls::StreamOwned::new(conn, tcp);
+                let _ = s.write_all(
+                    b"POST /inject HTTP/1.1\r\nHost: x\r\nContent-Length: 4000000\r\n\r\n{",
+                );
+                let _ = started.send(());
+                // A byte at a time, until the server gives up on it.
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && s.write_all(b" ").is_ok()
+                {
+                    std::thread::sleep(Duration::from_millis(200)); // trickling
+                }
+            })
+        })
+        .collect();
+    // Every trickling request is on its way (its headers sent) before the
+    // review starts; curl's own start and handshake come after that.
+    for _ in 0..8 {
+        begun.recv().unwrap();
+    }
+    let t = Instant::now();
+    let input = fixture("deployment-pod.json");
+    let (code, body) = curl_webhook(&cp, "/inject", &serde_json::to_vec(&input).unwrap());
+    let took = t.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    println!("review answered in {took:?} while 8 clients trickled bodies");
+    assert_eq!(code, 200, "{body}");
+    assert!(took < Duration::from_secs(8), "{took:?}");
+    for t in trickles {
+        t.join().unwrap();
+    }
+}
+
 #[test]
 fn webhook_serves_admission_reviews_over_tls_from_xds_serve() {
     let cp = control_plane();

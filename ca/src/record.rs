@@ -39,6 +39,23 @@ pub struct Record {
     pub refusals_not_recorded: Option<u64>,
 }
 
+/// Longest identity or reason kept in a record: both may come from an
+/// unverified certificate or request.
+pub const MAX_FIELD: usize = 512;
+
+fn clip(field: &mut Option<String>) {
+    if let Some(f) = field
+        && f.len() > MAX_FIELD
+    {
+        let mut end = MAX_FIELD;
+        while !f.is_char_boundary(end) {
+            end -= 1;
+        }
+        f.truncate(end);
+        f.push('…');
+    }
+}
+
 /// Size at which `issued.jsonl` moves to `issued.jsonl.1`.
 pub const MAX_LOG_BYTES: u64 = 16 << 20;
 /// Refusals recorded per second, sustained, and in a burst.
@@ -114,6 +131,8 @@ impl IssuanceLog {
         if rec.time.is_empty() {
             rec.time = now_rfc3339();
         }
+        clip(&mut rec.identity);
+        clip(&mut rec.reason);
         let mut line = serde_json::to_vec(&rec).expect("record serializes");
         line.push(b'\n');
         if inner.len > 0 && inner.len + line.len() as u64 > self.max_bytes {
@@ -192,6 +211,21 @@ mod tests {
         assert_eq!(last["refusals_not_recorded"], (1000 - written) as u64);
         // Only the record after the gap carries the count.
         assert!(recs[0].get("refusals_not_recorded").is_none());
+    }
+
+    #[test]
+    fn long_identities_and_reasons_are_clipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("issued.jsonl");
+        let log = IssuanceLog::open(&path).unwrap();
+        log.append(Record {
+            identity: Some("é".repeat(2000)),
+            reason: Some("x".repeat(5000)),
+            ..refusal()
+        });
+        let rec = &lines(&path)[0];
+        assert!(rec["identity"].as_str().unwrap().len() <= MAX_FIELD + 3);
+        assert!(rec["reason"].as_str().unwrap().len() <= MAX_FIELD + 3);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::Proto;
 use crate::intercept::{connect_app, original_dst};
-use crate::outbound::{CLIENT_FIRST_WINDOW, PARTIAL_METHOD_WAIT, SNIFF_BYTES, Sniffed, sniff};
+use crate::outbound::{CLIENT_FIRST_WINDOW, PARTIAL_METHOD_WAIT, Sniffed};
 use crate::telemetry::{ConnLabels, DenialLabels, HandshakeLabels};
 use crate::{Proxy, reset};
 
@@ -334,7 +334,7 @@ async fn detect<S>(proxy: &Proxy, io: &mut S, app: SocketAddr) -> Found
 where
     S: tokio::io::AsyncRead + Unpin,
 {
-    let mut head = Vec::with_capacity(SNIFF_BYTES);
+    let mut head = Vec::new();
     let client_first = tokio::time::timeout(CLIENT_FIRST_WINDOW, client_head(io, &mut head));
     if let Ok(found) = client_first.await {
         return found;
@@ -355,23 +355,68 @@ where
     }
 }
 
-/// Reads the client's first bytes into `head` until [`sniff`] decides.
-/// Only whole reads are added to `head`, so it may be abandoned between
-/// them and resumed.
+/// Longest first line [`request_line`] reads before deciding: longer, it
+/// is taken as a request (the app's parser will judge it).
+pub const MAX_FIRST_LINE: usize = 8 * 1024;
+
+/// Whether `b`, a client's first bytes, is an HTTP/1 request line (any
+/// token as the method, as servers accept: `get`, `M-SEARCH`) or the
+/// HTTP/2 preface. Broader than the client side's [`crate::outbound::sniff`]
+/// on purpose: whatever an app would read as a request is served as one
+/// here. A line that ends in anything but `HTTP/1.x` (RTSP, SIP, the PROXY
+/// protocol, IRC) is not one.
+pub fn request_line(b: &[u8]) -> Sniffed {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+    let b = &b[b.iter().take_while(|c| matches!(c, b'\r' | b'\n')).count()..];
+    if b.is_empty() {
+        return Sniffed::NeedMore;
+    }
+    let n = b.len().min(PREFACE.len());
+    if b[..n] == PREFACE[..n] {
+        return if n == PREFACE.len() {
+            Sniffed::Http
+        } else {
+            Sniffed::NeedMore
+        };
+    }
+    let tchar = |c: &u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(c);
+    let method = b.iter().take_while(|c| tchar(c)).count();
+    match b.get(method) {
+        None => return Sniffed::NeedMore,
+        Some(b' ') if method > 0 => {}
+        Some(_) => return Sniffed::Opaque,
+    }
+    let Some(end) = b.iter().position(|c| *c == b'\n') else {
+        return Sniffed::NeedMore;
+    };
+    let line = b[..end].strip_suffix(b"\r").unwrap_or(&b[..end]);
+    if line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0") {
+        Sniffed::Http
+    } else {
+        Sniffed::Opaque
+    }
+}
+
+/// Reads the client's first bytes into `head` until [`request_line`]
+/// decides. Only whole reads are added to `head`, so it may be abandoned
+/// between them and resumed.
 async fn client_head<S>(io: &mut S, head: &mut Vec<u8>) -> Found
 where
     S: tokio::io::AsyncRead + Unpin,
 {
-    let mut buf = [0u8; SNIFF_BYTES];
+    let mut buf = vec![0u8; 2048];
     loop {
+        if head.len() >= MAX_FIRST_LINE {
+            return Found::Http(std::mem::take(head));
+        }
         if !head.is_empty() {
-            match sniff(head) {
+            match request_line(head) {
                 Sniffed::Http => return Found::Http(std::mem::take(head)),
                 Sniffed::Opaque => return Found::Opaque(std::mem::take(head), None),
                 Sniffed::NeedMore => {}
             }
         }
-        let room = SNIFF_BYTES - head.len();
+        let room = (MAX_FIRST_LINE - head.len()).min(buf.len());
         let read = if head.is_empty() {
             io.read(&mut buf[..room]).await
         } else {
@@ -482,6 +527,42 @@ pub(crate) async fn dial_app(proxy: &Proxy, app: SocketAddr) -> Option<TcpStream
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_line_is_any_token_method_and_an_http_1_version() {
+        for http in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"get /admin HTTP/1.1\r\n",
+            b"M-SEARCH * HTTP/1.1\r\n",
+            b"\r\n\r\nPOST /x HTTP/1.0\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        ] {
+            assert_eq!(
+                request_line(http),
+                Sniffed::Http,
+                "{:?}",
+                String::from_utf8_lossy(http)
+            );
+        }
+        for opaque in [
+            &b"\x16\x03\x01\x02\x00"[..],
+            b"PROXY TCP4 10.0.0.1 10.0.0.2 1 2\r\n",
+            b"OPTIONS rtsp://cam/1 RTSP/1.0\r\n",
+            b"NICK web\r\n",
+            b" GET / HTTP/1.1\r\n",
+            b"\x00\x01binary hello\n",
+        ] {
+            assert_eq!(
+                request_line(opaque),
+                Sniffed::Opaque,
+                "{:?}",
+                String::from_utf8_lossy(opaque)
+            );
+        }
+        for partial in [&b"\r\n"[..], b"GE", b"GET /x HTTP/1", b"PRI * HT"] {
+            assert_eq!(request_line(partial), Sniffed::NeedMore);
+        }
+    }
 
     /// The first flight of a rustls client offering `alpn`.
     fn hello(alpn: &[&[u8]]) -> Vec<u8> {

@@ -342,7 +342,8 @@ pub fn pod_patch(pod: &Value, prefix: &str, cfg: &InjectConfig) -> Result<Outcom
                 ports.insert(n);
             }
         }
-        // The kubelet's probes arrive in plaintext; STRICT mTLS refuses them.
+        // The kubelet's probes arrive in plaintext; STRICT mTLS refuses
+        // them, and so do the pod's policies (on every port) in PERMISSIVE.
         let name = c.get("name").and_then(Value::as_str).unwrap_or("?");
         for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
             let port = c
@@ -352,7 +353,7 @@ pub fn pod_patch(pod: &Value, prefix: &str, cfg: &InjectConfig) -> Result<Outcom
                 let n = port.as_u64().and_then(|n| u16::try_from(n).ok());
                 if n.is_none_or(|n| !exclude_in.contains(&n)) {
                     warnings.push(format!(
-                        "bulwark: container {name}: the {probe} on port {port} is plaintext from the kubelet and STRICT mTLS refuses it; list the port in {EXCLUDE_INBOUND_ANNOTATION} or serve the probe on another port"
+                        "bulwark: container {name}: the {probe} on port {port} is plaintext from the kubelet, which STRICT mTLS refuses, as does in PERMISSIVE any AuthorizationPolicy of the pod's services that names its callers; list the port in {EXCLUDE_INBOUND_ANNOTATION} or serve the probe on another port"
                     ));
                 }
             }

@@ -27,6 +27,10 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// that can reach the port could make the control plane hold
 /// `MAX_CONNECTIONS` such bodies and exhaust its memory.
 pub const REVIEWS_AT_ONCE: usize = 4;
+/// Longest a review's body may take to arrive once it has a place: the
+/// API server sends it at once, and a client trickling a large body must
+/// not hold one of the few places for long.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(2);
 static REVIEWS: Semaphore = Semaphore::const_new(REVIEWS_AT_ONCE);
 /// A connection is closed after this long, whatever it is doing.
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
@@ -116,9 +120,18 @@ async fn respond(req: Request<Incoming>, cfg: &InjectConfig) -> Response<Full<By
         (&Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
         (&Method::POST, "/inject") => {
             let _review = REVIEWS.acquire().await.expect("never closed");
-            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => {
+            let read = Limited::new(req.into_body(), MAX_BODY).collect();
+            let body = match tokio::time::timeout(BODY_TIMEOUT, read).await {
+                Ok(Ok(b)) => b.to_bytes(),
+                Err(_) => {
+                    tracing::warn!("webhook request body not received in time");
+                    return reply(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "text/plain",
+                        b"bulwark injector: the request body did not arrive in time\n".to_vec(),
+                    );
+                }
+                Ok(Err(e)) => {
                     let (_, v) = review(b"", cfg);
                     tracing::warn!(error = %e, "webhook request body refused");
                     let mut v = v;

@@ -180,16 +180,20 @@ pub async fn serve_tunneled<S>(proxy: Arc<Proxy>, io: S, peer: Option<SpiffeId>,
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let peer = Arc::new(match peer {
+    let mut peer = match peer {
         Some(id) => Peer::new(id, dst),
         None => Peer::unauthenticated(dst),
-    });
+    };
+    peer.tunneled = true;
+    let peer = Arc::new(peer);
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (proxy, peer) = (proxy.clone(), peer.clone());
         async move { Ok::<_, Infallible>(handle(proxy, &peer, req).await) }
     });
-    // HTTP/1.1, or h2c with prior knowledge from a plaintext client.
-    let builder = super::server_builder(MAX_HEADER_BYTES, MESH_MAX_STREAMS);
+    // HTTP/1.1, or h2c with prior knowledge from a plaintext client. A
+    // client that shuts its side after its request still gets the answer.
+    let mut builder = super::server_builder(MAX_HEADER_BYTES, MESH_MAX_STREAMS);
+    builder.http1().half_close(true);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     if let Err(e) = conn.await {
         tracing::debug!(error = ?e, "inbound HTTP connection in a tunnel ended with an error");
@@ -206,6 +210,9 @@ struct Peer {
     /// connect to, and as the requests' authority.
     addr: SocketAddr,
     app: http::uri::Authority,
+    /// Served from an opaque tunnel or plaintext, not the pooled HTTP/2
+    /// connection: an HTTP/2 request then is the client's own h2c.
+    tunneled: bool,
 }
 
 impl Peer {
@@ -227,6 +234,7 @@ impl Peer {
             app: http::uri::Authority::try_from(dst.to_string())
                 .expect("an address is an authority"),
             addr: dst,
+            tunneled: false,
         }
     }
 }
@@ -241,10 +249,15 @@ async fn handle(proxy: Arc<Proxy>, peer: &Peer, mut req: Request<Incoming>) -> R
     };
     let service = snap.local_service(port).unwrap_or("");
     let version = req.version();
-    // HTTP/1.1 upgrades reach us only in a tunnel (HTTP/2 cannot carry them).
-    let upgrade = (version == http::Version::HTTP_11
-        && req.headers().contains_key(http::header::UPGRADE))
-    .then(|| hyper::upgrade::on(&mut req));
+    // HTTP/1.1 upgrades reach us only in a tunnel (HTTP/2 cannot carry
+    // them). An h2c upgrade is not passed on (the request is served as
+    // it is): the connection it would switch is ours, not the client's.
+    let upgrade_to = req
+        .headers()
+        .get(http::header::UPGRADE)
+        .filter(|v| version == http::Version::HTTP_11 && !v.as_bytes().eq_ignore_ascii_case(b"h2c"))
+        .cloned();
+    let upgrade = upgrade_to.is_some().then(|| hyper::upgrade::on(&mut req));
     let method = req.method().clone();
     // A reference count, not a copy: for the span, the audit and access logs.
     let uri = req.uri().clone();
@@ -345,30 +358,25 @@ async fn handle(proxy: Arc<Proxy>, peer: &Peer, mut req: Request<Incoming>) -> R
         return finish(reply(413, "body-too-large"));
     }
     let (mut parts, body) = req.into_parts();
-    // An upgrade keeps the two headers that ask for it.
-    let asked = upgrade.is_some().then(|| {
-        (
-            parts.headers.get(http::header::CONNECTION).cloned(),
-            parts.headers.get(http::header::UPGRADE).cloned(),
-        )
-    });
     strip_hop_headers(&mut parts.headers);
-    if let Some((connection, upgrade_to)) = asked {
-        for (name, value) in [
-            (http::header::CONNECTION, connection),
-            (http::header::UPGRADE, upgrade_to),
-        ] {
-            if let Some(v) = value {
-                parts.headers.insert(name, v);
-            }
-        }
+    // An upgrade asks for it again, in exactly these two headers.
+    if let Some(to) = upgrade_to {
+        parts.headers.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
+        parts.headers.insert(http::header::UPGRADE, to);
     }
     // Only the sidecar may say who the caller is.
     super::set_peer_identity(&mut parts.headers, peer.header.clone());
     let mut local = std::mem::take(&mut parts.uri).into_parts();
     let authority = local.authority.replace(peer.app.clone());
     parts.uri = super::http_uri(local).expect("scheme, authority and path make a URI");
-    let proto = snap.local_proto(port);
+    let mut proto = snap.local_proto(port);
+    if peer.tunneled && version == http::Version::HTTP_2 && proto == Proto::Auto {
+        // The client's own h2c (prior knowledge) to an `auto` port.
+        proto = Proto::Http2;
+    }
     if proto != Proto::Http2
         && let Some(a) = authority
         && let Ok(v) = http::HeaderValue::from_str(a.as_str())
@@ -437,6 +445,15 @@ async fn upgrade_app(
     let Some(tcp) = crate::inbound::dial_app(proxy, app).await else {
         return reply(503, "app-unreachable");
     };
+    // To the origin server: the request line carries the path only.
+    let (mut parts, body) = req.into_parts();
+    parts.uri = http::Uri::from(
+        parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| http::uri::PathAndQuery::from_static("/"), Clone::clone),
+    );
+    let req = Request::from_parts(parts, body);
     let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await
     else {
         return reply(502, "app-reset");
@@ -449,7 +466,9 @@ async fn upgrade_app(
             return reply(502, "app-reset");
         }
     };
-    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+    if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        strip_hop_headers(resp.headers_mut());
+    } else {
         let up = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
             if let (Ok(d), Ok(u)) = (down.await, up.await) {

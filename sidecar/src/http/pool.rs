@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bulwark_ca::SpiffeId;
 use hyper::client::conn::http2::SendRequest;
@@ -20,6 +21,8 @@ pub enum PoolError {
     Dial(#[from] crate::dial::DialError),
     #[error("HTTP/2 handshake with {0} failed: {1}")]
     H2(SocketAddr, String),
+    #[error("connecting to {0} failed while this request waited for it: {1}")]
+    Failed(SocketAddr, String),
 }
 
 type Key = (SocketAddr, SpiffeId);
@@ -27,7 +30,15 @@ type Key = (SocketAddr, SpiffeId);
 /// a connect, so that concurrent first requests to the endpoint share one
 /// connection, while requests to other endpoints go on: one endpoint that
 /// drops SYNs or stalls its handshake must not hold up every service.
-type Slot = Arc<Mutex<Option<SendRequest<Body>>>>;
+type Slot = Arc<Mutex<SlotState>>;
+
+#[derive(Default)]
+struct SlotState {
+    conn: Option<SendRequest<Body>>,
+    /// The last connect's failure: the requests that queued behind it
+    /// share it instead of each waiting out a connect of their own.
+    failed: Option<(Instant, String)>,
+}
 
 #[derive(Default)]
 pub struct MeshPool {
@@ -44,23 +55,33 @@ impl MeshPool {
     ) -> Result<SendRequest<Body>, PoolError> {
         let key = (addr, identity.clone());
         let slot = self.slot(&key);
-        let mut conn = slot.lock().await;
-        if let Some(s) = conn.as_ref()
+        let asked = Instant::now();
+        let mut state = slot.lock().await;
+        if let Some(s) = state.conn.as_ref()
             && !s.is_closed()
         {
             return Ok(s.clone());
+        }
+        if let Some((at, why)) = &state.failed
+            && *at >= asked
+        {
+            return Err(PoolError::Failed(addr, why.clone()));
         }
         // Boxed: the handshake's state is large and rare, and inline it
         // would be part of every request's future (copied per request).
         match Box::pin(connect(proxy, addr, identity)).await {
             Ok(sender) => {
-                *conn = Some(sender.clone());
+                state.conn = Some(sender.clone());
+                state.failed = None;
                 Ok(sender)
             }
             Err(e) => {
-                // No slot kept for an endpoint that never answered.
-                if conn.is_none() {
-                    drop(conn);
+                state.failed = Some((Instant::now(), e.to_string()));
+                let idle = state.conn.is_none();
+                drop(state);
+                // No slot kept for an endpoint that never answered, once
+                // no request waits on it.
+                if idle && Arc::strong_count(&slot) == 2 {
                     self.remove_if(&key, &slot);
                 }
                 Err(e)

@@ -2,10 +2,10 @@
 
 pub mod trace;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::RwLock;
 use std::sync::atomic::AtomicI64;
-use std::sync::{Mutex, RwLock};
 
 use bulwark_ca::metrics::doubling_buckets;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -162,15 +162,7 @@ pub struct Metrics {
     pub xds_nacks: Counter,
     pub http_parked: Gauge<i64, AtomicI64>,
     request_series: RequestSeriesCache,
-    /// The `reason` labels of `bulwark_local_responses_total` so far.
-    local_reasons: Mutex<HashSet<String>>,
 }
-
-/// `x-bulwark-reason` also arrives on responses from the peer's sidecar
-/// (and anything upstream can set it), so its values are capped: a
-/// remote party must not mint a new series per response.
-const MAX_LOCAL_REASONS: usize = 64;
-const MAX_REASON_LEN: usize = 40;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabel {
@@ -210,7 +202,6 @@ impl Default for Metrics {
             xds_connected: Gauge::default(),
             xds_nacks: Counter::default(),
             http_parked: Gauge::default(),
-            local_reasons: Mutex::default(),
             request_series: RequestSeriesCache::default(),
             registry: Registry::default(),
         };
@@ -427,20 +418,12 @@ impl Metrics {
         }
     }
 
-    /// `reason` as a label: short lowercase words only, and no more than
-    /// [`MAX_LOCAL_REASONS`] of them; anything else is `other`.
+    /// `reason` as a label: one the sidecar answers with itself, else
+    /// `other`. `x-bulwark-reason` also arrives on responses from upstream,
+    /// where anything can set it: a remote party must not mint a series
+    /// per response.
     fn reason_label(&self, reason: &str) -> String {
-        let plain = reason.len() <= MAX_REASON_LEN
-            && !reason.is_empty()
-            && reason
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !plain {
-            return "other".into();
-        }
-        let mut seen = self.local_reasons.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.contains(reason) || seen.len() < MAX_LOCAL_REASONS {
-            seen.insert(reason.to_string());
+        if crate::http::is_own_reason(reason) {
             reason.to_string()
         } else {
             "other".into()
@@ -529,27 +512,24 @@ mod tests {
         for i in 0..200 {
             m.count_local(&with_reason(&format!("made-up-{i}")));
         }
-        m.count_local(&with_reason(&"x".repeat(4096)));
-        m.count_local(&with_reason("Not-A-Reason"));
+        // One the sidecar answers with itself keeps its name.
+        m.count_local(&crate::http::reply(503, "bulkhead-full"));
         let series: Vec<String> = m
             .encode()
             .lines()
             .filter(|l| l.starts_with("bulwark_local_responses_total{"))
             .map(String::from)
             .collect();
-        assert_eq!(series.len(), MAX_LOCAL_REASONS + 1, "{series:?}");
-        let other = series
-            .iter()
-            .find(|l| l.contains("reason=\"other\""))
-            .expect("an other series");
-        // 136 past the cap, one too long, one not lowercase.
-        assert!(other.ends_with(" 138"), "{other}");
-        // A reason already seen keeps its own series after the cap.
-        m.count_local(&with_reason("made-up-0"));
+        assert_eq!(series.len(), 2, "{series:?}");
         assert!(
-            m.encode()
-                .lines()
-                .any(|l| l.contains("reason=\"made-up-0\"") && l.ends_with(" 2"))
+            series
+                .iter()
+                .any(|l| l.contains("reason=\"other\"") && l.ends_with(" 200"))
+        );
+        assert!(
+            series
+                .iter()
+                .any(|l| l.contains("reason=\"bulkhead-full\"") && l.ends_with(" 1"))
         );
     }
 }

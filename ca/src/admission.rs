@@ -74,9 +74,17 @@ impl PerSource {
 
     /// A place for `ip`, or `None` when it holds `limit` already.
     pub fn take(self: &Arc<Self>, ip: IpAddr) -> Option<SourcePlace> {
+        self.take_when(ip, true)
+    }
+
+    /// The same, the limit applied only if `enforce`: a listener whose
+    /// places are plentiful lets one address (many sidecars behind one
+    /// NAT, a fleet starting) have more, and enforces the shares once
+    /// they run short. Places taken are counted either way.
+    pub fn take_when(self: &Arc<Self>, ip: IpAddr, enforce: bool) -> Option<SourcePlace> {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let n = held.entry(ip).or_default();
-        if *n >= self.limit {
+        if enforce && *n >= self.limit {
             return None;
         }
         *n += 1;
@@ -118,6 +126,10 @@ mod tests {
             !s.held.lock().unwrap().contains_key(&b),
             "no entry kept for an idle source"
         );
+        // Not enforced: counted all the same, and enforced again later.
+        let extra = s.take_when(a, false).expect("not enforced");
+        assert!(s.take(a).is_none());
+        drop(extra);
     }
 
     #[test]

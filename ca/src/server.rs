@@ -32,8 +32,8 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 pub const RETRY_AFTER_MS: &str = "retry-after-ms";
 /// A client that has not finished its TLS handshake by then is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// TLS handshakes in progress at once, and from one address; beyond
-/// either, a connection is closed at once.
+/// TLS handshakes in progress at once, and from one address once half of
+/// them are taken; beyond either, a connection is closed at once.
 pub const MAX_HANDSHAKES: usize = 256;
 pub const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
 
@@ -711,9 +711,11 @@ pub async fn serve(
             };
             // Places for handshakes in progress, in all and per address:
             // silent connections cannot hold up the fleet's first SVIDs.
-            let (Ok(handshake), Some(source)) = (
+            // Shares are enforced once half the places are taken.
+            let short = handshakes.available_permits() < MAX_HANDSHAKES / 2;
+            let (Some(source), Ok(handshake)) = (
+                per_source.take_when(peer.ip(), short),
                 handshakes.clone().try_acquire_owned(),
-                per_source.take(peer.ip()),
             ) else {
                 accept_metrics.tls_handshake_failures.inc();
                 tracing::debug!(%peer, "too many TLS handshakes in progress; closing");

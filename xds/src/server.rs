@@ -51,8 +51,9 @@ pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS handshakes in progress at once; connections beyond are closed.
 pub const MAX_HANDSHAKES: usize = 256;
-/// Of those, from one address: a client opening silent connections cannot
-/// take every place and lock the fleet's sidecars out.
+/// Of those, from one address once half of them are taken: a client
+/// opening silent connections cannot take every place and lock the
+/// fleet's sidecars out.
 pub const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
 /// Concurrent requests (streams) per connection; a sidecar needs one.
 pub const CONCURRENCY_PER_CONNECTION: usize = 8;
@@ -507,7 +508,9 @@ async fn accept(
                 continue;
             }
         };
-        let Some(source) = per_source.take(peer.ip()) else {
+        // Shares are enforced once half the places are taken.
+        let short = handshakes.available_permits() < MAX_HANDSHAKES / 2;
+        let Some(source) = per_source.take_when(peer.ip(), short) else {
             metrics
                 .streams_refused
                 .get_or_create(&crate::metrics::ReasonLabel {

@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::Proto;
+use crate::http::park::Prefixed;
 use crate::intercept::{connect_app, original_dst};
 use crate::outbound::{CLIENT_FIRST_WINDOW, PARTIAL_METHOD_WAIT, Sniffed};
 use crate::telemetry::{ConnLabels, DenialLabels, HandshakeLabels};
@@ -144,21 +145,10 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
         }
         // HTTP from a plaintext client is served as HTTP too: the app is
         // told no caller identity, whatever the client wrote.
-        let mut down = down;
-        // Detected on every port but `tcp` ones: a plaintext client may
-        // also be the app's own TLS (see above), passed on as it is.
-        let (head, early) = match snap.local_proto(dst.port()) {
-            Proto::Tcp => (Vec::new(), None),
-            Proto::Http1 | Proto::Http2 | Proto::Auto => match detect(&proxy, &mut down, app).await
-            {
-                Found::Http(head) => {
-                    let io = Primed { head, io: down };
-                    return crate::http::inbound::serve_tunneled(proxy.clone(), io, None, dst)
-                        .await;
-                }
-                Found::Opaque(head, early) => (head, early),
-                Found::Gone => return,
-            },
+        let proto = snap.local_proto(dst.port());
+        let Some((mut down, head, early)) = serve_if_http(&proxy, proto, down, None, dst).await
+        else {
+            return;
         };
         let Some(up) = app_with(&proxy, app, &mut down, head, early).await else {
             return reset(down);
@@ -253,22 +243,10 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
     // upgrade, or what sniffing took for opaque): served as such, so that
     // each request is authorized and told the caller's identity, which a
     // client could otherwise write into the bytes itself.
-    let mut tls = tls;
-    let (head, early) = match snap.local_proto(dst.port()) {
-        Proto::Tcp => (Vec::new(), None),
-        Proto::Http1 | Proto::Http2 => {
-            return crate::http::inbound::serve_tunneled(proxy.clone(), tls, Some(src_id), dst)
-                .await;
-        }
-        Proto::Auto => match detect(&proxy, &mut tls, app).await {
-            Found::Http(head) => {
-                let io = Primed { head, io: tls };
-                return crate::http::inbound::serve_tunneled(proxy.clone(), io, Some(src_id), dst)
-                    .await;
-            }
-            Found::Opaque(head, early) => (head, early),
-            Found::Gone => return,
-        },
+    let proto = snap.local_proto(dst.port());
+    let caller = Some(src_id.clone());
+    let Some((mut tls, head, early)) = serve_if_http(&proxy, proto, tls, caller, dst).await else {
+        return;
     };
     let Some(up) = app_with(&proxy, app, &mut tls, head, early).await else {
         return;
@@ -305,6 +283,41 @@ fn deny(proxy: &Proxy, peer: SocketAddr, dst: SocketAddr, src: Option<&SpiffeId>
         .inc();
     tracing::info!(target: "bulwark::access", direction = "inbound", src = %peer, dst = %dst,
         src_identity = %src_identity, service, decision = "deny", "connection denied by authorization policy");
+}
+
+/// Serves `io`, a connection to local port `dst` from `caller` (`None`:
+/// plaintext), as HTTP if it carries HTTP; otherwise hands it back with
+/// what detection read and connected, for an opaque relay. `None` once it
+/// was served, or ended. `tcp` ports are never looked at. An mTLS tunnel
+/// to a declared HTTP port carries nothing else; plaintext is detected on
+/// every other port, as it may also be the app's own TLS.
+async fn serve_if_http<S>(
+    proxy: &Arc<Proxy>,
+    proto: Proto,
+    mut io: S,
+    caller: Option<SpiffeId>,
+    dst: SocketAddr,
+) -> Option<(S, Vec<u8>, Option<Early>)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use crate::http::inbound::serve_tunneled;
+    match proto {
+        Proto::Tcp => Some((io, Vec::new(), None)),
+        Proto::Http1 | Proto::Http2 if caller.is_some() => {
+            serve_tunneled(proxy.clone(), io, caller, dst).await;
+            None
+        }
+        _ => match detect(proxy, &mut io, dst).await {
+            Found::Http(head) => {
+                let io = Prefixed::with_prefix(head, io);
+                serve_tunneled(proxy.clone(), io, caller, dst).await;
+                None
+            }
+            Found::Opaque(head, early) => Some((io, head, early)),
+            Found::Gone => None,
+        },
+    }
 }
 
 /// What an opaque tunnel to an `auto` port carries.
@@ -455,52 +468,6 @@ where
     };
     up.write_all(&head).await.ok()?;
     Some(up)
-}
-
-/// A stream with bytes already read from it to be read again first.
-struct Primed<S> {
-    head: Vec<u8>,
-    io: S,
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Primed<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        if !self.head.is_empty() {
-            let n = self.head.len().min(buf.remaining());
-            buf.put_slice(&self.head[..n]);
-            self.head.drain(..n);
-            return std::task::Poll::Ready(Ok(()));
-        }
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Primed<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
-    }
 }
 
 pub(crate) async fn dial_app(proxy: &Proxy, app: SocketAddr) -> Option<TcpStream> {

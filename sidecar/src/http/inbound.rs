@@ -66,12 +66,7 @@ impl LocalClients {
         {
             req.headers_mut().insert(http::header::HOST, v);
         }
-        // HTTP/1.1 to an origin server: the request line carries the path only.
-        let origin = req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| http::uri::PathAndQuery::from_static("/"), Clone::clone);
-        *req.uri_mut() = http::Uri::from(origin);
+        *req.uri_mut() = origin_form(req.uri());
         self.h1.send(app, req).await
     }
 }
@@ -434,26 +429,26 @@ async fn handle(proxy: Arc<Proxy>, peer: &Peer, mut req: Request<Incoming>) -> R
     }
 }
 
+/// HTTP/1.1 to an origin server: the request line carries the path only.
+fn origin_form(uri: &http::Uri) -> http::Uri {
+    http::Uri::from(
+        uri.path_and_query()
+            .map_or_else(|| http::uri::PathAndQuery::from_static("/"), Clone::clone),
+    )
+}
+
 /// Sends an upgrade request to the app on a connection of its own and,
 /// if the app switches protocols, splices the two upgraded connections.
 async fn upgrade_app(
     proxy: &Proxy,
     app: SocketAddr,
-    req: Request<Body>,
+    mut req: Request<Body>,
     down: hyper::upgrade::OnUpgrade,
 ) -> Response<Body> {
     let Some(tcp) = crate::inbound::dial_app(proxy, app).await else {
         return reply(503, "app-unreachable");
     };
-    // To the origin server: the request line carries the path only.
-    let (mut parts, body) = req.into_parts();
-    parts.uri = http::Uri::from(
-        parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| http::uri::PathAndQuery::from_static("/"), Clone::clone),
-    );
-    let req = Request::from_parts(parts, body);
+    *req.uri_mut() = origin_form(req.uri());
     let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await
     else {
         return reply(502, "app-reset");
@@ -472,8 +467,7 @@ async fn upgrade_app(
         let up = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
             if let (Ok(d), Ok(u)) = (down.await, up.await) {
-                let _ =
-                    tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(u)).await;
+                super::tunnel::relay(&mut TokioIo::new(d), &mut TokioIo::new(u), None).await;
             }
         });
     }

@@ -271,7 +271,6 @@ pub fn drop_connection_listed(h: &mut http::HeaderMap) {
     }
 }
 
-/// Headers that belong to one hop and must not be forwarded.
 /// Sets the verified caller identity (`None`: no identity, for a plaintext
 /// caller), removing any spelling of the header the client sent:
 /// CGI-style servers (Rack, WSGI, PHP) read `x_bulwark_peer_identity` as
@@ -298,6 +297,7 @@ pub fn set_peer_identity(h: &mut http::HeaderMap, value: Option<http::HeaderValu
     };
 }
 
+/// Headers that belong to one hop and must not be forwarded.
 pub fn strip_hop_headers(h: &mut http::HeaderMap) {
     use http::HeaderName;
     use http::header::{

@@ -35,18 +35,25 @@ use tokio::sync::oneshot;
 
 use super::{Body, BoxError};
 
-/// A socket with bytes to be read before what the socket itself delivers.
-/// While hyper serves it, writes that would block are noted in `watch`.
-pub struct Prefixed {
+/// A stream with bytes to be read before what the stream itself delivers
+/// (bytes already read from it while deciding what it carries). While
+/// hyper serves a parked socket, writes that would block are noted in
+/// `watch`.
+pub struct Prefixed<S = TcpStream> {
     prefix: Bytes,
-    inner: TcpStream,
+    inner: S,
     watch: Option<Arc<Watch>>,
 }
 
-impl Prefixed {
-    pub fn new(inner: TcpStream) -> Self {
+impl<S> Prefixed<S> {
+    pub fn new(inner: S) -> Self {
+        Self::with_prefix(Bytes::new(), inner)
+    }
+
+    /// `inner`, read from `prefix` first.
+    pub fn with_prefix(prefix: impl Into<Bytes>, inner: S) -> Self {
         Self {
-            prefix: Bytes::new(),
+            prefix: prefix.into(),
             inner,
             watch: None,
         }
@@ -60,7 +67,7 @@ impl Prefixed {
     }
 }
 
-impl AsyncRead for Prefixed {
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -76,7 +83,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

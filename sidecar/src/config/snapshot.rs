@@ -155,7 +155,8 @@ pub struct Snapshot {
     local_services: Vec<String>,
     /// Service → authorization rules (present = default deny).
     authz: HashMap<String, Vec<L4Rule>>,
-    /// Inbound ports with a service whose authorization rules match paths.
+    /// Inbound ports with a service whose authorization rules match paths,
+    /// or whose rate-limited routes are picked by path.
     path_rule_ports: HashSet<u16>,
     /// Whether any service of this workload has such rules (for the ports
     /// no service maps).
@@ -541,20 +542,27 @@ impl Snapshot {
         let mut local_services: Vec<String> = local_ports.values().flatten().cloned().collect();
         local_services.sort_unstable();
         local_services.dedup();
-        let path_rules_any = local_services.iter().any(|svc| {
+        // A service's requests are told apart by their path where an
+        // authorization rule matches paths, or where a route that carries a
+        // rate limit is picked by path: a second spelling of a path must not
+        // reach past either.
+        let paths_matter = |svc: &String| {
             authz
                 .get(svc)
                 .is_some_and(|rules| rules.iter().any(|r| !r.paths.is_empty()))
-        });
+                || routes
+                    .get(svc)
+                    .is_some_and(|t: &Arc<crate::http::route::RouteTable>| {
+                        t.rules.iter().any(|r| r.rate_limit.is_some())
+                            && t.rules
+                                .iter()
+                                .any(|r| r.matches.iter().any(|m| m.path.is_some()))
+                    })
+        };
+        let path_rules_any = local_services.iter().any(paths_matter);
         let path_rule_ports = local_ports
             .iter()
-            .filter(|(_, services)| {
-                services.iter().any(|svc| {
-                    authz
-                        .get(svc)
-                        .is_some_and(|rules| rules.iter().any(|r| !r.paths.is_empty()))
-                })
-            })
+            .filter(|(_, services)| services.iter().any(paths_matter))
             .map(|(port, _)| *port)
             .collect();
         Ok(Self {
@@ -743,9 +751,9 @@ impl Snapshot {
         })
     }
 
-    /// Whether an authorization rule of a service on `port` looks at the
-    /// request path (then a path the app would read as another one must
-    /// not be matched as written).
+    /// Whether an authorization rule or a rate-limited route of a service on
+    /// `port` looks at the request path (then a path the app would read as
+    /// another one must not be matched as written).
     pub fn path_rules_on(&self, port: u16) -> bool {
         self.path_rule_ports.contains(&port)
             || (self.path_rules_any && !self.local_ports.contains_key(&port))
@@ -941,6 +949,45 @@ mod tests {
         let s = Snapshot::build(&me(), "1", r).unwrap();
         assert!(s.path_rules_on(8080));
         // Ports no service maps are governed by every policy of ours.
+        assert!(s.path_rules_on(9999));
+    }
+
+    #[test]
+    fn ports_whose_rate_limited_routes_match_paths_have_path_rules() {
+        use v1::string_match::Kind;
+        let route = |rate_limit: Option<v1::RateLimit>| v1::Route {
+            name: "api".into(),
+            namespace: "default".into(),
+            service: "default/api".into(),
+            rules: vec![v1::HttpRoute {
+                name: "login".into(),
+                matches: vec![v1::RouteMatch {
+                    path: Some(v1::StringMatch {
+                        kind: Some(Kind::Exact("/login".into())),
+                    }),
+                    ..Default::default()
+                }],
+                rate_limit,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut r = res();
+        r.routes = vec![route(None)];
+        let s = Snapshot::build(&me(), "1", r).unwrap();
+        assert!(
+            !s.path_rules_on(8080),
+            "a route without a limit only routes"
+        );
+        let mut r = res();
+        r.routes = vec![route(Some(v1::RateLimit {
+            requests_per_second: 1,
+            burst: 1,
+            per_source_identity: false,
+        }))];
+        let s = Snapshot::build(&me(), "1", r).unwrap();
+        // `//login` must not be a way past the `/login` limit.
+        assert!(s.path_rules_on(8080));
         assert!(s.path_rules_on(9999));
     }
 

@@ -303,9 +303,10 @@ async fn handle(proxy: Arc<Proxy>, peer: &Peer, mut req: Request<Incoming>) -> R
             duration_us = started.elapsed().as_micros() as u64, "request");
         resp
     };
-    // Path rules match the path as written: where a policy has them, a
-    // path the app would read as another one (`/public/../admin`,
-    // `/%61dmin`) is refused. Elsewhere any path passes, as the app wrote it.
+    // Path rules and rate-limited routes match the path as written: where a
+    // policy or such a route looks at it, a path the app would read as
+    // another one (`/public/../admin`, `//login`, `/%61dmin`) is refused.
+    // Elsewhere any path passes, as the app wrote it.
     if snap.path_rules_on(port)
         && let Err(why) = super::route::canonical_path(path)
     {

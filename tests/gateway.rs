@@ -357,6 +357,8 @@ fn start_gateway(
             "authorization",
             "--echo-header",
             "x-forwarded-proto",
+            "--echo-header",
+            "traceparent",
         ],
     );
     if xds {
@@ -685,6 +687,43 @@ fn gateway_authenticates_outside_callers_and_routes_them_into_the_mesh() {
     }
     println!("gateway 50/50 split: {served} served, {unserved} to the empty subset");
     assert!((15..=45).contains(&served), "{served} of 60 served");
+}
+
+#[test]
+fn a_client_traceparent_cannot_force_the_gateway_to_sample() {
+    let _g = serial();
+    // Tracing on, sampling none of the traces the gateway decides on. The
+    // collector address is never reached: nothing is sampled.
+    let tracing = [
+        "--otlp-endpoint",
+        "http://127.0.0.1:9",
+        "--trace-sample-ratio",
+        "0",
+    ];
+    let Some(edge) = start_gateway(false, &[], "", "", "", &tracing) else {
+        return;
+    };
+    let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    for flags in ["01", "00"] {
+        let parent = format!("traceparent: 00-{id}-00f067aa0ba902b7-{flags}");
+        let (code, text) = edge.call("/public/hello", None, &["-H", &parent]);
+        assert_eq!(code, 200, "{text}");
+        // The service's trace continues the client's trace id (logs still
+        // correlate), under the gateway's span, and is not sampled.
+        let seen = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("traceparent="))
+            .unwrap_or_else(|| panic!("no traceparent reached the service: {text}"));
+        assert!(seen.starts_with(&format!("00-{id}-")), "{seen}");
+        assert!(
+            !seen.contains("00f067aa0ba902b7"),
+            "the gateway's span is the parent: {seen}"
+        );
+        assert!(
+            seen.ends_with("-00"),
+            "a client's sampled flag was followed: {seen}"
+        );
+    }
 }
 
 #[test]

@@ -901,6 +901,9 @@ async fn decide(
     parts
         .headers
         .insert("x-forwarded-proto", http::HeaderValue::from_static("https"));
+    // The client is outside the mesh: this gateway, not its traceparent,
+    // decides whether the request is traced.
+    proxy.tracer().resample_untrusted(&mut parts.headers);
 
     let b = route.rule.pick(&parts.headers, crate::balance::rand_unit());
     let port = if b.port != 0 {

@@ -10,14 +10,15 @@ use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{
-    Span as _, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
+    Span as _, SpanContext, SpanKind, Status, TraceContextExt, TraceFlags, Tracer as _,
+    TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, SpanData,
-    SpanProcessor,
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SamplingDecision, SdkTracer,
+    SdkTracerProvider, ShouldSample, SpanData, SpanProcessor,
 };
 use prometheus_client::metrics::counter::Counter;
 
@@ -43,6 +44,8 @@ struct Inner {
     tracer: SdkTracer,
     provider: SdkTracerProvider,
     propagator: TraceContextPropagator,
+    /// The decision for a trace this proxy starts (trace-id ratio).
+    root: Sampler,
 }
 
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
@@ -169,6 +172,7 @@ impl Tracing {
             .with_channel(channel)
             .build()
             .map_err(|e| e.to_string())?;
+        let root = Sampler::TraceIdRatioBased(opts.sample_ratio.clamp(0.0, 1.0));
         let queued = Arc::new(AtomicUsize::new(0));
         let batch = BatchSpanProcessor::builder(Dequeue {
             inner: exporter,
@@ -187,9 +191,7 @@ impl Tracing {
                 queued,
                 dropped,
             })
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                opts.sample_ratio.clamp(0.0, 1.0),
-            ))))
+            .with_sampler(Sampler::ParentBased(Box::new(root.clone())))
             .with_resource(
                 opentelemetry_sdk::Resource::builder()
                     .with_attribute(KeyValue::new("service.name", opts.service_name.clone()))
@@ -201,6 +203,7 @@ impl Tracing {
             tracer,
             provider,
             propagator: TraceContextPropagator::new(),
+            root,
         }))))
     }
 
@@ -241,6 +244,43 @@ impl Tracing {
         ReqSpan(Some(cx))
     }
 
+    /// Decides afresh whether a trace arriving from outside the mesh is
+    /// sampled: a client's `traceparent` keeps its trace id, so its logs
+    /// still correlate, but its sampled flag counts for nothing. Otherwise
+    /// any client could have every request it sends recorded and exported
+    /// by every hop, crowding out the sampled traces of everyone else.
+    pub fn resample_untrusted(&self, headers: &mut http::HeaderMap) {
+        let Some(t) = &self.0 else {
+            return;
+        };
+        let parent = t.propagator.extract(&HeaderExtractor(headers));
+        let sc = parent.span().span_context().clone();
+        if !sc.is_valid() {
+            return;
+        }
+        let decision =
+            t.root
+                .should_sample(None, sc.trace_id(), "request", &SpanKind::Server, &[], &[]);
+        let flags = match decision.decision {
+            SamplingDecision::RecordAndSample => TraceFlags::SAMPLED,
+            _ => TraceFlags::default(),
+        };
+        if flags == sc.trace_flags() {
+            return;
+        }
+        let sc = SpanContext::new(
+            sc.trace_id(),
+            sc.span_id(),
+            flags,
+            true,
+            sc.trace_state().clone(),
+        );
+        t.propagator.inject_context(
+            &Context::new().with_remote_span_context(sc),
+            &mut HeaderInjector(headers),
+        );
+    }
+
     pub fn shutdown(&self) {
         if let Some(t) = &self.0 {
             let _ = t.provider.shutdown();
@@ -278,5 +318,56 @@ impl ReqSpan {
             }
             span.end();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracing(sample_ratio: f64) -> Tracing {
+        let opts = TraceOptions {
+            // Never reached: nothing here is exported.
+            endpoint: "http://127.0.0.1:9".into(),
+            sample_ratio,
+            service_name: "test".into(),
+            mark: 0,
+        };
+        Tracing::start(&opts, Counter::default()).unwrap()
+    }
+
+    fn traceparent(h: &http::HeaderMap) -> &str {
+        h.get("traceparent").unwrap().to_str().unwrap()
+    }
+
+    #[test]
+    fn an_untrusted_sampled_flag_is_decided_afresh_and_the_trace_id_kept() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let sampled = format!("00-{id}-00f067aa0ba902b7-01");
+        let mut h = http::HeaderMap::new();
+        h.insert("traceparent", sampled.parse().unwrap());
+        h.insert("tracestate", "vendor=x".parse().unwrap());
+        let never = tracing(0.0);
+        never.resample_untrusted(&mut h);
+        assert_eq!(traceparent(&h), format!("00-{id}-00f067aa0ba902b7-00"));
+        assert_eq!(h.get("tracestate").unwrap(), "vendor=x");
+        // The span started from it records nothing.
+        let span = never.start_span(SpanKind::Server, &mut h.clone(), || ("x".into(), vec![]));
+        assert!(!span.0.as_ref().unwrap().span().is_recording());
+        // At ratio 1 an unsampled client trace is sampled: the decision is ours.
+        let always = tracing(1.0);
+        always.resample_untrusted(&mut h);
+        assert_eq!(traceparent(&h), sampled);
+        // No parent, a malformed one, or tracing off: headers untouched.
+        let mut h = http::HeaderMap::new();
+        always.resample_untrusted(&mut h);
+        assert!(h.is_empty());
+        h.insert("traceparent", "garbage".parse().unwrap());
+        never.resample_untrusted(&mut h);
+        assert_eq!(traceparent(&h), "garbage");
+        let mut h = http::HeaderMap::new();
+        h.insert("traceparent", sampled.parse().unwrap());
+        Tracing::default().resample_untrusted(&mut h);
+        assert_eq!(traceparent(&h), sampled);
     }
 }

@@ -288,6 +288,50 @@ fn refusals_carry_precise_status_and_are_recorded() {
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("trust domain"));
+    // Nor for the mesh's own services, nor for longer than a day; and the
+    // CA refuses those identities and lifetimes whoever minted the token.
+    let dir = ca.dir.to_str().unwrap();
+    for (identity, ttl, says) in [
+        (
+            "spiffe://cluster.local/ns/bulwark-system/sa/bulwark-xds",
+            "1h",
+            "reserved",
+        ),
+        (
+            "spiffe://cluster.local/ns/bulwark-system/sa/bulwark-ca",
+            "1h",
+            "reserved",
+        ),
+        (WEB, "25h", "--ttl must be between 1m and 24h"),
+        (WEB, "10s", "--ttl must be between 1m and 24h"),
+    ] {
+        let out = run(&[
+            "ca",
+            "token",
+            "--dir",
+            dir,
+            "--identity",
+            identity,
+            "--ttl",
+            ttl,
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{identity} {ttl}: {err}"
+        );
+    }
+    let xds = bulwark_ca::SpiffeId::control_plane("cluster.local").unwrap();
+    let (_, xds_csr) = new_csr(&xds).unwrap();
+    let xds_tok = key.mint(&xds, now, 600);
+    let (code, msg) =
+        refused(rt.block_on(c_any.sign_once(&xds, &xds_csr, &Credential::Token(&xds_tok), None)));
+    assert_eq!(code, Code::PermissionDenied);
+    assert!(msg.contains("reserved"), "{msg}");
+    let long = key.mint(&web, now, 2 * 24 * 3600);
+    let (code, msg) = refused(call(&good_csr, Credential::Token(&long)));
+    assert_eq!(code, Code::Unauthenticated);
+    assert!(msg.contains("at most 86400s"), "{msg}");
 
     // Bad CSRs.
     let cases = [
@@ -332,7 +376,7 @@ fn refusals_carry_precise_status_and_are_recorded() {
     // Every refusal is on record, with its code; nothing was issued.
     let recs = ca.records();
     let refusals: Vec<_> = recs.iter().filter(|r| r["outcome"] == "refused").collect();
-    assert_eq!(refusals.len(), 7 + cases.len(), "{recs:#?}");
+    assert_eq!(refusals.len(), 9 + cases.len(), "{recs:#?}");
     assert!(recs.iter().all(|r| r["outcome"] == "refused"));
     assert!(
         refusals
@@ -351,9 +395,13 @@ fn refusals_carry_precise_status_and_are_recorded() {
             .iter()
             .filter(|r| r["code"] == "PERMISSION_DENIED")
             .count(),
-        2
+        3
     );
     let m = ca.metrics_text();
+    assert!(
+        m.contains("bulwark_ca_sign_errors_total{reason=\"reserved_identity\"} 1"),
+        "{m}"
+    );
     assert!(
         m.contains("bulwark_ca_sign_errors_total{reason=\"invalid_csr\"} 8"),
         "{m}"

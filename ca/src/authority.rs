@@ -50,6 +50,8 @@ pub enum SignError {
     Csr(#[from] CsrError),
     #[error("CSR is for {csr} but the caller is authenticated as {authenticated}")]
     IdentityMismatch { csr: String, authenticated: String },
+    #[error("{0} is reserved for the mesh's own services and is never issued through Sign")]
+    Reserved(String),
     #[error("identity {0} is outside this CA's trust domain {1}")]
     ForeignTrustDomain(String, String),
     #[error("requested TTL {0}s is below the 60s minimum")]
@@ -284,6 +286,9 @@ impl Authority {
                 csr: csr.identity.to_string(),
                 authenticated: authenticated.to_string(),
             });
+        }
+        if csr.identity.is_reserved() {
+            return Err(SignError::Reserved(csr.identity.to_string()));
         }
         if csr.identity.trust_domain() != self.trust_domain {
             return Err(SignError::ForeignTrustDomain(

@@ -85,7 +85,31 @@ fn valid_segment(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
 }
 
+/// The namespace of the mesh's own services.
+pub const SYSTEM_NAMESPACE: &str = "bulwark-system";
+/// Service accounts of the mesh's own services. Sidecars recognise the CA
+/// and the control plane by these identities alone, so they are never
+/// issued through `Sign`: both services issue their serving certificates
+/// from the CA directory themselves.
+pub const RESERVED_SERVICE_ACCOUNTS: [&str; 2] = ["bulwark-ca", "bulwark-xds"];
+
 impl SpiffeId {
+    /// The CA's own identity in `trust_domain`.
+    pub fn ca(trust_domain: &str) -> Result<Self, IdentityError> {
+        Self::new(trust_domain, SYSTEM_NAMESPACE, RESERVED_SERVICE_ACCOUNTS[0])
+    }
+
+    /// The control plane's own identity in `trust_domain`.
+    pub fn control_plane(trust_domain: &str) -> Result<Self, IdentityError> {
+        Self::new(trust_domain, SYSTEM_NAMESPACE, RESERVED_SERVICE_ACCOUNTS[1])
+    }
+
+    /// Whether this is the identity of one of the mesh's own services.
+    pub fn is_reserved(&self) -> bool {
+        self.namespace() == SYSTEM_NAMESPACE
+            && RESERVED_SERVICE_ACCOUNTS.contains(&self.service_account())
+    }
+
     pub fn new(
         trust_domain: &str,
         namespace: &str,

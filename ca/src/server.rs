@@ -39,7 +39,7 @@ pub const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
 
 /// The identity in the CA's own serving certificate.
 pub fn ca_identity(trust_domain: &str) -> SpiffeId {
-    SpiffeId::new(trust_domain, "bulwark-system", "bulwark-ca").expect("valid CA identity")
+    SpiffeId::ca(trust_domain).expect("valid CA identity")
 }
 
 #[derive(Debug, Clone)]
@@ -433,6 +433,7 @@ impl State {
                     SignError::IdentityMismatch { .. } => {
                         (Code::PermissionDenied, "identity_mismatch")
                     }
+                    SignError::Reserved(_) => (Code::PermissionDenied, "reserved_identity"),
                     SignError::ForeignTrustDomain(..) => {
                         (Code::PermissionDenied, "foreign_trust_domain")
                     }
@@ -884,6 +885,39 @@ mod tests {
                 )
                 .expect("a good token is checked and signed");
         }
+    }
+
+    #[test]
+    fn the_mesh_services_identities_are_never_signed_for_a_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path(), 100.0, 100);
+        for id in [
+            SpiffeId::ca("cluster.local").unwrap(),
+            SpiffeId::control_plane("cluster.local").unwrap(),
+        ] {
+            // A token an operator minted for it by hand, with the library.
+            let refusal = state
+                .decide(
+                    &None,
+                    Some(&mint(&state, &id)),
+                    sign_request(&id),
+                    &mut Record::default(),
+                )
+                .expect_err("a reserved identity is refused");
+            assert_eq!(refusal.reason, "reserved_identity", "{}", refusal.message);
+            assert_eq!(refusal.code, Code::PermissionDenied);
+        }
+        // Other service accounts of the namespace are workloads like any.
+        let gateway = SpiffeId::new("cluster.local", "bulwark-system", "bulwark-gateway").unwrap();
+        assert!(!gateway.is_reserved());
+        state
+            .decide(
+                &None,
+                Some(&mint(&state, &gateway)),
+                sign_request(&gateway),
+                &mut Record::default(),
+            )
+            .expect("signed");
     }
 
     fn mint(state: &State, id: &SpiffeId) -> String {

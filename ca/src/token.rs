@@ -26,7 +26,13 @@ pub enum TokenError {
     NotYetValid(i64),
     #[error("token names an invalid identity: {0}")]
     Identity(String),
+    #[error("token is valid for {0}s; at most {MAX_TOKEN_TTL_SECS}s are accepted")]
+    TooLong(i64),
 }
+
+/// Longest lifetime of a bootstrap token: it is a bearer credential that
+/// can be presented again until it expires, so it is kept short.
+pub const MAX_TOKEN_TTL_SECS: i64 = 24 * 3600;
 
 /// What a valid token asserts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +103,11 @@ impl TokenKey {
             .map_err(|_| TokenError::Malformed("claims are not base64url"))?;
         let claims: TokenClaims = serde_json::from_slice(&raw)
             .map_err(|_| TokenError::Malformed("claims are not JSON"))?;
+        // Also keeps the sums below far from overflow.
+        let lifetime = claims.exp.saturating_sub(claims.iat);
+        if !(0..=MAX_TOKEN_TTL_SECS).contains(&lifetime) {
+            return Err(TokenError::TooLong(lifetime));
+        }
         if now > claims.exp + skew_secs {
             return Err(TokenError::Expired(claims.exp));
         }
@@ -148,6 +159,21 @@ mod tests {
         );
         let forged = format!("{}.{}.{}", parts[0], forged_claims, parts[2]);
         assert_eq!(key.verify(&forged, 1000, 0), Err(TokenError::BadSignature));
+    }
+
+    #[test]
+    fn tokens_valid_longer_than_a_day_are_refused() {
+        let key = TokenKey::from_bytes(b"k1");
+        let t = key.mint(&id(), 1000, MAX_TOKEN_TTL_SECS);
+        assert!(key.verify(&t, 1000, 0).is_ok());
+        let t = key.mint(&id(), 1000, MAX_TOKEN_TTL_SECS + 1);
+        assert_eq!(
+            key.verify(&t, 1000, 0),
+            Err(TokenError::TooLong(MAX_TOKEN_TTL_SECS + 1))
+        );
+        // An expiry before the issue time is no lifetime at all.
+        let t = key.mint(&id(), 1000, -1);
+        assert_eq!(key.verify(&t, 999, 0), Err(TokenError::TooLong(-1)));
     }
 
     #[test]

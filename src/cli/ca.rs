@@ -205,9 +205,22 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
                     material.settings.trust_domain
                 );
             }
+            if id.is_reserved() {
+                bail!(
+                    "--identity {id} is reserved for the mesh's own services: they issue their certificates from the CA directory"
+                );
+            }
+            let max = bulwark_ca::token::MAX_TOKEN_TTL_SECS;
+            let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+            if !(60..=max).contains(&ttl_secs) {
+                bail!(
+                    "--ttl must be between 1m and {}h, got {ttl_secs}s: a token can be presented again until it expires",
+                    max / 3600
+                );
+            }
             let key = bulwark_ca::token::TokenKey::from_bytes(&material.token_secret);
             let now = time_now();
-            println!("{}", key.mint(&id, now, ttl.as_secs() as i64));
+            println!("{}", key.mint(&id, now, ttl_secs));
             Ok(())
         }
         CaCommand::RotateRoot {

@@ -24,7 +24,7 @@ pub const DEFAULT_CA_POLL: Duration = Duration::from_secs(2);
 /// The identity in the control plane's serving certificate; sidecars
 /// expect exactly this.
 pub fn xds_identity(trust_domain: &str) -> SpiffeId {
-    SpiffeId::new(trust_domain, "bulwark-system", "bulwark-xds").expect("valid xDS identity")
+    SpiffeId::control_plane(trust_domain).expect("valid xDS identity")
 }
 
 /// Why the CA directory could not be used.

@@ -37,7 +37,7 @@ pub struct XdsOptions {
 
 /// The identity of the control plane's serving certificate.
 pub fn control_plane_identity(trust_domain: &str) -> SpiffeId {
-    SpiffeId::new(trust_domain, "bulwark-system", "bulwark-xds").expect("valid identity")
+    SpiffeId::control_plane(trust_domain).expect("valid identity")
 }
 
 /// What the sidecar holds: per type URL, name → (version, encoding).

@@ -832,6 +832,143 @@ fn children_peak_rss_kb() -> i64 {
     u.ru_maxrss
 }
 
+/// `bulwark xds serve` on loopback ports: (process, discovery, admin).
+fn loopback_control_plane(
+    work: &std::path::Path,
+    config: &std::path::Path,
+    ca: &std::path::Path,
+) -> (common::Proc, SocketAddr, SocketAddr) {
+    let free = || -> SocketAddr {
+        format!("127.0.0.1:{}", common::free_port())
+            .parse()
+            .unwrap()
+    };
+    let (addr, admin) = (free(), free());
+    let mut cp = common::spawn(
+        work,
+        "cp",
+        &[
+            "xds",
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--ca-dir",
+            ca.to_str().unwrap(),
+            "--listen",
+            &addr.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ],
+    );
+    common::wait_listening(addr, &mut cp);
+    common::wait_listening(admin, &mut cp);
+    (cp, addr, admin)
+}
+
+/// One pod's certificate cannot mint registrations: each would be an
+/// endpoint of its services, and enough of them would push a service's
+/// endpoint list past what the control plane can serve.
+#[test]
+fn one_pod_registers_a_bounded_number_of_node_ids_and_labels_are_bounded() {
+    use bulwark_proto::config::type_url;
+    use bulwark_proto::xds::v1::{DeltaDiscoveryRequest, Node};
+    let work = common::tempdir();
+    let (config, ca) = (work.path().join("config"), work.path().join("ca"));
+    std::fs::create_dir(&config).unwrap();
+    common::run_ok(&["ca", "init", "--dir", ca.to_str().unwrap()]);
+    std::fs::write(config.join("mesh.yaml"), mesh_yaml(TD)).unwrap();
+    let (_cp, addr, admin) = loopback_control_plane(work.path(), &config, &ca);
+    let api = bulwark_ca::SpiffeId::new(TD, "default", "api").unwrap();
+    let svid = common::local_svid(&ca, &api);
+    let bundle = std::fs::read_to_string(ca.join("bundle.pem")).unwrap();
+    let bundle = bulwark_ca::tls::TrustBundle::from_pem(&bundle).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // Opens a stream as node `id`, on a connection of its own as a
+        // sidecar would, and returns it once its first response arrives, or
+        // the status that ended it.
+        let open = |id: String, labels: Vec<(String, String)>| {
+            let (svid, bundle) = (&svid, bundle.clone());
+            let api = api.to_string();
+            async move {
+                let mut client = common::xds_client(addr, svid, bundle).await;
+                let (tx, rx) = tokio::sync::mpsc::channel(4);
+                tx.send(DeltaDiscoveryRequest {
+                    node: Some(Node {
+                        id,
+                        identity: api,
+                        address: "10.1.0.1".into(),
+                        ports: vec![8080],
+                        labels: labels.into_iter().collect(),
+                        namespace: "default".into(),
+                        unhealthy: false,
+                    }),
+                    type_url: type_url::MESH_CONFIG.into(),
+                    resource_names_subscribe: vec!["*".into()],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+                let answer = async {
+                    let mut stream = client
+                        .delta_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                        .await?
+                        .into_inner();
+                    let first = stream.message().await?;
+                    Ok::<_, tonic::Status>((stream, first))
+                };
+                let (stream, first) = tokio::time::timeout(Duration::from_secs(10), answer)
+                    .await
+                    .expect("an answer within 10 s")?;
+                assert!(first.is_some(), "the stream ended without a response");
+                Ok::<_, tonic::Status>((stream, tx))
+            }
+        };
+        let mut held = Vec::new();
+        for i in 0..16 {
+            let s = open(format!("api-{i}"), vec![]).await;
+            held.push(s.unwrap_or_else(|e| panic!("node api-{i}: {e:?}")));
+        }
+        let Err(refused) = open("api-16".into(), vec![]).await else {
+            panic!("a 17th node id is refused");
+        };
+        assert_eq!(
+            refused.code(),
+            tonic::Code::ResourceExhausted,
+            "{refused:?}"
+        );
+        assert!(refused.message().contains("at most 16"), "{refused:?}");
+        // A reconnect under a registered node id always gets back in.
+        held.push(
+            open("api-0".into(), vec![])
+                .await
+                .expect("reconnect of api-0"),
+        );
+        // Labels are bounded in total, not only each.
+        let labels = (0..20)
+            .map(|i| (format!("k{i}"), "v".repeat(250)))
+            .collect();
+        let Err(refused) = open("api-0".into(), labels).await else {
+            panic!("5 kB of labels are refused");
+        };
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().contains("at most 4096"), "{refused:?}");
+    });
+    let metrics = netns::http_get(admin, "/metrics").unwrap_or_default();
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "bulwark_xds_streams_refused_total",
+            &["reason=\"registration_limit\""]
+        ),
+        1.0,
+        "{metrics}"
+    );
+}
+
 /// A 100 MB file (sparse: nothing is written) and a document nested
 /// 100,000 `[` deep. Both are refused with a clear error by `xds validate`
 /// and by a running control plane, which keeps its last good snapshot; no
@@ -871,27 +1008,7 @@ fn oversized_and_deeply_nested_yaml_are_refused_and_the_last_good_config_kept() 
     assert!(peak < 100_000, "validate used {peak} kB");
 
     // Running: a good first load, then the two files arrive.
-    let port = common::free_port();
-    let admin: SocketAddr = format!("127.0.0.1:{}", common::free_port())
-        .parse()
-        .unwrap();
-    let mut cp = common::spawn(
-        work.path(),
-        "cp",
-        &[
-            "xds",
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-            "--ca-dir",
-            ca.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--admin-listen",
-            &admin.to_string(),
-        ],
-    );
-    common::wait_listening(admin, &mut cp);
+    let (mut cp, _, admin) = loopback_control_plane(work.path(), &config, &ca);
     let status = || -> serde_json::Value {
         let r = netns::http_get(admin, "/status").unwrap_or_default();
         serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap_or("null")).unwrap_or_default()

@@ -28,6 +28,10 @@ pub enum XdsCommand {
         /// How long a disconnected sidecar's endpoints stay registered.
         #[arg(long, default_value = "10s", value_parser = parse_duration_ms)]
         endpoint_grace: Duration,
+        /// Node ids one identity may register from one source address
+        /// (0: no limit, for a control plane that sees sidecars behind SNAT).
+        #[arg(long, default_value_t = bulwark_xds::registry::DEFAULT_NODES_PER_SOURCE)]
+        max_nodes_per_source: usize,
         /// Extra DNS names for the control plane's serving certificate.
         #[arg(long = "dns-name")]
         dns_names: Vec<String>,
@@ -57,6 +61,7 @@ pub fn run(cmd: XdsCommand) -> anyhow::Result<()> {
             listen,
             admin_listen,
             endpoint_grace,
+            max_nodes_per_source,
             dns_names,
             webhook_listen,
             inject,
@@ -67,6 +72,7 @@ pub fn run(cmd: XdsCommand) -> anyhow::Result<()> {
             opts.listen = listen;
             opts.admin_listen = Some(admin_listen);
             opts.endpoint_grace = endpoint_grace;
+            opts.max_nodes_per_source = max_nodes_per_source;
             opts.dns_names = dns_names;
             serve(opts)
         }

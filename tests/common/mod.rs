@@ -261,3 +261,68 @@ pub fn read_response(r: &mut impl std::io::BufRead) -> (String, Vec<u8>) {
     r.read_exact(&mut body).unwrap();
     (status, body)
 }
+
+/// An SVID for `id`, signed directly by the CA directory's intermediate
+/// (no CA server involved).
+pub fn local_svid(ca_dir: &Path, id: &bulwark_ca::SpiffeId) -> bulwark_ca::client::Svid {
+    use bulwark_ca::{authority, store};
+    let auth = authority::Authority::from_material(store::load(ca_dir).unwrap()).unwrap();
+    let bundle_pem = std::fs::read_to_string(ca_dir.join("bundle.pem")).unwrap();
+    let (key, csr) = bulwark_ca::client::new_csr(id).unwrap();
+    let issued = auth
+        .sign(
+            authority::check_csr(&csr).unwrap(),
+            id,
+            None,
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+    bulwark_ca::client::Svid::from_pem_parts(&key.serialize_pem(), &issued.chain_pem, &bundle_pem)
+        .unwrap()
+}
+
+/// A discovery client to the control plane at `addr`, over mTLS as `svid`,
+/// trusting `bundle` and only the control plane's identity.
+pub async fn xds_client(
+    addr: SocketAddr,
+    svid: &bulwark_ca::client::Svid,
+    bundle: bulwark_ca::tls::TrustBundle,
+) -> bulwark_proto::xds::v1::discovery_service_client::DiscoveryServiceClient<
+    tonic::transport::Channel,
+> {
+    use std::sync::Arc;
+    let ck = svid.certified_key().unwrap();
+    let verifier = bulwark_ca::tls::SpiffeServerVerifier::new(
+        Arc::new(arc_swap::ArcSwap::from_pointee(bundle)),
+        bulwark_ca::tls::ExpectedServer::AnyOf(vec![
+            bulwark_ca::SpiffeId::control_plane(svid.identity.trust_domain()).unwrap(),
+        ]),
+    );
+    let mut cfg = rustls::ClientConfig::builder_with_provider(bulwark_ca::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(bulwark_ca::tls::CurrentCert::new(ck)));
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let cfg = Arc::new(cfg);
+    let connector = tower::service_fn(move |_u: http::Uri| {
+        let cfg = cfg.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(
+                    rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+                    tcp,
+                )
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    let ch = tonic::transport::Endpoint::from_static("http://xds")
+        .connect_with_connector(connector)
+        .await
+        .unwrap();
+    bulwark_proto::xds::v1::discovery_service_client::DiscoveryServiceClient::new(ch)
+        .max_decoding_message_size(4 << 20)
+}

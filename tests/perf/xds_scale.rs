@@ -8,14 +8,12 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bulwark_ca::client::{Svid, new_csr};
-use bulwark_ca::tls::{ExpectedServer, SpiffeServerVerifier, TrustBundle};
-use bulwark_ca::{SpiffeId, authority, store};
+use bulwark_ca::SpiffeId;
+use bulwark_ca::client::Svid;
+use bulwark_ca::tls::TrustBundle;
 use bulwark_proto::config::type_url;
-use bulwark_proto::xds::v1::discovery_service_client::DiscoveryServiceClient;
 use bulwark_proto::xds::v1::{DeltaDiscoveryRequest, Node};
 use common::*;
 
@@ -24,46 +22,6 @@ const STREAMS: usize = 1000;
 /// CPU seconds and resident kB of process `pid`.
 fn proc_stat(pid: u32) -> (f64, u64) {
     (cpu_seconds(pid), rss_kb(pid))
-}
-
-async fn connect(
-    addr: SocketAddr,
-    svid: &Svid,
-    bundle: TrustBundle,
-) -> DiscoveryServiceClient<tonic::transport::Channel> {
-    let ck = svid.certified_key().unwrap();
-    let verifier = SpiffeServerVerifier::new(
-        Arc::new(arc_swap::ArcSwap::from_pointee(bundle)),
-        ExpectedServer::AnyOf(vec![
-            SpiffeId::new("cluster.local", "bulwark-system", "bulwark-xds").unwrap(),
-        ]),
-    );
-    let mut cfg = rustls::ClientConfig::builder_with_provider(bulwark_ca::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_cert_resolver(Arc::new(bulwark_ca::tls::CurrentCert::new(ck)));
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let cfg = Arc::new(cfg);
-    let connector = tower::service_fn(move |_u: http::Uri| {
-        let cfg = cfg.clone();
-        async move {
-            let tcp = tokio::net::TcpStream::connect(addr).await?;
-            let tls = tokio_rustls::TlsConnector::from(cfg)
-                .connect(
-                    rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-                    tcp,
-                )
-                .await?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-        }
-    });
-    let ch = tonic::transport::Endpoint::from_static("http://xds")
-        .connect_with_connector(connector)
-        .await
-        .unwrap();
-    DiscoveryServiceClient::new(ch).max_decoding_message_size(4 << 20)
 }
 
 #[test]
@@ -109,23 +67,13 @@ fn one_control_plane_with_a_thousand_sidecar_streams() {
     let rss_idle = proc_stat(pid).1;
 
     // Certificates for 1,000 workloads, signed locally by the CA's intermediate.
-    let auth = authority::Authority::from_material(store::load(&ca_dir).unwrap()).unwrap();
     let bundle_pem = std::fs::read_to_string(ca_dir.join("bundle.pem")).unwrap();
     let svids: Vec<Svid> = (0..STREAMS)
         .map(|i| {
             let id: SpiffeId = format!("spiffe://cluster.local/ns/default/sa/w{i}")
                 .parse()
                 .unwrap();
-            let (key, csr) = new_csr(&id).unwrap();
-            let issued = auth
-                .sign(
-                    authority::check_csr(&csr).unwrap(),
-                    &id,
-                    None,
-                    time::OffsetDateTime::now_utc(),
-                )
-                .unwrap();
-            Svid::from_pem_parts(&key.serialize_pem(), &issued.chain_pem, &bundle_pem).unwrap()
+            local_svid(&ca_dir, &id)
         })
         .collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -149,7 +97,7 @@ fn one_control_plane_with_a_thousand_sidecar_streams() {
         );
         rt.spawn(async move {
             let permit = gate.acquire_owned().await.unwrap();
-            let mut client = connect(addr, &svid, bundle).await;
+            let mut client = xds_client(addr, &svid, bundle).await;
             drop(permit);
             let (tx, rx) = tokio::sync::mpsc::channel(16);
             for (n, t) in type_url::ALL.iter().enumerate() {

@@ -53,6 +53,10 @@ pub struct XdsMetrics {
     pub config_rejections: Counter,
     /// `bulwark_xds_snapshots_total`: snapshots published.
     pub snapshots: Counter,
+    /// `bulwark_xds_resources_oversized{type}`: resources of the current
+    /// snapshot whose content is too large to serve (each stays at its last
+    /// good version).
+    pub resources_oversized: Family<TypeLabel, Gauge>,
     /// `bulwark_xds_streams_refused_total{reason}`.
     pub streams_refused: Family<ReasonLabel, Counter>,
     /// `bulwark_xds_tls_handshake_failures_total`.
@@ -76,6 +80,7 @@ impl Default for XdsMetrics {
         let config_rejections = Counter::default();
         let snapshots = Counter::default();
         let streams_refused = Family::<ReasonLabel, Counter>::default();
+        let resources_oversized = Family::<TypeLabel, Gauge>::default();
         let tls_handshake_failures = Counter::default();
         let webhook_connections = Family::<ResultLabel, Counter>::default();
         let mut registry = Registry::default();
@@ -115,6 +120,11 @@ impl Default for XdsMetrics {
             snapshots.clone(),
         );
         registry.register(
+            "bulwark_xds_resources_oversized",
+            "Resources too large to serve, kept at their last good version, by kind",
+            resources_oversized.clone(),
+        );
+        registry.register(
             "bulwark_xds_streams_refused",
             "Discovery streams refused, by reason",
             streams_refused.clone(),
@@ -138,6 +148,7 @@ impl Default for XdsMetrics {
             config_rejections,
             snapshots,
             streams_refused,
+            resources_oversized,
             tls_handshake_failures,
             webhook_connections,
             registry,

@@ -25,6 +25,12 @@ pub const MAX_PORTS: usize = 64;
 pub const MAX_LABELS: usize = 64;
 /// Longest label key or value, and node id.
 pub const MAX_LABEL_LEN: usize = 253;
+/// Most bytes of label keys and values a node may announce in all.
+pub const MAX_LABEL_BYTES: usize = 4096;
+/// Default for how many node ids one identity may keep registered from one
+/// source address. A pod runs one sidecar under one node id, so more is
+/// one client minting registrations, each an endpoint of its services.
+pub const DEFAULT_NODES_PER_SOURCE: usize = 16;
 
 /// Why a node announcement was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +51,20 @@ pub enum NodeError {
     TooManyLabels(usize),
     #[error("node label {0:?} is empty or longer than {MAX_LABEL_LEN} characters")]
     Label(String),
+    #[error("node labels total {0} bytes; at most {MAX_LABEL_BYTES} are accepted")]
+    LabelBytes(usize),
+}
+
+/// Why a registration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{identity} already registers {held} node ids from {address}; at most {limit} are accepted (a reconnect under a registered node id always is)"
+)]
+pub struct RegistryFull {
+    pub identity: String,
+    pub address: IpAddr,
+    pub held: usize,
+    pub limit: usize,
 }
 
 impl NodeError {
@@ -114,6 +134,10 @@ impl Workload {
         {
             return Err(NodeError::Label(k.clone()));
         }
+        let bytes: usize = node.labels.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if bytes > MAX_LABEL_BYTES {
+            return Err(NodeError::LabelBytes(bytes));
+        }
         let mut ports = node.ports.clone();
         ports.sort_unstable();
         ports.dedup();
@@ -182,6 +206,9 @@ type Key = (String, String);
 
 struct Entry {
     workload: Workload,
+    /// Where its latest stream came from (not part of the workload: it
+    /// changes nothing a sidecar is told).
+    source: IpAddr,
     streams: usize,
     /// Bumped on every connect and disconnect, so a withdrawal timer armed
     /// by an earlier disconnect does nothing after a reconnect.
@@ -191,6 +218,8 @@ struct Entry {
 /// See the module docs.
 pub struct Registry {
     grace: Duration,
+    /// Node ids one identity may register from one source address (0: any).
+    per_source: usize,
     entries: Mutex<BTreeMap<Key, Entry>>,
     revision: watch::Sender<u64>,
     this: Weak<Registry>,
@@ -207,8 +236,15 @@ impl std::fmt::Debug for Registry {
 impl Registry {
     /// A registry that withdraws a disconnected workload after `grace`.
     pub fn new(grace: Duration) -> Arc<Self> {
+        Self::with_limit(grace, DEFAULT_NODES_PER_SOURCE)
+    }
+
+    /// [`Registry::new`] with `per_source` node ids per identity and
+    /// source address (0: no limit, for a control plane behind SNAT).
+    pub fn with_limit(grace: Duration, per_source: usize) -> Arc<Self> {
         Arc::new_cyclic(|this| Self {
             grace,
+            per_source,
             entries: Mutex::new(BTreeMap::new()),
             revision: watch::Sender::new(0),
             this: this.clone(),
@@ -222,23 +258,47 @@ impl Registry {
 
     /// Registers a connected workload until the returned guard is dropped
     /// (the stream closed). A later announcement for the same node replaces
-    /// the earlier one.
-    pub fn connect(&self, workload: Workload) -> Registration {
+    /// the earlier one. A new node id is refused once its identity holds
+    /// the limit of them from `source` (disconnected ones within their
+    /// grace period count).
+    pub fn connect(
+        &self,
+        workload: Workload,
+        source: IpAddr,
+    ) -> Result<Registration, RegistryFull> {
         let key = (workload.identity.to_string(), workload.node_id.clone());
         let mut entries = lock(&self.entries);
         let changed = match entries.get_mut(&key) {
             Some(e) => {
                 e.streams += 1;
                 e.epoch += 1;
+                e.source = source;
                 let changed = e.workload != workload;
                 e.workload = workload;
                 changed
             }
             None => {
+                if self.per_source > 0 {
+                    // The identity's entries are adjacent in the ordered map.
+                    let held = entries
+                        .range((key.0.clone(), String::new())..)
+                        .take_while(|((id, _), _)| *id == key.0)
+                        .filter(|(_, e)| e.source == source)
+                        .count();
+                    if held >= self.per_source {
+                        return Err(RegistryFull {
+                            identity: key.0,
+                            address: source,
+                            held,
+                            limit: self.per_source,
+                        });
+                    }
+                }
                 entries.insert(
                     key.clone(),
                     Entry {
                         workload,
+                        source,
                         streams: 1,
                         epoch: 0,
                     },
@@ -250,10 +310,10 @@ impl Registry {
         if changed {
             self.bump();
         }
-        Registration {
+        Ok(Registration {
             registry: self.this.clone(),
             key,
-        }
+        })
     }
 
     /// Applies a health report from an established stream. Only the health
@@ -425,6 +485,12 @@ mod tests {
         Workload::from_node(&node(sa, addr, labels), &id(sa)).unwrap()
     }
 
+    /// Registers `w` from its own address.
+    fn join(r: &Registry, w: Workload) -> Registration {
+        let from = w.address;
+        r.connect(w, from).unwrap()
+    }
+
     fn addresses(r: &Registry, s: &pb::Service) -> Vec<String> {
         r.endpoints(std::slice::from_ref(s))
             .remove("shop/api")
@@ -464,9 +530,15 @@ mod tests {
     fn listed_identities_decide_and_labels_only_narrow_them() {
         let r = Registry::new(DEFAULT_GRACE);
         let api = "spiffe://cluster.local/ns/shop/sa/api";
-        let _v1 = r.connect(workload("api", "10.0.0.1", &[("app", "api"), ("v", "1")]));
+        let _v1 = join(
+            &r,
+            workload("api", "10.0.0.1", &[("app", "api"), ("v", "1")]),
+        );
         // Another identity copying the selector's labels.
-        let _web = r.connect(workload("web", "10.0.0.3", &[("app", "api"), ("v", "1")]));
+        let _web = join(
+            &r,
+            workload("web", "10.0.0.3", &[("app", "api"), ("v", "1")]),
+        );
         let both = service(&[("app", "api")], &[api]);
         assert_eq!(addresses(&r, &both), ["10.0.0.1"]);
         // A listed identity whose labels do not match is not selected.
@@ -482,9 +554,12 @@ mod tests {
     #[test]
     fn workloads_match_by_identity_or_by_every_selector_label() {
         let r = Registry::new(DEFAULT_GRACE);
-        let _a = r.connect(workload("api", "10.0.0.1", &[("app", "api"), ("v", "1")]));
-        let _b = r.connect(workload("other", "10.0.0.2", &[("app", "api")]));
-        let _c = r.connect(workload("web", "10.0.0.3", &[("app", "web")]));
+        let _a = join(
+            &r,
+            workload("api", "10.0.0.1", &[("app", "api"), ("v", "1")]),
+        );
+        let _b = join(&r, workload("other", "10.0.0.2", &[("app", "api")]));
+        let _c = join(&r, workload("web", "10.0.0.3", &[("app", "web")]));
         let by_selector = service(&[("app", "api"), ("v", "1")], &[]);
         assert_eq!(addresses(&r, &by_selector), ["10.0.0.1"]);
         let by_identity = service(&[], &["spiffe://cluster.local/ns/shop/sa/web"]);
@@ -499,7 +574,7 @@ mod tests {
         let r = Registry::new(Duration::from_secs(10));
         let s = service(&[("app", "api")], &[]);
         let mut changes = r.subscribe();
-        let reg = r.connect(workload("api", "10.0.0.1", &[("app", "api")]));
+        let reg = join(&r, workload("api", "10.0.0.1", &[("app", "api")]));
         assert!(changes.has_changed().unwrap());
         changes.mark_unchanged();
         drop(reg);
@@ -516,14 +591,75 @@ mod tests {
         let r = Registry::new(Duration::from_secs(10));
         let s = service(&[("app", "api")], &[]);
         let w = workload("api", "10.0.0.1", &[("app", "api")]);
-        drop(r.connect(w.clone()));
+        drop(join(&r, w.clone()));
         tokio::time::sleep(Duration::from_secs(5)).await;
         let changes = r.subscribe();
-        let _again = r.connect(w);
+        let _again = join(&r, w);
         // The same announcement: nothing to push.
         assert!(!changes.has_changed().unwrap());
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(addresses(&r, &s), ["10.0.0.1"]);
         assert_eq!(r.workloads()[0].streams, 1);
+    }
+
+    #[test]
+    fn one_identity_registers_a_bounded_number_of_node_ids_from_one_address() {
+        let r = Registry::with_limit(DEFAULT_GRACE, 3);
+        let from: IpAddr = "10.0.0.9".parse().unwrap();
+        let mut held = Vec::new();
+        for i in 0..3 {
+            let mut n = node("api", "10.0.0.1", &[]);
+            n.id = format!("api-{i}");
+            held.push(
+                r.connect(Workload::from_node(&n, &id("api")).unwrap(), from)
+                    .unwrap(),
+            );
+        }
+        let mut n = node("api", "10.0.0.1", &[]);
+        n.id = "api-3".into();
+        let w = Workload::from_node(&n, &id("api")).unwrap();
+        let err = r
+            .connect(w.clone(), from)
+            .err()
+            .expect("a fourth node id is refused");
+        assert_eq!((err.held, err.limit), (3, 3));
+        // From another address, or as another identity, or a reconnect of a
+        // registered node id: accepted.
+        let _elsewhere = r.connect(w, "10.0.0.10".parse().unwrap()).unwrap();
+        let mut n = node("web", "10.0.0.1", &[]);
+        n.id = "web-0".into();
+        let _web = r
+            .connect(Workload::from_node(&n, &id("web")).unwrap(), from)
+            .unwrap();
+        let mut n = node("api", "10.0.0.1", &[]);
+        n.id = "api-0".into();
+        let _again = r
+            .connect(Workload::from_node(&n, &id("api")).unwrap(), from)
+            .unwrap();
+        // 0 turns the limit off.
+        let open = Registry::with_limit(DEFAULT_GRACE, 0);
+        let _many: Vec<_> = (0..50)
+            .map(|i| {
+                let mut n = node("api", "10.0.0.1", &[]);
+                n.id = format!("api-{i}");
+                open.connect(Workload::from_node(&n, &id("api")).unwrap(), from)
+                    .unwrap()
+            })
+            .collect();
+    }
+
+    #[test]
+    fn labels_are_limited_in_total_bytes() {
+        let labels: Vec<(String, String)> = (0..20)
+            .map(|i| (format!("k{i:02}"), "v".repeat(250)))
+            .collect();
+        let refs: Vec<(&str, &str)> = labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let err = Workload::from_node(&node("api", "10.0.0.1", &refs), &id("api")).unwrap_err();
+        assert_eq!(err, NodeError::LabelBytes(20 * 253));
+        assert!(!err.is_permission());
+        assert!(Workload::from_node(&node("api", "10.0.0.1", &refs[..16]), &id("api")).is_ok());
     }
 }

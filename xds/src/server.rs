@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,6 +23,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bulwark_ca::SpiffeId;
+use bulwark_proto::config::type_url;
 use bulwark_proto::xds::v1::discovery_service_server::{DiscoveryService, DiscoveryServiceServer};
 use bulwark_proto::xds::v1::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use prometheus_client::metrics::gauge::Gauge;
@@ -82,6 +83,8 @@ pub struct ServeOptions {
     pub admin_listen: Option<SocketAddr>,
     /// How long a disconnected sidecar's endpoints stay.
     pub endpoint_grace: Duration,
+    /// Node ids one identity may register from one source address (0: any).
+    pub max_nodes_per_source: usize,
     /// Extra DNS names for the serving certificate.
     pub dns_names: Vec<String>,
     /// Open discovery connections at most; more are closed on accept.
@@ -108,6 +111,7 @@ impl ServeOptions {
             listen: SocketAddr::from(([0, 0, 0, 0], 15010)),
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 15011))),
             endpoint_grace: crate::registry::DEFAULT_GRACE,
+            max_nodes_per_source: crate::registry::DEFAULT_NODES_PER_SOURCE,
             dns_names: Vec::new(),
             max_connections: 10_000,
             config_poll: crate::watch::DEFAULT_POLL,
@@ -157,7 +161,19 @@ impl Shared {
     fn publish(&self) {
         let config = self.config.current();
         let endpoints = self.registry.endpoints(&config.services);
-        let snap = Snapshot::build(&config, &endpoints, &self.credentials.roots_pem());
+        let previous = self.snapshots.borrow().clone();
+        let snap = Snapshot::build_after(
+            Some(&previous),
+            &config,
+            &endpoints,
+            &self.credentials.roots_pem(),
+        );
+        for t in type_url::ALL {
+            self.metrics
+                .resources_oversized
+                .get_or_create(&TypeLabel::of(t))
+                .set(snap.oversized(t) as i64);
+        }
         if snap.system_version() == self.snapshots.borrow().system_version() {
             tracing::debug!(
                 version = snap.system_version(),
@@ -245,7 +261,7 @@ impl ControlPlane {
         let mut opts = opts;
         opts.inject.trust_domain = credentials.trust_domain().to_string();
         let config = Arc::new(config);
-        let registry = Registry::new(opts.endpoint_grace);
+        let registry = Registry::with_limit(opts.endpoint_grace, opts.max_nodes_per_source);
         let first = Snapshot::build(
             &config.current(),
             &registry.endpoints(&config.current().services),
@@ -579,6 +595,9 @@ impl DiscoveryService for Discovery {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaStreamStream>, Status> {
         let peer = peer_identity(&request).map_err(|s| self.refuse("no_identity", s))?;
+        let source = request
+            .remote_addr()
+            .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip().to_canonical());
         let mut inbound = request.into_inner();
         let first = match tokio::time::timeout(FIRST_REQUEST_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(r))) => r,
@@ -618,7 +637,16 @@ impl DiscoveryService for Discovery {
             address = %workload.address,
         );
         // Only now that the node checks out does it count as a workload.
-        let registration = self.0.registry.connect(workload.clone());
+        let registration = self
+            .0
+            .registry
+            .connect(workload.clone(), source)
+            .map_err(|e| {
+                self.refuse(
+                    "registration_limit",
+                    Status::resource_exhausted(e.to_string()),
+                )
+            })?;
         let health_key = (workload.identity.to_string(), workload.node_id.clone());
         // A reconnecting sidecar's endpoints are trusted as long as a
         // departed sidecar's are kept: the endpoint grace period.

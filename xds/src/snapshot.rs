@@ -17,9 +17,10 @@ use bulwark_proto::config::{Resources, type_url};
 
 use crate::canonical::{self, Schema};
 
-/// Resources whose encoding is larger than this are left out of the
-/// snapshot (with an error in the log): every response must fit in the
-/// discovery stream's 4 MiB message limit, with room for the envelope.
+/// Resources whose encoding is larger than this are not served as they are
+/// (an error in the log): every response must fit in the discovery
+/// stream's 4 MiB message limit, with room for the envelope. Such a
+/// resource stays at its last good version, if it had one.
 pub const MAX_RESOURCE_BYTES: usize = 3 * 1024 * 1024;
 
 /// Name of the MeshConfig resource.
@@ -52,6 +53,16 @@ pub struct Snapshot {
     /// Indexed like [`type_url::ALL`]. Shared: a stream holding exactly a
     /// type's resources refers to them rather than keeping its own map.
     types: [Arc<TypeResources>; type_url::ALL.len()],
+    /// Resources whose new content was too large, by type URL index.
+    oversized: [usize; type_url::ALL.len()],
+}
+
+impl Snapshot {
+    /// How many resources of `type_url` had content too large to serve
+    /// (each at its last good version, or left out if it had none).
+    pub fn oversized(&self, type_url: &str) -> usize {
+        type_index(type_url).map_or(0, |i| self.oversized[i])
+    }
 }
 
 /// The content version of an encoded resource: the first 16 hex digits of
@@ -81,7 +92,23 @@ impl Snapshot {
     /// endpoints of the same service. `roots_pem` holds one PEM certificate
     /// per trusted root; empty means no TrustBundle resource.
     pub fn build(config: &Resources, endpoints: &RegistryEndpoints, roots_pem: &[String]) -> Self {
-        let mut b = Builder::default();
+        Self::build_after(None, config, endpoints, roots_pem)
+    }
+
+    /// [`Snapshot::build`], after `previous` (the snapshot being served):
+    /// a resource whose new content is too large to serve keeps its version
+    /// there, so sidecars keep it rather than being told to remove it.
+    pub fn build_after(
+        previous: Option<&Snapshot>,
+        config: &Resources,
+        endpoints: &RegistryEndpoints,
+        roots_pem: &[String],
+    ) -> Self {
+        let mut b = Builder {
+            previous,
+            types: Default::default(),
+            oversized: [0; type_url::ALL.len()],
+        };
         if !roots_pem.is_empty() {
             let bundle = pb::TrustBundle {
                 roots_pem: roots_pem.to_vec(),
@@ -245,12 +272,13 @@ fn merge_endpoints(
     merged
 }
 
-#[derive(Default)]
-struct Builder {
+struct Builder<'a> {
+    previous: Option<&'a Snapshot>,
     types: [TypeResources; type_url::ALL.len()],
+    oversized: [usize; type_url::ALL.len()],
 }
 
-impl Builder {
+impl Builder<'_> {
     fn add<M: prost::Message>(&mut self, type_url: &str, name: &str, msg: &M, schema: Schema) {
         let i = type_index(type_url).expect("a type of type_url::ALL");
         if self.types[i].contains_key(name) {
@@ -261,13 +289,22 @@ impl Builder {
         }
         let encoded = canonical::encode(msg, schema);
         if encoded.len() > MAX_RESOURCE_BYTES {
+            self.oversized[i] += 1;
+            let kept = self
+                .previous
+                .and_then(|p| p.types[i].get_key_value(name))
+                .map(|(n, r)| (n.clone(), r.clone()));
             tracing::error!(
                 type_url,
                 name,
                 bytes = encoded.len(),
                 limit = MAX_RESOURCE_BYTES,
-                "resource is too large to serve; leaving it out"
+                kept_version = kept.as_ref().map(|(_, r)| &*r.version),
+                "resource is too large to serve; its last good version stays"
             );
+            if let Some((name, r)) = kept {
+                self.types[i].insert(name, r);
+            }
             return;
         }
         let version = resource_version(&encoded).into();
@@ -295,6 +332,7 @@ impl Builder {
             created: Instant::now(),
             created_at: SystemTime::now(),
             types: self.types.map(Arc::new),
+            oversized: self.oversized,
         }
     }
 }
@@ -407,6 +445,47 @@ spec:
             .map(|e| e.address.as_str())
             .collect();
         assert_eq!(addrs, ["192.0.2.10", "10.0.0.9"]);
+    }
+
+    #[test]
+    fn a_resource_grown_too_large_stays_at_its_last_good_version() {
+        let eps = |n: usize| {
+            RegistryEndpoints::from([(
+                "shop/api".into(),
+                (0..n)
+                    .map(|i| {
+                        let mut e =
+                            endpoint(&format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255));
+                        e.labels.insert("pad".into(), "x".repeat(250));
+                        e
+                    })
+                    .collect(),
+            )])
+        };
+        let good = Snapshot::build(&config(), &eps(10), &[]);
+        let kept = &good.resources(type_url::SERVICE_ENDPOINTS).unwrap()["shop/api"];
+        assert_eq!(good.oversized(type_url::SERVICE_ENDPOINTS), 0);
+        // About 4 MiB of endpoints: too large to serve.
+        let big = eps(14_000);
+        let after = Snapshot::build_after(Some(&good), &config(), &big, &[]);
+        let r = &after.resources(type_url::SERVICE_ENDPOINTS).unwrap()["shop/api"];
+        assert!(Arc::ptr_eq(r, kept), "the last good version is served");
+        assert_eq!(after.oversized(type_url::SERVICE_ENDPOINTS), 1);
+        assert_eq!(after.system_version(), good.system_version());
+        // With no earlier version there is nothing to keep.
+        let fresh = Snapshot::build(&config(), &big, &[]);
+        assert!(
+            !fresh
+                .resources(type_url::SERVICE_ENDPOINTS)
+                .unwrap()
+                .contains_key("shop/api")
+        );
+        assert_eq!(fresh.oversized(type_url::SERVICE_ENDPOINTS), 1);
+        // Back under the limit, the new content is served.
+        let smaller = Snapshot::build_after(Some(&after), &config(), &eps(11), &[]);
+        let r = &smaller.resources(type_url::SERVICE_ENDPOINTS).unwrap()["shop/api"];
+        assert_ne!(r.version, kept.version);
+        assert_eq!(smaller.oversized(type_url::SERVICE_ENDPOINTS), 0);
     }
 
     #[test]

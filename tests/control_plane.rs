@@ -865,23 +865,71 @@ fn loopback_control_plane(
     (cp, addr, admin)
 }
 
+/// A control plane on loopback over a fresh CA and a MeshConfig alone.
+struct Discovery {
+    _work: tempfile::TempDir,
+    _cp: common::Proc,
+    ca: std::path::PathBuf,
+    addr: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Discovery {
+    fn start() -> Self {
+        let work = common::tempdir();
+        let (config, ca) = (work.path().join("config"), work.path().join("ca"));
+        std::fs::create_dir(&config).unwrap();
+        common::run_ok(&["ca", "init", "--dir", ca.to_str().unwrap()]);
+        std::fs::write(config.join("mesh.yaml"), mesh_yaml(TD)).unwrap();
+        let (cp, addr, admin) = loopback_control_plane(work.path(), &config, &ca);
+        Self {
+            _work: work,
+            _cp: cp,
+            ca,
+            addr,
+            admin,
+        }
+    }
+
+    fn bundle(&self) -> bulwark_ca::tls::TrustBundle {
+        let pem = std::fs::read_to_string(self.ca.join("bundle.pem")).unwrap();
+        bulwark_ca::tls::TrustBundle::from_pem(&pem).unwrap()
+    }
+}
+
+/// A stream's first request: node `id` of `identity` with `labels`,
+/// subscribing to the MeshConfig.
+fn node_request(
+    id: &str,
+    identity: &str,
+    labels: Vec<(String, String)>,
+) -> bulwark_proto::xds::v1::DeltaDiscoveryRequest {
+    bulwark_proto::xds::v1::DeltaDiscoveryRequest {
+        node: Some(bulwark_proto::xds::v1::Node {
+            id: id.into(),
+            identity: identity.into(),
+            address: "10.1.0.1".into(),
+            ports: vec![8080],
+            labels: labels.into_iter().collect(),
+            namespace: "default".into(),
+            unhealthy: false,
+        }),
+        type_url: bulwark_proto::config::type_url::MESH_CONFIG.into(),
+        resource_names_subscribe: vec!["*".into()],
+        ..Default::default()
+    }
+}
+
 /// One pod's certificate cannot mint registrations: each would be an
 /// endpoint of its services, and enough of them would push a service's
 /// endpoint list past what the control plane can serve.
 #[test]
 fn one_pod_registers_a_bounded_number_of_node_ids_and_labels_are_bounded() {
-    use bulwark_proto::config::type_url;
-    use bulwark_proto::xds::v1::{DeltaDiscoveryRequest, Node};
-    let work = common::tempdir();
-    let (config, ca) = (work.path().join("config"), work.path().join("ca"));
-    std::fs::create_dir(&config).unwrap();
-    common::run_ok(&["ca", "init", "--dir", ca.to_str().unwrap()]);
-    std::fs::write(config.join("mesh.yaml"), mesh_yaml(TD)).unwrap();
-    let (_cp, addr, admin) = loopback_control_plane(work.path(), &config, &ca);
+    let cp = Discovery::start();
+    let (addr, admin) = (cp.addr, cp.admin);
     let api = bulwark_ca::SpiffeId::new(TD, "default", "api").unwrap();
-    let svid = common::local_svid(&ca, &api);
-    let bundle = std::fs::read_to_string(ca.join("bundle.pem")).unwrap();
-    let bundle = bulwark_ca::tls::TrustBundle::from_pem(&bundle).unwrap();
+    let svid = common::local_svid(&cp.ca, &api);
+    let bundle = cp.bundle();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -896,22 +944,7 @@ fn one_pod_registers_a_bounded_number_of_node_ids_and_labels_are_bounded() {
             async move {
                 let mut client = common::xds_client(addr, svid, bundle).await;
                 let (tx, rx) = tokio::sync::mpsc::channel(4);
-                tx.send(DeltaDiscoveryRequest {
-                    node: Some(Node {
-                        id,
-                        identity: api,
-                        address: "10.1.0.1".into(),
-                        ports: vec![8080],
-                        labels: labels.into_iter().collect(),
-                        namespace: "default".into(),
-                        unhealthy: false,
-                    }),
-                    type_url: type_url::MESH_CONFIG.into(),
-                    resource_names_subscribe: vec!["*".into()],
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+                tx.send(node_request(&id, &api, labels)).await.unwrap();
                 let answer = async {
                     let mut stream = client
                         .delta_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -966,6 +999,59 @@ fn one_pod_registers_a_bounded_number_of_node_ids_and_labels_are_bounded() {
         ),
         1.0,
         "{metrics}"
+    );
+}
+
+/// A discovery stream lives no longer than the client certificate it was
+/// opened with: the sidecar reconnects with its renewed one.
+#[test]
+fn a_discovery_stream_ends_when_its_client_certificate_expires() {
+    let cp = Discovery::start();
+    let api = bulwark_ca::SpiffeId::new(TD, "default", "api").unwrap();
+    let left = Duration::from_secs(3);
+    let svid = common::local_svid_expiring(&cp.ca, &api, Some(left));
+    let issued = Instant::now();
+    let bundle = cp.bundle();
+    let addr = cp.addr;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (first, end) = rt.block_on(async {
+        let mut client = common::xds_client(addr, &svid, bundle).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let first = node_request("api-0", api.as_str(), vec![]);
+        tx.send(first).await.unwrap();
+        let mut stream = client
+            .delta_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.message().await;
+        let end = tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => continue,
+                    other => break other,
+                }
+            }
+        })
+        .await;
+        (first, end)
+    });
+    assert!(matches!(first, Ok(Some(_))), "{first:?}");
+    let end = end.expect("the stream outlived its client certificate by 12 s");
+    let status = end.expect_err("the stream ends with a status");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("certificate expired"),
+        "{status:?}"
+    );
+    // notAfter is in whole seconds: up to one early.
+    let after = issued.elapsed();
+    assert!(
+        after >= left - Duration::from_millis(1500) && after <= left + Duration::from_secs(2),
+        "ended {after:?} after issue, the certificate had {left:?}"
     );
 }
 

@@ -480,6 +480,76 @@ fn non_mesh_foreign_expired_wrong_identity_and_unauthorized_peers_are_refused_an
 }
 
 /// A leaf for `identity` signed by the mesh CA's intermediate, already expired.
+/// TLS checks a certificate once, at the handshake, and mesh connections
+/// are long-lived: a peer's pooled connection must not go on being served
+/// after the certificate it was opened with has expired.
+#[test]
+fn a_peer_connection_ends_when_the_certificate_of_its_handshake_expires() {
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    let api = mesh.add_pod("api");
+    let _outsider = mesh.add_pod("outsider");
+    mesh.write_config(&http_api_config(&api, ""));
+    mesh.start_sidecar("api", "api", &[]);
+    mesh.wait_ready("api");
+    // A valid `web` SVID with 8 s left, used like a peer sidecar's pool:
+    // HTTP/2 over mTLS with the mesh's ALPN, straight to api's pod.
+    let left = Duration::from_secs(8);
+    let web: bulwark_ca::SpiffeId = spiffe("web").parse().unwrap();
+    let svid = common::local_svid_expiring(&mesh.ca_dir, &web, Some(left));
+    let issued = Instant::now();
+    let bundle = std::fs::read_to_string(mesh.ca_dir.join("bundle.pem")).unwrap();
+    let bundle = bulwark_ca::tls::TrustBundle::from_pem(&bundle).unwrap();
+    let cfg =
+        common::mesh_client_config(&svid, bundle, spiffe("api").parse().unwrap(), b"bulwark/h2");
+    let target: SocketAddr = format!("{}:8080", api.ip).parse().unwrap();
+    let ns = format!("/run/netns/{}", mesh.pod("outsider").pod.ns);
+    let (first, ended) = std::thread::spawn(move || {
+        netns::enter(&ns);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let tls = common::mesh_connect(target, cfg).await.unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .handshake::<_, String>(hyper_util::rt::TokioIo::new(tls))
+                    .await
+                    .unwrap();
+            let conn = tokio::spawn(conn);
+            let req = http::Request::get(format!("http://{target}/"))
+                .body(String::new())
+                .unwrap();
+            let first = sender
+                .send_request(req)
+                .await
+                .map(|r| r.status().as_u16())
+                .map_err(|e| e.to_string());
+            // The server ends the connection by itself, or the deadline
+            // says it did not.
+            let ended = tokio::time::timeout(Duration::from_secs(20), conn).await;
+            (first, ended.is_ok().then(Instant::now))
+        })
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        first,
+        Ok(200),
+        "the connection serves while the certificate is valid"
+    );
+    let ended = ended
+        .expect("the connection outlived its certificate by 12 s")
+        .duration_since(issued);
+    // GOAWAY 5 s before the expiry, the connection closed at it at the latest.
+    assert!(
+        ended >= left - Duration::from_secs(6) && ended <= left + Duration::from_secs(2),
+        "ended {ended:?} after issue, the certificate had {left:?}"
+    );
+}
+
 fn expired_svid(mesh: &Mesh, identity: &str) -> (String, String) {
     use bulwark_ca::{authority, client::new_csr, store};
     let id: bulwark_ca::SpiffeId = identity.parse().unwrap();

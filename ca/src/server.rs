@@ -137,12 +137,7 @@ impl VerifiedChains {
 
     fn put(&self, key: [u8; 32], id: SpiffeId, certs: &[CertificateDer<'_>]) {
         // The chain is valid until its first certificate expires.
-        let not_after = certs
-            .iter()
-            .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
-            .map(|(_, c)| c.validity().not_after.timestamp())
-            .min()
-            .and_then(|t| u64::try_from(t).ok());
+        let not_after = crate::tls::chain_not_after(certs).and_then(|t| u64::try_from(t).ok());
         let Some(not_after) = not_after else { return };
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= Self::MAX {

@@ -189,6 +189,16 @@ pub fn fingerprint(der: &[u8]) -> String {
         .collect()
 }
 
+/// When a connection authenticated by `chain` stops being so: the earliest
+/// notAfter of its certificates, in Unix seconds (`None` if none parses).
+pub fn chain_not_after(chain: &[CertificateDer<'_>]) -> Option<i64> {
+    chain
+        .iter()
+        .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
+        .map(|(_, c)| c.validity().not_after.timestamp())
+        .min()
+}
+
 /// Extracts the one SPIFFE ID from a certificate's URI SANs.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, VerifyError> {
     use x509_parser::extensions::GeneralName;

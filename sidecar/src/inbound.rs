@@ -210,10 +210,16 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
             return;
         }
     };
+    // The peer is authenticated until its certificates expire, and not a
+    // moment longer: the connection ends then.
+    let Some(expires) = crate::tls::peer_expiry(tls.get_ref().1) else {
+        m.refused("inbound", "no_identity");
+        return;
+    };
     if tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_MESH_H2) {
         // Pooled HTTP/2 from a peer sidecar: authorized per request.
         count(&proxy, &src_id.to_string(), "inbound");
-        return crate::http::inbound::serve(proxy.clone(), tls, src_id, dst).await;
+        return crate::http::inbound::serve(proxy.clone(), tls, src_id, dst, expires).await;
     }
     match snap.authorize_l4(dst.port(), Some(&src_id)) {
         Ok(policy) => proxy.audit(
@@ -245,15 +251,20 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
     // client could otherwise write into the bytes itself.
     let proto = snap.local_proto(dst.port());
     let caller = Some(src_id.clone());
-    let Some((mut tls, head, early)) = serve_if_http(&proxy, proto, tls, caller, dst).await else {
-        return;
-    };
-    let Some(up) = app_with(&proxy, app, &mut tls, head, early).await else {
-        return;
-    };
     let src = src_id.to_string();
-    count(&proxy, &src, "inbound");
-    let (bytes_sent, bytes_received) = crate::relay::relay(m, "inbound", tls, up).await;
+    let tunnel = async {
+        let (mut tls, head, early) = serve_if_http(&proxy, proto, tls, caller, dst).await?;
+        let up = app_with(&proxy, app, &mut tls, head, early).await?;
+        count(&proxy, &src, "inbound");
+        Some(crate::relay::relay(m, "inbound", tls, up).await)
+    };
+    let Ok(relayed) = tokio::time::timeout_at(expires, tunnel).await else {
+        tracing::info!(%peer, %dst, src_identity = %src, "mTLS connection closed: the peer's certificate expired");
+        return;
+    };
+    let Some((bytes_sent, bytes_received)) = relayed else {
+        return;
+    };
     tracing::info!(target: "bulwark::access", bytes_sent, bytes_received, direction = "inbound", src = %peer, dst = %dst,
         src_identity = %src, dst_identity = %proxy.identity.identity(), mtls = true,
         duration_ms = started.elapsed().as_millis() as u64, "connection closed");

@@ -78,6 +78,38 @@ pub fn server_config(identity: &CertManager) -> Arc<rustls::ServerConfig> {
 /// ALPN for pooled, multiplexed HTTP/2 between sidecars.
 pub const ALPN_MESH_H2: &[u8] = b"bulwark/h2";
 
+/// A mesh connection lives no longer than the certificates of its
+/// handshake: TLS 1.3 without resumption checks them once, so an expired
+/// SVID would otherwise go on being honoured for as long as the connection
+/// lasts. The client stops giving a connection new requests this long
+/// before the first of them expires...
+pub const REUSE_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
+/// ... the server sends GOAWAY this long before (so requests in flight
+/// finish), and at the expiry itself the connection is closed.
+pub const GOAWAY_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// When the certificates a finished handshake's peer presented expire, on
+/// the runtime's clock; `None` if none can be read.
+pub fn peer_expiry(conn: &rustls::CommonState) -> Option<tokio::time::Instant> {
+    let not_after = bulwark_ca::tls::chain_not_after(conn.peer_certificates()?)?;
+    Some(deadline_at(not_after))
+}
+
+/// Unix time `not_after` as a deadline on the runtime's clock (now, if past).
+pub fn deadline_at(not_after: i64) -> tokio::time::Instant {
+    let at = std::time::UNIX_EPOCH
+        + std::time::Duration::from_secs(u64::try_from(not_after).unwrap_or(0));
+    let left = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::Instant::now() + left
+}
+
+/// `deadline` less `margin` (a past instant is simply due).
+pub fn before(deadline: tokio::time::Instant, margin: std::time::Duration) -> tokio::time::Instant {
+    deadline.checked_sub(margin).unwrap_or(deadline)
+}
+
 /// How much of a sidecar-to-sidecar TLS connection is read per system call:
 /// two full TLS records. rustls asks for 4 KiB at a time; unbuffered, each
 /// 16 KiB record of a bulk transfer would cost four reads.

@@ -265,20 +265,71 @@ pub fn read_response(r: &mut impl std::io::BufRead) -> (String, Vec<u8>) {
 /// An SVID for `id`, signed directly by the CA directory's intermediate
 /// (no CA server involved).
 pub fn local_svid(ca_dir: &Path, id: &bulwark_ca::SpiffeId) -> bulwark_ca::client::Svid {
+    local_svid_expiring(ca_dir, id, None)
+}
+
+/// [`local_svid`], expiring `left` from now if given (from a 60-second
+/// certificate signed as if earlier), else at the CA's default lifetime.
+pub fn local_svid_expiring(
+    ca_dir: &Path,
+    id: &bulwark_ca::SpiffeId,
+    left: Option<Duration>,
+) -> bulwark_ca::client::Svid {
     use bulwark_ca::{authority, store};
     let auth = authority::Authority::from_material(store::load(ca_dir).unwrap()).unwrap();
     let bundle_pem = std::fs::read_to_string(ca_dir.join("bundle.pem")).unwrap();
     let (key, csr) = bulwark_ca::client::new_csr(id).unwrap();
+    let minute = Duration::from_secs(60);
+    let (ttl, at) = match left {
+        Some(left) => (
+            Some(minute),
+            time::OffsetDateTime::now_utc() - (minute - left),
+        ),
+        None => (None, time::OffsetDateTime::now_utc()),
+    };
     let issued = auth
-        .sign(
-            authority::check_csr(&csr).unwrap(),
-            id,
-            None,
-            time::OffsetDateTime::now_utc(),
-        )
+        .sign(authority::check_csr(&csr).unwrap(), id, ttl, at)
         .unwrap();
     bulwark_ca::client::Svid::from_pem_parts(&key.serialize_pem(), &issued.chain_pem, &bundle_pem)
         .unwrap()
+}
+
+/// A client TLS config presenting `svid`, trusting `bundle`, that accepts
+/// only a server with the identity `server`, offering `alpn`.
+pub fn mesh_client_config(
+    svid: &bulwark_ca::client::Svid,
+    bundle: bulwark_ca::tls::TrustBundle,
+    server: bulwark_ca::SpiffeId,
+    alpn: &[u8],
+) -> std::sync::Arc<rustls::ClientConfig> {
+    use std::sync::Arc;
+    let ck = svid.certified_key().unwrap();
+    let verifier = bulwark_ca::tls::SpiffeServerVerifier::new(
+        Arc::new(arc_swap::ArcSwap::from_pointee(bundle)),
+        bulwark_ca::tls::ExpectedServer::AnyOf(vec![server]),
+    );
+    let mut cfg = rustls::ClientConfig::builder_with_provider(bulwark_ca::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(bulwark_ca::tls::CurrentCert::new(ck)));
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Arc::new(cfg)
+}
+
+/// mTLS to `addr` with `cfg` (the server name is not what is verified).
+pub async fn mesh_connect(
+    addr: SocketAddr,
+    cfg: std::sync::Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
 }
 
 /// A discovery client to the control plane at `addr`, over mTLS as `svid`,
@@ -290,33 +341,12 @@ pub async fn xds_client(
 ) -> bulwark_proto::xds::v1::discovery_service_client::DiscoveryServiceClient<
     tonic::transport::Channel,
 > {
-    use std::sync::Arc;
-    let ck = svid.certified_key().unwrap();
-    let verifier = bulwark_ca::tls::SpiffeServerVerifier::new(
-        Arc::new(arc_swap::ArcSwap::from_pointee(bundle)),
-        bulwark_ca::tls::ExpectedServer::AnyOf(vec![
-            bulwark_ca::SpiffeId::control_plane(svid.identity.trust_domain()).unwrap(),
-        ]),
-    );
-    let mut cfg = rustls::ClientConfig::builder_with_provider(bulwark_ca::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_cert_resolver(Arc::new(bulwark_ca::tls::CurrentCert::new(ck)));
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let cfg = Arc::new(cfg);
+    let server = bulwark_ca::SpiffeId::control_plane(svid.identity.trust_domain()).unwrap();
+    let cfg = mesh_client_config(svid, bundle, server, b"h2");
     let connector = tower::service_fn(move |_u: http::Uri| {
         let cfg = cfg.clone();
         async move {
-            let tcp = tokio::net::TcpStream::connect(addr).await?;
-            let tls = tokio_rustls::TlsConnector::from(cfg)
-                .connect(
-                    rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-                    tcp,
-                )
-                .await?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(mesh_connect(addr, cfg).await?))
         }
     });
     let ch = tonic::transport::Endpoint::from_static("http://xds")

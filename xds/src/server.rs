@@ -594,7 +594,18 @@ impl DiscoveryService for Discovery {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaStreamStream>, Status> {
-        let peer = peer_identity(&request).map_err(|s| self.refuse("no_identity", s))?;
+        let (peer, not_after) =
+            peer_identity(&request).map_err(|s| self.refuse("no_identity", s))?;
+        // TLS checked the certificate once, at the handshake: a stream
+        // opened later on the same connection, or one that outlives it, is
+        // checked here.
+        let expires = instant_at(not_after);
+        if expires <= tokio::time::Instant::now() {
+            return Err(self.refuse(
+                "cert_expired",
+                Status::unauthenticated("client certificate has expired"),
+            ));
+        }
         let source = request
             .remote_addr()
             .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip().to_canonical());
@@ -657,7 +668,7 @@ impl DiscoveryService for Discovery {
             async move {
                 let _registration = registration;
                 let _slot = slot;
-                run_stream(shared, on_board, first, inbound, tx, health_key).await;
+                run_stream(shared, on_board, first, inbound, tx, health_key, expires).await;
             }
             .instrument(span),
         );
@@ -667,14 +678,26 @@ impl DiscoveryService for Discovery {
     }
 }
 
-/// The SPIFFE ID of the client certificate (verified during the handshake).
-fn peer_identity<T>(request: &Request<T>) -> Result<SpiffeId, Status> {
+/// The SPIFFE ID of the client certificate (verified during the handshake),
+/// and when its chain expires (Unix seconds).
+fn peer_identity<T>(request: &Request<T>) -> Result<(SpiffeId, i64), Status> {
     let certs = request
         .peer_certs()
         .filter(|c| !c.is_empty())
         .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-    bulwark_ca::tls::spiffe_id_of(&certs[0])
-        .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))
+    let id = bulwark_ca::tls::spiffe_id_of(&certs[0])
+        .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
+    let not_after = bulwark_ca::tls::chain_not_after(&certs)
+        .ok_or_else(|| Status::unauthenticated("client certificate: no readable expiry"))?;
+    Ok((id, not_after))
+}
+
+/// Unix time `t` on the runtime's clock (now, if past).
+fn instant_at(t: i64) -> tokio::time::Instant {
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0));
+    tokio::time::Instant::now()
+        + at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
 }
 
 /// Keeps `bulwark_xds_connected_sidecars` counting this stream.
@@ -781,12 +804,15 @@ async fn run_stream(
     mut inbound: Streaming<DeltaDiscoveryRequest>,
     tx: Tx,
     health_key: (String, String),
+    expires: tokio::time::Instant,
 ) {
     let _counted = CountedIn::new(&shared.metrics.connected_sidecars);
     tracing::info!("sidecar connected");
     let mut snapshots = shared.snapshots.subscribe();
     let mut stop = shared.stop.subscribe();
     let mut outbox = Outbox::default();
+    let expiry = tokio::time::sleep_until(expires);
+    tokio::pin!(expiry);
     let ended: Result<(), Status> = async {
         outbox.queue(on_request(&shared, &on_board, &first, &snapshots)?, None);
         loop {
@@ -796,6 +822,13 @@ async fn run_stream(
             let hold = lock(&on_board.state).next_deadline();
             tokio::select! {
                 _ = stop.changed() => {}
+                () = &mut expiry => {
+                    // The sidecar reconnects at once with its renewed
+                    // certificate, keeping its config meanwhile.
+                    return Err(Status::unavailable(
+                        "client certificate expired; reconnect with the renewed certificate",
+                    ));
+                }
                 permit = tx.reserve(), if !outbox.is_empty() => {
                     let permit = permit.map_err(|_| Status::cancelled("sidecar went away"))?;
                     outbox.send_next(&shared.metrics, permit);

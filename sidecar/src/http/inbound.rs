@@ -134,11 +134,18 @@ pub fn mesh_h2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
     b
 }
 
-/// Serves one mTLS connection from a peer sidecar as HTTP/2.
-pub async fn serve<S>(proxy: Arc<Proxy>, tls: S, peer: SpiffeId, dst: SocketAddr)
-where
+/// Serves one mTLS connection from a peer sidecar as HTTP/2, until
+/// `expires` (when the peer's certificates do).
+pub async fn serve<S>(
+    proxy: Arc<Proxy>,
+    tls: S,
+    peer: SpiffeId,
+    dst: SocketAddr,
+    expires: tokio::time::Instant,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let peer_id = peer.to_string();
     let peer = Arc::new(Peer::new(peer, dst));
     let mut draining = proxy.draining.subscribe();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -148,16 +155,31 @@ where
     let io = TokioIo::new(super::cork::Corked::new(tls));
     let conn = mesh_h2_server().serve_connection(io, svc);
     tokio::pin!(conn);
-    // On drain, GOAWAY: in-flight streams finish, new ones go elsewhere.
+    // On drain, and shortly before the peer's certificates expire, GOAWAY:
+    // in-flight streams finish, new ones go elsewhere (the peer's pool
+    // reconnects with its current certificate). At the expiry itself the
+    // connection is closed, whatever is still in flight.
+    let goaway = tokio::time::sleep_until(crate::tls::before(expires, crate::tls::GOAWAY_MARGIN));
     let r = tokio::select! {
-        r = conn.as_mut() => r,
+        r = conn.as_mut() => Some(r),
         () = async { let _ = draining.wait_for(|d| *d).await; } => {
             conn.as_mut().graceful_shutdown();
-            conn.await
+            tokio::time::timeout_at(expires, conn).await.ok()
+        }
+        () = goaway => {
+            tracing::debug!(%peer_id, "GOAWAY: the peer's certificate is about to expire");
+            conn.as_mut().graceful_shutdown();
+            tokio::time::timeout_at(expires, conn).await.ok()
         }
     };
-    if let Err(e) = r {
-        tracing::debug!(error = ?e, "inbound HTTP/2 connection ended with an error");
+    match r {
+        Some(Err(e)) => {
+            tracing::debug!(error = ?e, "inbound HTTP/2 connection ended with an error")
+        }
+        None => {
+            tracing::info!(%peer_id, "inbound HTTP/2 connection closed: the peer's certificate expired")
+        }
+        Some(Ok(())) => {}
     }
 }
 

@@ -23,6 +23,8 @@ pub enum PoolError {
     H2(SocketAddr, String),
     #[error("connecting to {0} failed while this request waited for it: {1}")]
     Failed(SocketAddr, String),
+    #[error("the certificate {0} presented has no readable expiry")]
+    NoExpiry(SocketAddr),
 }
 
 type Key = (SocketAddr, SpiffeId);
@@ -34,7 +36,9 @@ type Slot = Arc<Mutex<SlotState>>;
 
 #[derive(Default)]
 struct SlotState {
-    conn: Option<SendRequest<Body>>,
+    /// The connection, and until when it may take new requests (see
+    /// [`crate::tls::REUSE_MARGIN`]).
+    conn: Option<(SendRequest<Body>, tokio::time::Instant)>,
     /// The last connect's failure: the requests that queued behind it
     /// share it instead of each waiting out a connect of their own.
     failed: Option<(Instant, String)>,
@@ -57,8 +61,9 @@ impl MeshPool {
         let slot = self.slot(&key);
         let asked = Instant::now();
         let mut state = slot.lock().await;
-        if let Some(s) = state.conn.as_ref()
+        if let Some((s, fresh_until)) = state.conn.as_ref()
             && !s.is_closed()
+            && tokio::time::Instant::now() < *fresh_until
         {
             return Ok(s.clone());
         }
@@ -70,8 +75,8 @@ impl MeshPool {
         // Boxed: the handshake's state is large and rare, and inline it
         // would be part of every request's future (copied per request).
         match Box::pin(connect(proxy, addr, identity)).await {
-            Ok(sender) => {
-                state.conn = Some(sender.clone());
+            Ok((sender, fresh_until)) => {
+                state.conn = Some((sender.clone(), fresh_until));
                 state.failed = None;
                 Ok(sender)
             }
@@ -114,12 +119,20 @@ impl MeshPool {
     }
 }
 
+/// A new connection, and until when it may take new requests: short of
+/// the first expiry of the certificates of its handshake, the peer's and
+/// the one this sidecar presented.
 async fn connect(
     proxy: &Proxy,
     addr: SocketAddr,
     identity: &SpiffeId,
-) -> Result<SendRequest<Body>, PoolError> {
+) -> Result<(SendRequest<Body>, tokio::time::Instant), PoolError> {
     let tls = crate::dial::dial_peer(proxy, addr, identity, crate::tls::ALPN_MESH_H2).await?;
+    let peer_expiry = crate::tls::peer_expiry(tls.get_ref().1).ok_or(PoolError::NoExpiry(addr))?;
+    let expires = match proxy.identity.svid() {
+        Some(own) => peer_expiry.min(crate::tls::deadline_at(own.not_after)),
+        None => peer_expiry,
+    };
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(hyper_util::rt::TokioTimer::new())
         .keep_alive_interval(std::time::Duration::from_secs(20))
@@ -129,10 +142,17 @@ async fn connect(
         .await
         .map_err(|e| PoolError::H2(addr, e.to_string()))?;
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(%addr, error = ?e, "pooled HTTP/2 connection closed");
+        match tokio::time::timeout_at(expires, conn).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(%addr, error = ?e, "pooled HTTP/2 connection closed"),
+            Err(_) => {
+                tracing::debug!(%addr, "pooled HTTP/2 connection closed: a certificate of its handshake expired")
+            }
         }
     });
     tracing::debug!(%addr, peer = %identity, "pooled HTTP/2 connection opened");
-    Ok(sender)
+    Ok((
+        sender,
+        crate::tls::before(expires, crate::tls::REUSE_MARGIN),
+    ))
 }

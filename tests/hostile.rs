@@ -412,6 +412,63 @@ fn a_pod_hoarding_health_port_connections_does_not_starve_the_probes() {
     drop(hoard);
 }
 
+/// Any pod can connect to a sidecar's inbound port. One that holds every
+/// connection slot with silent connections (each held for the 5 s
+/// first-byte deadline) gets its share, and the mesh's callers the rest.
+#[test]
+fn a_pod_hoarding_inbound_connections_does_not_lock_callers_out() {
+    let Some(mut mesh) = Mesh::start(&[]) else {
+        return;
+    };
+    mesh.add_pod("web");
+    let api = mesh.add_pod("api");
+    mesh.add_pod("attacker");
+    mesh.write_config(&config(&api));
+    mesh.start_sidecar("web", "web", &[]);
+    mesh.start_sidecar("api", "api", &["--max-connections", "40"]);
+    mesh.wait_ready("web");
+    mesh.wait_ready("api");
+    let target: SocketAddr = format!("{}:8080", api.ip).parse().unwrap();
+    let ns = format!("/run/netns/{}", mesh.pod("attacker").pod.ns);
+    let hoard = std::thread::spawn(move || {
+        netns::enter(&ns);
+        (0..40)
+            .filter_map(|_| TcpStream::connect_timeout(&target, Duration::from_secs(2)).ok())
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    let refused = |reason: &str| {
+        metric_sum(
+            &mesh.metrics("api"),
+            "bulwark_tcp_refused_total",
+            &["direction=\"inbound\"", &format!("reason=\"{reason}\"")],
+        )
+    };
+    // Every hoarded connection either held by the sidecar or refused.
+    let api_ns = api.ns.clone();
+    wait_for(
+        "the sidecar to have taken every hoarded connection",
+        Duration::from_secs(4),
+        || {
+            let out = mesh.net.exec(
+                &api_ns,
+                &["ss", "-Htn", "state", "established", "( sport = :15006 )"],
+            );
+            let held = String::from_utf8_lossy(&out.stdout).lines().count() as f64;
+            let gone = refused("source_over_limit") + refused("overload");
+            (held + gone >= hoard.len() as f64).then_some(())
+        },
+    );
+    // web's first connection to api (nothing pooled yet) gets a slot.
+    let (code, out) = curl_status(&mesh, "web", &[&format!("http://{VIP}:8080/")]);
+    assert_eq!(code, 200, "web was locked out: {out}");
+    // Half the slots, and its share of the rest; the others refused.
+    assert!(refused("source_over_limit") >= 15.0);
+    assert_eq!(refused("overload"), 0.0);
+    drop(hoard);
+}
+
 #[test]
 fn sigterm_drains_in_flight_requests_before_exiting() {
     let Some(mut mesh) = Mesh::start(&[]) else {

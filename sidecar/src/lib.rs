@@ -365,13 +365,17 @@ impl Sidecar {
         let out_task = tokio::spawn(accept_loop(
             outbound,
             self.proxy.clone(),
-            out_sem.clone(),
+            Slots::new(out_sem.clone(), limit, None),
             "outbound",
         ));
+        // Any pod can connect to the inbound port: once half the slots are
+        // taken, one address gets a sixteenth of them, so that one pod
+        // cannot take every slot from the others.
+        let sources = bulwark_ca::admission::PerSource::new((limit / INBOUND_SOURCE_SHARE).max(1));
         let in_task = tokio::spawn(accept_loop(
             inbound,
             self.proxy.clone(),
-            in_sem.clone(),
+            Slots::new(in_sem.clone(), limit, Some(sources)),
             "inbound",
         ));
         shutdown.await;
@@ -412,10 +416,65 @@ impl Sidecar {
     }
 }
 
+/// The share of inbound connection slots one source address may hold once
+/// half of them are taken: one in sixteen.
+pub const INBOUND_SOURCE_SHARE: usize = 16;
+
+/// A listener's connection slots, and optionally each source's share.
+struct Slots {
+    all: Arc<Semaphore>,
+    limit: usize,
+    sources: Option<Arc<bulwark_ca::admission::PerSource>>,
+}
+
+/// A connection's slot, and its source's place; given back when dropped.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _place: Option<bulwark_ca::admission::SourcePlace>,
+}
+
+impl Slots {
+    fn new(
+        all: Arc<Semaphore>,
+        limit: usize,
+        sources: Option<Arc<bulwark_ca::admission::PerSource>>,
+    ) -> Self {
+        Self {
+            all,
+            limit,
+            sources,
+        }
+    }
+
+    /// A slot for a connection from `ip`, or why there is none.
+    fn take(&self, ip: std::net::IpAddr) -> Result<Slot, &'static str> {
+        // The source's share first: a source at its share takes no slot.
+        let place = match &self.sources {
+            Some(s) => {
+                let short = self.all.available_permits() < self.limit / 2;
+                Some(
+                    s.take_when(ip.to_canonical(), short)
+                        .ok_or("source_over_limit")?,
+                )
+            }
+            None => None,
+        };
+        let permit = self
+            .all
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "overload")?;
+        Ok(Slot {
+            _permit: permit,
+            _place: place,
+        })
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     proxy: Arc<Proxy>,
-    slots: Arc<Semaphore>,
+    slots: Slots,
     direction: &'static str,
 ) {
     loop {
@@ -428,10 +487,13 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            proxy.metrics.refused(direction, "overload");
-            reset(stream);
-            continue;
+        let permit = match slots.take(peer.ip()) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                proxy.metrics.refused(direction, reason);
+                reset(stream);
+                continue;
+            }
         };
         let proxy = proxy.clone();
         // One task type per direction: an outbound connection's task is not

@@ -240,6 +240,10 @@ spec:
         - {{service: orders, weight: 50}}
         - {{service: orders, subset: {{version: v9}}, weight: 50}}
       timeout: 5s
+    - name: partner-only
+      listeners: [partners]
+      matches: [{{path: {{prefix: /partner-only}}}}]
+      backends: [{{service: orders}}]
     - name: public
       matches: [{{path: {{prefix: /public}}}}]
       backends: [{{service: orders}}]
@@ -466,6 +470,11 @@ impl Edge {
     /// A call to the partners' listener (9443), with the client
     /// certificate `prefix`.crt if any.
     fn partner_call(&self, prefix: Option<&str>) -> (u16, String) {
+        self.partner_call_to(prefix, "/public/partner")
+    }
+
+    /// [`Edge::partner_call`] to `path`.
+    fn partner_call_to(&self, prefix: Option<&str>, path: &str) -> (u16, String) {
         let files = prefix.map(|p| {
             let f = |ext: &str| self.dir.join(format!("{p}.{ext}")).display().to_string();
             (f("crt"), f("key"))
@@ -474,7 +483,7 @@ impl Edge {
             Some((cert, key)) => vec!["--cert", cert, "--key", key],
             None => Vec::new(),
         };
-        self.curl_port(9443, &self.public_ca, "/public/partner", None, &extra)
+        self.curl_port(9443, &self.public_ca, path, None, &extra)
     }
 }
 
@@ -820,6 +829,16 @@ fn partners_need_a_client_certificate_and_garbage_does_not_hurt_the_gateway() {
     assert_eq!(code, 0, "no client certificate, no connection: {text}");
     let (code, text) = edge.partner_call(Some("stranger"));
     assert_eq!(code, 0, "a certificate from another CA is refused: {text}");
+    // A route served on the partners' listener only: a verified partner
+    // certificate reaches it, the public listener does not serve it.
+    let (code, text) = edge.partner_call_to(Some("partner"), "/partner-only/x");
+    assert_eq!(code, 200, "{text}");
+    let (code, text) = edge.call("/partner-only/x", None, &[]);
+    assert_eq!(
+        code, 404,
+        "the public listener serves a partners' route: {text}"
+    );
+    assert!(text.contains("x-bulwark-reason: no-route"), "{text}");
 
     // Plain-text garbage and a half-open connection on the public port:
     // closed, counted as failed handshakes, and the gateway keeps serving.

@@ -325,6 +325,7 @@ fn gateway_route(r: &GatewayRouteSpec, namespace: &str) -> pb::GatewayRoute {
     pb::GatewayRoute {
         http: Some(http_route(&r.core(), namespace)),
         hostnames: strings(&r.hostnames),
+        listeners: strings(&r.listeners),
         authorization: r.authorization.as_ref().map(|a| pb::GatewayAuthorization {
             require_authenticated: flag(&a.require_authenticated),
             scopes: strings(&a.scopes),

@@ -856,6 +856,7 @@ pub struct AuthorizationRule {
 ///       requireClientCert: false      # true needs clientCaFile
 ///   routes:
 ///     - name: orders                  # optional, unique in the gateway
+///       listeners: [https]            # optional: every listener when left out
 ///       hostnames: [api.example.com]  # optional: any host when left out
 ///       matches:                      # as in a Route rule
 ///         - path: {prefix: /orders}
@@ -930,6 +931,9 @@ pub struct GatewayCertificateSpec {
 pub struct GatewayRouteSpec {
     #[serde(default)]
     pub name: Option<Located<String>>,
+    /// Names of the listeners that serve it; every listener when left out.
+    #[serde(default)]
+    pub listeners: Vec<Located<String>>,
     #[serde(default)]
     pub hostnames: Vec<Located<String>>,
     #[serde(default)]

@@ -1050,9 +1050,18 @@ fn check_gateway(cx: &mut Cx<'_>, reg: &Registry, gateway: &ServiceKey, g: &Gate
     if g.routes.is_empty() {
         cx.err(g.routes.line, "routes: a Gateway needs at least one route");
     }
+    let listeners: BTreeSet<&str> = g.listeners.iter().map(|l| l.name.value.as_str()).collect();
     let mut names = BTreeSet::new();
     for route in g.routes.iter() {
         check_gateway_route(cx, reg, gateway, &mut names, route);
+        for l in &route.listeners {
+            if !listeners.contains(l.value.as_str()) {
+                cx.err(
+                    l.line,
+                    format!("listeners: this Gateway has no listener named {}", l.value),
+                );
+            }
+        }
     }
 }
 

@@ -888,10 +888,19 @@ fn a_gateway_compiles_with_route_semantics_and_edge_policies() {
                 json_schema: r#"{"properties":{"item":{"type":"string"}},"required":["item"],"type":"object"}"#.into(),
                 max_body_bytes: 65536,
             }),
+            listeners: vec![],
         }],
         source: None,
     };
     assert_eq!(g, expected);
+    // A route served on named listeners only.
+    let scoped = GATEWAY.replace(
+        "      hostnames: [api.example.com]\n      matches",
+        "      hostnames: [api.example.com]\n      listeners: [https]\n      matches",
+    );
+    let dir = config_dir(&[("a.yaml", SERVICES), ("gw.yaml", &scoped)]);
+    let r = load_and_compile(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.gateways[0].routes[0].listeners, ["https"]);
     assert_eq!(
         bulwark_xds::document_counts(&r)
             .iter()
@@ -1007,6 +1016,12 @@ fn gateway_listener_mistakes_are_reported_with_their_lines() {
 
 #[test]
 fn gateway_route_mistakes_are_reported_with_their_lines() {
+    assert_gateway_error(
+        "      hostnames: [api.example.com]\n      matches",
+        "      hostnames: [api.example.com]\n      listeners: [https, partners]\n      matches",
+        17,
+        "this Gateway has no listener named partners",
+    );
     // Route semantics, checked by the same code as Route rules.
     assert_gateway_error(
         "default/api, weight: 90",

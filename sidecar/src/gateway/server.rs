@@ -132,6 +132,8 @@ impl ClientKey {
 
 struct GwRoute {
     rule: Rule,
+    /// The listeners that serve it (all when empty).
+    listeners: Vec<String>,
     hostnames: Vec<String>,
     authorization: Option<v1::GatewayAuthorization>,
     limit: Option<(ClientKey, Arc<KeyedLimiter>)>,
@@ -264,8 +266,16 @@ fn compile(
             }
             None => (None, None),
         };
+        if let Some(l) = r
+            .listeners
+            .iter()
+            .find(|l| !gw.listeners.iter().any(|have| have.name == **l))
+        {
+            return Err(format!("route {route_name}: no listener named {l}"));
+        }
         routes.push(GwRoute {
             rule,
+            listeners: r.listeners.clone(),
             hostnames: r.hostnames.iter().map(|h| h.to_ascii_lowercase()).collect(),
             authorization: r.authorization.clone(),
             limit,
@@ -412,6 +422,7 @@ async fn reconcile(
             proxy.clone(),
             socket,
             tls,
+            ListenerName(spec.name.as_str().into()),
             state.clone(),
             budget.clone(),
         ));
@@ -435,10 +446,15 @@ struct Budget {
     idle_timeout: Duration,
 }
 
+/// The listener a request came in on: routes may be served on some only.
+#[derive(Clone)]
+struct ListenerName(Arc<str>);
+
 async fn accept_loop(
     proxy: Arc<Proxy>,
     socket: TcpListener,
     tls: Arc<rustls::ServerConfig>,
+    listener: ListenerName,
     state: Arc<ArcSwap<Option<Arc<Compiled>>>>,
     budget: Budget,
 ) {
@@ -466,6 +482,7 @@ async fn accept_loop(
             continue;
         };
         let (proxy, acceptor, state) = (proxy.clone(), acceptor.clone(), state.clone());
+        let listener = listener.clone();
         let idle_timeout = budget.idle_timeout;
         tokio::spawn(async move {
             // Held by the connection, and by a tunnel that takes it over.
@@ -499,7 +516,7 @@ async fn accept_loop(
                     return;
                 }
             };
-            serve(proxy, tls, peer, state, idle_timeout, held).await;
+            serve(proxy, tls, peer, listener, state, idle_timeout, held).await;
         });
     }
 }
@@ -512,6 +529,7 @@ async fn serve(
     proxy: Arc<Proxy>,
     tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     peer: SocketAddr,
+    listener: ListenerName,
     state: Arc<ArcSwap<Option<Arc<Compiled>>>>,
     idle_timeout: Duration,
     held: ConnectionHold,
@@ -530,6 +548,7 @@ async fn serve(
             let busy = activity.begin();
             req.extensions_mut().insert(held.clone());
             req.extensions_mut().insert(TunnelIdle(idle_timeout));
+            req.extensions_mut().insert(listener.clone());
             let activity = activity.clone();
             async move {
                 let compiled = state.load_full();
@@ -714,8 +733,10 @@ async fn decide(
         tracing::info!(gateway = %gw.name, reason = why, "non-canonical request path refused");
         return local.reply(400, "non-canonical-path");
     }
+    let listener = req.extensions().get::<ListenerName>().map(|l| &*l.0);
     let Some(route) = gw.routes.iter().find(|r| {
-        (r.hostnames.is_empty() || r.hostnames.iter().any(|h| certs::host_matches(h, &host)))
+        (r.listeners.is_empty() || listener.is_some_and(|l| r.listeners.iter().any(|n| n == l)))
+            && (r.hostnames.is_empty() || r.hostnames.iter().any(|h| certs::host_matches(h, &host)))
             && (r.rule.matches.is_empty()
                 || r.rule
                     .matches

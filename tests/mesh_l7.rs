@@ -139,7 +139,7 @@ spec:
 
 /// A mesh: web (client), db (another client) and api pods `api-v1`, `api-v2`.
 fn start(route: &str, policy: &str, app_args: &[(&str, &[&str])]) -> Option<(Mesh, Vec<Pod>)> {
-    start_with(|pods| l7_config(pods, route, policy), app_args)
+    start_with(|pods| l7_config(pods, route, policy), app_args, &[])
 }
 
 /// [`start`] without the `api-callers` AuthorizationPolicy: any caller, any path.
@@ -153,12 +153,15 @@ fn start_open(route: &str) -> Option<(Mesh, Vec<Pod>)> {
                 .join("---\n")
         },
         &[],
+        &[],
     )
 }
 
+/// `api_args`: more flags for the two api sidecars.
 fn start_with(
     config: impl FnOnce(&[(&Pod, &str, &str)]) -> String,
     app_args: &[(&str, &[&str])],
+    api_args: &[&str],
 ) -> Option<(Mesh, Vec<Pod>)> {
     let mut mesh = Mesh::start(&[])?;
     mesh.add_pod("web");
@@ -173,8 +176,8 @@ fn start_with(
     for (pod, args) in app_args {
         mesh.set_app_args(pod, args);
     }
-    mesh.start_sidecar("api-v1", "api", &[]);
-    mesh.start_sidecar("api-v2", "api", &[]);
+    mesh.start_sidecar("api-v1", "api", api_args);
+    mesh.start_sidecar("api-v2", "api", api_args);
     for p in ["web", "db", "api-v1", "api-v2"] {
         mesh.wait_ready(p);
     }
@@ -1024,12 +1027,23 @@ fn an_idle_keep_alive_connection_is_parked_and_served_again() {
 
 #[test]
 fn websocket_style_upgrade_passes_through_the_mesh() {
+    use std::io::{Read, Write};
     let _serial = serial();
     let Some((mesh, _)) = start(&canary_route(0), "", &[]) else {
         return;
     };
-    let ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
-    let echoed = std::thread::spawn(move || {
+    let mut s = upgraded(&mesh, "web");
+    s.write_all(b"ping through the mesh").unwrap();
+    let mut buf = [0u8; 21];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping through the mesh");
+}
+
+/// Opens a WebSocket-style upgrade from `pod` to the api VIP; the stream
+/// once the app's 101 has arrived.
+fn upgraded(mesh: &Mesh, pod: &str) -> std::net::TcpStream {
+    let ns = format!("/run/netns/{}", mesh.pod(pod).pod.ns);
+    std::thread::spawn(move || {
         use std::io::{Read, Write};
         netns::enter(&ns);
         let mut s = std::net::TcpStream::connect(format!("{VIP}:8080")).unwrap();
@@ -1044,15 +1058,46 @@ fn websocket_style_upgrade_passes_through_the_mesh() {
             head.push(byte[0]);
         }
         let head = String::from_utf8_lossy(&head).into_owned();
-        s.write_all(b"ping through the mesh").unwrap();
-        let mut buf = [0u8; 21];
-        s.read_exact(&mut buf).unwrap();
-        (head, String::from_utf8_lossy(&buf).into_owned())
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        s
     })
     .join()
-    .unwrap();
-    assert!(echoed.0.starts_with("HTTP/1.1 101"), "{}", echoed.0);
-    assert_eq!(echoed.1, "ping through the mesh");
+    .unwrap()
+}
+
+/// A spliced upgrade is one of the server sidecar's connections for as
+/// long as it lasts: it holds its slot (and would end with the peer's
+/// certificate), instead of living on outside `--max-connections`.
+#[test]
+fn an_upgraded_connection_holds_its_inbound_slot_until_it_closes() {
+    let _serial = serial();
+    let Some((mesh, _)) = start_with(
+        |pods| l7_config(pods, &canary_route(0), ""),
+        &[],
+        &["--max-connections", "2"],
+    ) else {
+        return;
+    };
+    let tunnels = [upgraded(&mesh, "web"), upgraded(&mesh, "web")];
+    let refused = || {
+        metric_sum(
+            &mesh.metrics("api-v1"),
+            "bulwark_tcp_refused_total",
+            &["direction=\"inbound\""],
+        )
+    };
+    // Both of api-v1's slots are held: web's next connection is refused.
+    let (code, body) = get(&mesh, "web", "/", &[]);
+    assert_ne!(
+        code, 200,
+        "a third connection got past a limit of 2: {body}"
+    );
+    assert!(refused() >= 1.0);
+    // The tunnels close: their slots come back.
+    drop(tunnels);
+    wait_for("a slot to come back", Duration::from_secs(5), || {
+        (get(&mesh, "web", "/", &[]).0 == 200).then_some(())
+    });
 }
 
 mod grpc_app {

@@ -203,9 +203,12 @@ where
     };
     peer.tunneled = true;
     let peer = Arc::new(peer);
-    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (proxy, peer) = (proxy.clone(), peer.clone());
-        async move { Ok::<_, Infallible>(handle(proxy, &peer, req).await) }
+    let svc = hyper::service::service_fn({
+        let peer = peer.clone();
+        move |req: Request<Incoming>| {
+            let (proxy, peer) = (proxy.clone(), peer.clone());
+            async move { Ok::<_, Infallible>(handle(proxy, &peer, req).await) }
+        }
     });
     // HTTP/1.1, or h2c with prior knowledge from a plaintext client. A
     // client that shuts its side after its request still gets the answer.
@@ -214,6 +217,12 @@ where
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     if let Err(e) = conn.await {
         tracing::debug!(error = ?e, "inbound HTTP connection in a tunnel ended with an error");
+    }
+    let mut upgrades = AbortOnDrop(std::mem::take(
+        &mut *peer.upgrades.lock().unwrap_or_else(|p| p.into_inner()),
+    ));
+    for t in &mut upgrades.0 {
+        let _ = t.await;
     }
 }
 
@@ -230,6 +239,21 @@ struct Peer {
     /// Served from an opaque tunnel or plaintext, not the pooled HTTP/2
     /// connection: an HTTP/2 request then is the client's own h2c.
     tunneled: bool,
+    /// Upgrades the app accepted, spliced: they belong to the connection
+    /// (its slot, its end when the peer's certificate expires), which
+    /// waits for them and ends them if it is ended first.
+    upgrades: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// Tasks aborted when dropped, unless they finished first.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 impl Peer {
@@ -252,6 +276,7 @@ impl Peer {
                 .expect("an address is an authority"),
             addr: dst,
             tunneled: false,
+            upgrades: Default::default(),
         }
     }
 }
@@ -413,9 +438,7 @@ async fn handle(proxy: Arc<Proxy>, peer: &Peer, mut req: Request<Incoming>) -> R
         ),
     };
     if let Some(down) = upgrade {
-        return finish(
-            upgrade_app(&proxy, peer.addr, Request::from_parts(parts, body), down).await,
-        );
+        return finish(upgrade_app(&proxy, peer, Request::from_parts(parts, body), down).await);
     }
     match proxy
         .local
@@ -464,10 +487,11 @@ fn origin_form(uri: &http::Uri) -> http::Uri {
 /// if the app switches protocols, splices the two upgraded connections.
 async fn upgrade_app(
     proxy: &Proxy,
-    app: SocketAddr,
+    peer: &Peer,
     mut req: Request<Body>,
     down: hyper::upgrade::OnUpgrade,
 ) -> Response<Body> {
+    let app = peer.addr;
     let Some(tcp) = crate::inbound::dial_app(proxy, app).await else {
         return reply(503, "app-unreachable");
     };
@@ -488,11 +512,15 @@ async fn upgrade_app(
         strip_hop_headers(resp.headers_mut());
     } else {
         let up = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
+        let splice = tokio::spawn(async move {
             if let (Ok(d), Ok(u)) = (down.await, up.await) {
                 super::tunnel::relay(&mut TokioIo::new(d), &mut TokioIo::new(u), None).await;
             }
         });
+        peer.upgrades
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(splice);
     }
     resp.map(|b| b.map_err(|e| -> super::BoxError { Box::new(e) }).boxed())
 }

@@ -17,8 +17,8 @@ use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, Sampler, SamplingDecision, SdkTracer,
-    SdkTracerProvider, ShouldSample, SpanData, SpanProcessor,
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, SpanData,
+    SpanProcessor,
 };
 use prometheus_client::metrics::counter::Counter;
 
@@ -44,8 +44,8 @@ struct Inner {
     tracer: SdkTracer,
     provider: SdkTracerProvider,
     propagator: TraceContextPropagator,
-    /// The decision for a trace this proxy starts (trace-id ratio).
-    root: Sampler,
+    /// Fraction of the traces this proxy decides on that are sampled.
+    ratio: f64,
 }
 
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
@@ -172,7 +172,7 @@ impl Tracing {
             .with_channel(channel)
             .build()
             .map_err(|e| e.to_string())?;
-        let root = Sampler::TraceIdRatioBased(opts.sample_ratio.clamp(0.0, 1.0));
+        let ratio = opts.sample_ratio.clamp(0.0, 1.0);
         let queued = Arc::new(AtomicUsize::new(0));
         let batch = BatchSpanProcessor::builder(Dequeue {
             inner: exporter,
@@ -191,7 +191,9 @@ impl Tracing {
                 queued,
                 dropped,
             })
-            .with_sampler(Sampler::ParentBased(Box::new(root.clone())))
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                ratio,
+            ))))
             .with_resource(
                 opentelemetry_sdk::Resource::builder()
                     .with_attribute(KeyValue::new("service.name", opts.service_name.clone()))
@@ -203,7 +205,7 @@ impl Tracing {
             tracer,
             provider,
             propagator: TraceContextPropagator::new(),
-            root,
+            ratio,
         }))))
     }
 
@@ -249,21 +251,26 @@ impl Tracing {
     /// still correlate, but its sampled flag counts for nothing. Otherwise
     /// any client could have every request it sends recorded and exported
     /// by every hop, crowding out the sampled traces of everyone else.
+    ///
+    /// The draw is random, not the trace-id ratio: the client chose the
+    /// trace id, and a ratio sampler samples ids whose low bits are small.
+    /// With tracing off here, the flag is cleared, so that tracing hops
+    /// behind do not follow it either.
     pub fn resample_untrusted(&self, headers: &mut http::HeaderMap) {
-        let Some(t) = &self.0 else {
-            return;
-        };
-        let parent = t.propagator.extract(&HeaderExtractor(headers));
+        let propagator = TraceContextPropagator::new();
+        let parent = propagator.extract(&HeaderExtractor(headers));
         let sc = parent.span().span_context().clone();
         if !sc.is_valid() {
             return;
         }
-        let decision =
-            t.root
-                .should_sample(None, sc.trace_id(), "request", &SpanKind::Server, &[], &[]);
-        let flags = match decision.decision {
-            SamplingDecision::RecordAndSample => TraceFlags::SAMPLED,
-            _ => TraceFlags::default(),
+        let sampled = self
+            .0
+            .as_ref()
+            .is_some_and(|t| crate::balance::rand_unit() < t.ratio);
+        let flags = if sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
         };
         if flags == sc.trace_flags() {
             return;
@@ -275,7 +282,7 @@ impl Tracing {
             true,
             sc.trace_state().clone(),
         );
-        t.propagator.inject_context(
+        propagator.inject_context(
             &Context::new().with_remote_span_context(sc),
             &mut HeaderInjector(headers),
         );
@@ -358,16 +365,35 @@ mod tests {
         let always = tracing(1.0);
         always.resample_untrusted(&mut h);
         assert_eq!(traceparent(&h), sampled);
-        // No parent, a malformed one, or tracing off: headers untouched.
+        // No parent, or a malformed one: headers untouched.
         let mut h = http::HeaderMap::new();
         always.resample_untrusted(&mut h);
         assert!(h.is_empty());
         h.insert("traceparent", "garbage".parse().unwrap());
         never.resample_untrusted(&mut h);
         assert_eq!(traceparent(&h), "garbage");
+        // Tracing off here: the client's flag is cleared all the same.
         let mut h = http::HeaderMap::new();
         h.insert("traceparent", sampled.parse().unwrap());
         Tracing::default().resample_untrusted(&mut h);
-        assert_eq!(traceparent(&h), sampled);
+        assert_eq!(traceparent(&h), format!("00-{id}-00f067aa0ba902b7-00"));
+    }
+
+    #[test]
+    fn a_chosen_trace_id_does_not_buy_sampling() {
+        // A trace-id ratio sampler samples every id whose low 64 bits are
+        // zero: the client's choice must not decide.
+        let half = tracing(0.5);
+        let sampled = (0..400)
+            .filter(|_| {
+                let mut h = http::HeaderMap::new();
+                let p = "00-4bf92f3577b34da60000000000000000-00f067aa0ba902b7-01";
+                h.insert("traceparent", p.parse().unwrap());
+                half.resample_untrusted(&mut h);
+                traceparent(&h).ends_with("-01")
+            })
+            .count();
+        // 400 draws at 0.5: outside 120..=280 about once in 10^20 runs.
+        assert!((120..=280).contains(&sampled), "{sampled} of 400 sampled");
     }
 }

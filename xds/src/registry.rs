@@ -268,6 +268,25 @@ impl Registry {
     ) -> Result<Registration, RegistryFull> {
         let key = (workload.identity.to_string(), workload.node_id.clone());
         let mut entries = lock(&self.entries);
+        // A new node id, or a registered one moving to another address,
+        // counts against the identity's share at that address: a reconnect
+        // from where it was always gets back in.
+        if self.per_source > 0 && entries.get(&key).map(|e| e.source) != Some(source) {
+            // The identity's entries are adjacent in the ordered map.
+            let held = entries
+                .range((key.0.clone(), String::new())..)
+                .take_while(|((id, _), _)| *id == key.0)
+                .filter(|(k, e)| e.source == source && **k != key)
+                .count();
+            if held >= self.per_source {
+                return Err(RegistryFull {
+                    identity: key.0,
+                    address: source,
+                    held,
+                    limit: self.per_source,
+                });
+            }
+        }
         let changed = match entries.get_mut(&key) {
             Some(e) => {
                 e.streams += 1;
@@ -278,22 +297,6 @@ impl Registry {
                 changed
             }
             None => {
-                if self.per_source > 0 {
-                    // The identity's entries are adjacent in the ordered map.
-                    let held = entries
-                        .range((key.0.clone(), String::new())..)
-                        .take_while(|((id, _), _)| *id == key.0)
-                        .filter(|(_, e)| e.source == source)
-                        .count();
-                    if held >= self.per_source {
-                        return Err(RegistryFull {
-                            identity: key.0,
-                            address: source,
-                            held,
-                            limit: self.per_source,
-                        });
-                    }
-                }
                 entries.insert(
                     key.clone(),
                     Entry {
@@ -636,6 +639,21 @@ mod tests {
         let _again = r
             .connect(Workload::from_node(&n, &id("api")).unwrap(), from)
             .unwrap();
+        // Moving registered node ids to another address counts there: it
+        // is no way to empty this address's share and fill it again.
+        let other: IpAddr = "10.0.0.11".parse().unwrap();
+        for i in 0..3 {
+            let mut n = node("api", "10.0.0.1", &[]);
+            n.id = format!("api-{i}");
+            held.push(
+                r.connect(Workload::from_node(&n, &id("api")).unwrap(), other)
+                    .unwrap(),
+            );
+        }
+        let mut n = node("api", "10.0.0.1", &[]);
+        n.id = "api-3".into();
+        let moved = r.connect(Workload::from_node(&n, &id("api")).unwrap(), other);
+        assert!(moved.is_err(), "a fourth node id at the other address");
         // 0 turns the limit off.
         let open = Registry::with_limit(DEFAULT_GRACE, 0);
         let _many: Vec<_> = (0..50)

@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -606,9 +606,17 @@ impl DiscoveryService for Discovery {
                 Status::unauthenticated("client certificate has expired"),
             ));
         }
+        // Registrations are counted per source address: without one, every
+        // sidecar of an identity would share one count.
         let source = request
             .remote_addr()
-            .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip().to_canonical());
+            .map(|a| a.ip().to_canonical())
+            .ok_or_else(|| {
+                self.refuse(
+                    "no_identity",
+                    Status::internal("the connection's source address is unknown"),
+                )
+            })?;
         let mut inbound = request.into_inner();
         let first = match tokio::time::timeout(FIRST_REQUEST_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(r))) => r,

@@ -7,7 +7,7 @@
 //! given the same inputs build identical snapshots, and a sidecar holding a
 //! resource from one replica is not sent it again by another.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -53,15 +53,23 @@ pub struct Snapshot {
     /// Indexed like [`type_url::ALL`]. Shared: a stream holding exactly a
     /// type's resources refers to them rather than keeping its own map.
     types: [Arc<TypeResources>; type_url::ALL.len()],
-    /// Resources whose new content was too large, by type URL index.
-    oversized: [usize; type_url::ALL.len()],
+    /// Names whose content was too large to serve, by type URL index: a
+    /// stream never tells a sidecar to remove one of them (it keeps what it
+    /// has), even from a control plane that never served it.
+    withheld: [BTreeSet<Arc<str>>; type_url::ALL.len()],
 }
 
 impl Snapshot {
     /// How many resources of `type_url` had content too large to serve
     /// (each at its last good version, or left out if it had none).
     pub fn oversized(&self, type_url: &str) -> usize {
-        type_index(type_url).map_or(0, |i| self.oversized[i])
+        self.withheld(type_url).len()
+    }
+
+    /// Names of `type_url` whose content was too large to serve.
+    pub fn withheld(&self, type_url: &str) -> &BTreeSet<Arc<str>> {
+        static NONE: BTreeSet<Arc<str>> = BTreeSet::new();
+        type_index(type_url).map_or(&NONE, |i| &self.withheld[i])
     }
 }
 
@@ -107,7 +115,7 @@ impl Snapshot {
         let mut b = Builder {
             previous,
             types: Default::default(),
-            oversized: [0; type_url::ALL.len()],
+            withheld: Default::default(),
         };
         if !roots_pem.is_empty() {
             let bundle = pb::TrustBundle {
@@ -275,7 +283,7 @@ fn merge_endpoints(
 struct Builder<'a> {
     previous: Option<&'a Snapshot>,
     types: [TypeResources; type_url::ALL.len()],
-    oversized: [usize; type_url::ALL.len()],
+    withheld: [BTreeSet<Arc<str>>; type_url::ALL.len()],
 }
 
 impl Builder<'_> {
@@ -289,7 +297,7 @@ impl Builder<'_> {
         }
         let encoded = canonical::encode(msg, schema);
         if encoded.len() > MAX_RESOURCE_BYTES {
-            self.oversized[i] += 1;
+            self.withheld[i].insert(name.into());
             let kept = self
                 .previous
                 .and_then(|p| p.types[i].get_key_value(name))
@@ -332,7 +340,7 @@ impl Builder<'_> {
             created: Instant::now(),
             created_at: SystemTime::now(),
             types: self.types.map(Arc::new),
-            oversized: self.oversized,
+            withheld: self.withheld,
         }
     }
 }

@@ -213,8 +213,10 @@ impl TypeSub {
         self.wildcard || self.names.contains(name)
     }
 
-    /// What takes the sidecar from what it holds to `resources`.
-    fn diff(&self, resources: &TypeResources) -> Changes {
+    /// What takes the sidecar from what it holds to `resources`. Names in
+    /// `withheld` (too large to serve) are never removed: the sidecar keeps
+    /// what it has of them.
+    fn diff(&self, resources: &TypeResources, withheld: &BTreeSet<Arc<str>>) -> Changes {
         if let Held::Same(m) = &self.held
             && std::ptr::eq(&**m, resources)
         {
@@ -230,7 +232,9 @@ impl TypeSub {
                 .held
                 .iter()
                 .map(|(n, _)| n)
-                .filter(|n| self.subscribed(n) && !resources.contains_key(&***n))
+                .filter(|n| {
+                    self.subscribed(n) && !resources.contains_key(&***n) && !withheld.contains(*n)
+                })
                 .cloned()
                 .collect(),
         }
@@ -251,11 +255,12 @@ impl TypeSub {
         }
     }
 
-    fn state(&self, resources: &TypeResources) -> State {
+    fn state(&self, snap: &Snapshot, type_url: &str) -> State {
         if !self.in_flight.is_empty() || self.hold_until.is_some() {
             return State::Pending;
         }
-        let diff = self.diff(resources);
+        let resources = snap.resources(type_url).expect("type of ALL");
+        let diff = self.diff(resources, snap.withheld(type_url));
         if diff.is_empty() {
             // Including after a NACK, once the config is back to what the
             // sidecar kept.
@@ -427,7 +432,7 @@ impl StreamState {
 
         if sub.in_flight.is_empty() && sub.hold_until.is_none() {
             let resources = snap.resources(type_url).expect("type of ALL");
-            let changes = sub.diff(resources);
+            let changes = sub.diff(resources, snap.withheld(type_url));
             let hold = is_new
                 && type_url == type_url::SERVICE_ENDPOINTS
                 && !req.initial_resource_versions.is_empty()
@@ -453,7 +458,10 @@ impl StreamState {
                 continue;
             }
             let type_url = type_url::ALL[idx];
-            let changes = sub.diff(snap.resources(type_url).expect("type of ALL"));
+            let changes = sub.diff(
+                snap.resources(type_url).expect("type of ALL"),
+                snap.withheld(type_url),
+            );
             if let Some(until) = sub.hold_until {
                 // The held first response goes out once there is nothing
                 // left to change, or at the deadline with what differs.
@@ -493,10 +501,10 @@ impl StreamState {
     /// subscribed to (and subscribed to at least one).
     pub fn in_sync(&self, snap: &Snapshot) -> bool {
         !self.types.is_empty()
-            && self.types.iter().all(|(&idx, sub)| {
-                sub.state(snap.resources(type_url::ALL[idx]).expect("type of ALL"))
-                    == State::Applied
-            })
+            && self
+                .types
+                .iter()
+                .all(|(&idx, sub)| sub.state(snap, type_url::ALL[idx]) == State::Applied)
     }
 
     /// Per subscribed type, for status.
@@ -511,7 +519,7 @@ impl StreamState {
                 }
                 TypeStatus {
                     type_url: type_url.to_string(),
-                    state: sub.state(snap.resources(type_url).expect("type of ALL")),
+                    state: sub.state(snap, type_url),
                     subscribed,
                     acked_system_version: sub.acked.as_ref().map(|(v, _)| v.clone()),
                     acked_at_unix_ms: sub.acked.as_ref().map(|(_, t)| unix_ms(*t)),
@@ -955,6 +963,40 @@ mod tests {
         assert!(pushed[0].resources.is_empty() && pushed[0].removed_resources.is_empty());
         assert_eq!(pushed[0].system_version_info, full.system_version());
         assert!(st.next_deadline().is_none());
+    }
+
+    #[test]
+    fn a_resource_too_large_to_serve_is_never_removed_from_a_sidecar() {
+        let full = endpoints_snap(&["10.0.0.1"]);
+        let held = endpoint_versions(&full);
+        let held: Vec<(&str, &str)> = held.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        // A control plane that never served the endpoints (just started)
+        // and finds them over the size limit.
+        let config = Resources {
+            services: vec![service("api", 8080)],
+            ..Default::default()
+        };
+        let big: Vec<pb::Endpoint> = (0..14_000)
+            .map(|i| pb::Endpoint {
+                address: format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255),
+                labels: [("pad".to_string(), "x".repeat(250))].into(),
+                ..Default::default()
+            })
+            .collect();
+        let over = Snapshot::build(
+            &config,
+            &RegistryEndpoints::from([("shop/api".into(), big)]),
+            &[],
+        );
+        assert_eq!(over.oversized(type_url::SERVICE_ENDPOINTS), 1);
+        let mut st = StreamState::new(Duration::ZERO);
+        let out = st
+            .on_request(&subscribe(type_url::SERVICE_ENDPOINTS, &held), &over)
+            .unwrap();
+        assert!(
+            out.responses.iter().all(|r| r.removed_resources.is_empty()),
+            "the sidecar was told to drop the endpoints it has"
+        );
     }
 
     #[test]

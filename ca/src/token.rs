@@ -103,15 +103,14 @@ impl TokenKey {
             .map_err(|_| TokenError::Malformed("claims are not base64url"))?;
         let claims: TokenClaims = serde_json::from_slice(&raw)
             .map_err(|_| TokenError::Malformed("claims are not JSON"))?;
-        // Also keeps the sums below far from overflow.
         let lifetime = claims.exp.saturating_sub(claims.iat);
         if !(0..=MAX_TOKEN_TTL_SECS).contains(&lifetime) {
             return Err(TokenError::TooLong(lifetime));
         }
-        if now > claims.exp + skew_secs {
+        if now > claims.exp.saturating_add(skew_secs) {
             return Err(TokenError::Expired(claims.exp));
         }
-        if now + skew_secs < claims.iat {
+        if now.saturating_add(skew_secs) < claims.iat {
             return Err(TokenError::NotYetValid(claims.iat));
         }
         claims.identity()?;

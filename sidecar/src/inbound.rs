@@ -92,7 +92,15 @@ fn client_hello_alpn(bytes: &[u8]) -> Hello {
     }
 }
 
-pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
+/// `source_place`: the connection's place in its source address's share
+/// of the slots, held until the peer is authenticated (a plaintext client
+/// keeps it to the end).
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    down: TcpStream,
+    peer: SocketAddr,
+    source_place: Option<bulwark_ca::admission::SourcePlace>,
+) {
     let started = Instant::now();
     let m = &proxy.metrics;
     let dst = match original_dst(&down, peer) {
@@ -210,6 +218,7 @@ pub async fn handle(proxy: Arc<Proxy>, down: TcpStream, peer: SocketAddr) {
             return;
         }
     };
+    drop(source_place);
     // The peer is authenticated until its certificates expire, and not a
     // moment longer: the connection ends then.
     let Some(expires) = crate::tls::peer_expiry(tls.get_ref().1) else {

@@ -369,8 +369,9 @@ impl Sidecar {
             "outbound",
         ));
         // Any pod can connect to the inbound port: once half the slots are
-        // taken, one address gets a sixteenth of them, so that one pod
-        // cannot take every slot from the others.
+        // taken, one address gets a sixteenth of them for connections whose
+        // peer is not authenticated (yet), so that one pod's silent or
+        // plaintext connections cannot take every slot from the mesh.
         let sources = bulwark_ca::admission::PerSource::new((limit / INBOUND_SOURCE_SHARE).max(1));
         let in_task = tokio::spawn(accept_loop(
             inbound,
@@ -430,7 +431,7 @@ struct Slots {
 /// A connection's slot, and its source's place; given back when dropped.
 struct Slot {
     _permit: tokio::sync::OwnedSemaphorePermit,
-    _place: Option<bulwark_ca::admission::SourcePlace>,
+    place: Option<bulwark_ca::admission::SourcePlace>,
 }
 
 impl Slots {
@@ -466,7 +467,7 @@ impl Slots {
             .map_err(|_| "overload")?;
         Ok(Slot {
             _permit: permit,
-            _place: place,
+            place,
         })
     }
 }
@@ -487,7 +488,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let permit = match slots.take(peer.ip()) {
+        let mut permit = match slots.take(peer.ip()) {
             Ok(slot) => slot,
             Err(reason) => {
                 proxy.metrics.refused(direction, reason);
@@ -504,7 +505,8 @@ async fn accept_loop(
                 drop(permit);
             }),
             _ => tokio::spawn(async move {
-                inbound::handle(proxy, stream, peer).await;
+                // The source's place goes back once the peer is authenticated.
+                inbound::handle(proxy, stream, peer, permit.place.take()).await;
                 drop(permit);
             }),
         };

@@ -172,8 +172,20 @@ pub async fn run(opts: XdsOptions, handle: ConfigHandle) {
             backoff.reset();
         }
         let wait = backoff.next_delay();
-        if let Err(e) = r {
-            tracing::warn!(addr, error = %e, retry_ms = wait.as_millis() as u64, "control plane stream ended; keeping the last good config")
+        match r {
+            // The control plane ends a stream when the certificate it was
+            // opened with expires: expected, once per certificate.
+            Err(StreamError::Stream(s)) if s.contains("client certificate expired") => {
+                tracing::info!(
+                    addr,
+                    retry_ms = wait.as_millis() as u64,
+                    "discovery stream ended with its client certificate; reconnecting with the current one"
+                )
+            }
+            Err(e) => {
+                tracing::warn!(addr, error = %e, retry_ms = wait.as_millis() as u64, "control plane stream ended; keeping the last good config")
+            }
+            Ok(()) => {}
         }
         tokio::time::sleep(jitter(wait, 0.2)).await;
     }

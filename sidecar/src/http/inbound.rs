@@ -148,6 +148,7 @@ pub async fn serve<S>(
     let peer_id = peer.to_string();
     let peer = Arc::new(Peer::new(peer, dst));
     let mut draining = proxy.draining.subscribe();
+    let mut renewed = proxy.identity.renewals();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (proxy, peer) = (proxy.clone(), peer.clone());
         async move { Ok::<_, Infallible>(handle(proxy, &peer, req).await) }
@@ -155,13 +156,21 @@ pub async fn serve<S>(
     let io = TokioIo::new(super::cork::Corked::new(tls));
     let conn = mesh_h2_server().serve_connection(io, svc);
     tokio::pin!(conn);
-    // On drain, and shortly before the peer's certificates expire, GOAWAY:
+    // On drain, on renewal, and shortly before the peer's certificates
+    // expire, GOAWAY:
     // in-flight streams finish, new ones go elsewhere (the peer's pool
     // reconnects with its current certificate). At the expiry itself the
     // connection is closed, whatever is still in flight.
     let goaway = tokio::time::sleep_until(crate::tls::before(expires, crate::tls::GOAWAY_MARGIN));
     let r = tokio::select! {
         r = conn.as_mut() => Some(r),
+        // Our SVID was renewed: the peer reconnects, and each side then
+        // presents its current certificate, hours before this connection's
+        // would expire.
+        Ok(()) = renewed.changed() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::time::timeout_at(expires, conn).await.ok()
+        }
         () = async { let _ = draining.wait_for(|d| *d).await; } => {
             conn.as_mut().graceful_shutdown();
             tokio::time::timeout_at(expires, conn).await.ok()
@@ -245,6 +254,21 @@ struct Peer {
     upgrades: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
+impl Drop for Peer {
+    // The connection ended before it waited for its upgrades (closed at
+    // the peer's certificate expiry, say): they end with it.
+    fn drop(&mut self) {
+        for t in self
+            .upgrades
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            t.abort();
+        }
+    }
+}
+
 /// Tasks aborted when dropped, unless they finished first.
 struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
 
@@ -258,14 +282,12 @@ impl Drop for AbortOnDrop {
 
 impl Peer {
     fn new(id: SpiffeId, dst: SocketAddr) -> Self {
-        Self {
-            header: Some(
-                http::HeaderValue::from_str(id.as_str())
-                    .expect("SPIFFE IDs are valid header values"),
-            ),
-            id: Some(id),
-            ..Self::unauthenticated(dst)
-        }
+        let mut p = Self::unauthenticated(dst);
+        p.header = Some(
+            http::HeaderValue::from_str(id.as_str()).expect("SPIFFE IDs are valid header values"),
+        );
+        p.id = Some(id);
+        p
     }
 
     fn unauthenticated(dst: SocketAddr) -> Self {

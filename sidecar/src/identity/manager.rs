@@ -48,6 +48,11 @@ pub struct CertManager {
     cert: CurrentCert,
     bundle: Arc<ArcSwap<TrustBundle>>,
     svid: ArcSwapOption<Svid>,
+    /// SVIDs installed so far: mesh connections made with an earlier one
+    /// are retired (see `renewals`). Read per pooled request, so an atomic
+    /// rather than the watch's lock.
+    generation: std::sync::atomic::AtomicU64,
+    installed: tokio::sync::watch::Sender<u64>,
     metrics: Arc<Metrics>,
 }
 
@@ -68,9 +73,25 @@ impl CertManager {
             client,
             cert: CurrentCert::default(),
             svid: ArcSwapOption::empty(),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            installed: tokio::sync::watch::Sender::new(0),
             metrics,
             opts,
         })
+    }
+
+    /// How many SVIDs have been installed: a connection made under an
+    /// earlier count was authenticated with a certificate since replaced.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Changes with every SVID installed: an inbound mesh connection then
+    /// asks its peer to reconnect (GOAWAY), so that long before either
+    /// certificate of its handshake expires, in-flight requests finish on
+    /// it and new ones use the current certificates.
+    pub fn renewals(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.installed.subscribe()
     }
 
     pub fn identity(&self) -> &SpiffeId {
@@ -119,6 +140,11 @@ impl CertManager {
             .get_or_create(&crate::telemetry::ResultLabel { result: "ok" })
             .inc();
         self.svid.store(Some(Arc::new(svid)));
+        let n = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            + 1;
+        self.installed.send_replace(n);
         Ok(())
     }
 

@@ -551,6 +551,35 @@ fn a_peer_connection_ends_when_the_certificate_of_its_handshake_expires() {
     );
 }
 
+/// Successes, failures with when they happened, and how long it ran.
+type Traffic = (u32, Vec<(Duration, Option<String>)>, Duration);
+
+/// Requests from namespace `ns` to `target`, a new connection each,
+/// every `pace`, until `stop` (or 300 s).
+fn traffic_until(
+    stop: &Arc<AtomicBool>,
+    ns: String,
+    target: SocketAddr,
+    pace: Duration,
+) -> std::thread::JoinHandle<Traffic> {
+    let stop = stop.clone();
+    std::thread::spawn(move || {
+        netns::enter(&ns);
+        let (mut ok, mut failed) = (0u32, Vec::new());
+        let start = Instant::now();
+        while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(300) {
+            match netns::http_get(target, "/") {
+                Some(r) if r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200") => {
+                    ok += 1
+                }
+                other => failed.push((start.elapsed(), other)),
+            }
+            std::thread::sleep(pace); // pacing, not synchronization
+        }
+        (ok, failed, start.elapsed())
+    })
+}
+
 /// Each renewal moves the pooled HTTP/2 connection between two sidecars to
 /// the new certificates (the renewed client stops giving it requests, the
 /// renewed server sends GOAWAY), and no request fails on the way.
@@ -571,23 +600,7 @@ fn renewals_move_pooled_connections_to_the_new_certificates_without_failing_a_re
     let target: SocketAddr = format!("{API_VIP}:8080").parse().unwrap();
     let web_ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
     let stop = Arc::new(AtomicBool::new(false));
-    let traffic = std::thread::spawn({
-        let stop = stop.clone();
-        move || {
-            netns::enter(&web_ns);
-            let (mut ok, mut failed) = (0u32, Vec::new());
-            while !stop.load(Ordering::Relaxed) {
-                match netns::http_get(target, "/") {
-                    Some(r) if r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200") => {
-                        ok += 1
-                    }
-                    other => failed.push(other),
-                }
-                std::thread::sleep(Duration::from_millis(20)); // pacing, not synchronization
-            }
-            (ok, failed)
-        }
-    });
+    let traffic = traffic_until(&stop, web_ns, target, Duration::from_millis(20));
     let renewals = |pod: &str| {
         metric_sum(
             &mesh.metrics(pod),
@@ -611,7 +624,7 @@ fn renewals_move_pooled_connections_to_the_new_certificates_without_failing_a_re
         (handshakes() >= 3.0).then_some(())
     });
     stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = traffic.join().unwrap();
+    let (ok, failed, _) = traffic.join().unwrap();
     assert!(
         failed.is_empty(),
         "{} of {} failed: {:?}",
@@ -861,24 +874,7 @@ fn rotation_under_continuous_traffic_with_a_ca_outage_drops_nothing() {
     let web_ns = format!("/run/netns/{}", mesh.pod("web").pod.ns);
     // Traffic runs until the renewals below have all been seen.
     let stop = Arc::new(AtomicBool::new(false));
-    let traffic = std::thread::spawn({
-        let stop = stop.clone();
-        move || {
-            netns::enter(&web_ns);
-            let (mut ok, mut failed) = (0u32, Vec::new());
-            let start = Instant::now();
-            while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(300) {
-                match netns::http_get(target, "/") {
-                    Some(r) if r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200") => {
-                        ok += 1
-                    }
-                    other => failed.push((start.elapsed(), other)),
-                }
-                std::thread::sleep(Duration::from_millis(50)); // pacing, not synchronization
-            }
-            (ok, failed, start.elapsed())
-        }
-    });
+    let traffic = traffic_until(&stop, web_ns, target, Duration::from_millis(50));
 
     let issued = |mesh: &Mesh, pod: &str| {
         metric_sum(

@@ -581,8 +581,49 @@ fn root_rotation_waits_until_every_sidecar_acked_the_new_bundle() {
             .then_some(())
     });
     assert_eq!(gate(&mesh)["all_acked"], true);
-    // Every sidecar trusts both roots; traffic flows; nothing restarted.
+    // Every sidecar trusts both roots; traffic flows.
     assert!(mesh.curl("web", &url).status.success());
+
+    // A sidecar that never ACKs does not hold a rotation forever: past
+    // --rotation-gate-max-wait it activates, with an error logged.
+    let ca = mesh.ca_proc;
+    mesh.net.proc_mut(ca).kill();
+    mesh.ca_proc = mesh.net.spawn_bulwark(
+        &sw,
+        "ca-gated-2",
+        &[
+            "ca",
+            "serve",
+            "--dir",
+            &dir,
+            "--listen",
+            "198.18.0.1:15012",
+            "--rotation-gate",
+            CP1_ADMIN,
+            "--rotation-gate-max-wait",
+            "3s",
+        ],
+    );
+    mesh.wait_ca();
+    unsafe { libc::kill(api_pid, libc::SIGSTOP) };
+    common::run_ok(&["ca", "rotate-root", "--dir", &dir, "--activate-after", "0s"]);
+    wait_for(
+        "the overdue rotation to activate",
+        Duration::from_secs(30),
+        || {
+            ca_log(&mesh)
+                .contains("root rotation activated")
+                .then_some(())
+        },
+    );
+    assert!(ca_log(&mesh).contains("waited --rotation-gate-max-wait"));
+    unsafe { libc::kill(api_pid, libc::SIGCONT) };
+    wait_for(
+        "web to reach api after both rotations",
+        Duration::from_secs(20),
+        || mesh.curl("web", &url).status.success().then_some(()),
+    );
+    // Nothing restarted.
     for pod in ["web", "api", "db"] {
         assert_eq!(
             mesh.sidecar_log(pod).matches("sidecar listening").count(),

@@ -58,10 +58,17 @@ pub struct ServeOptions {
     /// rotation activates only once every connected sidecar has ACKed a
     /// trust bundle with the new root.
     pub rotation_gate: Option<String>,
+    /// How long a due rotation waits for the gate: past it, the rotation
+    /// activates anyway (a sidecar that never ACKs must not keep the
+    /// mesh on an old root until its intermediate expires).
+    pub rotation_gate_max_wait: Duration,
     /// Accept projected Kubernetes ServiceAccount tokens, checked with the
     /// TokenReview API (off when `None`).
     pub kube: Option<crate::kube::KubeOptions>,
 }
+
+/// Default for [`ServeOptions::rotation_gate_max_wait`].
+pub const DEFAULT_ROTATION_GATE_MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 impl ServeOptions {
     pub fn new(dir: PathBuf, listen: SocketAddr) -> Self {
@@ -74,6 +81,7 @@ impl ServeOptions {
             dns_names: Vec::new(),
             reload_interval: Duration::from_secs(2),
             rotation_gate: None,
+            rotation_gate_max_wait: DEFAULT_ROTATION_GATE_MAX_WAIT,
             kube: None,
         }
     }
@@ -579,11 +587,14 @@ impl State {
 
 /// Whether a due rotation may activate: the control plane at `gate`
 /// (its admin address) must confirm that every connected sidecar has ACKed
-/// a trust bundle containing the new root. Unreachable means no.
-async fn rotation_gate_open(dir: &Path, gate: &str) -> bool {
+/// a trust bundle containing the new root. Unreachable means no, until the
+/// rotation has been due for `max_wait`: then yes, with an error logged.
+/// A sidecar without the new root gets it with its next renewal (the CA
+/// sends the bundle with every certificate).
+async fn rotation_gate_open(dir: &Path, gate: &str, max_wait: Duration) -> bool {
     let now = OffsetDateTime::now_utc().unix_timestamp();
-    let fp = match store::due_pending_root(dir, now) {
-        Ok(Some(fp)) => fp,
+    let (fp, due_at) = match store::due_pending_root(dir, now) {
+        Ok(Some(due)) => due,
         Ok(None) => return true,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the pending rotation");
@@ -605,9 +616,17 @@ async fn rotation_gate_open(dir: &Path, gate: &str) -> bool {
             .to_bytes();
         serde_json::from_slice::<serde_json::Value>(&body).ok()
     };
-    match tokio::time::timeout(Duration::from_secs(5), fetch).await {
+    let waited = u64::try_from(now.saturating_sub(due_at)).unwrap_or(0);
+    let answer = tokio::time::timeout(Duration::from_secs(5), fetch).await;
+    match answer {
         Ok(Some(v)) if v["all_acked"] == true => {
             tracing::info!(acked = %v["acked"], "every sidecar holds the new root: rotation may activate");
+            true
+        }
+        answer if waited >= max_wait.as_secs() => {
+            let v = answer.ok().flatten().unwrap_or_default();
+            tracing::error!(waited_s = waited, acked = %v["acked"], sidecars = %v["sidecars"],
+                "root rotation waited --rotation-gate-max-wait for every sidecar's ACK; activating: a sidecar without the new root gets it with its next renewal");
             true
         }
         Ok(Some(v)) => {
@@ -676,13 +695,14 @@ pub async fn serve(
         let state = state.clone();
         let every = opts.reload_interval;
         let gate = opts.rotation_gate.clone();
+        let max_wait = opts.rotation_gate_max_wait;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
                 let may_activate = match &gate {
                     None => true,
-                    Some(g) => rotation_gate_open(&state.dir, g).await,
+                    Some(g) => rotation_gate_open(&state.dir, g, max_wait).await,
                 };
                 let s = state.clone();
                 let _ = tokio::task::spawn_blocking(move || s.refresh(may_activate)).await;

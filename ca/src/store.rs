@@ -444,14 +444,15 @@ pub fn rotate_root(
     })
 }
 
-/// The fingerprint of a pending rotation's root, if one is due at `now`.
-pub fn due_pending_root(dir: &Path, now: i64) -> Result<Option<String>, StoreError> {
+/// The fingerprint of a pending rotation's root, and when it became due,
+/// if one is due at `now`.
+pub fn due_pending_root(dir: &Path, now: i64) -> Result<Option<(String, i64)>, StoreError> {
     let settings = load_settings(dir)?;
     match settings.pending_activate_at {
         Some(at) if at <= now => {
             let pem = read(dir, &format!("{PENDING_PREFIX}{ROOT_CERT}"))?;
             let der = first_cert(&pem, "pending root")?;
-            Ok(Some(crate::tls::fingerprint(&der)))
+            Ok(Some((crate::tls::fingerprint(&der), at)))
         }
         _ => Ok(None),
     }

@@ -58,6 +58,10 @@ pub enum CaCommand {
         /// until every connected sidecar has ACKed the bundle with the new root.
         #[arg(long)]
         rotation_gate: Option<String>,
+        /// How long a due rotation waits for the gate before it activates
+        /// anyway (with an error logged).
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        rotation_gate_max_wait: Duration,
         /// Kubernetes API URL (e.g. https://kubernetes.default.svc): accept
         /// projected ServiceAccount tokens, checked with TokenReview (off when absent).
         #[arg(long)]
@@ -170,6 +174,7 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             sign_burst,
             dns_names,
             rotation_gate,
+            rotation_gate_max_wait,
             kube_api,
             kube_token_file,
             kube_ca_file,
@@ -184,6 +189,7 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             opts.sign_burst = sign_burst;
             opts.dns_names = dns_names;
             opts.rotation_gate = rotation_gate;
+            opts.rotation_gate_max_wait = rotation_gate_max_wait;
             opts.kube = kube_api.map(|api| bulwark_ca::kube::KubeOptions {
                 api,
                 token_file: kube_token_file,

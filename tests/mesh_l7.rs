@@ -1037,6 +1037,23 @@ fn websocket_style_upgrade_passes_through_the_mesh() {
     let mut buf = [0u8; 21];
     s.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"ping through the mesh");
+    // The spliced bytes are counted by the server sidecar once it closes.
+    drop(s);
+    wait_for(
+        "the spliced bytes to be counted",
+        Duration::from_secs(5),
+        || {
+            let m = mesh.metrics("api-v1");
+            let flow = |f: &str| {
+                metric_sum(
+                    &m,
+                    "bulwark_tcp_bytes_total",
+                    &["direction=\"inbound\"", &format!("flow=\"{f}\"")],
+                )
+            };
+            (flow("sent") >= 21.0 && flow("received") >= 21.0).then_some(())
+        },
+    );
 }
 
 /// Opens a WebSocket-style upgrade from `pod` to the api VIP; the stream

@@ -534,9 +534,11 @@ async fn upgrade_app(
         strip_hop_headers(resp.headers_mut());
     } else {
         let up = hyper::upgrade::on(&mut resp);
+        let metrics = proxy.metrics.clone();
         let splice = tokio::spawn(async move {
             if let (Ok(d), Ok(u)) = (down.await, up.await) {
-                super::tunnel::relay(&mut TokioIo::new(d), &mut TokioIo::new(u), None).await;
+                // Counted in bulwark_tcp_bytes_total like any relayed connection.
+                crate::relay::relay(&metrics, "inbound", TokioIo::new(d), TokioIo::new(u)).await;
             }
         });
         peer.upgrades

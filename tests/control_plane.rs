@@ -514,25 +514,29 @@ fn root_rotation_waits_until_every_sidecar_acked_the_new_bundle() {
         mesh.curl("web", &url).status.success().then_some(())
     });
     // The CA, gated on the control plane.
-    let ca = mesh.ca_proc;
-    mesh.net.proc_mut(ca).kill();
-    let sw = mesh.net.switch.clone();
     let dir = mesh.ca_dir.to_str().unwrap().to_string();
-    mesh.ca_proc = mesh.net.spawn_bulwark(
-        &sw,
-        "ca-gated",
-        &[
-            "ca",
-            "serve",
-            "--dir",
-            &dir,
-            "--listen",
-            "198.18.0.1:15012",
-            "--rotation-gate",
-            CP1_ADMIN,
-        ],
-    );
-    mesh.wait_ca();
+    let restart_gated_ca = |mesh: &mut Mesh, name: &str, extra: &[&str]| {
+        let ca = mesh.ca_proc;
+        mesh.net.proc_mut(ca).kill();
+        let sw = mesh.net.switch.clone();
+        let args = [
+            &[
+                "ca",
+                "serve",
+                "--dir",
+                &dir,
+                "--listen",
+                "198.18.0.1:15012",
+                "--rotation-gate",
+                CP1_ADMIN,
+            ][..],
+            extra,
+        ]
+        .concat();
+        mesh.ca_proc = mesh.net.spawn_bulwark(&sw, name, &args);
+        mesh.wait_ca();
+    };
+    restart_gated_ca(&mut mesh, "ca-gated", &[]);
 
     // One sidecar cannot ACK anything (stopped, still connected).
     let api_pid = mesh.net.proc_mut(mesh.pod("api").sidecar.unwrap()).pid() as i32;
@@ -586,25 +590,7 @@ fn root_rotation_waits_until_every_sidecar_acked_the_new_bundle() {
 
     // A sidecar that never ACKs does not hold a rotation forever: past
     // --rotation-gate-max-wait it activates, with an error logged.
-    let ca = mesh.ca_proc;
-    mesh.net.proc_mut(ca).kill();
-    mesh.ca_proc = mesh.net.spawn_bulwark(
-        &sw,
-        "ca-gated-2",
-        &[
-            "ca",
-            "serve",
-            "--dir",
-            &dir,
-            "--listen",
-            "198.18.0.1:15012",
-            "--rotation-gate",
-            CP1_ADMIN,
-            "--rotation-gate-max-wait",
-            "3s",
-        ],
-    );
-    mesh.wait_ca();
+    restart_gated_ca(&mut mesh, "ca-gated-2", &["--rotation-gate-max-wait", "3s"]);
     unsafe { libc::kill(api_pid, libc::SIGSTOP) };
     common::run_ok(&["ca", "rotate-root", "--dir", &dir, "--activate-after", "0s"]);
     wait_for(

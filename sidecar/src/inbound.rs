@@ -168,6 +168,9 @@ pub async fn handle(
         return;
     }
 
+    // Read before the handshake: a renewal during it is one this
+    // connection's certificate predates.
+    let generation = proxy.identity.generation();
     let acceptor = tokio_rustls::TlsAcceptor::from(proxy.server_config.clone());
     let tls = match tokio::time::timeout(
         proxy.connect_timeout,
@@ -228,7 +231,8 @@ pub async fn handle(
     if tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_MESH_H2) {
         // Pooled HTTP/2 from a peer sidecar: authorized per request.
         count(&proxy, &src_id.to_string(), "inbound");
-        return crate::http::inbound::serve(proxy.clone(), tls, src_id, dst, expires).await;
+        return crate::http::inbound::serve(proxy.clone(), tls, src_id, dst, expires, generation)
+            .await;
     }
     match snap.authorize_l4(dst.port(), Some(&src_id)) {
         Ok(policy) => proxy.audit(

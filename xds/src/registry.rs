@@ -639,8 +639,8 @@ mod tests {
         let _again = r
             .connect(Workload::from_node(&n, &id("api")).unwrap(), from)
             .unwrap();
-        // Moving registered node ids to another address counts there: it
-        // is no way to empty this address's share and fill it again.
+        // Moving registered node ids to another address counts there, so
+        // one identity holds at most the share at each address it uses.
         let other: IpAddr = "10.0.0.11".parse().unwrap();
         for i in 0..3 {
             let mut n = node("api", "10.0.0.1", &[]);

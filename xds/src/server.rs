@@ -613,7 +613,7 @@ impl DiscoveryService for Discovery {
             .map(|a| a.ip().to_canonical())
             .ok_or_else(|| {
                 self.refuse(
-                    "no_identity",
+                    "no_source_address",
                     Status::internal("the connection's source address is unknown"),
                 )
             })?;

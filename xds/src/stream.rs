@@ -474,13 +474,18 @@ impl StreamState {
             if changes.is_empty() {
                 sub.nacked = None;
                 if sub.wildcard {
-                    // Holds exactly this snapshot's resources: refer to
-                    // them, and let the older snapshot's go.
-                    sub.held = Held::Same(
-                        snap.shared_resources(type_url)
-                            .expect("type of ALL")
-                            .clone(),
-                    );
+                    let now = snap.shared_resources(type_url).expect("type of ALL");
+                    if snap.withheld(type_url).is_empty() {
+                        // Holds exactly this snapshot's resources: refer to
+                        // them, and let the older snapshot's go.
+                        sub.held = Held::Same(now.clone());
+                    } else {
+                        // It may also hold a withheld resource the snapshot
+                        // lacks: that must not be forgotten, or its removal
+                        // would never be sent.
+                        sub.held.own();
+                        sub.held.settle(now);
+                    }
                 }
                 continue;
             }
@@ -997,6 +1002,14 @@ mod tests {
             out.responses.iter().all(|r| r.removed_resources.is_empty()),
             "the sidecar was told to drop the endpoints it has"
         );
+        // ACKed, then the same snapshot again: the stream still knows the
+        // sidecar holds the endpoints, so deleting the service removes them.
+        st.on_request(&ack(&out.responses[0]), &over).unwrap();
+        assert!(st.on_snapshot(&over, Instant::now()).is_empty());
+        let deleted = Snapshot::build(&Resources::default(), &RegistryEndpoints::new(), &[]);
+        let pushed = st.on_snapshot(&deleted, Instant::now());
+        assert_eq!(pushed.len(), 1);
+        assert_eq!(pushed[0].removed_resources, ["shop/api"]);
     }
 
     #[test]

@@ -135,13 +135,15 @@ pub fn mesh_h2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
 }
 
 /// Serves one mTLS connection from a peer sidecar as HTTP/2, until
-/// `expires` (when the peer's certificates do).
+/// `expires` (when the peer's certificates do), or until this sidecar's
+/// SVID is renewed past `generation` (the one its handshake used).
 pub async fn serve<S>(
     proxy: Arc<Proxy>,
     tls: S,
     peer: SpiffeId,
     dst: SocketAddr,
     expires: tokio::time::Instant,
+    generation: u64,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -149,6 +151,10 @@ pub async fn serve<S>(
     let peer = Arc::new(Peer::new(peer, dst));
     let mut draining = proxy.draining.subscribe();
     let mut renewed = proxy.identity.renewals();
+    if proxy.identity.generation() != generation {
+        // Renewed during the handshake.
+        renewed.mark_changed();
+    }
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (proxy, peer) = (proxy.clone(), peer.clone());
         async move { Ok::<_, Infallible>(handle(proxy, &peer, req).await) }

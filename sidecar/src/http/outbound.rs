@@ -526,6 +526,10 @@ async fn send_guarded(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        // A request the peer never processed (its connection was going
+        // away: a renewal's GOAWAY, a drain) says nothing about the
+        // endpoint's health.
+        let mut unprocessed_here = false;
         let result = async {
             let mut sender = proxy
                 .pool
@@ -550,7 +554,8 @@ async fn send_guarded(
                     }
                     // Never processed upstream: as safe to retry as a
                     // failed connect, whatever the method.
-                    Err((unprocessed(&e), e.to_string()))
+                    unprocessed_here = unprocessed(&e);
+                    Err((unprocessed_here, e.to_string()))
                 }
             }
         };
@@ -568,10 +573,14 @@ async fn send_guarded(
             result.as_ref().ok().and_then(grpc_trailers_only_status) == Some(GRPC_UNAVAILABLE);
         let success = status.is_some_and(|s| s < 500) && !grpc_unavailable;
         if let Some(b) = &guards.breaker {
-            b.record(&admit, success, Instant::now());
+            if unprocessed_here {
+                b.release(&admit);
+            } else {
+                b.record(&admit, success, Instant::now());
+            }
             publish_breaker(proxy, plan.service, b);
         }
-        if let Some(o) = &outlier {
+        if let Some(o) = outlier.as_ref().filter(|_| !unprocessed_here) {
             let failed_5xx = !success;
             let base = Duration::from_millis(o.base_ejection_ms.max(1));
             // Never eject more than the configured share of the pool.

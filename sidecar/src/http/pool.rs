@@ -34,11 +34,19 @@ type Key = (SocketAddr, SpiffeId);
 /// drops SYNs or stalls its handshake must not hold up every service.
 type Slot = Arc<Mutex<SlotState>>;
 
+/// A pooled connection. It takes new requests until `fresh_until` (see
+/// [`crate::tls::REUSE_MARGIN`]), and while this sidecar's SVID is the one
+/// it was made with (`generation`): once renewed, new requests go on a new
+/// connection with the new certificate, and in-flight ones finish here.
+struct Pooled {
+    sender: SendRequest<Body>,
+    fresh_until: tokio::time::Instant,
+    generation: u64,
+}
+
 #[derive(Default)]
 struct SlotState {
-    /// The connection, and until when it may take new requests (see
-    /// [`crate::tls::REUSE_MARGIN`]).
-    conn: Option<(SendRequest<Body>, tokio::time::Instant)>,
+    conn: Option<Pooled>,
     /// The last connect's failure: the requests that queued behind it
     /// share it instead of each waiting out a connect of their own.
     failed: Option<(Instant, String)>,
@@ -61,11 +69,12 @@ impl MeshPool {
         let slot = self.slot(&key);
         let asked = Instant::now();
         let mut state = slot.lock().await;
-        if let Some((s, fresh_until)) = state.conn.as_ref()
-            && !s.is_closed()
-            && tokio::time::Instant::now() < *fresh_until
+        if let Some(p) = state.conn.as_ref()
+            && !p.sender.is_closed()
+            && p.generation == proxy.identity.generation()
+            && tokio::time::Instant::now() < p.fresh_until
         {
-            return Ok(s.clone());
+            return Ok(p.sender.clone());
         }
         if let Some((at, why)) = &state.failed
             && *at >= asked
@@ -75,8 +84,9 @@ impl MeshPool {
         // Boxed: the handshake's state is large and rare, and inline it
         // would be part of every request's future (copied per request).
         match Box::pin(connect(proxy, addr, identity)).await {
-            Ok((sender, fresh_until)) => {
-                state.conn = Some((sender.clone(), fresh_until));
+            Ok(pooled) => {
+                let sender = pooled.sender.clone();
+                state.conn = Some(pooled);
                 state.failed = None;
                 Ok(sender)
             }
@@ -119,18 +129,22 @@ impl MeshPool {
     }
 }
 
-/// A new connection, and until when it may take new requests: short of
-/// the first expiry of the certificates of its handshake, the peer's and
-/// the one this sidecar presented.
+/// A new connection, taking new requests until shortly before the first
+/// expiry of the certificates of its handshake (the peer's, and the one
+/// this sidecar presented), and closed at it.
 async fn connect(
     proxy: &Proxy,
     addr: SocketAddr,
     identity: &SpiffeId,
-) -> Result<(SendRequest<Body>, tokio::time::Instant), PoolError> {
+) -> Result<Pooled, PoolError> {
+    // Read before the handshake: a renewal during it retires this
+    // connection, and the certificate it presented expires no later.
+    let generation = proxy.identity.generation();
+    let own_expiry = proxy.identity.svid().map(|own| own.not_after);
     let tls = crate::dial::dial_peer(proxy, addr, identity, crate::tls::ALPN_MESH_H2).await?;
     let peer_expiry = crate::tls::peer_expiry(tls.get_ref().1).ok_or(PoolError::NoExpiry(addr))?;
-    let expires = match proxy.identity.svid() {
-        Some(own) => peer_expiry.min(crate::tls::deadline_at(own.not_after)),
+    let expires = match own_expiry {
+        Some(own) => peer_expiry.min(crate::tls::deadline_at(own)),
         None => peer_expiry,
     };
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
@@ -151,8 +165,14 @@ async fn connect(
         }
     });
     tracing::debug!(%addr, peer = %identity, "pooled HTTP/2 connection opened");
-    Ok((
+    // A peer whose certificate is about to expire (its renewal failing)
+    // still gets a second's reuse: not a handshake per request.
+    let now = tokio::time::Instant::now();
+    let fresh_until = crate::tls::before(expires, crate::tls::REUSE_MARGIN)
+        .max((now + std::time::Duration::from_secs(1)).min(expires));
+    Ok(Pooled {
         sender,
-        crate::tls::before(expires, crate::tls::REUSE_MARGIN),
-    ))
+        fresh_until,
+        generation,
+    })
 }

@@ -116,6 +116,16 @@ impl Breaker {
         }
     }
 
+    /// Gives back an admission whose request says nothing about the
+    /// upstream (it was never processed): a probe's place is freed for the
+    /// next request, and nothing is counted.
+    pub fn release(&self, admit: &Admit) {
+        let mut s = self.lock();
+        if *admit == Admit::Probe && s.state == State::HalfOpen {
+            s.probes_in_flight = s.probes_in_flight.saturating_sub(1);
+        }
+    }
+
     pub fn record(&self, admit: &Admit, success: bool, now: Instant) {
         let mut s = self.lock();
         if *admit == Admit::Probe && s.state == State::HalfOpen {
@@ -178,6 +188,24 @@ mod tests {
             open: Duration::from_secs(5),
             half_open_requests: 1,
         }
+    }
+
+    #[test]
+    fn a_released_probe_frees_its_place_and_counts_for_nothing() {
+        let b = Breaker::new(cfg());
+        let t = Instant::now();
+        for _ in 0..3 {
+            let a = b.admit(t);
+            b.record(&a, false, t);
+        }
+        let probe = b.admit(t + Duration::from_secs(5));
+        assert_eq!(probe, Admit::Probe);
+        b.release(&probe);
+        assert_eq!(b.state(), State::HalfOpen);
+        let again = b.admit(t + Duration::from_secs(5));
+        assert_eq!(again, Admit::Probe, "the place came back");
+        b.record(&again, true, t + Duration::from_secs(5));
+        assert_eq!(b.state(), State::Closed);
     }
 
     #[test]
